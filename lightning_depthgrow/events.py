@@ -139,5 +139,7 @@ def _load_builtin_kinds() -> None:
     if _KINDS_LOADED:
         return
     _KINDS_LOADED = True
-    from . import surgery  # noqa: F401  (registers insert_block and friends)
-    from . import dms  # noqa: F401  (registers dms_attach / dms_export)
+    from . import (
+        dms,  # noqa: F401  (registers dms_attach / dms_export)
+        surgery,  # noqa: F401  (registers insert_block and friends)
+    )

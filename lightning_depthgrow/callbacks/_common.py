@@ -1,0 +1,141 @@
+"""Plumbing shared by the callbacks: event log on the module, DDP sync, checkpoint replay.
+
+One path applies every architecture change inside a Trainer (:func:`apply_and_sync`), whether it is
+decided now or replayed from a checkpoint (:func:`restore_architecture`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.nn.parallel import DistributedDataParallel
+
+from ..events import AppliedChange, ArchitectureEvent, apply_event, replay_events
+from ..surgery.optim import sync_schedulers, update_optimizer
+
+CHECKPOINT_KEY = "lightning_depthgrow"
+_LOG_ATTR = "_depthgrow_event_log"
+_RESTORED_ATTR = "_depthgrow_restored_from"
+
+
+def event_log(module: torch.nn.Module) -> list[ArchitectureEvent]:
+    """The architecture event log carried by ``module`` (created empty on first use)."""
+    log = module.__dict__.get(_LOG_ATTR)
+    if log is None:
+        log = []
+        module.__dict__[_LOG_ATTR] = log
+    return log
+
+
+def check_strategy_supported(trainer: pl.Trainer, who: str) -> None:
+    """Reject sharded strategies, whose parameters we cannot mutate in place (yet)."""
+    name = type(trainer.strategy).__name__
+    if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
+        raise RuntimeError(
+            f"{who} does not support the {name} strategy: it shards or compiles parameters, so blocks "
+            "cannot be added or sliced in place. Use strategy='ddp' (or 'ddp_spawn') or a single device."
+        )
+
+
+def check_not_compiled(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
+    compiled = [
+        n for n, m in pl_module.named_modules() if isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
+    ]
+    if compiled or getattr(trainer.strategy, "_compiled", False):
+        raise RuntimeError(
+            f"{who} cannot mutate a torch.compile'd model ({compiled or 'the whole module'}): the compiled "
+            "graph would silently keep the old architecture. Train without torch.compile, or compile only "
+            "after growth/export has finished."
+        )
+
+
+def all_reduce_mean(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (identity on one process)."""
+    if trainer.world_size <= 1:
+        return tensor
+    return trainer.strategy.reduce(tensor.clone(), reduce_op="mean")
+
+
+def broadcast(trainer: pl.Trainer, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank, so every rank makes the identical decision."""
+    if trainer.world_size <= 1:
+        return obj
+    return trainer.strategy.broadcast(obj, src=0)
+
+
+def rewrap_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Rebuild the DDP wrapper after the parameter set changed.
+
+    DDP snapshots its parameters at construction: added ones would never be synchronised. The
+    strategy's own ``configure_ddp`` re-wraps with the user's DDP settings and broadcasts rank 0's
+    weights and buffers.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy.model, DistributedDataParallel):
+        strategy.model = pl_module
+        strategy.configure_ddp()
+
+
+def apply_and_sync(
+    trainer: pl.Trainer | None, pl_module: pl.LightningModule, event: ArchitectureEvent
+) -> AppliedChange:
+    """Apply ``event`` to the unwrapped module, then bring optimizers, schedulers and DDP in line.
+
+    The event is appended to the module's event log only after it applied cleanly.
+    """
+    change = apply_event(pl_module, event)
+    event_log(pl_module).append(event)
+    if trainer is not None:
+        sync_trainer(trainer, pl_module, change)
+    return change
+
+
+def sync_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, change: AppliedChange) -> None:
+    """Update every optimizer and LR scheduler for ``change`` and rebuild DDP."""
+    if not change.changes_parameter_set:
+        return
+    schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
+    for optimizer in trainer.optimizers:
+        update_optimizer(optimizer, change, pl_module)
+        sync_schedulers(schedulers, optimizer)
+    rewrap_ddp(trainer, pl_module)
+
+
+def load_checkpoint_events(path: str) -> list[ArchitectureEvent]:
+    """The architecture event log stored in a Lightning checkpoint (empty if it has none)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    return [ArchitectureEvent.from_dict(e) for e in checkpoint.get(CHECKPOINT_KEY, {}).get("events", [])]
+
+
+def restore_architecture(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[AppliedChange]:
+    """Replay a resumed checkpoint's event log on the fresh module, once, from a callback's ``setup``.
+
+    Lightning loads model weights right after ``setup`` and builds optimizers from the module after
+    that, so the rebuilt architecture is in place for both.
+    """
+    path = trainer.ckpt_path
+    if not path or pl_module.__dict__.get(_RESTORED_ATTR) == path:
+        return []
+    pl_module.__dict__[_RESTORED_ATTR] = path
+    events = load_checkpoint_events(path)
+    log = event_log(pl_module)
+    if log:
+        if [e.to_dict() for e in log] != [e.to_dict() for e in events[: len(log)]]:
+            raise RuntimeError(
+                "The module already carries architecture events that differ from the checkpoint's; "
+                "resume with a freshly constructed model."
+            )
+        events = events[len(log) :]
+    changes = replay_events(pl_module, events)
+    log.extend(events)
+    if events:
+        rank_zero_info(f"lightning_depthgrow: replayed {len(events)} architecture event(s) from {path}")
+    return changes
+
+
+def save_event_log(checkpoint: dict[str, Any], pl_module: pl.LightningModule) -> None:
+    """Store the module's event log in a checkpoint dict (idempotent; any of our callbacks may call it)."""
+    checkpoint[CHECKPOINT_KEY] = {"version": 1, "events": [e.to_dict() for e in event_log(pl_module)]}
