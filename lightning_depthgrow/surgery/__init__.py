@@ -1,0 +1,9 @@
+"""Pure surgery on ``nn.Module`` and ``torch.optim.Optimizer``: grow depth, bring optimizers in line.
+
+Importing this package registers its event kinds (``"insert_block"``) with :mod:`lightning_depthgrow.events`.
+"""
+
+from .growth import insert_identity_block
+from .optim import order_like_model, sync_schedulers, update_optimizer
+
+__all__ = ["insert_identity_block", "order_like_model", "sync_schedulers", "update_optimizer"]

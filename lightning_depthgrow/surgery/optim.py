@@ -97,8 +97,9 @@ def order_like_model(optimizer: torch.optim.Optimizer, model_params: Iterable[Te
     """Sort each group's parameters by their position in ``model_params`` (others keep theirs, last)."""
     rank = {id(p): i for i, p in enumerate(model_params)}
     for group in optimizer.param_groups:
-        params = group["params"]
-        group["params"] = sorted(params, key=lambda p: rank.get(id(p), len(rank) + params.index(p)))
+        # Positions by enumeration: list.index would compare tensors with ``==`` (elementwise).
+        ordered = sorted(enumerate(group["params"]), key=lambda item: rank.get(id(item[1]), len(rank) + item[0]))
+        group["params"] = [p for _, p in ordered]
 
 
 def sync_schedulers(schedulers: Iterable[Any], optimizer: torch.optim.Optimizer) -> None:
@@ -110,7 +111,16 @@ def sync_schedulers(schedulers: Iterable[Any], optimizer: torch.optim.Optimizer)
     for scheduler in schedulers:
         if getattr(scheduler, "optimizer", None) is not optimizer or not hasattr(scheduler, "base_lrs"):
             continue
-        for group in optimizer.param_groups[len(scheduler.base_lrs) :]:
+        new_groups = optimizer.param_groups[len(scheduler.base_lrs) :]
+        lambdas = getattr(scheduler, "lr_lambdas", None)  # LambdaLR, MultiplicativeLR: one function per group
+        if new_groups and lambdas is not None:
+            if any(f is not lambdas[0] for f in lambdas):
+                raise ValueError(
+                    f"{type(scheduler).__name__} was built with one lr_lambda per param group, so the schedule of "
+                    "a group added later is unknown; build it with a single lr_lambda shared by all groups."
+                )
+            lambdas.extend([lambdas[0]] * len(new_groups))
+        for group in new_groups:
             group.setdefault("initial_lr", group["lr"])
             scheduler.base_lrs.append(group["initial_lr"])
             if hasattr(scheduler, "_last_lr"):

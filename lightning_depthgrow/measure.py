@@ -1,0 +1,135 @@
+"""What a model costs: parameter counts, forward FLOPs per module and per block, depth per stack.
+
+FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on one forward pass (a
+multiply-add counts as 2 FLOPs; element-wise ops, norms and activations are not counted). The pass
+runs in eval mode under ``no_grad`` with the math attention kernel, because the fused CPU attention
+kernels have no FLOP formula and would silently count as 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from .adapters.registry import find_block_stacks, require_block_stacks
+
+ExampleInput = torch.Tensor | tuple[Any, ...] | list[Any] | dict[str, Any]
+
+
+@dataclass
+class FlopReport:
+    """Forward FLOPs of one pass.
+
+    Attributes:
+        total: FLOPs of the whole forward pass.
+        per_module: FLOPs per sub-module, keyed by dotted name (``""`` is the model itself); a
+            module's count includes its children's.
+    """
+
+    total: int
+    per_module: dict[str, int] = field(default_factory=dict)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters of ``module`` (shared parameters counted once).
+
+    Example:
+        >>> count_parameters(nn.Linear(3, 4))
+        16
+    """
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopReport:
+    """Forward FLOPs of ``model`` on ``example_input``, in total and per sub-module.
+
+    ``example_input`` is passed as ``model(x)`` for a tensor, ``model(*x)`` for a tuple or list and
+    ``model(**x)`` for a dict. The model runs in eval mode without autograd; every module's train/eval
+    mode is restored afterwards.
+
+    Example:
+        >>> count_flops(nn.Linear(3, 4), torch.randn(5, 3)).total  # 2 * in * out * batch
+        120
+    """
+    counter = FlopCounterMode(display=False)
+    with _eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        _call(model, example_input)
+    root = type(model).__name__
+    per_module: dict[str, int] = {}
+    for name, counts in counter.get_flop_counts().items():
+        if name == "Global":
+            continue
+        # FlopCounterMode names modules "<RootClass>.<dotted path>"; keep the model-relative path.
+        key = "" if name == root else name[len(root) + 1 :] if name.startswith(root + ".") else name
+        per_module[key] = int(sum(counts.values()))
+    return FlopReport(total=int(counter.get_total_flops()), per_module=per_module)
+
+
+def block_costs(model: nn.Module, example_input: ExampleInput) -> dict[str, dict[str, int]]:
+    """Parameters and forward FLOPs of every block of every stack (one forward pass).
+
+    Returns ``{block_name: {"params": int, "flops": int}}`` with block names such as ``"blocks.3"`` or
+    ``"layer2.0"``, in model order. Raises :class:`~lightning_depthgrow.UnsupportedModelError` if the
+    model has no registered block stack.
+
+    Example:
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+        >>> costs = block_costs(vit, torch.randn(1, 3, 32, 32))
+        >>> list(costs), costs["blocks.0"]["params"] == costs["blocks.1"]["params"]
+        (['blocks.0', 'blocks.1'], True)
+    """
+    stacks = require_block_stacks(model)
+    flops = count_flops(model, example_input).per_module
+    return {
+        stack.block_name(i): {"params": count_parameters(block), "flops": flops.get(stack.block_name(i), 0)}
+        for stack in stacks
+        for i, block in enumerate(stack.blocks)
+    }
+
+
+def architecture_summary(model: nn.Module) -> dict[str, Any]:
+    """A JSON-ready snapshot of the architecture: depth of each block stack and parameter counts.
+
+    Returns ``{"depth": {stack_path: n_blocks}, "total_depth": int, "params": int,
+    "trainable_params": int}``; a model without registered stacks has an empty ``"depth"``.
+
+    Example:
+        >>> import timm
+        >>> summary = architecture_summary(timm.create_model("resnet10t", num_classes=10))
+        >>> summary["depth"]
+        {'layer1': 1, 'layer2': 1, 'layer3': 1, 'layer4': 1}
+    """
+    depth = {stack.path: len(stack) for stack in find_block_stacks(model)}
+    return {
+        "depth": depth,
+        "total_depth": sum(depth.values()),
+        "params": count_parameters(model),
+        "trainable_params": count_parameters(model, trainable_only=True),
+    }
+
+
+def _call(model: nn.Module, example_input: ExampleInput) -> Any:
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    return model(example_input)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
