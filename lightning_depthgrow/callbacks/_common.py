@@ -19,6 +19,7 @@ from ..surgery.optim import sync_schedulers, update_optimizer
 CHECKPOINT_KEY = "lightning_depthgrow"
 _LOG_ATTR = "_depthgrow_event_log"
 _RESTORED_ATTR = "_depthgrow_restored_from"
+_HOOK_ATTR = "_depthgrow_restore_hook"
 
 
 def event_log(module: torch.nn.Module) -> list[ArchitectureEvent]:
@@ -114,10 +115,15 @@ def restore_architecture(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
     """Replay a resumed checkpoint's event log on the fresh module, once, from a callback's ``setup``.
 
     Lightning loads model weights right after ``setup`` and builds optimizers from the module after
-    that, so the rebuilt architecture is in place for both.
+    that, so the rebuilt architecture is in place for both. Lightning 2.6 only sets ``trainer.ckpt_path``
+    after ``setup``, just before it loads the weights: while the path is unknown, a ``load_state_dict``
+    pre-hook on the module replays the log at that moment instead (still before weights and optimizers).
     """
     path = trainer.ckpt_path
-    if not path or pl_module.__dict__.get(_RESTORED_ATTR) == path:
+    if not path:
+        _replay_when_weights_load(trainer, pl_module)
+        return []
+    if pl_module.__dict__.get(_RESTORED_ATTR) == path:
         return []
     pl_module.__dict__[_RESTORED_ATTR] = path
     events = load_checkpoint_events(path)
@@ -134,6 +140,20 @@ def restore_architecture(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
     if events:
         rank_zero_info(f"lightning_depthgrow: replayed {len(events)} architecture event(s) from {path}")
     return changes
+
+
+def _replay_when_weights_load(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Register (once per module, replacing an earlier one) the pre-hook that replays on checkpoint load."""
+    previous = pl_module.__dict__.pop(_HOOK_ATTR, None)
+    if previous is not None:
+        previous.remove()
+
+    def hook(module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        # Only the trainer's own restore of the whole module, once its checkpoint path is known.
+        if prefix == "" and trainer.ckpt_path and trainer.lightning_module is module:
+            restore_architecture(trainer, pl_module)
+
+    pl_module.__dict__[_HOOK_ATTR] = pl_module.register_load_state_dict_pre_hook(hook)
 
 
 def save_event_log(checkpoint: dict[str, Any], pl_module: pl.LightningModule) -> None:

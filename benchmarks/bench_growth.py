@@ -1,0 +1,105 @@
+"""Benchmark: curvature-guided depth growth vs uniform placement vs a fixed model of the final size.
+
+MNIST-1D, a tiny timm ViT growing from 2 blocks to ``--budget`` x its starting parameters (one block every
+2 epochs after a 2-epoch warm-up), against a ViT built at the final depth from the start; every variant trains
+for the same number of epochs with the same data order and seeds. Reported per variant: validation accuracy
+(mean +- std over seeds), parameters, wall time; the grown/fixed wall-time ratio; the surgery + optimizer +
+DDP-rewrap seconds of one growth step as a fraction of an epoch. The instrumentation callbacks
+(ArchitectureLogger, printing) are off, so wall times compare training alone.
+
+    python benchmarks/bench_growth.py --epochs 12 --seeds 0 1 2
+
+Writes ``benchmarks/results/growth.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples.common import mnist1d_tensors
+from examples.grow_vit_mnist1d import run_fixed, run_grown
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth.json")
+    args = parser.parse_args(argv)
+    mnist1d_tensors()  # generate the data set once, outside the timed runs
+
+    runs: dict[str, list[dict[str, Any]]] = {"curvature": [], "uniform": [], "fixed": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            # Interleaved per seed, so a slow phase of a shared machine hits every variant alike.
+            for placement in ("curvature", "uniform"):
+                result = run_grown(
+                    args.epochs, seed, Path(tmp), args.budget, placement=placement, verbose=False, history=False
+                )
+                runs[placement].append(result)
+                print(f"seed {seed} {placement:9s} acc {result['val_acc']:.3f} {result['wall_s']:.1f}s", flush=True)
+            depth = runs["curvature"][-1]["depth"]
+            result = run_fixed(args.epochs, seed, depth, Path(tmp))
+            runs["fixed"].append(result)
+            print(f"seed {seed} fixed({depth})  acc {result['val_acc']:.3f} wall {result['wall_s']:.1f}s", flush=True)
+
+    summary: dict[str, Any] = {}
+    fixed_wall = statistics.fmean(r["wall_s"] for r in runs["fixed"])
+    for name, results in runs.items():
+        acc, acc_std = _mean_std([r["val_acc"] for r in results])
+        wall, wall_std = _mean_std([r["wall_s"] for r in results])
+        entry = {
+            "val_acc_mean": acc,
+            "val_acc_std": acc_std,
+            "params": [r["params"] for r in results],
+            "depth": [r["depth"] for r in results],
+            "wall_s_mean": wall,
+            "wall_s_std": wall_std,
+            "wall_ratio_vs_fixed": wall / fixed_wall,
+        }
+        if name != "fixed":
+            fractions = [s / r["epoch_s"] for r in results for s in r["surgery_s"]]
+            entry["surgery_s_per_step_mean"] = statistics.fmean(s for r in results for s in r["surgery_s"])
+            entry["surgery_fraction_of_epoch_mean"] = statistics.fmean(fractions)
+            entry["insert_after"] = [[e["reason"]["block"] for e in r["events"]] for r in results]
+        summary[name] = entry
+
+    print()
+    print(f"MNIST-1D, ViT 2 blocks -> {args.budget}x params, {args.epochs} epochs, seeds {args.seeds}")
+    print(f"{'variant':10s} {'val_acc':>15s} {'params':>9s} {'wall s':>13s} {'wall/fixed':>10s} {'surgery/epoch':>13s}")
+    for name, e in summary.items():
+        surgery = f"{e['surgery_fraction_of_epoch_mean']:.4f}" if "surgery_fraction_of_epoch_mean" in e else "-"
+        print(
+            f"{name:10s} {e['val_acc_mean']:7.3f} +- {e['val_acc_std']:.3f} {max(e['params']):9,d} "
+            f"{e['wall_s_mean']:6.1f} +- {e['wall_s_std']:4.1f} {e['wall_ratio_vs_fixed']:10.2f} {surgery:>13s}"
+        )
+    record = {
+        "config": {"epochs": args.epochs, "seeds": args.seeds, "budget": args.budget, "start_depth": 2},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "summary": summary,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
