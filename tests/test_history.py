@@ -1,0 +1,284 @@
+"""ArchitectureHistory / describe_architecture, and ArchitectureLogger with TensorBoard and CSV loggers.
+
+The tiny growing ViT and its trainer settings defined here are reused by test_wandb_logging.py and
+test_report.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_depthgrow.adapters import find_block_stacks
+from lightning_depthgrow.callbacks import _common
+from lightning_depthgrow.callbacks.architecture_logger import ArchitectureLogger
+from lightning_depthgrow.events import ArchitectureEvent
+from lightning_depthgrow.history import (
+    HISTORY_FILENAME,
+    ArchitectureHistory,
+    CurvatureRecord,
+    EventRow,
+    block_widths,
+    describe_architecture,
+    event_location,
+    find_history_file,
+)
+from lightning_depthgrow.measure import count_flops
+
+torch.set_num_threads(1)
+
+# ---------------------------------------------------------------------------- shared tiny setup
+
+
+def tiny_vit(depth: int = 2) -> nn.Module:
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=(1, 16), patch_size=(1, 4), in_chans=1,
+        num_classes=3, embed_dim=16, depth=depth, num_heads=2, mlp_ratio=2.0,
+    )  # fmt: skip
+
+
+class TinyClassifier(pl.LightningModule):
+    """A 2-block ViT on 64 synthetic 1x16 signals (4 batches of 16)."""
+
+    def __init__(self, example_input: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = tiny_vit()
+        if example_input:
+            self.example_input_array = torch.zeros(4, 1, 1, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(64, 1, 1, 16, generator=g)
+        y = torch.randint(0, 3, (64,), generator=g)
+        return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+class InsertBlockEachEpoch(pl.Callback):
+    """Real growth through the shared code path: insert an identity block after block 0 at every epoch end.
+
+    Resumable like the library's callbacks: the event log goes into checkpoints and is replayed in ``setup``.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _common.restore_architecture(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        _common.save_event_log(checkpoint, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        event = ArchitectureEvent(
+            "insert_block",
+            {"stack": "model.blocks", "index": 0, "template": 0, "seed": trainer.current_epoch},
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            reason={"why": "test"},
+            cost={"params": 1},
+        )
+        _common.apply_and_sync(trainer, pl_module, event)
+
+
+class DepthProbe(pl.Callback):
+    """Ground truth, independent of the logger: the model's depth after each epoch's hooks (put it last)."""
+
+    def __init__(self) -> None:
+        self.depth_after_epoch: dict[int, int] = {}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.depth_after_epoch[trainer.current_epoch] = len(find_block_stacks(pl_module)[0])
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    return pl.Trainer(**(defaults | kwargs))
+
+
+# ---------------------------------------------------------------------------- functional core
+
+
+def test_describe_architecture_vit_matches_model_and_flop_counter():
+    model = tiny_vit(depth=3)
+    x = torch.randn(5, 1, 1, 16)
+    snap = describe_architecture(model, x, epoch=2, step=7, phase="epoch_end")
+    assert snap.depth == {"blocks": 3}
+    assert snap.widths == {f"blocks.{i}": {"attn.num_heads": 2, "mlp.fc1.out_features": 32} for i in range(3)}
+    assert snap.params == sum(p.numel() for p in model.parameters())
+    # FLOPs of one sample: the batch of 5 is cut to its first row, and a ViT's FLOPs scale with the batch.
+    assert snap.flops == count_flops(model, x[:1]).total == count_flops(model, x[:2]).total // 2
+    assert (snap.epoch, snap.step, snap.phase) == (2, 7, "epoch_end")
+
+
+def test_describe_architecture_resnet_conv_channels():
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    snap = describe_architecture(model)
+    assert snap.depth == {"layer1": 1, "layer2": 1, "layer3": 1, "layer4": 1}
+    assert snap.widths["layer3.0"]["conv1.out_channels"] == model.layer3[0].conv1.out_channels == 256
+    assert snap.widths["layer3.0"]["downsample.1.out_channels"] == 256
+    assert snap.flops is None
+
+
+def test_block_widths_and_event_location():
+    mlp = nn.Module()
+    mlp.fc1, mlp.fc2 = nn.Linear(4, 12), nn.Linear(12, 4)
+    assert block_widths(mlp) == {"fc1.out_features": 12}
+    assert event_location("insert_block", {"stack": "model.blocks", "index": 0}) == "model.blocks.1"
+    assert event_location("dms_export", {"module": "model.blocks.1.mlp"}) == "model.blocks.1.mlp"
+    assert event_location("prune", {"path": "layer2", "index": 3}) == "layer2.3"
+    assert event_location("dms_attach", {"seed": 1}) == ""
+
+
+def test_history_json_round_trip(tmp_path):
+    history = ArchitectureHistory(metadata={"world_size": 1})
+    history.add_snapshot(describe_architecture(tiny_vit(), torch.zeros(1, 1, 1, 16), epoch=0, step=0))
+    history.add_snapshot(describe_architecture(tiny_vit(3), torch.zeros(1, 1, 1, 16), epoch=1, step=4))
+    entry = {
+        "epoch": 0,
+        "step": 4,
+        "traces": {
+            "blocks.0": {"mean": 2.5, "stderr": 0.5, "num_probes": 4},
+            "blocks.1": {"mean": -1.0, "stderr": 1.0, "num_probes": 4},
+        },
+        "trace_per_param": {"blocks.0": 0.25, "blocks.1": float("nan")},
+        "top_eigenvalues": {"blocks.0": 3.0},
+        "valid": False,
+    }
+    record = history.add_curvature(entry)
+    assert isinstance(record, CurvatureRecord)
+    assert (record.epoch, record.step, record.valid) == (0, 4, False)
+    assert record.trace == {"blocks.0": 2.5, "blocks.1": -1.0}
+    assert record.stderr == {"blocks.0": 0.5, "blocks.1": 1.0}
+    assert record.top_eigenvalue == {"blocks.0": 3.0}
+    assert record.trace_per_param["blocks.0"] == 0.25 and math.isnan(record.trace_per_param["blocks.1"])
+    spec = {"stack": "blocks", "index": 1, "seed": 0}
+    event = ArchitectureEvent("insert_block", spec, 0, 4, {"score": 0.3}, {"p": 9})
+    history.add_event(event)
+
+    path = history.save(tmp_path / "run" / HISTORY_FILENAME)
+    assert find_history_file(tmp_path) == path
+    back = ArchitectureHistory.load(tmp_path)
+    assert back.to_json() == history.to_json()
+    assert back.snapshots == history.snapshots
+    assert back.events == [EventRow(0, 4, "insert_block", "blocks.2", {"score": 0.3}, {"p": 9}, event.spec)]
+    assert math.isnan(back.curvature[0].trace_per_param["blocks.1"])  # NaN is stored as null and read back
+    assert back.curvature[0].trace == record.trace and back.curvature[0].valid is False
+    assert json.loads(open(path).read())["final"]["depth"] == {"blocks": 3}
+    assert back.metadata == {"world_size": 1}
+
+
+def test_history_rejects_unknown_version_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="format version 99"):
+        ArchitectureHistory.from_dict({"version": 99})
+    with pytest.raises(FileNotFoundError, match=r"No architecture_history\.json"):
+        find_history_file(tmp_path)
+
+
+def test_logger_validates_arguments():
+    with pytest.raises(ValueError, match="log_every_n_epochs"):
+        ArchitectureLogger(log_every_n_epochs=0)
+    with pytest.raises(TypeError, match="heatmap"):
+        ArchitectureLogger(heatmap="yes")
+
+
+# ---------------------------------------------------------------------------- TensorBoard and CSV
+
+
+def test_tensorboard_and_csv_loggers_receive_architecture(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    probe = DepthProbe()
+    module = TinyClassifier(example_input=False)  # FLOPs from the first training batch instead
+    trainer = quiet_trainer(
+        max_epochs=2, logger=[tb, csv_logger], callbacks=[InsertBlockEachEpoch(), ArchitectureLogger(), probe]
+    )
+    trainer.fit(module)
+    assert probe.depth_after_epoch == {0: 3, 1: 4}
+
+    history = ArchitectureHistory.load(os.path.join(tb.log_dir, HISTORY_FILENAME))
+    # The CSV logger gets the same history next to its metrics.csv.
+    assert ArchitectureHistory.load(os.path.join(csv_logger.log_dir, HISTORY_FILENAME)).to_json() == history.to_json()
+    assert [(s.phase, s.epoch, s.depth["model.blocks"]) for s in history.snapshots] == [
+        ("train_start", 0, 2),
+        ("epoch_end", 1, 3),
+        ("epoch_end", 2, 4),
+    ]
+    final_flops = count_flops(module, torch.zeros(1, 1, 1, 16)).total
+    assert history.final.flops == final_flops
+    assert history.final.params == sum(p.numel() for p in module.parameters())
+    assert [(e.kind, e.epoch, e.location) for e in history.events] == [
+        ("insert_block", 0, "model.blocks.1"),
+        ("insert_block", 1, "model.blocks.1"),
+    ]
+
+    acc = event_accumulator.EventAccumulator(tb.log_dir, size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    depth = [(e.step, e.value) for e in acc.Scalars("arch/depth/model.blocks")]
+    steps = [s.step for s in history.snapshots]
+    assert depth == [(steps[0], 2.0), (steps[1], 3.0), (steps[2], 4.0)]
+    assert [e.value for e in acc.Scalars("arch/params")] == [float(s.params) for s in history.snapshots]
+    assert acc.Scalars("arch/flops")[-1].value == pytest.approx(final_flops)
+    texts = {tag: acc.Tensors(tag) for tag in acc.Tags()["tensors"] if tag.startswith("arch/")}
+    event_text = [t.tensor_proto.string_val[0].decode() for t in texts["arch/events/text_summary"]]
+    assert len(event_text) == 2 and all("insert_block" in t and "model.blocks.1" in t for t in event_text)
+    final_text = texts["arch/final/text_summary"][0].tensor_proto.string_val[0].decode()
+    assert json.loads(final_text.replace("\n    ", "\n"))["depth"] == {"model.blocks": 4}
+
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("arch/depth/model.blocks")]
+    assert [(int(r["step"]), int(float(r["arch/depth/model.blocks"]))) for r in rows] == [
+        (steps[0], 2),
+        (steps[1], 3),
+        (steps[2], 4),
+    ]
+    assert [int(float(r["arch/epoch"])) for r in rows] == [0, 1, 2]
+
+
+def test_resumed_run_continues_the_same_history(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(name: str, max_epochs: int, ckpt_path: str | None = None) -> ArchitectureHistory:
+        logger = CSVLogger(tmp_path, name=name)
+        callbacks = [
+            InsertBlockEachEpoch(),
+            ArchitectureLogger(),
+            ModelCheckpoint(dirpath=tmp_path / name / "ckpt", save_last=True),
+        ]
+        trainer = quiet_trainer(max_epochs=max_epochs, logger=logger, callbacks=callbacks, enable_checkpointing=True)
+        trainer.fit(TinyClassifier(), ckpt_path=ckpt_path)
+        return ArchitectureHistory.load(os.path.join(logger.log_dir, HISTORY_FILENAME))
+
+    def story(history: ArchitectureHistory) -> tuple[list, list]:
+        snaps = [(s.epoch, s.step, s.depth, s.params, s.flops, s.phase) for s in history.snapshots]
+        return snaps, [(e.kind, e.epoch, e.step, e.location) for e in history.events]
+
+    uninterrupted = fit("straight", 2)
+    fit("first_half", 1)
+    resumed = fit("resumed", 2, ckpt_path=str(tmp_path / "first_half" / "ckpt" / "last.ckpt"))
+    assert story(resumed) == story(uninterrupted)
+    assert [s.depth["model.blocks"] for s in resumed.snapshots] == [2, 3, 4]
+    assert len(resumed.events) == 2
