@@ -1,0 +1,273 @@
+"""``estimate_curvature``: per-block Hessian traces (and top eigenvalues) of a training model, leaving no trace."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import resolve_blocks
+from .estimators import MODEL_KEY, TraceEstimate, hutchinson_trace, top_eigenvalue
+from .hvp import BACKENDS, HessianOperator, LossFn, LossFunctionError, is_out_of_memory
+from .state import preserve_model_state
+
+
+class CurvatureEstimationError(RuntimeError):
+    """The estimate is not finite (raised only with ``strict=True``) or could not be computed."""
+
+
+class CurvatureOutOfMemoryError(CurvatureEstimationError):
+    """The batches given to a curvature estimate do not fit in memory with the second-order graph."""
+
+
+@dataclass
+class CurvatureEstimate:
+    """Per-block curvature of the loss at the current parameters.
+
+    Attributes:
+        traces: block -> Hutchinson estimate of ``tr(H_BB)``.
+        num_params: block -> number of scalar parameters.
+        top_eigenvalues: dominant Hessian eigenvalue (signed, largest magnitude) of the whole model under
+            ``"model"`` and of each block's diagonal block; empty unless requested.
+        valid: ``False`` when a probe or eigenvalue was NaN/Inf; ``invalid_reason`` says where.
+        backend: the Hessian-vector-product backend that produced the numbers.
+        seconds: wall time of the estimate.
+    """
+
+    traces: dict[str, TraceEstimate]
+    num_params: dict[str, int]
+    top_eigenvalues: dict[str, float] = field(default_factory=dict)
+    valid: bool = True
+    invalid_reason: str = ""
+    backend: str = ""
+    seconds: float = 0.0
+
+    @property
+    def trace_per_param(self) -> dict[str, float]:
+        """``tr(H_BB) / |B|``: average curvature per parameter, comparable across blocks of different size."""
+        return {b: t.mean / self.num_params[b] for b, t in self.traces.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (NaN and Inf become ``None``)."""
+
+        def num(x: float) -> float | None:
+            return float(x) if math.isfinite(x) else None
+
+        return {
+            "traces": {
+                b: {"mean": num(t.mean), "stderr": num(t.stderr), "num_probes": t.num_probes}
+                for b, t in self.traces.items()
+            },
+            "trace_per_param": {b: num(v) for b, v in self.trace_per_param.items()},
+            "num_params": dict(self.num_params),
+            "top_eigenvalues": {k: num(v) for k, v in self.top_eigenvalues.items()},
+            "valid": self.valid,
+            "invalid_reason": self.invalid_reason,
+            "backend": self.backend,
+            "seconds": self.seconds,
+        }
+
+    def pack(self) -> Tensor:
+        """Everything that combines across ranks, as a 1-D float64 tensor to SUM-all-reduce.
+
+        Layout: ``[invalid flag, seconds, (sum, sum of squares, count) per block in ``traces`` order,
+        eigenvalues in ``top_eigenvalues`` order]``. Every rank must have estimated the same blocks.
+        """
+        values: list[float] = [0.0 if self.valid else 1.0, self.seconds]
+        for trace in self.traces.values():
+            values.extend(trace.sums())
+        values.extend(self.top_eigenvalues.values())
+        return torch.tensor(values, dtype=torch.float64)
+
+    @classmethod
+    def unpack(cls, packed: Tensor, like: CurvatureEstimate, world_size: int) -> CurvatureEstimate:
+        """Combine a SUM-all-reduced :meth:`pack`: traces pool every rank's probes, eigenvalues are averaged.
+
+        Example:
+            >>> a = CurvatureEstimate({"b": TraceEstimate.from_values([1.0, 3.0])}, {"b": 2})
+            >>> c = CurvatureEstimate({"b": TraceEstimate.from_values([5.0, 7.0])}, {"b": 2})
+            >>> CurvatureEstimate.unpack(a.pack() + c.pack(), like=a, world_size=2).traces["b"].mean
+            4.0
+        """
+        expected = 2 + 3 * len(like.traces) + len(like.top_eigenvalues)
+        flat = packed.detach().to("cpu", torch.float64).flatten().tolist()
+        if len(flat) != expected:
+            raise ValueError(
+                f"packed tensor has {len(flat)} entries but `like` needs {expected}; every rank must estimate the "
+                "same blocks with the same top_eigen setting."
+            )
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        invalid_ranks = round(flat[0])
+        traces = {}
+        for i, block in enumerate(like.traces):
+            total, total_sq, count = flat[2 + 3 * i : 5 + 3 * i]
+            traces[block] = TraceEstimate.from_sums(total, total_sq, count)
+        offset = 2 + 3 * len(like.traces)
+        eigen = {k: flat[offset + i] / world_size for i, k in enumerate(like.top_eigenvalues)}
+        reason = ""
+        if invalid_ranks:
+            reason = f"invalid on {invalid_ranks} of {world_size} ranks"
+            reason += f" (this rank: {like.invalid_reason})" if like.invalid_reason else ""
+        return cls(traces, dict(like.num_params), eigen, not invalid_ranks, reason, like.backend, flat[1] / world_size)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP / DataParallel support neither double backward nor torch.func: work on the wrapped module.
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def estimate_curvature(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    blocks: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
+    num_probes: int = 8,
+    rtol: float | None = None,
+    top_eigen: bool = False,
+    eig_iters: int = 20,
+    backend: str = "auto",
+    seed: int = 0,
+    strict: bool = False,
+    eig_tol: float = 1e-3,
+    probe_chunk: int = 8,
+) -> CurvatureEstimate:
+    """Per-block Hessian traces of ``mean_b loss_fn(model, batches[b])``, leaving the model as it was.
+
+    The Hessian is that of the loss exactly as training computes it in the model's current modes, with
+    three controlled differences that do not change its value: fp32 without autocast, the math attention
+    kernel, and BatchNorm in train mode normalising with batch statistics without updating its running
+    statistics. Dropout/drop-path masks are fixed per batch (``torch.manual_seed(seed + b)``), so every
+    probe sees the same function. Parameters, buffers, modes, ``.grad`` and RNG state are restored
+    bitwise afterwards (:func:`preserve_model_state`). A DDP-wrapped model is unwrapped: call this on
+    every rank and combine with :meth:`CurvatureEstimate.pack` / :meth:`CurvatureEstimate.unpack`.
+
+    Args:
+        model: the model (DDP/DataParallel wrappers are unwrapped).
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``, the training loss.
+        batches: batches the Hessian averages over. One larger batch is cheaper than several small ones:
+            the double-backward graph of one batch is reused by every probe and power iteration.
+        blocks: ``None`` (:func:`discover_blocks`), ``{name: [parameter or module names]}`` or a list of
+            module names. Probes span the union of all blocks' parameters.
+        num_probes: Hutchinson probes (the maximum when ``rtol`` is set), at least 2.
+        rtol: stop early once every block's ``stderr / |mean| < rtol``.
+        top_eigen: also run power iteration for the whole model and every block.
+        eig_iters, eig_tol: power-iteration budget and relative stopping tolerance.
+        backend: ``"auto"`` (double backward; forward-over-reverse if that fails), ``"double_backward"`` or
+            ``"forward_over_reverse"``.
+        seed: seeds the probes and the dropout masks; same seed, same estimate.
+        strict: raise :class:`CurvatureEstimationError` instead of returning ``valid=False`` on NaN/Inf.
+        probe_chunk: at most this many probes per batched pass (lower it to save memory).
+
+    Raises:
+        LossFunctionError: ``loss_fn`` does not return a scalar tensor attached to the parameters.
+        CurvatureOutOfMemoryError: the batches do not fit; pass fewer or smaller batches.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 2, (16,)))]
+        >>> loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])
+        >>> est = estimate_curvature(net, loss_fn, data, num_probes=16)
+        >>> sorted(est.traces), est.valid, est.backend
+        (['0', '2'], True, 'double_backward')
+    """
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be 'auto', 'double_backward' or 'forward_over_reverse', got {backend!r}")
+    if not isinstance(num_probes, int) or num_probes < 2:
+        raise ValueError(f"num_probes must be an int >= 2 (a standard error needs two probes), got {num_probes!r}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> scalar Tensor")
+    start = time.perf_counter()
+    model = _unwrap(model)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty; pass at least one batch (e.g. a few recent training batches).")
+    groups = resolve_blocks(model, blocks)
+    names = list(dict.fromkeys(n for members in groups.values() for n in members))
+    position = {n: i for i, n in enumerate(names)}
+    index = {block: [position[n] for n in members] for block, members in groups.items()}
+    params = dict(model.named_parameters())
+    num_params = {block: sum(params[n].numel() for n in members) for block, members in groups.items()}
+
+    candidates = BACKENDS if backend == "auto" else (backend,)
+    failures: list[str] = []
+    # Outside inference mode, or the saved copies and probes would be inference tensors autograd rejects.
+    with torch.inference_mode(False), preserve_model_state(model, parameters=False):
+        for name in candidates:
+            try:
+                result = _estimate(
+                    model,
+                    loss_fn,
+                    batches,
+                    names,
+                    index,
+                    num_probes,
+                    rtol,
+                    top_eigen,
+                    eig_iters,
+                    eig_tol,
+                    name,
+                    seed,
+                    probe_chunk,
+                )
+                break
+            except LossFunctionError:
+                raise
+            except (RuntimeError, NotImplementedError) as err:
+                if is_out_of_memory(err):
+                    raise CurvatureOutOfMemoryError(
+                        f"Out of memory while estimating curvature on {len(batches)} batch(es): the second-order "
+                        "graph needs roughly twice a training step's activation memory per batch, plus "
+                        f"probe_chunk={probe_chunk} probes at once. Pass fewer or smaller batches, or lower "
+                        "probe_chunk."
+                    ) from err
+                failures.append(f"{name}: {type(err).__name__}: {err}")
+        else:
+            raise CurvatureEstimationError(
+                "No Hessian-vector-product backend worked for this model: " + " | ".join(failures)
+            )
+    traces, eigen, reason = result
+    estimate = CurvatureEstimate(traces, num_params, eigen, not reason, reason, name, time.perf_counter() - start)
+    if reason and strict:
+        raise CurvatureEstimationError(f"Curvature estimate is not finite: {reason}")
+    return estimate
+
+
+def _estimate(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: list[Any],
+    names: list[str],
+    index: dict[str, list[int]],
+    num_probes: int,
+    rtol: float | None,
+    top_eigen: bool,
+    eig_iters: int,
+    eig_tol: float,
+    backend: str,
+    seed: int,
+    probe_chunk: int,
+) -> tuple[dict[str, TraceEstimate], dict[str, float], str]:
+    generator = torch.Generator().manual_seed(seed)
+    with HessianOperator(model, loss_fn, batches, names, backend, seed, probe_chunk) as op:
+        traces = hutchinson_trace(op, index, num_probes, rtol=rtol, generator=generator)
+        eigen = top_eigenvalue(op, index, eig_iters, eig_tol, generator) if top_eigen else {}
+        bad = [b for b, t in traces.items() if not all(math.isfinite(v) for v in t.values)]
+        bad += [k for k, v in eigen.items() if not math.isfinite(v) and k not in bad]
+        if not bad:
+            return traces, eigen, ""
+        losses = op.batch_losses()
+    bad_losses = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    reason = f"non-finite Hessian-vector products in block(s) {bad}"
+    if bad_losses:
+        reason += f"; the loss itself is not finite on batch(es) {bad_losses}"
+    elif MODEL_KEY in bad and len(bad) == 1:
+        reason += " (whole-model power iteration)"
+    return traces, eigen, reason

@@ -1,0 +1,219 @@
+"""Estimators over a symmetric linear operator: Hutchinson block traces and power-iteration eigenvalues.
+
+Small pure functions in the style of curvlinops: they only call ``operator.matmat`` (see
+:class:`~lightning_depthgrow.curvature.hvp.LinearOperator`), so the same code runs on a model's Hessian
+and on a dense test matrix. ``blocks`` maps a block name to indices into ``operator.param_shapes``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .hvp import LinearOperator
+
+MODEL_KEY = "model"
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """Mean of per-probe values ``v^T (Hv)_B``, its standard error, the probe count and the raw values.
+
+    ``values`` is empty for an estimate combined from several ranks (only sums travel).
+    """
+
+    mean: float
+    stderr: float
+    num_probes: int
+    values: tuple[float, ...] = ()
+
+    @classmethod
+    def from_values(cls, values: Sequence[float]) -> TraceEstimate:
+        total = math.fsum(values)
+        total_sq = math.fsum(v * v for v in values)
+        return cls.from_sums(total, total_sq, len(values), tuple(values))
+
+    @classmethod
+    def from_sums(cls, total: float, total_sq: float, count: float, values: tuple[float, ...] = ()) -> TraceEstimate:
+        """From the sum of the probe values, the sum of their squares and their number."""
+        n = round(count)
+        mean = total / n if n else math.nan
+        if n > 1:
+            var = max(total_sq - n * mean * mean, 0.0) / (n - 1) if math.isfinite(mean) else math.nan
+            stderr = math.sqrt(var / n) if math.isfinite(var) else math.nan
+        else:
+            stderr = math.nan
+        return cls(mean, stderr, n, values)
+
+    def sums(self) -> tuple[float, float, int]:
+        """``(sum, sum of squares, count)`` of the probe values (exact inverse of :meth:`from_sums`)."""
+        n = self.num_probes
+        if self.values:
+            return math.fsum(self.values), math.fsum(v * v for v in self.values), n
+        var = self.stderr**2 * n if n > 1 else 0.0
+        return self.mean * n, var * (n - 1) + n * self.mean**2, n
+
+
+def _block_indices(operator: LinearOperator, blocks: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
+    if blocks is None:
+        return {MODEL_KEY: list(range(len(operator.param_shapes)))}
+    resolved = {name: list(idx) for name, idx in blocks.items()}
+    for name, idx in resolved.items():
+        if not idx or any(not 0 <= i < len(operator.param_shapes) for i in idx):
+            last = len(operator.param_shapes) - 1
+            raise ValueError(f"block {name!r} has indices {idx}; need a non-empty subset of 0..{last}")
+    return resolved
+
+
+def rademacher(
+    shapes: Sequence[torch.Size], count: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> list[Tensor]:
+    """``count`` Rademacher (+-1) vectors, as a list of ``[count, *shape]`` tensors.
+
+    Drawn on the generator's device and then moved, so a CPU generator gives the same probes on any device.
+    """
+    out = []
+    for shape in shapes:
+        bits = torch.randint(0, 2, (count, *shape), generator=generator, device=generator.device)
+        out.append((bits * 2 - 1).to(device=device, dtype=dtype))
+    return out
+
+
+def hutchinson_trace(
+    hvp: LinearOperator,
+    blocks: Mapping[str, Sequence[int]] | None,
+    num_probes: int,
+    rtol: float | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 4,
+) -> dict[str, TraceEstimate]:
+    """Per-block Hutchinson traces ``tr(H_BB) ~ mean_k v_k^T (H v_k)_B`` from full-space Rademacher probes.
+
+    Each probe spans every parameter, so one operator application gives all blocks' values at once
+    (unbiased: ``E[v^T (H v)_B] = sum_{i in B} H_ii``).
+
+    Args:
+        hvp: the operator.
+        blocks: block name -> parameter indices; ``None`` gives one block ``"model"`` over everything.
+        num_probes: probes to use (the maximum when ``rtol`` is set); at least 2 for a standard error.
+        rtol: stop early, checking every ``chunk_size`` probes, once every block has
+            ``stderr / |mean| < rtol``.
+        generator: source of the probes (default: a CPU generator seeded with 0).
+        chunk_size: probes per operator call when stopping early.
+
+    Example:
+        >>> from lightning_depthgrow.curvature import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0])), [(1,), (2,)])
+        >>> est = hutchinson_trace(op, {"a": [0], "b": [1]}, num_probes=4)
+        >>> est["a"].mean, est["b"].mean, est["b"].stderr  # exact for a diagonal matrix
+        (1.0, 5.0, 0.0)
+    """
+    if num_probes < 2:
+        raise ValueError(f"num_probes must be >= 2 to report a standard error, got {num_probes}")
+    if rtol is not None and rtol <= 0:
+        raise ValueError(f"rtol must be positive or None, got {rtol}")
+    index = _block_indices(hvp, blocks)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    values: dict[str, list[float]] = {name: [] for name in index}
+    step = num_probes if rtol is None else max(2, chunk_size)
+    done = 0
+    while done < num_probes:
+        k = min(step, num_probes - done)
+        probes = rademacher(hvp.param_shapes, k, hvp.dtype, hvp.device, generator)
+        products = hvp.matmat(probes)
+        # Per-parameter v^T Hv for each probe, accumulated in float64.
+        dots = torch.stack([(v * h).flatten(1).sum(1, dtype=torch.float64) for v, h in zip(probes, products)])
+        for name, idx in index.items():
+            values[name].extend(dots[idx].sum(0).tolist())
+        done += k
+        if rtol is not None and done < num_probes and all(_converged(v, rtol) for v in values.values()):
+            break
+    return {name: TraceEstimate.from_values(v) for name, v in values.items()}
+
+
+def _converged(values: list[float], rtol: float) -> bool:
+    est = TraceEstimate.from_values(values)
+    if est.stderr == 0.0:
+        return True
+    return math.isfinite(est.stderr) and est.stderr < rtol * abs(est.mean)
+
+
+def top_eigenvalue(
+    hvp: LinearOperator,
+    blocks: Mapping[str, Sequence[int]] | None = None,
+    num_iters: int = 20,
+    tol: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Dominant eigenvalue of the whole operator (key ``"model"``) and of each block's diagonal block.
+
+    Power iteration, as PyHessian: it converges to the eigenvalue of largest *magnitude* and returns it
+    with its sign (the Rayleigh quotient ``v^T H v`` of the converged unit vector), so a Hessian
+    dominated by negative curvature gives a negative number. The block-restricted operator ``H_BB`` is
+    applied by zeroing the probe outside the block and reading the product inside it. All vectors
+    (whole model and every block) go through the operator together; a vector stops once its estimate
+    changes by less than ``tol`` (relative) between iterations, or after ``num_iters``.
+
+    Example:
+        >>> from lightning_depthgrow.curvature import DenseOperator
+        >>> A = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, -5.0]])
+        >>> eig = top_eigenvalue(DenseOperator(A, [(2,), (1,)]), {"a": [0], "b": [1]}, num_iters=100, tol=1e-8)
+        >>> round(eig["model"], 4), round(eig["a"], 4), round(eig["b"], 4)
+        (-5.0, 3.0, -5.0)
+    """
+    if num_iters < 1:
+        raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+    index = {MODEL_KEY: list(range(len(hvp.param_shapes)))}
+    index.update(_block_indices(hvp, blocks) if blocks is not None else {})
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    names = list(index)
+    n_params = len(hvp.param_shapes)
+    # mask[k, j] = 1 if parameter j belongs to vector k's block.
+    mask = torch.zeros(len(names), n_params, dtype=hvp.dtype, device=hvp.device)
+    for k, name in enumerate(names):
+        mask[k, index[name]] = 1
+
+    def restrict(vectors: list[Tensor], rows: Tensor) -> list[Tensor]:
+        m = mask[rows]
+        return [v * m[:, j].view(-1, *([1] * (v.dim() - 1))) for j, v in enumerate(vectors)]
+
+    def normalise(vectors: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        norm = torch.sqrt(sum(v.flatten(1).pow(2).sum(1, dtype=torch.float64) for v in vectors))
+        scale = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)).to(hvp.dtype)
+        return [v * scale.view(-1, *([1] * (v.dim() - 1))) for v in vectors], norm
+
+    all_rows = torch.arange(len(names), device=hvp.device)
+    gauss = [
+        torch.randn((len(names), *s), generator=generator, device=generator.device).to(hvp.device, hvp.dtype)
+        for s in hvp.param_shapes
+    ]
+    vectors, _ = normalise(restrict(gauss, all_rows))
+    estimate = torch.full((len(names),), math.nan, dtype=torch.float64)
+    active = list(range(len(names)))
+    for _ in range(num_iters):
+        rows = torch.tensor(active, device=hvp.device)
+        current = [v[rows] for v in vectors]
+        products = restrict(hvp.matmat(current), rows)
+        rayleigh = sum((v * h).flatten(1).sum(1, dtype=torch.float64) for v, h in zip(current, products)).cpu()
+        new_vectors, norm = normalise(products)
+        still_active = []
+        for pos, k in enumerate(active):
+            previous, value = estimate[k].item(), rayleigh[pos].item()
+            estimate[k] = value
+            converged = (
+                norm[pos].item() == 0.0
+                or not math.isfinite(value)
+                or (math.isfinite(previous) and abs(value - previous) <= tol * abs(value))
+            )
+            if not converged:
+                still_active.append(k)
+        for v, nv in zip(vectors, new_vectors):
+            v[rows] = nv
+        active = still_active
+        if not active:
+            break
+    return {name: estimate[k].item() for k, name in enumerate(names)}
