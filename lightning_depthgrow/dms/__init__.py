@@ -1,0 +1,34 @@
+"""Differentiable Model Scaling (Liu et al., ICML 2024): differentiable top-k gates, soft resource
+counts and export by slicing. No Lightning here; see :class:`lightning_depthgrow.callbacks.dms.
+DifferentiableModelScaling` for the training-loop shell.
+"""
+
+from .appliers import ARCH_GROUP_KEY, apply_attach, apply_export, arch_group_options, attach_event, export_event
+from .export import export_model
+from .families import discover_gates
+from .gates import CONTAINER, DMSGates, attach_gates, find_gates, remove_gates, set_importance
+from .resource import ResourceModel, fit_to_budget
+from .topk import TopKGate, default_temperature, normalised_rank, update_importance
+
+__all__ = [
+    "ARCH_GROUP_KEY",
+    "CONTAINER",
+    "DMSGates",
+    "ResourceModel",
+    "TopKGate",
+    "apply_attach",
+    "apply_export",
+    "arch_group_options",
+    "attach_event",
+    "attach_gates",
+    "default_temperature",
+    "discover_gates",
+    "export_event",
+    "export_model",
+    "find_gates",
+    "fit_to_budget",
+    "normalised_rank",
+    "remove_gates",
+    "set_importance",
+    "update_importance",
+]

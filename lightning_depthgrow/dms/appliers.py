@@ -1,0 +1,65 @@
+"""The ``dms_attach`` and ``dms_export`` architecture events: build their specs, apply them.
+
+``dms_attach`` records which gates were attached (the discovery flags and the full gate specs) and the
+architecture learning rate, so a resumed run re-attaches exactly the same gates. ``dms_export`` records
+the kept indices of every gate, so a replay slices exactly as the original run did.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..events import AppliedChange, ArchitectureEvent, register_event_kind
+from .export import export_model
+from .families import discover_gates
+from .gates import attach_gates, find_gates
+from .topk import default_temperature
+
+ATTACH, EXPORT = "dms_attach", "dms_export"
+ARCH_GROUP_KEY = "dms_architecture"
+
+
+def arch_group_options(lr: float) -> dict[str, Any]:
+    """Param-group options of the architecture ratios: own constant lr, no weight decay, a marker key."""
+    return {"lr": lr, "weight_decay": 0.0, ARCH_GROUP_KEY: True}
+
+
+def attach_event(model: nn.Module, lr: float, width: bool = True, heads: bool = True, depth: bool = True,
+                 **meta: Any) -> ArchitectureEvent:
+    """A ``dms_attach`` event for ``model`` (discovers the gates on a throw-away attach, then removes them).
+
+    Example:
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+        >>> event = attach_event(vit, lr=0.01)
+        >>> change = apply_attach(vit, event.spec)
+        >>> change.new_group[1]["weight_decay"], len(change.new_group[0])
+        (0.0, 5)
+    """
+    found = discover_gates(model, width, heads, depth)
+    gates = [{**s, "temperature": default_temperature(s["kind"], s["n"])} for s in found]
+    spec = {"width": width, "heads": heads, "depth": depth, "lr": float(lr), "gates": gates}
+    return ArchitectureEvent(ATTACH, spec, **meta)
+
+
+def apply_attach(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
+    gates = attach_gates(model, spec["width"], spec["heads"], spec["depth"], specs=spec["gates"])
+    return AppliedChange(new_group=(gates.arch_parameters(), arch_group_options(spec["lr"])))
+
+
+def export_event(model: nn.Module, **meta: Any) -> ArchitectureEvent:
+    """A ``dms_export`` event keeping what the gates' hard masks keep now."""
+    gates = find_gates(model)
+    if gates is None:
+        raise RuntimeError("no DMS gates attached: nothing to export")
+    return ArchitectureEvent(EXPORT, {"keep": gates.keep()}, **meta)
+
+
+def apply_export(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
+    return export_model(model, spec["keep"])
+
+
+register_event_kind(ATTACH, apply_attach)
+register_event_kind(EXPORT, apply_export)

@@ -1,0 +1,179 @@
+"""Export a gated model: slice every layer to its hard mask, drop pruned blocks, remove the gates.
+
+The whole new state (sliced parameters and buffers, rebuilt block containers) is computed and checked
+first; only then is the model mutated, so a failing export leaves the model as it was. The returned
+:class:`~lightning_depthgrow.events.AppliedChange` lists each sliced parameter with its kept indices
+(``update_optimizer`` slices Adam moments and momentum with them) and every parameter that left
+(pruned blocks and the architecture ratios).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters.registry import UnsupportedModelError
+from ..events import AppliedChange
+from .gates import DMSGates, find_gates, remove_gates
+
+
+class _Slices:
+    """Kept indices per (module, tensor name, dim), merged across gates (a conv can be sliced on both dims)."""
+
+    def __init__(self) -> None:
+        self.index: dict[tuple[int, str], tuple[nn.Module, dict[int, Tensor]]] = {}
+        self.attrs: list[tuple[nn.Module, str, int]] = []
+
+    def add(self, module: nn.Module, names: list[str], dim: int, keep: Tensor) -> None:
+        for name in names:
+            tensor = getattr(module, name, None)
+            if tensor is None:
+                continue
+            _, dims = self.index.setdefault((id(module), name), (module, {}))
+            dims[dim] = keep
+
+    def attr(self, module: nn.Module, name: str, value: int) -> None:
+        self.attrs.append((module, name, value))
+
+
+def _head_rows(keep: list[int], heads: int, head_dim: int, parts: int) -> Tensor:
+    rows = [p * heads * head_dim + h * head_dim + d for p in range(parts) for h in keep for d in range(head_dim)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _plan_width(model: nn.Module, spec: dict[str, Any], keep: list[int], slices: _Slices) -> None:
+    idx = torch.tensor(keep, dtype=torch.long)
+    if spec["site"] == "vit_mlp":
+        mlp = model.get_submodule(spec["block"] + ".mlp")
+        slices.add(mlp.fc1, ["weight", "bias"], 0, idx)
+        slices.add(mlp.fc2, ["weight"], 1, idx)
+        slices.attr(mlp.fc1, "out_features", len(keep))
+        slices.attr(mlp.fc2, "in_features", len(keep))
+    elif spec["site"] == "vit_heads":
+        attn = model.get_submodule(spec["block"] + ".attn")
+        heads, head_dim = attn.num_heads, attn.head_dim
+        slices.add(attn.qkv, ["weight", "bias"], 0, _head_rows(keep, heads, head_dim, 3))
+        slices.attr(attn.qkv, "out_features", 3 * len(keep) * head_dim)
+        if getattr(attn, "gate", None) is not None:
+            slices.add(attn.gate, ["weight", "bias"], 0, _head_rows(keep, heads, head_dim, 1))
+            slices.attr(attn.gate, "out_features", len(keep) * head_dim)
+        slices.add(attn.proj, ["weight"], 1, _head_rows(keep, heads, head_dim, 1))
+        slices.attr(attn.proj, "in_features", len(keep) * head_dim)
+        slices.attr(attn, "num_heads", len(keep))
+        slices.attr(attn, "attn_dim", len(keep) * head_dim)
+    elif spec["site"] == "conv_width":
+        block = model.get_submodule(spec["block"])
+        producer, norm = block.get_submodule(spec["producer"]), block.get_submodule(spec["norm"])
+        consumer = block.get_submodule(spec["consumer"])
+        slices.add(producer, ["weight", "bias"], 0, idx)
+        slices.add(norm, ["weight", "bias", "running_mean", "running_var"], 0, idx)
+        slices.add(consumer, ["weight"], 1, idx)
+        slices.attr(producer, "out_channels", len(keep))
+        slices.attr(norm, "num_features", len(keep))
+        slices.attr(consumer, "in_channels", len(keep))
+    else:
+        raise UnsupportedModelError(f"unknown DMS gate site {spec['site']!r}")
+
+
+def _validate_keep(gates: DMSGates, keep: dict[str, list[int]]) -> None:
+    names = [s["name"] for s in gates.specs]
+    if sorted(keep) != sorted(names):
+        raise UnsupportedModelError(f"export keeps {sorted(keep)} but the model's gates are {sorted(names)}")
+    for s in gates.specs:
+        kept = keep[s["name"]]
+        if kept != sorted(set(kept)) or (kept and not 0 <= kept[0] <= kept[-1] < s["n"]):
+            raise UnsupportedModelError(
+                f"kept indices {kept} of gate {s['name']} are not sorted unique in [0, {s['n']})"
+            )
+        if s["kind"] != "depth" and not kept:
+            raise UnsupportedModelError(f"gate {s['name']} would keep no {s['kind']} element; at least one must stay")
+
+
+def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> AppliedChange:
+    """Slice ``model`` to ``keep`` (default: the gates' current hard masks) and remove the gates.
+
+    ``keep`` maps each gate name to the sorted element indices to keep (recorded in ``dms_export``
+    events, so a replay slices exactly as the original run did, whatever the importances are).
+
+    Example:
+        >>> import timm
+        >>> from lightning_depthgrow.dms import attach_gates
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+        >>> gates = attach_gates(vit)
+        >>> keep = {name: list(range(g.n // 2 or 1)) for name, g in gates.gates.items()}
+        >>> change = export_model(vit, keep)
+        >>> len(vit.blocks), vit.blocks[0].attn.num_heads, vit.blocks[0].mlp.fc1.out_features
+        (1, 1, 384)
+    """
+    gates = find_gates(model)
+    if gates is None:
+        raise RuntimeError("export_model needs a model with DMS gates attached (attach_gates or a dms_attach event).")
+    keep = gates.keep() if keep is None else {k: [int(i) for i in v] for k, v in keep.items()}
+    _validate_keep(gates, keep)
+
+    removed_blocks: set[int] = set()
+    new_stacks: list[tuple[nn.Module, str, nn.Module]] = []
+    for s in gates.specs:
+        if s["site"] != "depth":
+            continue
+        stack = model.get_submodule(s["stack"])
+        dropped = {s["blocks"][j] for j in range(s["n"]) if j not in set(keep[s["name"]])}
+        if not dropped:
+            continue
+        removed_blocks.update(id(stack[i]) for i in dropped)
+        kept_blocks = [b for i, b in enumerate(stack) if i not in dropped]
+        parent_path, _, attr = s["stack"].rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        rebuilt = nn.Sequential(*kept_blocks) if isinstance(stack, nn.Sequential) else nn.ModuleList(kept_blocks)
+        new_stacks.append((parent, attr, rebuilt))
+
+    slices = _Slices()
+    for s in gates.specs:
+        if s["site"] == "depth" or _inside(model, s["block"], removed_blocks):
+            continue
+        _plan_width(model, s, keep[s["name"]], slices)
+
+    # Build every new tensor before touching the model.
+    new_tensors: list[tuple[nn.Module, str, Tensor, tuple[Tensor | None, ...]]] = []
+    for (_, name), (module, dims) in slices.index.items():
+        old = getattr(module, name)
+        index = tuple(dims.get(d) for d in range(max(dims) + 1))
+        value = old.detach()
+        for d, kept in dims.items():
+            if kept.numel() and int(kept.max()) >= value.shape[d]:
+                raise UnsupportedModelError(
+                    f"kept index {int(kept.max())} out of range for {name} of shape {tuple(value.shape)}"
+                )
+            value = value.index_select(d, kept.to(value.device))
+        new_tensors.append((module, name, value.clone(), index))
+
+    # Mutate.
+    change = AppliedChange()
+    for module, name, value, index in new_tensors:
+        old = getattr(module, name)
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(value, requires_grad=old.requires_grad)
+            setattr(module, name, new)
+            change.replaced.append((old, new, index))
+        else:
+            module._buffers[name] = value
+    for module, name, value in slices.attrs:
+        setattr(module, name, value)
+    for parent, attr, container in new_stacks:
+        old = getattr(parent, attr)
+        change.removed.extend(p for b in old if id(b) in removed_blocks for p in b.parameters())
+        setattr(parent, attr, container)
+    change.removed.extend(gates.arch_parameters())
+    remove_gates(model)
+    return change
+
+
+def _inside(model: nn.Module, path: str, removed_blocks: set[int]) -> bool:
+    """Whether the module at ``path`` is, or is inside, a block that export removes."""
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        if id(model.get_submodule(".".join(parts[:end]))) in removed_blocks:
+            return True
+    return False

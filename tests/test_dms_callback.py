@@ -1,0 +1,136 @@
+"""DifferentiableModelScaling inside real Lightning runs: search, export, optimizer groups, resume, DDP."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from examples.common import Classifier, MNIST1DDataModule, make_vit
+from lightning_depthgrow.adapters import UnsupportedModelError
+from lightning_depthgrow.callbacks._common import event_log, load_checkpoint_events
+from lightning_depthgrow.callbacks.dms import DifferentiableModelScaling
+from lightning_depthgrow.dms import ARCH_GROUP_KEY, find_gates
+from lightning_depthgrow.measure import count_flops
+
+EXAMPLE = torch.zeros(2, 1, 1, 40)
+
+
+def trainer(epochs: int, callbacks: list, **kw) -> pl.Trainer:
+    options = dict(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=1,
+                   num_sanity_val_steps=0, deterministic=True)
+    options.update(kw)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def vit_classifier(seed: int = 0, epochs: int = 4) -> Classifier:
+    torch.manual_seed(seed)
+    return Classifier(make_vit(depth=3, embed_dim=32, num_heads=4), max_epochs=epochs)
+
+
+class ArchGroupProbe(pl.Callback):
+    """Records the architecture group's lr and weight decay at every optimizer step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float, int]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        groups = [g for g in optimizer.param_groups if g.get(ARCH_GROUP_KEY)]
+        assert len(groups) == 1
+        self.seen.append((groups[0]["lr"], groups[0]["weight_decay"], len(groups[0]["params"])))
+
+
+def test_search_then_export_meets_target_with_own_constant_lr_group():
+    model = vit_classifier()
+    full = count_flops(model, EXAMPLE).total
+    dms = DifferentiableModelScaling(target=0.5, search_epochs=3, arch_lr=0.02)
+    probe = ArchGroupProbe()
+    trainer(4, [dms, probe]).fit(model, MNIST1DDataModule(batch_size=128, limit_train=1024))
+    exported = count_flops(model, EXAMPLE).total
+    assert find_gates(model) is None and not any("dms" in k for k in model.state_dict())
+    assert exported <= 0.5 * full
+    export = next(e for e in event_log(model) if e.kind == "dms_export")
+    assert export.epoch == 3 and export.reason["searched_ratio"] < 0.56  # the search itself got there
+    # architecture ratios: own group, no weight decay, constant lr although the user's cosine schedule
+    # drives every other group; empty after export
+    n_gates = len(export.spec["keep"])
+    search, after = probe.seen[: 3 * 8], probe.seen[3 * 8 :]
+    assert search and all(s == (0.02, 0.0, n_gates) for s in search)
+    assert after and all(s == (0.02, 0.0, 0) for s in after)
+
+
+def run_with_checkpoints(tmp_path, ckpt_path=None, epochs: int = 4) -> Classifier:
+    model = vit_classifier()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    dms = DifferentiableModelScaling(target=0.5, search_epochs=2, arch_lr=0.05)
+    run = trainer(epochs, [dms, checkpoint], enable_checkpointing=True)
+    run.fit(model, MNIST1DDataModule(batch_size=64, limit_train=256, shuffle=False), ckpt_path=ckpt_path)
+    return model
+
+
+def test_resume_during_search_and_after_export_equals_uninterrupted_run(tmp_path):
+    reference = run_with_checkpoints(tmp_path)
+    expected = reference.state_dict()
+    assert [e.kind for e in event_log(reference)] == ["dms_attach", "dms_export"]
+    assert [e.kind for e in load_checkpoint_events(str(tmp_path / "epoch=0.ckpt"))] == ["dms_attach"]
+    for ckpt in ("epoch=0.ckpt", "epoch=2.ckpt"):  # during search; after the export at epoch 2
+        resumed = run_with_checkpoints(tmp_path / "resumed", ckpt_path=str(tmp_path / ckpt)).state_dict()
+        assert list(resumed) == list(expected)
+        assert all(torch.equal(resumed[k], expected[k]) for k in expected), ckpt
+
+
+class HashProbe(pl.Callback):
+    """Each rank writes a hash of its parameters and its event log at the end of training."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        digest = hashlib.sha256()
+        for name, p in pl_module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        record = {"hash": digest.hexdigest(), "events": [e.to_dict() for e in event_log(pl_module)]}
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(record, f)
+
+
+def test_ddp_two_processes_search_and_export_stay_identical(tmp_path):
+    model = vit_classifier()
+    dms = DifferentiableModelScaling(target=0.5, search_epochs=1, arch_lr=0.05)
+    run = trainer(2, [dms, HashProbe(str(tmp_path))], devices=2, strategy="ddp_spawn", deterministic=False)
+    run.fit(model, MNIST1DDataModule(batch_size=32, limit_train=128))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["hash"] == ranks[1]["hash"]
+    assert ranks[0]["events"] == ranks[1]["events"]
+    kinds = [e["kind"] for e in ranks[0]["events"]]
+    assert kinds == ["dms_attach", "dms_export"]
+    keep = ranks[0]["events"][1]["spec"]["keep"]
+    assert sum(map(len, keep.values())) < sum(s["n"] for s in ranks[0]["events"][0]["spec"]["gates"])
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="not a reduction"):
+        DifferentiableModelScaling(target=1.0, search_epochs=1)
+    with pytest.raises(ValueError, match="search_epochs"):
+        DifferentiableModelScaling(target=0.5, search_epochs=0)
+    with pytest.raises(ValueError, match="not smaller than the supernet"):
+        trainer(1, [DifferentiableModelScaling(target=1e12, search_epochs=1)]).fit(
+            vit_classifier(), MNIST1DDataModule(limit_train=128)
+        )
+    with pytest.raises(ValueError, match="below the smallest model"):
+        trainer(1, [DifferentiableModelScaling(target=0.001, search_epochs=1, depth=False)]).fit(
+            vit_classifier(), MNIST1DDataModule(limit_train=128)
+        )
+    mlp = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(40, 10)))
+    with pytest.raises(UnsupportedModelError, match="nothing to gate"):
+        trainer(1, [DifferentiableModelScaling(target=0.5, search_epochs=1)]).fit(
+            mlp, MNIST1DDataModule(limit_train=128)
+        )
