@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..events import AppliedChange, ArchitectureEvent, apply_event, replay_events
@@ -159,3 +159,29 @@ def _replay_when_weights_load(trainer: pl.Trainer, pl_module: pl.LightningModule
 def save_event_log(checkpoint: dict[str, Any], pl_module: pl.LightningModule) -> None:
     """Store the module's event log in a checkpoint dict (idempotent; any of our callbacks may call it)."""
     checkpoint[CHECKPOINT_KEY] = {"version": 1, "events": [e.to_dict() for e in event_log(pl_module)]}
+
+
+def guard_spawn_results(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
+    """Call from ``teardown``: keep ``ddp_spawn`` from copying a changed architecture's weights into the parent.
+
+    With ``ddp_spawn`` Lightning loads rank 0's final ``state_dict`` into the main process's module with
+    ``strict=False``. That module never saw the workers' architecture events: sliced tensors would not fit,
+    and grown blocks would be silently dropped, leaving a mixed model. Send nothing instead and say how to get
+    the trained model (its checkpoint replays the event log).
+    """
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    guarded = pl_module.__dict__.get("_depthgrow_spawn_guard") is not None
+    if guarded or not isinstance(launcher, _MultiProcessingLauncher) or not event_log(pl_module):
+        return
+    pl_module.__dict__["_depthgrow_spawn_guard"] = pl_module.register_state_dict_post_hook(_send_nothing)
+    rank_zero_warn(
+        f"{who} changed the architecture inside ddp_spawn workers; the main process's module keeps its original "
+        "architecture and weights. Load the trained model with lightning_depthgrow.load_grown(fresh_model, "
+        "checkpoint_path), or use strategy='ddp', whose rank 0 is the main process."
+    )
+
+
+def _send_nothing(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    state_dict.clear()
