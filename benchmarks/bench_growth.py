@@ -1,13 +1,15 @@
 """Benchmark: curvature-guided depth growth vs uniform placement vs a fixed model of the final size.
 
 MNIST-1D, a tiny timm ViT growing from 2 blocks to ``--budget`` x its starting parameters (one block every
-2 epochs after a 2-epoch warm-up), against a ViT built at the final depth from the start; every variant trains
-for the same number of epochs with the same data order and seeds. Reported per variant: validation accuracy
-(mean +- std over seeds), parameters, wall time; the grown/fixed wall-time ratio; the surgery + optimizer +
-DDP-rewrap seconds of one growth step as a fraction of an epoch. The instrumentation callbacks
-(ArchitectureLogger, printing) are off, so wall times compare training alone.
+2 epochs after a 2-epoch warm-up; with 12 epochs and budget 3: 2 -> 6 blocks), against a ViT built at the grown
+run's final depth from the start; every variant trains for the same number of epochs with the same data order
+and seeds. Reported per variant: validation accuracy (mean +- std over seeds), parameters, wall and CPU seconds
+(one thread: CPU seconds are what a run costs, wall seconds also count other jobs on a shared machine); the
+grown/fixed wall and CPU ratios; time-to-accuracy: the CPU seconds after which the fixed model first reached the
+grown run's final accuracy (per seed); the surgery + optimizer + DDP-rewrap seconds of one growth step as a
+fraction of an epoch. The instrumentation callbacks (ArchitectureLogger, printing) are off.
 
-    python benchmarks/bench_growth.py --epochs 12 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/bench_growth.py --epochs 12 --seeds 0 1 2
 
 Writes ``benchmarks/results/growth.json``.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -28,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.common import mnist1d_tensors
-from examples.grow_vit_mnist1d import run_fixed, run_grown
+from examples.grow_vit_mnist1d import run_fixed, run_grown, time_to_accuracy
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -57,13 +60,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             depth = runs["curvature"][-1]["depth"]
             result = run_fixed(args.epochs, seed, depth, Path(tmp))
             runs["fixed"].append(result)
-            print(f"seed {seed} fixed({depth})  acc {result['val_acc']:.3f} wall {result['wall_s']:.1f}s", flush=True)
+            print(f"seed {seed} fixed({depth})  acc {result['val_acc']:.3f} {result['wall_s']:.1f}s", flush=True)
 
     summary: dict[str, Any] = {}
     fixed_wall = statistics.fmean(r["wall_s"] for r in runs["fixed"])
+    fixed_cpu = statistics.fmean(r["cpu_s"] for r in runs["fixed"])
     for name, results in runs.items():
         acc, acc_std = _mean_std([r["val_acc"] for r in results])
         wall, wall_std = _mean_std([r["wall_s"] for r in results])
+        cpu, cpu_std = _mean_std([r["cpu_s"] for r in results])
         entry = {
             "val_acc_mean": acc,
             "val_acc_std": acc_std,
@@ -72,8 +77,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "wall_s_mean": wall,
             "wall_s_std": wall_std,
             "wall_ratio_vs_fixed": wall / fixed_wall,
+            "cpu_s_mean": cpu,
+            "cpu_s_std": cpu_std,
+            "cpu_ratio_vs_fixed": cpu / fixed_cpu,
         }
         if name != "fixed":
+            # When (CPU seconds) the fixed model of the same seed first matched this variant's final accuracy.
+            reached = [time_to_accuracy(f["curve"], r["val_acc"]) for r, f in zip(results, runs["fixed"])]
+            entry["fixed_reaches_this_acc_at_cpu_s"] = [None if x is None else x["cpu_s"] for x in reached]
             fractions = [s / r["epoch_s"] for r in results for s in r["surgery_s"]]
             entry["surgery_s_per_step_mean"] = statistics.fmean(s for r in results for s in r["surgery_s"])
             entry["surgery_fraction_of_epoch_mean"] = statistics.fmean(fractions)
@@ -82,16 +93,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     print()
     print(f"MNIST-1D, ViT 2 blocks -> {args.budget}x params, {args.epochs} epochs, seeds {args.seeds}")
-    print(f"{'variant':10s} {'val_acc':>15s} {'params':>9s} {'wall s':>13s} {'wall/fixed':>10s} {'surgery/epoch':>13s}")
+    print(
+        f"{'variant':10s} {'val_acc':>15s} {'params':>9s} {'wall s':>13s} {'wall/fixed':>10s} {'CPU s':>13s} "
+        f"{'CPU/fixed':>9s} {'surgery/epoch':>13s}"
+    )
     for name, e in summary.items():
         surgery = f"{e['surgery_fraction_of_epoch_mean']:.4f}" if "surgery_fraction_of_epoch_mean" in e else "-"
         print(
             f"{name:10s} {e['val_acc_mean']:7.3f} +- {e['val_acc_std']:.3f} {max(e['params']):9,d} "
-            f"{e['wall_s_mean']:6.1f} +- {e['wall_s_std']:4.1f} {e['wall_ratio_vs_fixed']:10.2f} {surgery:>13s}"
+            f"{e['wall_s_mean']:6.1f} +- {e['wall_s_std']:4.1f} {e['wall_ratio_vs_fixed']:10.2f} "
+            f"{e['cpu_s_mean']:6.1f} +- {e['cpu_s_std']:4.1f} {e['cpu_ratio_vs_fixed']:9.2f} {surgery:>13s}"
         )
+    for name in ("curvature", "uniform"):
+        reached = summary[name]["fixed_reaches_this_acc_at_cpu_s"]
+        shown = ", ".join("never" if x is None else f"{x:.1f}" for x in reached)
+        print(f"fixed model reaches {name}'s final val_acc after CPU s (per seed): {shown}")
     record = {
         "config": {"epochs": args.epochs, "seeds": args.seeds, "budget": args.budget, "start_depth": 2},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "load_avg_1_5_15_at_end": os.getloadavg(),
+        },
         "summary": summary,
         "runs": runs,
     }

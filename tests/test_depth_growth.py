@@ -155,6 +155,18 @@ def test_placement_modes_differ():
     assert len(indices["curvature"]) == 3
 
 
+def test_no_curvature_estimate_once_the_budget_is_used():
+    module = tiny_module(max_epochs=4)
+    start, per_block = count_parameters(module), block_params(module)
+    monitor = CurvatureMonitor(every_n_epochs=100, num_batches=1, num_probes=2, log=False)
+    # Room for one block: growth epochs 0, 1 and 2, but only the first one can add anything.
+    growth = DepthGrowth(final_budget=(start + 1.5 * per_block) / start, warmup_epochs=1, monitor=monitor)
+    trainer(4, [monitor, growth]).fit(module, loader())
+    assert [e.epoch for e in event_log(module)] == [0]
+    # The later growth epochs skip the estimate (several training steps' worth of compute each).
+    assert len(monitor.history) == 1
+
+
 def test_growth_preserves_function_inside_trainer():
     x = torch.randn(5, 1, 1, 40)
     before, after = LogitProbe(x), LogitProbe(x)

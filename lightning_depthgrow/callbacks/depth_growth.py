@@ -281,6 +281,14 @@ class DepthGrowth(Callback):
                 costs[name] = (int(count_parameters(block)), int(flops.get(name, {}).get("flops", 0)))
         return costs
 
+    def _any_block_fits(self, pl_module: pl.LightningModule, stacks: list[BlockStack], room: float) -> bool:
+        """Whether the cheapest possible insertion (its template block's size) fits in ``room``."""
+        costs = self._block_costs(pl_module, stacks)
+        metric_index = 0 if self.budget_metric == "params" else 1
+        templates = {s.block_name(s.template_index(near=i)) for s in stacks for i in s.growable_positions()}
+        cheapest = min((costs[name][metric_index] for name in templates), default=math.inf)
+        return cheapest <= room
+
     # ------------------------------------------------------------------ placement
 
     def _find_monitor(self, trainer: pl.Trainer) -> Callback | None:
@@ -350,9 +358,13 @@ class DepthGrowth(Callback):
         they are to be applied.
         """
         stacks = [s for s in find_block_stacks(pl_module) if s.growable_positions()]
-        ranked = self._candidates(trainer, pl_module, stacks)
         used, limit = self._size(pl_module), self.final_limit()
         step_limit, lr_scale = self._step_limit(trainer)
+        if not self._any_block_fits(pl_module, stacks, min(limit - used, step_limit)):
+            # Skip the curvature estimate (several training steps' worth of compute) once the budget is used:
+            # it would be spent every remaining growth epoch only to add nothing.
+            return []
+        ranked = self._candidates(trainer, pl_module, stacks)
         chosen: list[_Candidate] = []
         per_stack: dict[str, int] = {}
         step_used = 0.0
