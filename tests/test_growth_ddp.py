@@ -72,6 +72,7 @@ def test_growth_under_ddp_keeps_ranks_identical(tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
     # Each rank sees its own half of the data (distributed sampler), so ranks' curvature and gradients differ.
     trainer.fit(module, DataLoader(data, batch_size=8))
 
@@ -83,3 +84,6 @@ def test_growth_under_ddp_keeps_ranks_identical(tmp_path):
     for record in ranks[0]["records"]:
         assert record["ddp_params"] == record["module_params"] == record["optimizer_params"]
     assert len(ranks[0]["final"]["events"]) == 2
+    # The parent process's module never saw the workers' growth: it must stay whole (not half-loaded).
+    after = module.state_dict()
+    assert after.keys() == initial.keys() and all(torch.equal(after[k], initial[k]) for k in initial)

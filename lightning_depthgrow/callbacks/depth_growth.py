@@ -203,6 +203,10 @@ class DepthGrowth(Callback):
     ) -> None:
         _common.save_event_log(checkpoint, pl_module)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _common.guard_spawn_results(trainer, pl_module, "DepthGrowth")
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "start_size": self.start_size,
