@@ -3,8 +3,15 @@
 Measures, in one run on one machine (so only ratios matter):
 
 * one training step (forward + backward + AdamW step);
-* one Hutchinson probe over all blocks for each HVP backend (graph built once per batch and reused, probes
-  batched), amortised over ``--probes`` probes, including the forward/backward that builds the graph;
+* one Hutchinson probe over all blocks for each HVP backend and probe chunk (``hutchinson_trace`` on a
+  ``HessianOperator``: probe generation, products and dot products), amortised over ``--probes`` probes,
+  including the forward/backward that builds the gradient graph once per call;
+* the two parts of a double-backward probe alone: building the gradient graph (forward + ``create_graph``
+  backward) and one second backward on a prebuilt graph. ``second_backward + graph_build / probes`` is the
+  floor of a probe without any estimator overhead;
+* the share of matrix multiplications (``aten::mm/addmm/bmm`` self time, ``torch.profiler``) in a training
+  step and in one second backward: the second backward runs twice the training step's matmuls, which
+  bounds ``probe / training step`` from below;
 * a textbook PyHessian-style baseline written here: per probe, a fresh forward, ``grad(create_graph=True)``
   and ``grad(gradsH, params, grad_outputs=v)`` (as PyHessian's ``dataloader_hv_product``);
 * the default ``estimate_curvature`` call as a fraction of 1,000 training steps;
@@ -32,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_depthgrow.curvature import HessianOperator, estimate_curvature, rademacher
+from lightning_depthgrow.curvature import HessianOperator, estimate_curvature, hutchinson_trace
 
 RESULTS = Path(__file__).resolve().parent / "results" / "curvature.json"
 
@@ -101,7 +108,7 @@ def ours_fn(model: torch.nn.Module, batch: tuple, backend: str, probes: int, chu
     def run() -> None:
         generator = torch.Generator().manual_seed(0)
         with HessianOperator(model, loss_fn, [batch], names, backend, probe_chunk=chunk) as op:
-            op.matmat(rademacher(op.param_shapes, probes, op.dtype, op.device, generator))
+            hutchinson_trace(op, None, probes, generator=generator, chunk_size=chunk)
 
     return run
 
@@ -116,9 +123,45 @@ def pyhessian_fn(model: torch.nn.Module, batch: tuple, probes: int):
                 v = [torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1 for p in params]
                 loss = loss_fn(model, batch)
                 grads = torch.autograd.grad(loss, params, create_graph=True)
-                torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=False)
+                hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=False)
+                sum((h * u).sum() for h, u in zip(hv, v)).item()  # v^T Hv, as PyHessian's trace loop
 
     return run
+
+
+def graph_parts_fns(model: torch.nn.Module, batch: tuple):
+    """(build the gradient graph, one second backward on a prebuilt graph), both with the math kernel."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(0)
+    v = [torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1 for p in params]
+    with sdpa_kernel(SDPBackend.MATH):
+        grads = torch.autograd.grad(loss_fn(model, batch), params, create_graph=True)
+
+    def build() -> None:
+        with sdpa_kernel(SDPBackend.MATH):
+            torch.autograd.grad(loss_fn(model, batch), params, create_graph=True)
+
+    def second_backward() -> None:
+        torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+
+    return build, second_backward
+
+
+def matmul_profile(fns: dict) -> dict[str, dict[str, float]]:
+    """Self CPU time (s) of matrix multiplications and of everything, per fn, from one profiled call each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, fn in fns.items():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e6
+        calls = sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+        out[name] = {"matmul_s": matmul, "total_s": total, "matmul_calls": calls}
+    return out
 
 
 def proc_status_bytes(field: str) -> int:
@@ -186,10 +229,15 @@ def main() -> None:
     def default_estimate() -> None:
         estimate_curvature(model, loss_fn, [batch])
 
+    build, second_backward = graph_parts_fns(model, batch)
+    train_step = train_step_fn(train_model, batch, args.device)
+    default_key = "probe_s[double_backward,chunk=1]"  # the library default (DEFAULT_PROBE_CHUNK)
     per_call = timed_interleaved(
         {
-            "train_step_s": train_step_fn(train_model, batch, args.device),
-            "probe_s[double_backward,chunk=1]": ours_fn(model, batch, "double_backward", k, 1),
+            "train_step_s": train_step,
+            "graph_build_s": build,
+            "second_backward_s": second_backward,
+            default_key: ours_fn(model, batch, "double_backward", k, 1),
             f"probe_s[double_backward,chunk={k}]": ours_fn(model, batch, "double_backward", k, k),
             f"probe_s[forward_over_reverse,chunk={k}]": ours_fn(model, batch, "forward_over_reverse", k, k),
             "probe_s[pyhessian_baseline]": pyhessian_fn(model, batch, k),
@@ -200,13 +248,20 @@ def main() -> None:
     )
     rows = {key: v / k if key.startswith("probe_s[") else v for key, v in per_call.items()}
     best_ours = min(v for key, v in rows.items() if key.startswith("probe_s[") and "baseline" not in key)
-    default_probe = rows[f"probe_s[double_backward,chunk={k}]"]
+    default_probe = rows[default_key]
+    floor = rows["second_backward_s"] + rows["graph_build_s"] / k
     ratios = {
         "probe_over_train_step[default]": default_probe / rows["train_step_s"],
         "probe_over_train_step[best]": best_ours / rows["train_step_s"],
+        "probe_over_train_step[floor: 2nd backward + build/probes]": floor / rows["train_step_s"],
+        "second_backward_over_train_step": rows["second_backward_s"] / rows["train_step_s"],
         "ours_over_pyhessian[default]": default_probe / rows["probe_s[pyhessian_baseline]"],
+        "ours_over_pyhessian[floor]": floor / (rows["second_backward_s"] + rows["graph_build_s"]),
         "estimate_default_over_1000_steps": rows["estimate_default_s"] / (1000 * rows["train_step_s"]),
     }
+    profile = (
+        matmul_profile({"train_step": train_step, "second_backward": second_backward}) if args.device == "cpu" else {}
+    )
     memory = {"train_step_peak_bytes": peak_memory("train", args.device, args.batch_size)}
     memory["estimate_default_peak_bytes"] = peak_memory("estimate", args.device, args.batch_size)
     memory["estimate_over_train_step"] = memory["estimate_default_peak_bytes"] / memory["train_step_peak_bytes"]
@@ -220,12 +275,18 @@ def main() -> None:
         f"DeiT-tiny-shaped ViT: 6 blocks, embed 192, {n_params / 1e6:.2f}M params, batch {args.batch_size}, "
         f"device {args.device}, torch threads {torch.get_num_threads()}, {k} probes per call"
     )
-    print(f"{'measure':<48}{'value':>14}")
+    print(f"{'measure':<58}{'value':>14}")
     for key, value in rows.items():
-        print(f"{key:<48}{value * 1e3:>11.1f} ms")
+        print(f"{key:<58}{value * 1e3:>11.1f} ms")
     for key, value in ratios.items():
         target = f"  (target <= {targets[key]})" if key in targets else ""
-        print(f"{key:<48}{value:>14.3f}{target}")
+        print(f"{key:<58}{value:>14.3f}{target}")
+    for name, prof in profile.items():
+        share = prof["matmul_s"] / prof["total_s"]
+        print(
+            f"{'profile[' + name + '] matmul ms / calls / share':<48}{prof['matmul_s'] * 1e3:>11.1f} ms "
+            f"{prof['matmul_calls']:>5} {share:>6.0%}"
+        )
     for key, value in memory.items():
         shown = f"{value / 2**20:>11.1f} MiB" if key.endswith("bytes") else f"{value:>14.2f}"
         print(f"{key:<48}{shown}")
@@ -241,6 +302,7 @@ def main() -> None:
         "ratios": ratios,
         "targets": targets,
         "memory": memory,
+        "profile": profile,
     }
     args.output.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.output}")

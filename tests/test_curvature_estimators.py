@@ -23,10 +23,12 @@ from lightning_depthgrow.curvature import (
     discover_blocks,
     estimate_curvature,
     hutchinson_trace,
+    rademacher,
     resolve_blocks,
     splitting_eigenvalues,
     top_eigenvalue,
 )
+from lightning_depthgrow.curvature.hvp import DEFAULT_PROBE_CHUNK
 
 BACKENDS = ["double_backward", "forward_over_reverse"]
 
@@ -138,6 +140,49 @@ def test_hutchinson_rtol_stops_early_only_when_converged() -> None:
     tight = hutchinson_trace(noisy, None, num_probes=400, rtol=1e-6, chunk_size=4)["model"]
     assert loose.num_probes < 400 and loose.stderr < 0.2 * abs(loose.mean)
     assert tight.num_probes == 400
+
+
+def test_rademacher_signs_and_probe_i_independent_of_chunking() -> None:
+    shapes = [torch.Size([3, 5]), torch.Size([7]), torch.Size([2, 1, 2])]
+    together = rademacher(shapes, 6, torch.float64, torch.device("cpu"), torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    apart = [rademacher(shapes, k, torch.float64, torch.device("cpu"), g) for k in (1, 2, 3)]
+    for j, shape in enumerate(shapes):
+        assert together[j].shape == (6, *shape) and together[j].dtype == torch.float64
+        assert torch.equal(together[j], torch.cat([a[j] for a in apart]))
+        assert set(together[j].unique().tolist()) == {-1.0, 1.0}
+    # Unbiased and uncorrelated signs: E[v] = 0 and E[v v^T] = I (loose bounds for 4,000 draws).
+    flat = torch.cat([v.flatten(1) for v in rademacher(shapes, 4000, torch.float64, torch.device("cpu"), g)], 1)
+    assert flat.mean(0).abs().max() < 0.1
+    assert (flat.T @ flat / 4000 - torch.eye(flat.shape[1], dtype=torch.float64)).abs().max() < 0.1
+
+
+def test_hutchinson_values_do_not_depend_on_chunk_size() -> None:
+    op = DenseOperator(random_symmetric(9, 2), [(4,), (5,)])
+    blocks = {"a": [0], "b": [1]}
+    runs = [
+        hutchinson_trace(op, blocks, num_probes=10, generator=torch.Generator().manual_seed(7), chunk_size=c)
+        for c in (1, 3, 10)
+    ]
+    for est in runs[1:]:
+        for b in blocks:
+            assert est[b].values == pytest.approx(runs[0][b].values, rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="chunk_size"):
+        hutchinson_trace(op, blocks, num_probes=4, chunk_size=0)
+
+
+def test_estimate_same_with_looped_and_batched_probes_and_default_chunk_per_backend() -> None:
+    model = make_vit().train()
+    batches = batches_for("vit")
+    looped = estimate_curvature(model, ce_loss, batches, num_probes=6, backend="double_backward", probe_chunk=1)
+    batched = estimate_curvature(model, ce_loss, batches, num_probes=6, backend="double_backward", probe_chunk=4)
+    default = estimate_curvature(model, ce_loss, batches, num_probes=6, backend="double_backward")
+    for block, t in looped.traces.items():
+        assert batched.traces[block].values == pytest.approx(t.values, rel=1e-4, abs=1e-6)
+        assert default.traces[block].values == t.values  # default chunk for double backward is 1
+    names = [n for n, _ in model.named_parameters()]
+    assert HessianOperator(model, ce_loss, batches, names).probe_chunk == DEFAULT_PROBE_CHUNK["double_backward"] == 1
+    assert HessianOperator(model, ce_loss, batches, names, backend="forward_over_reverse").probe_chunk == 8
 
 
 def test_top_eigenvalue_dense_matches_eigvalsh_with_sign() -> None:

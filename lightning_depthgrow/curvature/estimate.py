@@ -137,7 +137,7 @@ def estimate_curvature(
     seed: int = 0,
     strict: bool = False,
     eig_tol: float = 1e-3,
-    probe_chunk: int = 8,
+    probe_chunk: int | None = None,
 ) -> CurvatureEstimate:
     """Per-block Hessian traces of ``mean_b loss_fn(model, batches[b])``, leaving the model as it was.
 
@@ -164,7 +164,10 @@ def estimate_curvature(
             ``"forward_over_reverse"``.
         seed: seeds the probes and the dropout masks; same seed, same estimate.
         strict: raise :class:`CurvatureEstimationError` instead of returning ``valid=False`` on NaN/Inf.
-        probe_chunk: at most this many probes per batched pass (lower it to save memory).
+        probe_chunk: probes drawn and pushed through the operator together. ``None``: the backend's
+            default (1 for double backward, which reuses one gradient graph for every probe; 8 for
+            forward-over-reverse, which re-runs the forward pass per call). Each probe in flight costs
+            two parameter-sized vectors plus, when batched, a copy of the activations.
 
     Raises:
         LossFunctionError: ``loss_fn`` does not return a scalar tensor attached to the parameters.
@@ -225,8 +228,8 @@ def estimate_curvature(
                     raise CurvatureOutOfMemoryError(
                         f"Out of memory while estimating curvature on {len(batches)} batch(es): the second-order "
                         "graph needs roughly twice a training step's activation memory per batch, plus "
-                        f"probe_chunk={probe_chunk} probes at once. Pass fewer or smaller batches, or lower "
-                        "probe_chunk."
+                        f"probe_chunk={probe_chunk or 'default'} probes at once. Pass fewer or smaller batches, "
+                        "or lower probe_chunk."
                     ) from err
                 failures.append(f"{name}: {type(err).__name__}: {err}")
         else:
@@ -253,11 +256,11 @@ def _estimate(
     eig_tol: float,
     backend: str,
     seed: int,
-    probe_chunk: int,
+    probe_chunk: int | None,
 ) -> tuple[dict[str, TraceEstimate], dict[str, float], str]:
     generator = torch.Generator().manual_seed(seed)
     with HessianOperator(model, loss_fn, batches, names, backend, seed, probe_chunk) as op:
-        traces = hutchinson_trace(op, index, num_probes, rtol=rtol, generator=generator)
+        traces = hutchinson_trace(op, index, num_probes, rtol=rtol, generator=generator, chunk_size=op.probe_chunk)
         eigen = top_eigenvalue(op, index, eig_iters, eig_tol, generator) if top_eigen else {}
         bad = [b for b, t in traces.items() if not all(math.isfinite(v) for v in t.values)]
         bad += [k for k, v in eigen.items() if not math.isfinite(v) and k not in bad]

@@ -17,6 +17,8 @@ from torch import Tensor
 from .hvp import LinearOperator
 
 MODEL_KEY = "model"
+# Row b holds the eight signs encoded by the bits of byte b (bit set: +1, clear: -1).
+_SIGN_TABLE = (torch.arange(256).unsqueeze(1).bitwise_right_shift(torch.arange(8)) & 1).float() * 2 - 1
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,33 @@ def rademacher(
 ) -> list[Tensor]:
     """``count`` Rademacher (+-1) vectors, as a list of ``[count, *shape]`` tensors.
 
-    Drawn on the generator's device and then moved, so a CPU generator gives the same probes on any device.
+    Drawn probe by probe (all pieces of probe 0, then of probe 1, ...), so probe ``i`` of a generator's
+    stream is the same whether it is drawn alone or with others: chunking probes changes no estimate. Drawn
+    on the generator's device and then moved, so a CPU generator gives the same probes on any device. The
+    tensors are views into one ``[count, total]`` buffer (each piece's rows are contiguous).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> two = rademacher([torch.Size([3])], 2, torch.float32, torch.device("cpu"), g)[0]
+        >>> g.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> one = [rademacher([torch.Size([3])], 1, torch.float32, torch.device("cpu"), g)[0] for _ in range(2)]
+        >>> torch.equal(two, torch.cat(one)), set(two.unique().tolist()) <= {-1.0, 1.0}
+        (True, True)
     """
-    out = []
-    for shape in shapes:
-        bits = torch.randint(0, 2, (count, *shape), generator=generator, device=generator.device)
-        out.append((bits * 2 - 1).to(device=device, dtype=dtype))
-    return out
+    sizes = [math.prod(shape) for shape in shapes]
+    total = sum(sizes)
+    n_bytes = (total + 7) // 8
+    # One random byte gives eight signs, looked up in a 256 x 8 table: ~2 ms per probe of 2.7M parameters
+    # on one CPU thread, against ~17 ms for drawing every sign with its own random number.
+    signs = _SIGN_TABLE.to(dtype=dtype, device=generator.device)
+    flat = torch.empty((count, n_bytes * 8), dtype=dtype, device=generator.device)
+    for i in range(count):
+        raw = torch.empty(n_bytes, dtype=torch.uint8, device=generator.device).random_(generator=generator)
+        torch.index_select(signs, 0, raw.int(), out=flat[i].view(n_bytes, 8))
+    flat = flat[:, :total].to(device)
+    # Views into one [count, total] buffer: no per-parameter copies.
+    return [piece.view(count, *shape) for piece, shape in zip(flat.split(sizes, dim=1), shapes)]
 
 
 def hutchinson_trace(
@@ -89,21 +111,26 @@ def hutchinson_trace(
     num_probes: int,
     rtol: float | None = None,
     generator: torch.Generator | None = None,
-    chunk_size: int = 4,
+    chunk_size: int = 1,
+    check_every: int = 4,
 ) -> dict[str, TraceEstimate]:
     """Per-block Hutchinson traces ``tr(H_BB) ~ mean_k v_k^T (H v_k)_B`` from full-space Rademacher probes.
 
     Each probe spans every parameter, so one operator application gives all blocks' values at once
-    (unbiased: ``E[v^T (H v)_B] = sum_{i in B} H_ii``).
+    (unbiased: ``E[v^T (H v)_B] = sum_{i in B} H_ii``). Probes are drawn and applied ``chunk_size`` at a
+    time and reduced to their per-parameter dot products right away, so only ``chunk_size`` probe and
+    product vectors are alive at once (each as large as the parameters). Probe ``i`` does not depend on
+    ``chunk_size`` (see :func:`rademacher`), so neither do the values.
 
     Args:
         hvp: the operator.
         blocks: block name -> parameter indices; ``None`` gives one block ``"model"`` over everything.
         num_probes: probes to use (the maximum when ``rtol`` is set); at least 2 for a standard error.
-        rtol: stop early, checking every ``chunk_size`` probes, once every block has
-            ``stderr / |mean| < rtol``.
+        rtol: stop early once every block has ``stderr / |mean| < rtol`` (checked every ``check_every``
+            probes, rounded up to whole chunks).
         generator: source of the probes (default: a CPU generator seeded with 0).
-        chunk_size: probes per operator call when stopping early.
+        chunk_size: probes per operator call (memory: ``2 * chunk_size`` parameter-sized vectors).
+        check_every: probes between two ``rtol`` checks.
 
     Example:
         >>> from lightning_depthgrow.curvature import DenseOperator
@@ -116,22 +143,27 @@ def hutchinson_trace(
         raise ValueError(f"num_probes must be >= 2 to report a standard error, got {num_probes}")
     if rtol is not None and rtol <= 0:
         raise ValueError(f"rtol must be positive or None, got {rtol}")
+    if chunk_size < 1 or check_every < 1:
+        raise ValueError(f"chunk_size and check_every must be >= 1, got {chunk_size} and {check_every}")
     index = _block_indices(hvp, blocks)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     values: dict[str, list[float]] = {name: [] for name in index}
-    step = num_probes if rtol is None else max(2, chunk_size)
-    done = 0
+    done, next_check = 0, check_every
     while done < num_probes:
-        k = min(step, num_probes - done)
+        k = min(chunk_size, num_probes - done)
         probes = rademacher(hvp.param_shapes, k, hvp.dtype, hvp.device, generator)
         products = hvp.matmat(probes)
-        # Per-parameter v^T Hv for each probe, accumulated in float64.
-        dots = torch.stack([(v * h).flatten(1).sum(1, dtype=torch.float64) for v, h in zip(probes, products)])
+        # Per-parameter v^T Hv for each probe, summed in float64. The products are ours: multiply in place
+        # rather than allocate another parameter-sized temporary; they die with this iteration.
+        dots = torch.stack([h.mul_(v).flatten(1).sum(1, dtype=torch.float64) for v, h in zip(probes, products)])
+        del probes, products
         for name, idx in index.items():
             values[name].extend(dots[idx].sum(0).tolist())
         done += k
-        if rtol is not None and done < num_probes and all(_converged(v, rtol) for v in values.values()):
-            break
+        if rtol is not None and done >= next_check:
+            next_check = done + check_every
+            if done < num_probes and all(_converged(v, rtol) for v in values.values()):
+                break
     return {name: TraceEstimate.from_values(v) for name, v in values.items()}
 
 

@@ -9,14 +9,17 @@ Two backends compute the same numbers:
 
 ``"double_backward"``
     One forward and one ``create_graph`` backward per batch; the gradient graph is then reused for
-    every probe (``retain_graph``), and probes go through it together with
-    ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the second backward). If an op has
-    no batching rule, probes go through one at a time instead. The graph of the most recent batch stays
+    every probe (``retain_graph``): each probe costs one second backward pass. By default probes go
+    through one at a time (``probe_chunk=1``): on CPU that was faster than batching them with
+    ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the second backward) and needs no
+    per-probe copies of activations (see ``benchmarks/bench_curvature.py``). ``probe_chunk > 1`` batches
+    (one at a time anyway if an op has no batching rule). The graph of the most recent batch stays
     cached between calls, so with a single batch every probe and power iteration reuses one graph.
 ``"forward_over_reverse"``
     ``torch.func.jvp(torch.func.grad(f), (θ,), (v,))`` with ``f`` the loss as a function of the
-    parameters (``torch.func.functional_call``), vmapped over the probes (one at a time if vmap fails).
-    Each call re-runs the forward pass; nothing is cached.
+    parameters (``torch.func.functional_call``), vmapped over up to ``probe_chunk`` probes (default 8;
+    one at a time if vmap fails). Every call re-runs the forward and first backward pass, once per vmapped
+    chunk, so batching matters more here: a single probe costs about three training steps.
 
 Dropout and drop-path: the forward pass of batch ``b`` always runs right after
 ``torch.manual_seed(seed + b)`` (inside a forked RNG, so the caller's RNG state is untouched); every
@@ -39,6 +42,10 @@ from .state import estimation_mode
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 BACKENDS = ("double_backward", "forward_over_reverse")
+# Probes per batched pass when the caller does not say, chosen by measurement on CPU (bench_curvature.py):
+# a looped second backward beat the vmapped one and keeps one probe's activations alive instead of K;
+# forward-over-reverse recomputes the primal pass per call, so it wants several probes per call.
+DEFAULT_PROBE_CHUNK = {"double_backward": 1, "forward_over_reverse": 8}
 
 
 class LossFunctionError(TypeError):
@@ -145,7 +152,8 @@ class HessianOperator:
         param_names: names from ``model.named_parameters()``; default all with ``requires_grad``.
         backend: ``"double_backward"`` or ``"forward_over_reverse"`` (see the module docstring).
         seed: dropout/drop-path masks of batch ``b`` are those drawn after ``torch.manual_seed(seed + b)``.
-        probe_chunk: at most this many vectors go through one batched pass (bounds memory).
+        probe_chunk: at most this many vectors go through one batched pass (bounds memory); ``None``
+            picks the backend's default (:data:`DEFAULT_PROBE_CHUNK`).
 
     Use as a context manager (or call :meth:`close`) to free the cached graph. Run it inside
     :func:`~lightning_depthgrow.curvature.preserve_model_state` when the model must be left untouched.
@@ -167,7 +175,7 @@ class HessianOperator:
         param_names: Sequence[str] | None = None,
         backend: str = "double_backward",
         seed: int = 0,
-        probe_chunk: int = 8,
+        probe_chunk: int | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -187,7 +195,7 @@ class HessianOperator:
             raise ValueError("No parameters to differentiate with respect to.")
         self.param_shapes = [p.shape for p in self.params]
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self.probe_chunk = max(1, int(probe_chunk))
+        self.probe_chunk = DEFAULT_PROBE_CHUNK[backend] if probe_chunk is None else max(1, int(probe_chunk))
         self._cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
         self._graph: tuple[int, list[Tensor | None]] | None = None
         self._batched_ok = True
@@ -204,22 +212,27 @@ class HessianOperator:
 
     def matmat(self, vectors: list[Tensor]) -> list[Tensor]:
         """Apply the Hessian to K vectors; ``vectors[j]`` has shape ``[K, *param_shapes[j]]``."""
-        out = [torch.zeros_like(v) for v in vectors]
         k = vectors[0].shape[0]
+        starts = range(0, k, self.probe_chunk)
+        out: list[list[Tensor]] = []  # per chunk, per parameter
         with estimation_mode(self.model):
             for b in range(len(self.batches)):
-                for start in range(0, k, self.probe_chunk):
+                for c, start in enumerate(starts):
                     chunk = [v[start : start + self.probe_chunk] for v in vectors]
                     if self.backend == "double_backward":
                         products = self._double_backward(b, chunk)
                     else:
                         products = self._forward_over_reverse(b, chunk)
-                    for o, h in zip(out, products):
-                        if h is not None:
-                            o[start : start + self.probe_chunk] += h.detach()
-        for o in out:
-            o.div_(len(self.batches))
-        return out
+                    products = [torch.zeros_like(v) if h is None else h.detach() for v, h in zip(chunk, products)]
+                    if b == 0:
+                        out.append(products)
+                    else:  # out of place: a product may alias a vector autograd passed straight through
+                        out[c] = [o + h for o, h in zip(out[c], products)]
+        # One chunk and one batch (the common case) are returned as computed: no parameter-sized copy.
+        result = out[0] if len(out) == 1 else [torch.cat(pieces) for pieces in zip(*out)]
+        if len(self.batches) > 1:
+            result = [r / len(self.batches) for r in result]
+        return result
 
     def batch_losses(self) -> list[float]:
         """The loss of every batch, with the same dropout masks the products use (no graph kept)."""
@@ -283,6 +296,8 @@ class HessianOperator:
             )
             for i in range(k)
         ]
+        if k == 1:  # the default: a view, not a copy
+            return [None if h is None else h.unsqueeze(0) for h in products[0]]
         return [
             None if products[0][p] is None else torch.stack([prod[p] for prod in products])
             for p in range(len(self.params))
