@@ -179,7 +179,7 @@ class EventRow:
 
 
 # Spec keys that name where an event acted, most specific first; ``index`` refines a stack path.
-_LOCATION_KEYS = ("location", "block", "module", "layer", "stack", "path")
+_LOCATION_KEYS = ("location", "block", "module", "layer", "linear", "stack", "path")
 # Kinds whose spec ``index`` is not the block acted on: ``insert_block`` inserts *after* ``index``.
 _INDEX_OFFSET = {"insert_block": 1}
 

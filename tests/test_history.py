@@ -149,6 +149,9 @@ def test_block_widths_and_event_location():
     assert event_location("dms_export", {"module": "model.blocks.1.mlp"}) == "model.blocks.1.mlp"
     assert event_location("prune", {"path": "layer2", "index": 3}) == "layer2.3"
     assert event_location("dms_attach", {"seed": 1}) == ""
+    assert event_location("neuron_branch", {"linear": "model.blocks.0.mlp.fc1", "neurons": [3, 7]}) == (
+        "model.blocks.0.mlp.fc1"
+    )
 
 
 def test_history_json_round_trip(tmp_path):

@@ -4,5 +4,6 @@ from .architecture_logger import ArchitectureLogger
 from .curvature_monitor import CurvatureMonitor
 from .depth_growth import DepthGrowth
 from .dms import DifferentiableModelScaling
+from .neuron_growth import NeuronGrowth
 
-__all__ = ["ArchitectureLogger", "CurvatureMonitor", "DepthGrowth", "DifferentiableModelScaling"]
+__all__ = ["ArchitectureLogger", "CurvatureMonitor", "DepthGrowth", "DifferentiableModelScaling", "NeuronGrowth"]

@@ -1,9 +1,11 @@
 """Pure surgery on ``nn.Module`` and ``torch.optim.Optimizer``: grow depth, bring optimizers in line.
 
-Importing this package registers its event kinds (``"insert_block"``) with :mod:`lightning_depthgrow.events`.
+Importing this package registers its event kinds (``"insert_block"``, ``"neuron_branch"``) with
+:mod:`lightning_depthgrow.events`.
 """
 
 from .growth import insert_identity_block
+from .neuron_branch import add_neuron_branch
 from .optim import order_like_model, sync_schedulers, update_optimizer
 
-__all__ = ["insert_identity_block", "order_like_model", "sync_schedulers", "update_optimizer"]
+__all__ = ["add_neuron_branch", "insert_identity_block", "order_like_model", "sync_schedulers", "update_optimizer"]
