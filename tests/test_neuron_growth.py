@@ -4,6 +4,8 @@ only neurons at a saddle (negative splitting eigenvalue), within its budget, and
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -306,3 +308,51 @@ def test_invalid_arguments_are_rejected():
         NeuronGrowth(min_neurons=0)
     with pytest.raises(ValueError, match="layers must be None"):
         NeuronGrowth(layers={"model.fc1": 3})
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+
+class _RankRecorder(pl.Callback):
+    """Per rank: the event log and a hash of every parameter after each epoch, written to ``out/rank{r}.json``."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.records = out, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        digest = hashlib.sha256()
+        for name, p in pl_module.named_parameters():
+            digest.update(name.encode() + p.detach().contiguous().numpy().tobytes())
+        ddp = trainer.strategy.model
+        self.records.append(
+            {
+                "hash": digest.hexdigest(),
+                "events": [{"kind": e.kind, "spec": e.spec} for e in event_log(pl_module)],
+                "ddp_params": sum(1 for _ in ddp.parameters()),
+                "module_params": sum(1 for _ in pl_module.parameters()),
+            }
+        )
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(self.records))
+
+
+def test_ddp_ranks_grow_identical_neurons_and_stay_in_sync(tmp_path):
+    module = make_module()
+    growth = NeuronGrowth(step_budget=STEP_BUDGET, budget_mode="absolute", scale_by_lr=False, warmup_epochs=1)
+    trainer = pl.Trainer(
+        max_epochs=EPOCHS,
+        callbacks=[growth, _RankRecorder(str(tmp_path))],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    x, y = data()
+    # The distributed sampler gives each rank its own half: their splitting eigenvalues differ before the all-reduce.
+    trainer.fit(module, DataLoader(TensorDataset(x[:64], y[:64]), batch_size=8))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert any(record["events"] for record in ranks[0])  # it did grow
+    assert all(r["ddp_params"] == r["module_params"] for r in ranks[0])  # DDP re-wrapped with the new branches
