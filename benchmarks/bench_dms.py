@@ -1,7 +1,8 @@
 """Benchmark: Differentiable Model Scaling on MNIST-1D.
 
 1. Overhead: wall time of a DMS search step (soft masks, resource loss, importance update, projection)
-   over a plain training step of the same supernet (target <= 1.15), both measured here, interleaved.
+   over a plain training step of the same supernet (target <= 1.15), both measured here, interleaved,
+   on the tiny supernet below and on a DeiT-T-width one (embed 192, 6 blocks).
 2. Quality: for each seed, DMS searches a tiny timm ViT (4 blocks, width 64) down to ``--target`` of its
    FLOPs for ``--search-epochs`` epochs and trains the exported model for the rest, against a uniformly
    narrowed ViT (same depth, embed width scaled) of the closest FLOPs trained for the same total epochs,
@@ -20,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,48 +37,75 @@ from lightning_depthgrow.dms import ResourceModel, attach_gates, update_importan
 from lightning_depthgrow.measure import count_flops
 
 SUPERNET = {"depth": 4, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2.0}
+LARGE_SUPERNET = {"depth": 6, "embed_dim": 192, "num_heads": 3, "mlp_ratio": 4.0}  # DeiT-T width, 6 blocks
 
 
-def step_overhead(steps: int = 40, repeats: int = 3) -> dict[str, float]:
-    """Median seconds per step of plain vs DMS-search training on one batch size 128."""
+def _search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, search: bool) -> Callable[[], None]:
+    """One AdamW step of ``model`` on ``(x, y)``; with ``search``, the DMS work the callback adds to a step."""
+    gates = attach_gates(model) if search else None
+    res = ResourceModel.build(model, x[:2]) if search else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        if search:
+            r_c = res.evaluate(gates) / res.full_flops
+            loss = loss + torch.relu(torch.log(r_c / 0.5))
+        loss.backward()
+        if search:
+            update_importance(gates.bank)
+        opt.step()
+        opt.zero_grad()
+        if search:
+            gates.project_()
+
+    return step
+
+
+def step_overhead(supernet: dict[str, Any], steps: int = 10, repeats: int = 12) -> dict[str, Any]:
+    """Seconds per step of plain vs DMS-search training of the same supernet on one batch of 128.
+
+    Both models start from the same weights and see the same batch; each is warmed up, then timed in
+    ``repeats`` blocks of ``steps`` steps in alternating order (ABBA), so drift hits both. On a shared
+    machine load comes in phases that can cover a few blocks of one kind more than the other, so the
+    headline ``ratio`` is the median over repeats of search/plain of the two blocks timed back to back;
+    the ratio of medians and of the fastest blocks (noise only adds time) are reported with it.
+    """
     x, y, _, _ = mnist1d_tensors()
     x, y = x[:128], y[:128]
-
-    def make(search: bool):
+    fns = {}
+    for name in ("plain", "search"):
         torch.manual_seed(0)
-        model = make_vit(**SUPERNET)
-        gates = attach_gates(model) if search else None
-        res = ResourceModel.build(model, x[:2]) if search else None
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def step() -> None:
-            loss = F.cross_entropy(model(x), y)
-            if search:
-                r_c = res.evaluate(gates) / res.full_flops
-                loss = loss + torch.relu(torch.log(r_c / 0.5))
-            loss.backward()
-            if search:
-                update_importance(gates.gate_list())
-            opt.step()
-            opt.zero_grad()
-            if search:
-                gates.project_()
-
-        return step
-
-    times: dict[str, list[float]] = {"plain": [], "search": []}
-    steps_fn = {"plain": make(False), "search": make(True)}
-    for fn in steps_fn.values():
+        fns[name] = _search_step(make_vit(**supernet), x, y, search=name == "search")
         for _ in range(5):
-            fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in steps_fn.items():  # interleaved: a busy phase of a shared machine hits both
+            fns[name]()  # warm-up
+    times: dict[str, list[float]] = {"plain": [], "search": []}
+    for r in range(repeats):
+        for name in ("plain", "search") if r % 2 == 0 else ("search", "plain"):
             start = time.perf_counter()
             for _ in range(steps):
-                fn()
+                fns[name]()
             times[name].append((time.perf_counter() - start) / steps)
     plain, search = statistics.median(times["plain"]), statistics.median(times["search"])
-    return {"plain_step_s": plain, "search_step_s": search, "ratio": search / plain}
+    paired = statistics.median(s / p for s, p in zip(times["search"], times["plain"]))
+    return {"supernet": supernet, "plain_step_s": plain, "search_step_s": search, "ratio": paired,
+            "ratio_of_medians": search / plain, "ratio_of_minima": min(times["search"]) / min(times["plain"]),
+            "plain_all_s": times["plain"], "search_all_s": times["search"]}
+
+
+def profile_search_step(supernet: dict[str, Any], steps: int = 10, rows: int = 25) -> str:
+    """``torch.profiler`` table (self CPU time) of ``steps`` DMS search steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, y, _, _ = mnist1d_tensors()
+    torch.manual_seed(0)
+    step = _search_step(make_vit(**supernet), x[:128], y[:128], search=True)
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def fit(model: Classifier, epochs: int, seed: int, callbacks: list) -> float:
@@ -103,7 +132,7 @@ def quality(seed: int, epochs: int, search_epochs: int, target: float) -> dict[s
     pl.seed_everything(seed, verbose=False)
     dms_model = Classifier(make_vit(**SUPERNET), max_epochs=epochs)
     full = count_flops(dms_model, example).total
-    dms = DifferentiableModelScaling(target=target, search_epochs=search_epochs, arch_lr=0.05)
+    dms = DifferentiableModelScaling(target=target, search_epochs=search_epochs)
     dms_acc = fit(dms_model, epochs, seed, [dms])
     dms_flops = count_flops(dms_model, example).total
     pl.seed_everything(seed, verbose=False)
@@ -125,13 +154,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--search-epochs", type=int, default=4)
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of a search step")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "dms.json")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     mnist1d_tensors()  # generate the data set once, outside the timed parts
 
-    overhead = step_overhead()
-    print(f"step time: plain {overhead['plain_step_s'] * 1e3:.1f} ms, DMS search {overhead['search_step_s'] * 1e3:.1f} "
-          f"ms, ratio {overhead['ratio']:.3f} (target <= 1.15)", flush=True)
+    overhead = [step_overhead(net) for net in (SUPERNET, LARGE_SUPERNET)]
+    for o in overhead:
+        print(f"step time {o['supernet']}: plain {o['plain_step_s'] * 1e3:.1f} ms, DMS search "
+              f"{o['search_step_s'] * 1e3:.1f} ms, ratio {o['ratio']:.3f} (target <= 1.15; of medians "
+              f"{o['ratio_of_medians']:.3f}, of minima {o['ratio_of_minima']:.3f})", flush=True)
+    if args.profile:
+        print(profile_search_step(SUPERNET), flush=True)
     runs = []
     for seed in args.seeds:
         runs.append(quality(seed, args.epochs, args.search_epochs, args.target))

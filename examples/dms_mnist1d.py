@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = Classifier(make_vit(depth=4, embed_dim=64, num_heads=4, mlp_ratio=2.0), max_epochs=args.epochs)
     example = model.example_input_array
     flops_before, params_before = count_flops(model, example).total, count_parameters(model)
-    dms = DifferentiableModelScaling(target=args.target, search_epochs=args.search_epochs, arch_lr=0.05)
+    dms = DifferentiableModelScaling(target=args.target, search_epochs=args.search_epochs)
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[dms], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     trainer.fit(model, MNIST1DDataModule(batch_size=128, seed=args.seed))

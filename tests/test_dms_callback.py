@@ -134,3 +134,28 @@ def test_bad_inputs_raise_clear_errors():
         trainer(1, [DifferentiableModelScaling(target=0.5, search_epochs=1)]).fit(
             mlp, MNIST1DDataModule(limit_train=128)
         )
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_search_lands_near_target_without_trimming(seed):
+    """The bench supernet once undershot a 50% target to 28% (Adam momentum on the ratios): the search alone,
+    with no export-time trimming, must end within a band around the target."""
+    pl.seed_everything(seed, verbose=False)
+    model = Classifier(make_vit(depth=4, embed_dim=64, num_heads=4, mlp_ratio=2.0), max_epochs=4)
+    full = count_flops(model, EXAMPLE).total
+    dms = DifferentiableModelScaling(target=0.5, search_epochs=3, enforce_target=False)
+    probe = ArchGroupBetas()
+    trainer(4, [dms, probe]).fit(model, MNIST1DDataModule(batch_size=128, seed=seed))
+    export = next(e for e in event_log(model) if e.kind == "dms_export")
+    assert export.reason["trimmed_elements"] == 0
+    assert 0.40 <= export.reason["searched_ratio"] <= 0.55
+    assert 0.40 <= count_flops(model, EXAMPLE).total / full <= 0.55
+    assert probe.betas and all(b[0] == 0.0 for b in probe.betas)  # no momentum on the ratios
+
+
+class ArchGroupBetas(pl.Callback):
+    def __init__(self) -> None:
+        self.betas: list[tuple[float, float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.betas += [g["betas"] for g in optimizer.param_groups if g.get(ARCH_GROUP_KEY)]

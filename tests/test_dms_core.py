@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_depthgrow.adapters import UnsupportedModelError
 from lightning_depthgrow.dms import (
+    GateBank,
     ResourceModel,
     TopKGate,
     apply_attach,
@@ -268,3 +269,56 @@ def test_export_rejects_bad_keep_without_touching_the_model():
     after = model.state_dict()
     assert list(after) == list(state)
     assert all(torch.equal(v.nan_to_num(), after[k].nan_to_num()) for k, v in state.items())
+
+
+@pytest.mark.parametrize("layerscale", [False, True])
+def test_folded_vit_masks_equal_activation_masking_in_output_and_dl_dm(layerscale):
+    """Masks folded into fc2/proj weights give the output and dL/dm of masking the activations themselves."""
+    torch.manual_seed(0)
+    model = tiny_vit(**({"init_values": 0.5} if layerscale else {})).train()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(4, 1, 1, 40), torch.randint(0, 10, (4,))
+    gates = attach_gates(model)
+    randomise(gates, 0.4)
+    with torch.no_grad():
+        gates.gates["blocks:depth"].ratio.fill_(0.3)  # soft depth masks strictly between 0 and 1
+    masks = {name: m.detach().clone().requires_grad_() for name, m in zip(gates.gates, gates.masks())}
+    for i, block in enumerate(reference.blocks):
+        heads, mlp, depth = masks[f"blocks/{i}:heads"], masks[f"blocks/{i}:mlp"], masks["blocks:depth"]
+        head_dim = block.attn.head_dim
+        block.attn.proj.register_forward_pre_hook(lambda m, a, h=heads, d=head_dim: (a[0] * h.repeat_interleave(d),))
+        block.mlp.fc2.register_forward_pre_hook(lambda m, a, w=mlp: (a[0] * w,))
+        for branch in (block.ls1, block.ls2):
+            branch.register_forward_hook(lambda m, a, out, d=depth, j=i: out * d[j])
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(1)
+    expected = reference(x)
+    torch.testing.assert_close(out, expected)
+    nn.functional.cross_entropy(out, y).backward()
+    nn.functional.cross_entropy(expected, y).backward()
+    for name, gate in gates.gates.items():
+        torch.testing.assert_close(gate.take_pending(), masks[name].grad, msg=name)
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight.grad, reference.blocks[1].mlp.fc2.weight.grad)
+
+
+def test_gate_bank_equals_each_gate_alone():
+    """One flat computation over many gates gives every gate's own soft, hard and straight-through mask."""
+    gen = torch.Generator().manual_seed(0)
+    gates = [TopKGate(n, kind) for n, kind in [(6, "width"), (1, "depth"), (4, "heads"), (9, "width")]]
+    for g, a in zip(gates, [0.3, 0.5, 0.6, 0.05]):
+        with torch.no_grad():
+            g.ratio.fill_(a)
+    gates[0].importance.copy_(torch.rand(6, generator=gen))
+    gates[2].importance.copy_(torch.tensor([0.2, 0.2, 0.1, 0.3]))  # ties broken by index; gate 3 stays all-equal
+    bank = GateBank(gates)
+    for g, soft, hard in zip(gates, bank.soft().split(bank.sizes), bank.hard().split(bank.sizes)):
+        rank = normalised_rank(g.importance)
+        expected = torch.sigmoid(g.temperature * (rank - g.ratio.clamp(0, g.max_ratio)))
+        if g.importance.max() == g.importance.min() and (g.n > 1 or g.importance[0] == 0):
+            expected, hard_expected = torch.ones(g.n), torch.ones(g.n)
+        else:
+            hard_expected = (rank >= g.ratio.clamp(0, g.max_ratio)).float()
+        torch.testing.assert_close(soft.detach(), expected)
+        assert torch.equal(hard, hard_expected) and torch.equal(g.hard_mask(), hard_expected)
+    assert torch.equal(bank.straight_through().detach(), bank.hard())

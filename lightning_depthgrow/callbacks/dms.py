@@ -57,7 +57,7 @@ class DifferentiableModelScaling(Callback):
     The user's model, ``training_step`` and ``configure_optimizers`` stay as they are: the resource
     loss is added to the loss ``training_step`` returns (one backward, so AMP scaling and DDP gradient
     synchronisation apply to it unchanged), and the architecture ratios are moved into their own param
-    group of the user's optimizer (no weight decay, constant ``arch_lr``).
+    group of the user's optimizer (no weight decay, no momentum, constant ``arch_lr``).
 
     Args:
         target: FLOPs (or parameters) to reach, as a fraction of the supernet's in ``(0, 1)`` or, if
@@ -65,7 +65,9 @@ class DifferentiableModelScaling(Callback):
         search_epochs: epochs of search before export (at least 1).
         resource: ``"flops"`` or ``"params"``.
         lambda_res: weight of the resource loss.
-        arch_lr: learning rate of the architecture ratios.
+        arch_lr: learning rate of the architecture ratios (constant; their group has no momentum, so the
+            ratios stop when the hinge does; Adam steps each ratio by about ``arch_lr`` per step, so much
+            larger values overshoot the target, see docs/dms.md).
         width, heads, depth: which kinds of gate to attach.
         schedule_fraction: part of the search over which the target decays (0.8 in the paper).
         example_input: input for the FLOPs count (default: the module's ``example_input_array``).
@@ -201,7 +203,7 @@ class DifferentiableModelScaling(Callback):
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         # Added even when empty (after export), so the groups line up with checkpoints taken during search.
-        optimizer.add_param_group({"params": arch, **arch_group_options(self.arch_lr)})
+        optimizer.add_param_group({"params": arch, **arch_group_options(self.arch_lr, optimizer.defaults)})
 
     # ---------------------------------------------------------------- search
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -252,7 +254,7 @@ class DifferentiableModelScaling(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
         # dL/dm is averaged over ranks like any gradient, so every rank holds identical importances.
-        update_importance(gates.gate_list(), reduce=lambda t: all_reduce_mean(trainer, t), scale=scale)
+        update_importance(gates.bank, reduce=lambda t: all_reduce_mean(trainer, t), scale=scale)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

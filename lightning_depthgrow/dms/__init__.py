@@ -8,12 +8,13 @@ from .export import export_model
 from .families import discover_gates
 from .gates import CONTAINER, DMSGates, attach_gates, find_gates, remove_gates, set_importance
 from .resource import ResourceModel, fit_to_budget
-from .topk import TopKGate, default_temperature, normalised_rank, update_importance
+from .topk import GateBank, TopKGate, default_temperature, normalised_rank, update_importance
 
 __all__ = [
     "ARCH_GROUP_KEY",
     "CONTAINER",
     "DMSGates",
+    "GateBank",
     "ResourceModel",
     "TopKGate",
     "apply_attach",

@@ -53,6 +53,9 @@ class ResourceModel:
     terms: dict[tuple[Factor, ...], list[float]] = field(default_factory=dict)  # factors -> [flops, params]
     full_flops: float = 0.0
     full_params: float = 0.0
+    # index tables of evaluate(), built on first use for one gate layout and device
+    _table_key: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _table_value: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, model: nn.Module, example_input: Any) -> ResourceModel:
@@ -89,21 +92,47 @@ class ResourceModel:
         entry[1] += params
 
     def evaluate(self, gates: DMSGates, resource: str = "flops", hard: bool = False) -> Tensor:
-        """FLOPs or parameters under the gates' masks: straight-through counts, or exact hard counts."""
+        """FLOPs or parameters under the gates' masks: straight-through counts, or exact hard counts.
+
+        Vectorised over the terms: the factor values (each gate's kept fraction, each block's mask)
+        form one vector, and each term multiplies its count by the factors it indexes (float64, in the
+        same left-to-right order for hard and straight-through values, so they agree exactly).
+        """
         column = {"flops": 0, "params": 1}[resource]
-        values: dict[str, Tensor] = {}
-        for name, gate in gates.gates.items():
-            values[name] = gate.hard_mask() if hard else gate.straight_through()
-        total = torch.zeros((), device=next(iter(values.values())).device) if values else torch.zeros(())
-        for factors, counts in self.terms.items():
-            if counts[column] == 0.0:
-                continue
-            term: Tensor | float = counts[column]
-            for factor in factors:
-                mask = values[factor[1]]
-                term = term * (mask.sum() / mask.numel() if factor[0] == "frac" else mask[factor[2]])
-            total = total + term
-        return total
+        bank = gates.bank
+        flat = bank.hard() if hard else bank.straight_through()
+        table = self._table(gates, flat.device)
+        flat = flat.double()
+        fractions = torch.zeros(len(bank.sizes), dtype=flat.dtype, device=flat.device)
+        fractions = fractions.index_add(0, table["owner"], flat) / table["sizes"]
+        values = torch.cat([fractions, flat, torch.ones(1, dtype=flat.dtype, device=flat.device)])
+        term = table["counts"][:, column]
+        for k in range(table["factors"].shape[1]):
+            term = term * values[table["factors"][:, k]]
+        return term.sum()
+
+    def _table(self, gates: DMSGates, device: torch.device) -> dict[str, Tensor]:
+        """Index tables of the terms for ``gates`` (built once per gate layout and device)."""
+        key = (tuple(gates.gates), device)
+        if self._table_key != key:
+            names, sizes = list(gates.gates), gates.bank.sizes
+            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            one = len(sizes) + sum(sizes)  # index of the constant 1 that pads short factor lists
+            rows = []
+            for factors in self.terms:
+                idx = [names.index(f[1]) if f[0] == "frac" else len(sizes) + offsets[names.index(f[1])] + f[2]
+                       for f in factors]
+                rows.append(idx)
+            width = max([len(r) for r in rows] + [1])
+            self._table_key = key
+            self._table_value = {
+                "factors": torch.tensor([r + [one] * (width - len(r)) for r in rows], dtype=torch.long,
+                                        device=device).view(len(rows), width),
+                "counts": torch.tensor(list(self.terms.values()), dtype=torch.float64, device=device).view(-1, 2),
+                "owner": gates.bank.layout()["owner"].to(device),
+                "sizes": torch.tensor(sizes, dtype=torch.float64, device=device),
+            }
+        return self._table_value
 
     def full(self, resource: str = "flops") -> float:
         return self.full_flops if resource == "flops" else self.full_params

@@ -16,7 +16,7 @@ The half-rank offset makes the hard mask keep exactly ``k = round((1 - a) N)`` e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +54,8 @@ class TopKGate(nn.Module):
     accumulates ``dL/dm`` into a pending sum; :meth:`apply_importance` folds a (reduced) gradient into
     the EMA. In eval mode it returns the hard 0/1 mask that export keeps. While all importances are
     equal (at the start) the mask is all ones; the ratio still receives a gradient through it.
+    The arithmetic lives in :class:`GateBank` (which computes many gates in one go); a lone gate is a
+    bank of one.
 
     Args:
         n: number of elements.
@@ -87,23 +89,17 @@ class TopKGate(nn.Module):
         # NaN while free; the ratio it is held at once frozen (a buffer, so checkpoints carry it).
         self.register_buffer("frozen_ratio", torch.full((), float("nan")))
         self._pending: Tensor | None = None
-        self._rank_cache: tuple[tuple[int, int, torch.device], Tensor, bool] | None = None
-        self._soft_cache: tuple[tuple, Tensor] | None = None
+        self._bank: GateBank | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # caches hold autograd graphs, which neither deepcopy nor pickle accept
-        return {**self.__dict__, "_pending": None, "_rank_cache": None, "_soft_cache": None}
+        # the bank caches autograd graphs, which neither deepcopy nor pickle accept
+        return {**self.__dict__, "_pending": None, "_bank": None}
 
-    def _ranked(self) -> tuple[Tensor, bool]:
-        """``(normalised rank, all equal)``, recomputed only when the importance buffer changed."""
-        key = (id(self.importance), self.importance._version, self.importance.device)
-        if self._rank_cache is None or self._rank_cache[0] != key:
-            if self.n == 1:
-                equal = bool(self.importance[0] == 0)
-            else:
-                equal = bool(self.importance.max() == self.importance.min())
-            self._rank_cache = (key, normalised_rank(self.importance), equal)
-        return self._rank_cache[1], self._rank_cache[2]
+    @property
+    def bank(self) -> GateBank:
+        if self._bank is None:
+            self._bank = GateBank([self])
+        return self._bank
 
     @property
     def max_ratio(self) -> float:
@@ -120,50 +116,23 @@ class TopKGate(nn.Module):
 
     def all_equal(self) -> bool:
         """No ranking information yet: all importances equal (a single element: never updated)."""
-        return self._ranked()[1]
+        return self.bank.ranked()[2][0]
 
     def soft_mask(self) -> Tensor:
         """``sigmoid(lambda (c' - a))``; all ones (with the same gradient) while all importances are equal."""
-        rank, equal = self._ranked()
-        soft = torch.sigmoid(self.temperature * (rank - self.ratio_value()))
-        if equal:
-            return 1.0 + (soft - soft.detach())
-        return soft
+        return self.bank.soft()
 
     def hard_mask(self) -> Tensor:
         """0/1 mask of the kept elements (no gradient)."""
-        with torch.no_grad():
-            rank, equal = self._ranked()
-            if equal:
-                return torch.ones_like(self.importance)
-            return (rank >= self.ratio_value()).to(self.importance.dtype)
+        return self.bank.hard()
 
     def straight_through(self) -> Tensor:
         """Forward value of the hard mask, gradient of the soft mask (for resource counts)."""
-        soft = self.soft_mask()
-        return self.hard_mask() + (soft - soft.detach())
+        return self.bank.straight_through()
 
     def mask(self) -> Tensor:
         """Soft mask (recording ``dL/dm``) in training with autograd on; hard mask otherwise."""
-        if not (self.training and torch.is_grad_enabled()):
-            return self.hard_mask()
-        # One mask tensor for every use within a forward pass (a depth mask serves two branches per
-        # block): one small graph and one gradient hook, which clears the cache once backward reaches it.
-        key = (self.ratio._version, self.importance._version, id(self.importance), id(self.ratio))
-        if self._soft_cache is not None and self._soft_cache[0] == key:
-            return self._soft_cache[1]
-        m = self.soft_mask()
-        if not m.requires_grad:
-            # Ratio frozen by requires_grad=False: still a leaf that records dL/dm for the importance.
-            m = m.detach().requires_grad_()
-        m.register_hook(self._accumulate)
-        self._soft_cache = (key, m)
-        return m
-
-    def _accumulate(self, grad: Tensor) -> None:
-        self._soft_cache = None
-        grad = grad.detach()
-        self._pending = grad.clone() if self._pending is None else self._pending + grad
+        return self.bank.masks(self.training)[0]
 
     def take_pending(self) -> Tensor:
         """The summed ``dL/dm`` since the last call (zeros if none), and reset it."""
@@ -171,13 +140,9 @@ class TopKGate(nn.Module):
         self._pending = None
         return pending.to(self.importance.dtype)
 
-    @torch.no_grad()
     def apply_importance(self, grad: Tensor) -> None:
         """``c <- decay c + (1 - decay) (m * grad)^2`` with the current soft mask ``m``."""
-        m = torch.sigmoid(self.temperature * (normalised_rank(self.importance) - self.ratio_value()))
-        if self.all_equal():
-            m = torch.ones_like(m)
-        self.importance.mul_(self.decay).add_((1.0 - self.decay) * (m * grad) ** 2)
+        self.bank.apply_importance(grad)
 
     def keep_count(self) -> int:
         return int(self.hard_mask().sum().item())
@@ -206,8 +171,153 @@ class TopKGate(nn.Module):
         return f"n={self.n}, kind={self.kind}, temperature={self.temperature:g}, min_keep={self.min_keep}"
 
 
+class GateBank:
+    """The masks of several gates computed as one flat vector: a handful of tensor ops per step, whatever
+    the number of gates (per-gate Python loops of tiny ops dominated the search overhead).
+
+    Two caches keep the hot path short: the normalised ranks are recomputed only when an importance
+    buffer changed (once per optimizer step), and the soft mask of a forward pass is kept until its
+    backward, so all hooks of that pass and the resource count share one soft mask. The task
+    loss sees it through a view that carries the single ``dL/dm`` hook; the resource count uses the
+    soft mask itself, so its gradient never enters the importances.
+
+    Example:
+        >>> a, b = TopKGate(2, "width"), TopKGate(3, "depth")
+        >>> bank = GateBank([a, b])
+        >>> [m.tolist() for m in bank.masks(training=False)]
+        [[1.0, 1.0], [1.0, 1.0, 1.0]]
+    """
+
+    def __init__(self, gates: Sequence[TopKGate]) -> None:
+        if not gates:
+            raise ValueError("a GateBank needs at least one gate")
+        self.gates = list(gates)
+        self.sizes = [g.n for g in self.gates]
+        self._layout: dict[str, Tensor] = {}
+        self._layout_device: torch.device | None = None
+        self._rank_cache: tuple[tuple, Tensor, Tensor, list[bool]] | None = None
+        self._task_cache: tuple[tuple, list[Tensor], Tensor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_rank_cache": None, "_task_cache": None}
+
+    def layout(self) -> dict[str, Tensor]:
+        """Per-element constants (owner gate, offset, size, temperature, decay) on the gates' device."""
+        device = self.gates[0].importance.device
+        if self._layout_device != device:
+            sizes = torch.tensor(self.sizes, device=device)
+            owner = torch.repeat_interleave(torch.arange(len(self.gates), device=device), sizes)
+            offsets = torch.cumsum(sizes, 0) - sizes
+            temperature = torch.tensor([g.temperature for g in self.gates], device=device)
+            decay = torch.tensor([g.decay for g in self.gates], device=device)
+            self._layout = {
+                "owner": owner, "offset": offsets[owner], "size": sizes[owner].float(),
+                "temperature": temperature[owner], "decay": decay[owner],
+                "max_ratio": torch.tensor([g.max_ratio for g in self.gates], device=device),
+            }
+            self._layout_device = device
+        return self._layout
+
+    def _importance_key(self) -> tuple:
+        return tuple((id(g.importance), g.importance._version) for g in self.gates)
+
+    def ranked(self) -> tuple[Tensor, Tensor, list[bool]]:
+        """``(normalised ranks, per-element all-equal flag, per-gate all-equal)``, cached on the importances."""
+        key = self._importance_key()
+        if self._rank_cache is None or self._rank_cache[0] != key:
+            lay = self.layout()
+            imp = torch.cat([g.importance for g in self.gates]) if len(self.gates) > 1 else self.gates[0].importance
+            # sort by importance, then (stably) by gate: ties keep index order, as normalised_rank does
+            order = torch.argsort(imp, stable=True)
+            order = order[torch.argsort(lay["owner"][order], stable=True)]
+            position = torch.empty_like(order)
+            position[order] = torch.arange(order.numel(), device=order.device)
+            rank = ((position - lay["offset"]).to(imp.dtype) + 0.5) / lay["size"].to(imp.dtype)
+            n_gates = len(self.gates)
+            high = imp.new_full((n_gates,), -torch.inf).scatter_reduce(0, lay["owner"], imp, "amax")
+            low = imp.new_full((n_gates,), torch.inf).scatter_reduce(0, lay["owner"], imp, "amin")
+            equal_gate = high == low
+            # a single element is "equal" (no ranking) until its importance moves off zero
+            single = torch.tensor([n == 1 for n in self.sizes], device=imp.device)
+            equal_gate = torch.where(single, high == 0, equal_gate)
+            self._rank_cache = (key, rank, equal_gate[lay["owner"]], equal_gate.tolist())
+        return self._rank_cache[1], self._rank_cache[2], self._rank_cache[3]
+
+    def ratio_values(self) -> Tensor:
+        """Every gate's :meth:`TopKGate.ratio_value` as one vector (same straight-through clamp)."""
+        a = torch.stack([g.ratio for g in self.gates]) if len(self.gates) > 1 else self.gates[0].ratio.view(1)
+        return a + (torch.minimum(a.clamp(min=0.0), self.layout()["max_ratio"]) - a).detach()
+
+    def _soft_key(self) -> tuple:
+        return (self._importance_key(), tuple((id(g.ratio), g.ratio._version) for g in self.gates),
+                torch.is_grad_enabled())
+
+    def soft(self) -> Tensor:
+        """Flat soft mask ``sigmoid(lambda (c' - a))``; exactly 1 (with the same gradient) on all-equal gates.
+
+        Within a training step (after the forward pass's :meth:`masks`, before backward) this is the very
+        tensor the masks view, so the resource count adds no second mask graph.
+        """
+        if self._task_cache is not None and self._task_cache[0] == self._soft_key():
+            return self._task_cache[2]
+        rank, equal, equal_gate = self.ranked()
+        lay = self.layout()
+        soft = torch.sigmoid(lay["temperature"] * (rank - self.ratio_values()[lay["owner"]]))
+        if any(equal_gate):
+            soft = torch.where(equal, 1.0 + (soft - soft.detach()), soft)
+        return soft
+
+    def hard(self) -> Tensor:
+        """Flat 0/1 mask of the kept elements (no gradient)."""
+        with torch.no_grad():
+            rank, equal, _ = self.ranked()
+            a = self.ratio_values()[self.layout()["owner"]]
+            return ((rank >= a) | equal).to(rank.dtype)
+
+    def straight_through(self) -> Tensor:
+        """Flat forward value of the hard mask with the gradient of the (shared) soft mask."""
+        soft = self.soft()
+        return self.hard() + (soft - soft.detach())
+
+    def masks(self, training: bool = True) -> list[Tensor]:
+        """Per-gate masks for the model: soft ones recording ``dL/dm`` (training with autograd), hard otherwise.
+
+        One mask tensor serves every use within a forward pass (a depth mask serves two branches per
+        block); its hook fires once backward has summed all uses, and clears the cache.
+        """
+        if not (training and torch.is_grad_enabled()):
+            return list(self.hard().split(self.sizes))
+        key = self._soft_key()
+        if self._task_cache is not None and self._task_cache[0] == key:
+            return self._task_cache[1]
+        soft = self.soft()
+        # a view: its hook sees the task loss only, not the resource count that uses ``soft`` directly
+        task = soft.view_as(soft) if soft.requires_grad else soft.detach().requires_grad_()
+        task.register_hook(self._accumulate)
+        parts = list(task.split(self.sizes))
+        self._task_cache = (key, parts, soft)
+        return parts
+
+    def _accumulate(self, grad: Tensor) -> None:
+        self._task_cache = None
+        for gate, part in zip(self.gates, grad.detach().split(self.sizes)):
+            gate._pending = part.clone() if gate._pending is None else gate._pending + part
+
+    @torch.no_grad()
+    def apply_importance(self, grad: Tensor) -> None:
+        """``c <- decay c + (1 - decay) (m * grad)^2`` for every gate, ``grad`` flat in gate order."""
+        rank, equal, _ = self.ranked()
+        lay = self.layout()
+        m = torch.sigmoid(lay["temperature"] * (rank - self.ratio_values()[lay["owner"]]))
+        m = torch.where(equal, torch.ones_like(m), m)
+        imp = torch.cat([g.importance for g in self.gates]) if len(self.gates) > 1 else self.gates[0].importance
+        new = imp * lay["decay"] + (1.0 - lay["decay"]) * (m * grad.to(imp.dtype)) ** 2
+        for gate, value in zip(self.gates, new.split(self.sizes)):
+            gate.importance.copy_(value)
+
+
 def update_importance(
-    gates: list[TopKGate],
+    gates: Sequence[TopKGate] | GateBank,
     reduce: Callable[[Tensor], Tensor] | None = None,
     scale: float = 1.0,
 ) -> bool:
@@ -216,7 +326,8 @@ def update_importance(
     The gradients of all gates are concatenated, divided by ``scale`` (the AMP loss scale), passed
     through ``reduce`` (e.g. an all-reduce mean across ranks, so every rank holds identical
     importances) and applied only if all are finite (an AMP overflow step is skipped, as the optimizer
-    skips it). Returns whether the update was applied.
+    skips it). Returns whether the update was applied. Pass a :class:`GateBank` (``DMSGates.bank``)
+    to update all gates in one batched computation.
 
     Example:
         >>> gate = TopKGate(3, "width").train()
@@ -224,14 +335,13 @@ def update_importance(
         >>> update_importance([gate]), gate.importance
         (True, tensor([0.0100, 0.0400, 0.0900]))
     """
-    if not gates:
+    bank = gates if isinstance(gates, GateBank) else GateBank(list(gates)) if gates else None
+    if bank is None:
         return False
-    pending = [g.take_pending() for g in gates]
-    flat = torch.cat(pending) / scale
+    flat = torch.cat([g.take_pending() for g in bank.gates]) / scale
     if reduce is not None:
         flat = reduce(flat)
     if not bool(torch.isfinite(flat).all()):
         return False
-    for gate, grad in zip(gates, flat.split([g.n for g in gates])):
-        gate.apply_importance(grad)
+    bank.apply_importance(flat)
     return True
