@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..dms import (
     ARCH_GROUP_KEY,
@@ -35,6 +35,7 @@ from ._common import (
     check_not_compiled,
     check_strategy_supported,
     event_log,
+    guard_spawn_results,
     restore_architecture,
     save_event_log,
 )
@@ -290,23 +291,8 @@ class DifferentiableModelScaling(Callback):
         save_event_log(checkpoint, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
-        exported = any(e.kind == EXPORT for e in event_log(pl_module))
-        if stage != "fit" or not exported or not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
-            return
-        # With ddp_spawn Lightning loads the workers' final weights into the main process's model, which
-        # never saw the export: sliced tensors would not fit it. Send none; checkpoints hold the result.
-        pl_module.register_state_dict_post_hook(_send_nothing)
-        rank_zero_warn(
-            "DMS exported the model inside ddp_spawn workers; the main process's model keeps its original "
-            "architecture and weights. Load the trained model from a checkpoint with its architecture log "
-            "(lightning_depthgrow.events.replay_events on a fresh model, then load_state_dict)."
-        )
-
-
-def _send_nothing(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    state_dict.clear()
+        if stage == "fit":
+            guard_spawn_results(trainer, pl_module, "DifferentiableModelScaling")
 
 
 def _find_schedulers(config: Any) -> list[Any]:
