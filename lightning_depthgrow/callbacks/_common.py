@@ -185,3 +185,32 @@ def guard_spawn_results(trainer: pl.Trainer, pl_module: pl.LightningModule, who:
 
 def _send_nothing(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     state_dict.clear()
+
+
+def is_growth_epoch(trainer: pl.Trainer, warmup_epochs: int, grow_every: int, last_growth_epoch: int) -> bool:
+    """Whether the current epoch ends with growth: after ``warmup_epochs``, every ``grow_every`` epochs, never twice
+    in one epoch, and never in the last epoch (an addition that is never trained only costs)."""
+    epoch = trainer.current_epoch
+    done = epoch + 1
+    warmup = max(1, warmup_epochs)
+    if epoch <= last_growth_epoch or done < warmup:
+        return False
+    if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= done:
+        return False
+    return (done - warmup) % grow_every == 0
+
+
+def is_last_training_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """True on the epoch's last training batch: growth happens after its optimizer step, before validation and
+    checkpointing, so a checkpoint saved at the epoch's end already holds the change (resume starts the next epoch)."""
+    is_last = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+    return is_last or batch_idx + 1 >= trainer.num_training_batches
+
+
+def lr_scale(trainer: pl.Trainer) -> float:
+    """Current lr / initial lr of the first param group (the paper scales each growth step's budget by it)."""
+    if not trainer.optimizers:
+        return 1.0
+    group = trainer.optimizers[0].param_groups[0]
+    initial = group.get("initial_lr", group["lr"])
+    return float(group["lr"]) / float(initial) if initial else 1.0

@@ -194,8 +194,7 @@ class DepthGrowth(Callback):
             self._own_monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # Grow after the last optimizer step of the epoch but before validation and checkpointing: Lightning
         # resumes a checkpoint saved at the epoch's end in the next epoch, so growth must already be in it.
-        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
-        if last and self._is_growth_epoch(trainer):
+        if _common.is_last_training_batch(trainer, batch_idx) and self._is_growth_epoch(trainer):
             self.grow_now(trainer, pl_module)
 
     def on_save_checkpoint(
@@ -227,13 +226,7 @@ class DepthGrowth(Callback):
     # ------------------------------------------------------------------ schedule and budget
 
     def _is_growth_epoch(self, trainer: pl.Trainer) -> bool:
-        epoch = trainer.current_epoch
-        done = epoch + 1
-        if epoch <= self.last_growth_epoch or done < max(1, self.warmup_epochs):
-            return False
-        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= done:
-            return False  # a block added after the last epoch would never be trained
-        return (done - max(1, self.warmup_epochs)) % self.grow_every == 0
+        return _common.is_growth_epoch(trainer, self.warmup_epochs, self.grow_every, self.last_growth_epoch)
 
     def final_limit(self) -> float:
         """The final budget as an absolute count of ``budget_metric``."""
@@ -248,11 +241,7 @@ class DepthGrowth(Callback):
         if self.step_budget is None:
             return math.inf, 1.0
         base = self.step_budget if self.budget_mode == "absolute" else self.step_budget * float(self.start_size or 0)
-        scale = 1.0
-        if self.scale_by_lr and trainer.optimizers:
-            group = trainer.optimizers[0].param_groups[0]
-            initial = group.get("initial_lr", group["lr"])
-            scale = float(group["lr"]) / float(initial) if initial else 1.0
+        scale = _common.lr_scale(trainer) if self.scale_by_lr else 1.0
         return base * scale, scale
 
     def _example_input(self, pl_module: pl.LightningModule) -> Any:

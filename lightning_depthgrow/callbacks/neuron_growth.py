@@ -168,8 +168,7 @@ class NeuronGrowth(Callback):
     ) -> None:
         # References only (detached: no graph kept alive), already on the device.
         self._batches.append((batch_idx, apply_to_collection(batch, Tensor, Tensor.detach)))
-        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
-        if last and self._is_growth_epoch(trainer):
+        if _common.is_last_training_batch(trainer, batch_idx) and self._is_growth_epoch(trainer):
             self.grow_now(trainer, pl_module)
 
     def on_save_checkpoint(
@@ -196,13 +195,7 @@ class NeuronGrowth(Callback):
     # ------------------------------------------------------------------ schedule, layers, budget
 
     def _is_growth_epoch(self, trainer: pl.Trainer) -> bool:
-        epoch = trainer.current_epoch
-        done = epoch + 1
-        if epoch <= self.last_growth_epoch or done < max(1, self.warmup_epochs):
-            return False
-        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= done:
-            return False  # a branch added after the last epoch would never be trained
-        return (done - max(1, self.warmup_epochs)) % self.grow_every == 0
+        return _common.is_growth_epoch(trainer, self.warmup_epochs, self.grow_every, self.last_growth_epoch)
 
     def _resolve_layers(self, pl_module: pl.LightningModule) -> dict[str, str]:
         if self.layers is None:
@@ -244,11 +237,7 @@ class NeuronGrowth(Callback):
     def _step_limit(self, trainer: pl.Trainer) -> tuple[float, float]:
         """``(parameters allowed this step, lr scale)``."""
         base = self.step_budget if self.budget_mode == "absolute" else self.step_budget * float(self.start_params or 0)
-        scale = 1.0
-        if self.scale_by_lr and trainer.optimizers:
-            group = trainer.optimizers[0].param_groups[0]
-            initial = group.get("initial_lr", group["lr"])
-            scale = float(group["lr"]) / float(initial) if initial else 1.0
+        scale = _common.lr_scale(trainer) if self.scale_by_lr else 1.0
         return base * scale, scale
 
     def _final_limit(self) -> float:
