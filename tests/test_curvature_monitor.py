@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -12,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import tensor_hash
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -67,11 +67,7 @@ def _ce_loss(module: nn.Module, batch) -> torch.Tensor:
 
 
 def _state_hash(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return tensor_hash(module)
 
 
 def test_estimates_on_schedule_are_logged_and_equal_a_direct_call(tmp_path: Path) -> None:

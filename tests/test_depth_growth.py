@@ -7,6 +7,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from _helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -32,17 +33,7 @@ def loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
 
 
 def trainer(max_epochs: int, callbacks: list[Callback], **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, **kwargs)
 
 
 def block_params(module: Classifier) -> int:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from _helpers import tensor_hash
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -93,11 +93,7 @@ class HashProbe(pl.Callback):
         self.out_dir = out_dir
 
     def on_train_end(self, trainer, pl_module):
-        digest = hashlib.sha256()
-        for name, p in pl_module.state_dict().items():
-            digest.update(name.encode())
-            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-        record = {"hash": digest.hexdigest(), "events": [e.to_dict() for e in event_log(pl_module)]}
+        record = {"hash": tensor_hash(pl_module), "events": [e.to_dict() for e in event_log(pl_module)]}
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(record, f)
 

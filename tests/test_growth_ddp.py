@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _helpers import tensor_hash
 from lightning.pytorch.callbacks import Callback
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,11 +18,7 @@ from lightning_depthgrow.callbacks.depth_growth import DepthGrowth
 
 
 def param_hash(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, p in module.named_parameters():
-        digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return tensor_hash(module, parameters_only=True)
 
 
 class HashRecorder(Callback):

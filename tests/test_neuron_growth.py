@@ -4,7 +4,6 @@ only neurons at a saddle (negative splitting eigenvalue), within its budget, and
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import tensor_hash
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -320,13 +320,10 @@ class _RankRecorder(pl.Callback):
         self.out, self.records = out, []
 
     def on_train_epoch_end(self, trainer, pl_module):
-        digest = hashlib.sha256()
-        for name, p in pl_module.named_parameters():
-            digest.update(name.encode() + p.detach().contiguous().numpy().tobytes())
         ddp = trainer.strategy.model
         self.records.append(
             {
-                "hash": digest.hexdigest(),
+                "hash": tensor_hash(pl_module, parameters_only=True),
                 "events": [{"kind": e.kind, "spec": e.spec} for e in event_log(pl_module)],
                 "ddp_params": sum(1 for _ in ddp.parameters()),
                 "module_params": sum(1 for _ in pl_module.parameters()),
