@@ -121,3 +121,20 @@ def test_resume_with_a_model_the_log_does_not_fit(uninterrupted, tmp_path):
     with pytest.raises(RuntimeError, match=r"(does not fit|Unexpected key|Missing key)"):
         fit(module, tmp_path, ckpt_path=str(ckpt_dir / "epoch=1.ckpt"))
     assert module.trainer.global_step == 0
+
+
+def test_resume_with_a_log_that_fits_only_partly_leaves_the_module_untouched(uninterrupted, tmp_path):
+    _, ckpt_dir = uninterrupted
+    checkpoint = torch.load(ckpt_dir / "epoch=1.ckpt", weights_only=False)
+    events = checkpoint["lightning_depthgrow"]["events"]
+    assert events, "the epoch-1 checkpoint must hold at least one growth event"
+    # The first events fit; the last one names a stack the model does not have.
+    events.append({**events[0], "spec": {**events[0]["spec"], "stack": "model.no_such_stack"}})
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    module = make_module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(EventLogMismatchError, match="no_such_stack"):
+        fit(module, tmp_path / "out", ckpt_path=str(tmp_path / "bad.ckpt"))
+    assert len(module.model.blocks) == 2 and event_log(module) == []
+    assert module.state_dict().keys() == before.keys()
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())

@@ -6,6 +6,7 @@ decided now or replayed from a checkpoint (:func:`restore_architecture`).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning.pytorch as pl
@@ -135,11 +136,23 @@ def restore_architecture(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
                 "resume with a freshly constructed model."
             )
         events = events[len(log) :]
+    _dry_run(trainer, pl_module, events)
     changes = replay_events(pl_module, events)
     log.extend(events)
     if events:
         rank_zero_info(f"lightning_depthgrow: replayed {len(events)} architecture event(s) from {path}")
     return changes
+
+
+def _dry_run(trainer: pl.Trainer, pl_module: pl.LightningModule, events: list[ArchitectureEvent]) -> None:
+    """Replay ``events`` on a copy first, so a log that does not fit raises with the module left untouched."""
+    if not events:
+        return
+    try:
+        probe = copy.deepcopy(pl_module, memo={id(trainer): None})  # the copy must not drag the Trainer along
+    except Exception:  # a module holding something uncopyable: validate on the real module, as before
+        return
+    replay_events(probe, events)
 
 
 def _replay_when_weights_load(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
