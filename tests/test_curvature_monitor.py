@@ -369,3 +369,8 @@ def test_resumed_run_keeps_the_history_and_continues_like_an_uninterrupted_one(t
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     # Same parameters, same batch and same probe seed (it counts the restored history): same numbers.
     assert resumed.history[2]["traces"] == uninterrupted.history[2]["traces"]
+    # A restored monitor exposes the checkpoint's last estimate as ``latest`` for DepthGrowth to read.
+    restored = CurvatureMonitor(num_probes=2)
+    assert restored.latest is None
+    restored.load_state_dict(uninterrupted.state_dict())
+    assert restored.latest is not None and restored.latest.to_dict() == uninterrupted.latest.to_dict()

@@ -297,6 +297,8 @@ class CurvatureMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
+        # A resumed run's readers (DepthGrowth placement) see the last estimate, as the uninterrupted run did.
+        self.latest = CurvatureEstimate.from_dict(self.history[-1]) if self.history else None
         if self.history:
             rank_zero_info(f"CurvatureMonitor: restored {len(self.history)} curvature estimate(s) from the checkpoint")
 

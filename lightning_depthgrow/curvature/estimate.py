@@ -72,6 +72,32 @@ class CurvatureEstimate:
             "seconds": self.seconds,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CurvatureEstimate:
+        """Inverse of :meth:`to_dict` (``None`` back to NaN; raw probe values are not kept).
+
+        Example:
+            >>> e = CurvatureEstimate({"b": TraceEstimate.from_values([1.0, 3.0])}, {"b": 2}, {"model": 2.5})
+            >>> CurvatureEstimate.from_dict(e.to_dict()).to_dict() == e.to_dict()
+            True
+        """
+
+        def num(x: float | None) -> float:
+            return math.nan if x is None else float(x)
+
+        traces = {
+            b: TraceEstimate(num(t["mean"]), num(t["stderr"]), int(t["num_probes"])) for b, t in data["traces"].items()
+        }
+        return cls(
+            traces,
+            {b: int(n) for b, n in data["num_params"].items()},
+            {k: num(v) for k, v in data.get("top_eigenvalues", {}).items()},
+            bool(data.get("valid", True)),
+            str(data.get("invalid_reason", "")),
+            str(data.get("backend", "")),
+            float(data.get("seconds", 0.0)),
+        )
+
     def pack(self) -> Tensor:
         """Everything that combines across ranks, as a 1-D float64 tensor to SUM-all-reduce.
 
