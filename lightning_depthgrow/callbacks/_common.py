@@ -131,9 +131,12 @@ def restore_architecture(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
     log = event_log(pl_module)
     if log:
         if [e.to_dict() for e in log] != [e.to_dict() for e in events[: len(log)]]:
+            # E.g. trainer.test(ckpt_path="best") after fit, where the best checkpoint predates the last growth.
             raise RuntimeError(
-                "The module already carries architecture events that differ from the checkpoint's; "
-                "resume with a freshly constructed model."
+                f"The module already carries {len(log)} architecture event(s) that the checkpoint {path} "
+                f"({len(events)} event(s)) does not start with, e.g. it was saved before the module's latest "
+                "growth. Pass a freshly constructed starting model: trainer.fit/validate/test/predict(fresh_model, "
+                "ckpt_path=...) or lightning_depthgrow.load_grown(fresh_model, ckpt_path)."
             )
         events = events[len(log) :]
     _dry_run(trainer, pl_module, events)

@@ -159,6 +159,9 @@ class DepthGrowth(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            # validate/test/predict(ckpt_path=<grown checkpoint>) on a freshly built module: the architecture
+            # must be rebuilt before Lightning loads the checkpoint's weights into it.
+            _common.restore_architecture(trainer, pl_module)
             return
         _common.check_strategy_supported(trainer, _WHO)
         _common.check_not_compiled(trainer, pl_module, _WHO)
