@@ -31,6 +31,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m lightning_depthgrow`` (one sub-command, ``report``)."""
     parser = argparse.ArgumentParser(prog="python -m lightning_depthgrow", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser(

@@ -48,10 +48,12 @@ class ArchitectureEvent:
     cost: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe copy (what checkpoints and the history file store)."""
         return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchitectureEvent:
+        """Inverse of :meth:`to_dict`; ``epoch``, ``step``, ``reason`` and ``cost`` may be missing."""
         return cls(
             kind=data["kind"],
             spec=dict(data["spec"]),
@@ -84,6 +86,7 @@ class AppliedChange:
 
     @property
     def changes_parameter_set(self) -> bool:
+        """Whether optimizers and DDP must be brought in line (any parameter added, replaced or removed)."""
         return bool(self.added or self.replaced or self.removed or self.new_group)
 
 

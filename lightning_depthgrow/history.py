@@ -63,6 +63,7 @@ class ArchitectureSnapshot:
 
     @property
     def total_depth(self) -> int:
+        """Blocks summed over all stacks."""
         return sum(self.depth.values())
 
     def same_architecture(self, other: ArchitectureSnapshot) -> bool:
@@ -70,10 +71,12 @@ class ArchitectureSnapshot:
         return (self.depth, self.widths, self.params) == (other.depth, other.widths, other.params)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (the form stored in ``architecture_history.json``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchitectureSnapshot:
+        """Inverse of :meth:`to_dict`."""
         flops = data.get("flops")
         return cls(
             epoch=int(data["epoch"]),
@@ -119,10 +122,12 @@ class CurvatureRecord:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict; non-finite numbers become ``None``."""
         return _finite_or_none(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CurvatureRecord:
+        """Inverse of :meth:`to_dict`; ``None`` numbers are read back as NaN."""
         def floats(key: str) -> dict[str, float]:
             return {b: math.nan if v is None else float(v) for b, v in (data.get(key) or {}).items()}
 
@@ -151,6 +156,7 @@ class EventRow:
 
     @classmethod
     def from_event(cls, event: ArchitectureEvent) -> EventRow:
+        """The row of ``event``, with its location (block or layer) taken from its spec."""
         data = event.to_dict()
         return cls(
             epoch=data["epoch"],
@@ -163,10 +169,12 @@ class EventRow:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict; values JSON cannot hold are stored as strings, non-finite numbers as ``None``."""
         return _finite_or_none(json.loads(json.dumps(asdict(self), default=str)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EventRow:
+        """Inverse of :meth:`to_dict`."""
         return cls(
             epoch=int(data["epoch"]),
             step=int(data["step"]),
@@ -229,6 +237,7 @@ class ArchitectureHistory:
         self.metadata: dict[str, Any] = dict(metadata or {})
 
     def add_snapshot(self, snapshot: ArchitectureSnapshot) -> None:
+        """Append a snapshot (see :func:`describe_architecture`)."""
         self.snapshots.append(snapshot)
 
     def add_curvature(self, record: CurvatureRecord | dict[str, Any]) -> CurvatureRecord:
@@ -239,6 +248,7 @@ class ArchitectureHistory:
         return record
 
     def add_event(self, event: ArchitectureEvent | EventRow) -> EventRow:
+        """Append an event (converted to a row); returns the row."""
         row = event if isinstance(event, EventRow) else EventRow.from_event(event)
         self.events.append(row)
         return row
@@ -278,6 +288,7 @@ class ArchitectureHistory:
         return blocks, records, rows
 
     def to_dict(self) -> dict[str, Any]:
+        """The whole history as a JSON-safe dict, with a format ``version`` and the ``final`` snapshot."""
         return {
             "version": FORMAT_VERSION,
             "metadata": self.metadata,
@@ -289,6 +300,7 @@ class ArchitectureHistory:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchitectureHistory:
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` for another format version."""
         version = data.get("version")
         if version != FORMAT_VERSION:
             raise ValueError(
@@ -303,11 +315,12 @@ class ArchitectureHistory:
         )
 
     def to_json(self, indent: int | None = 1) -> str:
-        # NaN/inf are not JSON: they are written as null and read back as NaN.
+        """The history as strict JSON: NaN and infinities (not JSON) are written as ``null``, read back as NaN."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> ArchitectureHistory:
+        """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | os.PathLike) -> str:

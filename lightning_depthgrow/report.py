@@ -155,6 +155,7 @@ def event_timeline_figure(history: ArchitectureHistory) -> Figure:
 
 
 def figure_to_png(figure: Figure) -> bytes:
+    """The rendered figure as PNG bytes."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()

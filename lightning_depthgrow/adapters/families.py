@@ -58,6 +58,10 @@ def _convnext_shape_preserving(block: nn.Module) -> bool:
 
 
 def register_builtin_adapters() -> None:
+    """Register the timm ViT, ResNet and ConvNeXt adapters; a no-op when timm is not installed.
+
+    Called by the registry on first use; a user registration for the same type still wins over these.
+    """
     try:
         from timm.models.convnext import ConvNeXtBlock
         from timm.models.resnet import BasicBlock, Bottleneck

@@ -67,12 +67,15 @@ class BlockAdapter:
             self.name = "/".join(t.__name__ for t in types)
 
     def matches(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a block this adapter describes."""
         return isinstance(module, self.block_type)
 
     def shape_preserving(self, block: nn.Module) -> bool:
+        """Whether ``block`` returns a tensor of its input's shape (and may serve as a template)."""
         return True if self.is_shape_preserving is None else bool(self.is_shape_preserving(block))
 
     def zero_names(self, block: nn.Module) -> list[str]:
+        """Dotted names, relative to ``block``, of the sub-modules or parameters a new block zeroes."""
         names = self.zero_init(block) if callable(self.zero_init) else self.zero_init
         return list(names)
 
@@ -190,12 +193,14 @@ class BlockStack:
 
     @property
     def blocks(self) -> list[nn.Module]:
+        """The blocks of the stack, in order."""
         return list(self.container.children())
 
     def __len__(self) -> int:
         return len(self.container)
 
     def block_name(self, index: int) -> str:
+        """Dotted name of block ``index`` relative to the model (``"blocks.3"``)."""
         return f"{self.path}.{index}" if self.path else str(index)
 
     def growable_positions(self) -> list[int]:

@@ -167,6 +167,7 @@ class CurvatureMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
+        """Key of this monitor's state in a checkpoint; includes its settings so that several monitors can coexist."""
         return self._generate_state_key(
             every_n_epochs=self.every_n_epochs,
             num_batches=self.num_batches,

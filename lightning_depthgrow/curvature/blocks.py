@@ -8,11 +8,11 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from ..adapters import find_block_stacks
+from .estimators import MODEL_KEY as MODEL  # reserved: the key of whole-model results
 
 STEM = "stem"
 HEAD = "head"
 OTHER = "other"
-MODEL = "model"  # reserved: the key of whole-model results
 
 
 def discover_blocks(model: nn.Module) -> dict[str, list[str]]:

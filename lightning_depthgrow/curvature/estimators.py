@@ -35,6 +35,7 @@ class TraceEstimate:
 
     @classmethod
     def from_values(cls, values: Sequence[float]) -> TraceEstimate:
+        """From the individual probe values ``v^T H v`` (mean and standard error of the mean)."""
         total = math.fsum(values)
         total_sq = math.fsum(v * v for v in values)
         return cls.from_sums(total, total_sq, len(values), tuple(values))

@@ -85,6 +85,7 @@ class DenseOperator:
         self.dtype, self.device = matrix.dtype, matrix.device
 
     def matmat(self, vectors: list[Tensor]) -> list[Tensor]:
+        """``H V`` for ``K`` vectors at once: ``vectors[j]`` is ``[K, *shapes[j]]``, like the result."""
         k = vectors[0].shape[0]
         flat = torch.cat([v.reshape(k, -1) for v in vectors], dim=1)
         out = flat @ self.matrix.T

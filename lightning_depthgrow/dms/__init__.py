@@ -1,6 +1,6 @@
 """Differentiable Model Scaling (Liu et al., ICML 2024): differentiable top-k gates, soft resource
-counts and export by slicing. No Lightning here; see :class:`lightning_depthgrow.callbacks.dms.
-DifferentiableModelScaling` for the training-loop shell.
+counts and export by slicing. No Lightning here; see
+:class:`lightning_depthgrow.callbacks.dms.DifferentiableModelScaling` for the training-loop shell.
 """
 
 from .appliers import ARCH_GROUP_KEY, apply_attach, apply_export, arch_group_options, attach_event, export_event

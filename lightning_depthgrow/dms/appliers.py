@@ -63,6 +63,7 @@ def attach_event(model: nn.Module, lr: float, width: bool = True, heads: bool = 
 
 
 def apply_attach(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
+    """Applier of ``dms_attach`` events: attach the recorded gates; their ratios form one new param group."""
     gates = attach_gates(model, spec["width"], spec["heads"], spec["depth"], specs=spec["gates"])
     return AppliedChange(new_group=(gates.arch_parameters(), arch_group_options(spec["lr"])))
 
@@ -76,6 +77,7 @@ def export_event(model: nn.Module, **meta: Any) -> ArchitectureEvent:
 
 
 def apply_export(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
+    """Applier of ``dms_export`` events: slice ``model`` to the recorded kept indices (:func:`export_model`)."""
     return export_model(model, spec["keep"])
 
 

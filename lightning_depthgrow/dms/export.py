@@ -135,7 +135,7 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
             continue
         _plan_width(model, s, keep[s["name"]], slices)
 
-    # Build every new tensor before touching the model.
+    # Build and check every new tensor before touching the model, so a bad index leaves it intact.
     new_tensors: list[tuple[nn.Module, str, Tensor, tuple[Tensor | None, ...]]] = []
     for (_, name), (module, dims) in slices.index.items():
         old = getattr(module, name)
@@ -149,7 +149,7 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
             value = value.index_select(d, kept.to(value.device))
         new_tensors.append((module, name, value.clone(), index))
 
-    # Mutate.
+    # Everything is checked: only assignments from here on.
     change = AppliedChange()
     for module, name, value, index in new_tensors:
         old = getattr(module, name)

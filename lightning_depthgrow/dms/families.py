@@ -42,10 +42,6 @@ def gate_name(path: str, suffix: str) -> str:
     return f"{path.replace('.', '/')}:{suffix}"
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def _channel_agnostic(module: nn.Module | None) -> bool:
     """A layer between a gated producer and its consumer that treats channels independently and holds
     no per-channel state (identity, pooling, dropout-like), so slicing channels cannot break it."""

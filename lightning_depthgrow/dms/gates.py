@@ -61,6 +61,7 @@ class DMSGates(nn.Module):
         return self.bank.masks(self.training)
 
     def gate_list(self) -> list[TopKGate]:
+        """The gates, in attachment order."""
         return list(self.gates.values())
 
     def arch_parameters(self) -> list[nn.Parameter]:

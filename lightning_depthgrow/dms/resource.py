@@ -135,6 +135,7 @@ class ResourceModel:
         return self._table_value
 
     def full(self, resource: str = "flops") -> float:
+        """The supernet's FLOPs or parameters (``resource`` is ``"flops"`` or ``"params"``)."""
         return self.full_flops if resource == "flops" else self.full_params
 
     def minimum(self, gates: DMSGates, resource: str = "flops") -> float:

@@ -97,6 +97,7 @@ class TopKGate(nn.Module):
 
     @property
     def bank(self) -> GateBank:
+        """A one-gate :class:`GateBank` (built on first use) for this gate used on its own."""
         if self._bank is None:
             self._bank = GateBank([self])
         return self._bank
@@ -145,9 +146,11 @@ class TopKGate(nn.Module):
         self.bank.apply_importance(grad)
 
     def keep_count(self) -> int:
+        """How many elements the hard mask keeps."""
         return int(self.hard_mask().sum().item())
 
     def kept_indices(self) -> list[int]:
+        """Indices of the elements the hard mask keeps, ascending."""
         return [int(i) for i in torch.nonzero(self.hard_mask()).flatten()]
 
     @torch.no_grad()
@@ -157,6 +160,7 @@ class TopKGate(nn.Module):
 
     @property
     def frozen(self) -> bool:
+        """Whether :meth:`freeze` has been called (the ratio no longer moves)."""
         return not bool(torch.isnan(self.frozen_ratio))
 
     @torch.no_grad()
