@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.common import Classifier, MNIST1DDataModule, make_vit
-from lightning_depthgrow.callbacks._common import event_log
+from lightning_depthgrow.callbacks import event_log
 from lightning_depthgrow.callbacks.dms import DifferentiableModelScaling
 from lightning_depthgrow.measure import count_flops, count_parameters
 

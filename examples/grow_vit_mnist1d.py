@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make ``examples.common`` impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.common import Classifier, MNIST1DDataModule, make_vit, mnist1d_tensors
-from lightning_depthgrow.callbacks._common import event_log
+from lightning_depthgrow.callbacks import event_log
 from lightning_depthgrow.callbacks.architecture_logger import ArchitectureLogger
 from lightning_depthgrow.callbacks.curvature_monitor import CurvatureMonitor
 from lightning_depthgrow.callbacks.depth_growth import DepthGrowth

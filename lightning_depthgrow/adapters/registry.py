@@ -9,7 +9,7 @@ next to this one (``timm_vit.py``, ``timm_resnet.py``, ...), which register thei
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -295,8 +295,3 @@ def _load_builtin_adapters() -> None:
     from . import families
 
     families.register_builtin_adapters()
-
-
-def iter_block_names(stacks: Iterable[BlockStack]) -> list[str]:
-    """Dotted names of every block in ``stacks``, in order."""
-    return [s.block_name(i) for s in stacks for i in range(len(s))]
