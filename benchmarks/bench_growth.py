@@ -11,7 +11,13 @@ fraction of an epoch. The instrumentation callbacks (ArchitectureLogger, printin
 
     OMP_NUM_THREADS=1 python benchmarks/bench_growth.py --epochs 12 --seeds 0 1 2
 
-Writes ``benchmarks/results/growth.json``.
+Writes ``benchmarks/results/growth.json``. The growth schedule scales with ``--epochs`` (warm-up and interval
+``round(epochs / 6)``, i.e. 2 and 2 at 12 epochs) unless ``--warmup-epochs`` / ``--grow-every`` are given.
+``--larger-fixed DEPTH`` adds a fixed model deeper than the grown one, the paper's (arXiv 2402.12418) comparison
+of a grown model with a larger uniform one, e.g. the longer schedule with growth over the first half:
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_growth.py --epochs 30 --warmup-epochs 3 --grow-every 4 \
+        --larger-fixed 8 --out benchmarks/results/growth_long.json
 """
 
 from __future__ import annotations
@@ -43,17 +49,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", type=float, default=3.0)
+    parser.add_argument(
+        "--warmup-epochs", type=int, default=None, help="epochs before the first growth (default: round(epochs / 6))"
+    )
+    parser.add_argument(
+        "--grow-every", type=int, default=None, help="epochs between growth steps (default: round(epochs / 6))"
+    )
+    parser.add_argument(
+        "--larger-fixed",
+        type=int,
+        default=None,
+        metavar="DEPTH",
+        help="also train a fixed model of DEPTH blocks (must exceed the grown model's final depth)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth.json")
     args = parser.parse_args(argv)
+    # The 12-epoch schedule (warm-up 2, every 2) stretched proportionally to the epoch count.
+    scaled = max(1, round(args.epochs / 6))
+    warmup = scaled if args.warmup_epochs is None else args.warmup_epochs
+    every = scaled if args.grow_every is None else args.grow_every
     mnist1d_tensors()  # generate the data set once, outside the timed runs
 
     runs: dict[str, list[dict[str, Any]]] = {"curvature": [], "uniform": [], "fixed": []}
+    if args.larger_fixed is not None:
+        runs["larger_fixed"] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             # Interleaved per seed, so a slow phase of a shared machine hits every variant alike.
             for placement in ("curvature", "uniform"):
                 result = run_grown(
-                    args.epochs, seed, Path(tmp), args.budget, placement=placement, verbose=False, history=False
+                    args.epochs,
+                    seed,
+                    Path(tmp),
+                    args.budget,
+                    warmup_epochs=warmup,
+                    grow_every=every,
+                    placement=placement,
+                    verbose=False,
+                    history=False,
                 )
                 runs[placement].append(result)
                 print(f"seed {seed} {placement:9s} acc {result['val_acc']:.3f} {result['wall_s']:.1f}s", flush=True)
@@ -61,10 +94,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = run_fixed(args.epochs, seed, depth, Path(tmp))
             runs["fixed"].append(result)
             print(f"seed {seed} fixed({depth})  acc {result['val_acc']:.3f} {result['wall_s']:.1f}s", flush=True)
+            if args.larger_fixed is not None:
+                if args.larger_fixed <= depth:
+                    raise ValueError(
+                        f"--larger-fixed {args.larger_fixed} is not deeper than the grown model's final depth "
+                        f"{depth}; pass a depth > {depth} or leave the flag out"
+                    )
+                result = run_fixed(args.epochs, seed, args.larger_fixed, Path(tmp))
+                runs["larger_fixed"].append(result)
+                print(
+                    f"seed {seed} fixed({args.larger_fixed})  acc {result['val_acc']:.3f} {result['wall_s']:.1f}s",
+                    flush=True,
+                )
 
     summary: dict[str, Any] = {}
     fixed_wall = statistics.fmean(r["wall_s"] for r in runs["fixed"])
     fixed_cpu = statistics.fmean(r["cpu_s"] for r in runs["fixed"])
+    larger_cpu = statistics.fmean(r["cpu_s"] for r in runs["larger_fixed"]) if "larger_fixed" in runs else None
     for name, results in runs.items():
         acc, acc_std = _mean_std([r["val_acc"] for r in results])
         wall, wall_std = _mean_std([r["wall_s"] for r in results])
@@ -81,10 +127,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cpu_s_std": cpu_std,
             "cpu_ratio_vs_fixed": cpu / fixed_cpu,
         }
-        if name != "fixed":
+        if larger_cpu is not None:
+            entry["cpu_ratio_vs_larger_fixed"] = cpu / larger_cpu
+        if name in ("curvature", "uniform"):
             # When (CPU seconds) the fixed model of the same seed first matched this variant's final accuracy.
             reached = [time_to_accuracy(f["curve"], r["val_acc"]) for r, f in zip(results, runs["fixed"])]
             entry["fixed_reaches_this_acc_at_cpu_s"] = [None if x is None else x["cpu_s"] for x in reached]
+            if "larger_fixed" in runs:
+                reached = [time_to_accuracy(f["curve"], r["val_acc"]) for r, f in zip(results, runs["larger_fixed"])]
+                entry["larger_fixed_reaches_this_acc_at_cpu_s"] = [None if x is None else x["cpu_s"] for x in reached]
             fractions = [s / r["epoch_s"] for r in results for s in r["surgery_s"]]
             entry["surgery_s_per_step_mean"] = statistics.fmean(s for r in results for s in r["surgery_s"])
             entry["surgery_fraction_of_epoch_mean"] = statistics.fmean(fractions)
@@ -92,15 +143,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary[name] = entry
 
     print()
-    print(f"MNIST-1D, ViT 2 blocks -> {args.budget}x params, {args.epochs} epochs, seeds {args.seeds}")
     print(
-        f"{'variant':10s} {'val_acc':>15s} {'params':>9s} {'wall s':>13s} {'wall/fixed':>10s} {'CPU s':>13s} "
+        f"MNIST-1D, ViT 2 blocks -> {args.budget}x params, {args.epochs} epochs (warm-up {warmup}, grow every "
+        f"{every}), seeds {args.seeds}"
+    )
+    print(
+        f"{'variant':12s} {'val_acc':>15s} {'params':>9s} {'wall s':>13s} {'wall/fixed':>10s} {'CPU s':>13s} "
         f"{'CPU/fixed':>9s} {'surgery/epoch':>13s}"
     )
     for name, e in summary.items():
         surgery = f"{e['surgery_fraction_of_epoch_mean']:.4f}" if "surgery_fraction_of_epoch_mean" in e else "-"
         print(
-            f"{name:10s} {e['val_acc_mean']:7.3f} +- {e['val_acc_std']:.3f} {max(e['params']):9,d} "
+            f"{name:12s} {e['val_acc_mean']:7.3f} +- {e['val_acc_std']:.3f} {max(e['params']):9,d} "
             f"{e['wall_s_mean']:6.1f} +- {e['wall_s_std']:4.1f} {e['wall_ratio_vs_fixed']:10.2f} "
             f"{e['cpu_s_mean']:6.1f} +- {e['cpu_s_std']:4.1f} {e['cpu_ratio_vs_fixed']:9.2f} {surgery:>13s}"
         )
@@ -108,8 +162,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reached = summary[name]["fixed_reaches_this_acc_at_cpu_s"]
         shown = ", ".join("never" if x is None else f"{x:.1f}" for x in reached)
         print(f"fixed model reaches {name}'s final val_acc after CPU s (per seed): {shown}")
+        if "larger_fixed" in summary:
+            reached = summary[name]["larger_fixed_reaches_this_acc_at_cpu_s"]
+            shown = ", ".join("never" if x is None else f"{x:.1f}" for x in reached)
+            print(f"larger fixed model reaches {name}'s final val_acc after CPU s (per seed): {shown}")
     record = {
-        "config": {"epochs": args.epochs, "seeds": args.seeds, "budget": args.budget, "start_depth": 2},
+        "config": {
+            "epochs": args.epochs,
+            "seeds": args.seeds,
+            "budget": args.budget,
+            "start_depth": 2,
+            "warmup_epochs": warmup,
+            "grow_every": every,
+            "larger_fixed": args.larger_fixed,
+        },
         "machine": {
             "platform": platform.platform(),
             "torch": torch.__version__,
