@@ -285,3 +285,17 @@ def test_resumed_run_continues_the_same_history(tmp_path):
     assert story(resumed) == story(uninterrupted)
     assert [s.depth["model.blocks"] for s in resumed.snapshots] == [2, 3, 4]
     assert len(resumed.events) == 2
+
+
+def test_curvature_of_a_monitor_driven_by_depth_growth_is_recorded(tmp_path):
+    from lightning_depthgrow.callbacks import CurvatureMonitor, DepthGrowth
+
+    # The monitor is given to DepthGrowth only (not in trainer.callbacks), as the demo does.
+    monitor = CurvatureMonitor(num_probes=2, log=False)
+    growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, monitor=monitor)
+    logger = ArchitectureLogger()
+    trainer = quiet_trainer(max_epochs=3, logger=CSVLogger(tmp_path), callbacks=[growth, logger])
+    trainer.fit(TinyClassifier())
+    assert growth.curvature_monitor is monitor and monitor.history
+    recorded = [(c.epoch, c.step) for c in logger.history.curvature]
+    assert recorded == [(h["epoch"], h["step"]) for h in monitor.history]

@@ -212,9 +212,12 @@ class ArchitectureLogger(Callback):
     def _new_curvature_entries(self, trainer: pl.Trainer) -> list[dict[str, Any]]:
         """Entries appended since the last poll to the ``history`` list of any curvature-monitoring callback."""
         entries = []
-        for callback in trainer.callbacks:
+        # Monitors in trainer.callbacks, and private ones a callback drives itself (``DepthGrowth(monitor=...)``).
+        sources = [cb for cb in trainer.callbacks if cb is not self]
+        sources += [cb.curvature_monitor for cb in sources if getattr(cb, "curvature_monitor", None) is not None]
+        for callback in {id(cb): cb for cb in sources}.values():
             history = getattr(callback, "history", None)
-            if callback is self or not isinstance(history, list):
+            if not isinstance(history, list):
                 continue
             key = callback.state_key
             new = history[self._curvature_seen.get(key, 0) :]

@@ -155,6 +155,12 @@ class DepthGrowth(Callback):
         self.last_growth_epoch = -1
         self._own_monitor: Callback | None = None
 
+    @property
+    def curvature_monitor(self) -> Callback | None:
+        """The monitor this callback drives itself (given as ``monitor=`` or built here, not in
+        ``trainer.callbacks``), so that ``ArchitectureLogger`` records its estimates too; else ``None``."""
+        return self._own_monitor
+
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
