@@ -84,7 +84,7 @@ def depth_figure(history: ArchitectureHistory) -> Figure:
 def curvature_heatmap_figure(history: ArchitectureHistory) -> Figure:
     """Hessian trace per parameter of every block (rows) at every valid estimate (columns), log colour scale."""
     import numpy as np
-    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.colors import LogNorm, Normalize, SymLogNorm
 
     blocks, records, rows = history.curvature_matrix()
     figure = _new_figure(7.0, max(2.5, 0.3 * len(blocks) + 1.5))
@@ -93,16 +93,24 @@ def curvature_heatmap_figure(history: ArchitectureHistory) -> Figure:
         _message(ax, "no curvature estimates recorded (add a CurvatureMonitor)")
         return figure
     values = np.ma.masked_invalid(np.asarray(rows, dtype=float))
-    positive = values.compressed()[values.compressed() > 0]
-    # Traces per parameter span decades across blocks; a log scale shows them all unless some are <= 0.
-    log_scale = positive.size == values.count() and positive.size > 0
-    norm = LogNorm(positive.min(), positive.max()) if log_scale else Normalize()
+    finite = values.compressed()
+    positive = finite[finite > 0]
+    magnitudes = np.abs(finite[finite != 0])
+    # Traces per parameter span decades across blocks: a log scale shows them all; Hutchinson estimates can be
+    # <= 0, and then a symmetric log scale (linear within the smallest decade) keeps the sign visible.
+    log_scale = magnitudes.size > 0
+    if positive.size == finite.size and positive.size > 0:
+        norm = LogNorm(positive.min(), positive.max())
+    elif log_scale:
+        norm = SymLogNorm(linthresh=float(np.quantile(magnitudes, 0.1)), vmin=finite.min(), vmax=finite.max())
+    else:
+        norm = Normalize()
     image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
     ax.set_yticks(range(len(blocks)), blocks, fontsize="small")
     ax.set_xticks(range(len(records)), [str(r.epoch) for r in records], fontsize="small")
     ax.set_xlabel("epoch of the estimate")
     ax.set_title("Hessian trace per parameter")
-    figure.colorbar(image, ax=ax, label="trace / #params" + (" (log)" if log_scale else ""))
+    figure.colorbar(image, ax=ax, label="trace / #params" + (" (log scale)" if log_scale else ""))
     return figure
 
 
