@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import tensor_hash
+from _helpers import quiet_trainer, tensor_hash
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -47,18 +47,8 @@ def _classifier(max_epochs: int, **vit_kwargs) -> Classifier:
 
 
 def _trainer(max_epochs: int, callbacks: list[Callback], **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, **defaults)
+    defaults = dict(limit_val_batches=0, num_sanity_val_steps=0)
+    return quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, **{**defaults, **kwargs})
 
 
 def _ce_loss(module: nn.Module, batch) -> torch.Tensor:

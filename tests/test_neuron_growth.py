@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import tensor_hash
+from _helpers import quiet_trainer, tensor_hash
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -215,15 +215,8 @@ def fit(module: Classifier, ckpt_dir: Path, ckpt_path: str | None = None, min_ne
         step_budget=STEP_BUDGET, budget_mode="absolute", scale_by_lr=False, warmup_epochs=1, min_neurons=min_neurons
     )
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-    trainer = pl.Trainer(
-        max_epochs=EPOCHS,
-        callbacks=[growth, checkpoint],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
+    trainer = quiet_trainer(
+        max_epochs=EPOCHS, callbacks=[growth, checkpoint], enable_checkpointing=True, deterministic=True
     )
     x, y = data()
     # Fixed order, no dropout: a resumed run sees exactly what the uninterrupted one saw.

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from _helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -34,15 +35,8 @@ def loaders() -> tuple[DataLoader, DataLoader]:
 def fit(module: Classifier, ckpt_dir: Path, ckpt_path: str | None = None) -> pl.Trainer:
     growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, placement="curvature", seed=3)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-    trainer = pl.Trainer(
-        max_epochs=EPOCHS,
-        callbacks=[growth, checkpoint],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
+    trainer = quiet_trainer(
+        max_epochs=EPOCHS, callbacks=[growth, checkpoint], enable_checkpointing=True, deterministic=True
     )
     train, val = loaders()
     trainer.fit(module, train, val, ckpt_path=ckpt_path)

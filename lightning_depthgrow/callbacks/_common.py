@@ -32,6 +32,21 @@ def event_log(module: torch.nn.Module) -> list[ArchitectureEvent]:
     return log
 
 
+def setup_for_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, who: str) -> bool:
+    """Start of an architecture-changing callback's ``setup``; returns whether training (and change) follows.
+
+    Outside ``fit`` (``validate/test/predict(fresh_module, ckpt_path=<changed checkpoint>)``) it only rebuilds the
+    architecture before Lightning loads the checkpoint's weights. For ``fit`` it rejects what cannot be mutated;
+    the caller measures its starting size and then calls :func:`restore_architecture`.
+    """
+    if stage != "fit":
+        restore_architecture(trainer, pl_module)
+        return False
+    check_strategy_supported(trainer, who)
+    check_not_compiled(trainer, pl_module, who)
+    return True
+
+
 def check_strategy_supported(trainer: pl.Trainer, who: str) -> None:
     """Reject sharded strategies, whose parameters we cannot mutate in place (yet)."""
     name = type(trainer.strategy).__name__

@@ -153,13 +153,8 @@ class NeuronGrowth(Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            # validate/test/predict(ckpt_path=<grown checkpoint>) on a freshly built module: the architecture
-            # must be rebuilt before Lightning loads the checkpoint's weights into it.
-            _common.restore_architecture(trainer, pl_module)
+        if not _common.setup_for_fit(trainer, pl_module, stage, _WHO):
             return
-        _common.check_strategy_supported(trainer, _WHO)
-        _common.check_not_compiled(trainer, pl_module, _WHO)
         if self.start_params is None:
             # Before a resumed checkpoint's events are replayed: relative budgets refer to the starting model.
             self.start_params = _count(pl_module)
