@@ -88,9 +88,16 @@ def step_overhead(supernet: dict[str, Any], steps: int = 10, repeats: int = 12) 
             times[name].append((time.perf_counter() - start) / steps)
     plain, search = statistics.median(times["plain"]), statistics.median(times["search"])
     paired = statistics.median(s / p for s, p in zip(times["search"], times["plain"]))
-    return {"supernet": supernet, "plain_step_s": plain, "search_step_s": search, "ratio": paired,
-            "ratio_of_medians": search / plain, "ratio_of_minima": min(times["search"]) / min(times["plain"]),
-            "plain_all_s": times["plain"], "search_all_s": times["search"]}
+    return {
+        "supernet": supernet,
+        "plain_step_s": plain,
+        "search_step_s": search,
+        "ratio": paired,
+        "ratio_of_medians": search / plain,
+        "ratio_of_minima": min(times["search"]) / min(times["plain"]),
+        "plain_all_s": times["plain"],
+        "search_all_s": times["search"],
+    }
 
 
 def profile_search_step(supernet: dict[str, Any], steps: int = 10, rows: int = 25) -> str:
@@ -109,8 +116,16 @@ def profile_search_step(supernet: dict[str, Any], steps: int = 10, rows: int = 2
 
 
 def fit(model: Classifier, epochs: int, seed: int, callbacks: list) -> float:
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(model, MNIST1DDataModule(batch_size=128, seed=seed))
     return float(trainer.callback_metrics["val_acc"])
 
@@ -139,9 +154,15 @@ def quality(seed: int, epochs: int, search_epochs: int, target: float) -> dict[s
     uniform = Classifier(uniform_vit(dms_flops, example), max_epochs=epochs)
     uni_flops = count_flops(uniform, example).total
     uni_acc = fit(uniform, epochs, seed, [])
-    return {"seed": seed, "dms_acc": dms_acc, "dms_flops_ratio": dms_flops / full, "uniform_acc": uni_acc,
-            "uniform_flops_ratio": uni_flops / full, "uniform_embed_dim": uniform.model.embed_dim,
-            "dms_depth": len(dms_model.model.blocks)}
+    return {
+        "seed": seed,
+        "dms_acc": dms_acc,
+        "dms_flops_ratio": dms_flops / full,
+        "uniform_acc": uni_acc,
+        "uniform_flops_ratio": uni_flops / full,
+        "uniform_embed_dim": uniform.model.embed_dim,
+        "dms_depth": len(dms_model.model.blocks),
+    }
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -163,27 +184,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     overhead = [step_overhead(net) for net in (SUPERNET, LARGE_SUPERNET)]
     for o in overhead:
-        print(f"step time {o['supernet']}: plain {o['plain_step_s'] * 1e3:.1f} ms, DMS search "
-              f"{o['search_step_s'] * 1e3:.1f} ms, ratio {o['ratio']:.3f} (target <= 1.15; of medians "
-              f"{o['ratio_of_medians']:.3f}, of minima {o['ratio_of_minima']:.3f})", flush=True)
+        print(
+            f"step time {o['supernet']}: plain {o['plain_step_s'] * 1e3:.1f} ms, DMS search "
+            f"{o['search_step_s'] * 1e3:.1f} ms, ratio {o['ratio']:.3f} (target <= 1.15; of medians "
+            f"{o['ratio_of_medians']:.3f}, of minima {o['ratio_of_minima']:.3f})",
+            flush=True,
+        )
     if args.profile:
         print(profile_search_step(SUPERNET), flush=True)
     runs = []
     for seed in args.seeds:
         runs.append(quality(seed, args.epochs, args.search_epochs, args.target))
         r = runs[-1]
-        print(f"seed {seed}: DMS acc {r['dms_acc']:.3f} (FLOPs {r['dms_flops_ratio']:.3f}, depth {r['dms_depth']}) | "
-              f"uniform acc {r['uniform_acc']:.3f} (FLOPs {r['uniform_flops_ratio']:.3f}, "
-              f"dim {r['uniform_embed_dim']})", flush=True)
-    summary = {k: _mean_std([r[k] for r in runs]) for k in ("dms_acc", "uniform_acc", "dms_flops_ratio",
-                                                             "uniform_flops_ratio")}
+        print(
+            f"seed {seed}: DMS acc {r['dms_acc']:.3f} (FLOPs {r['dms_flops_ratio']:.3f}, depth {r['dms_depth']}) | "
+            f"uniform acc {r['uniform_acc']:.3f} (FLOPs {r['uniform_flops_ratio']:.3f}, "
+            f"dim {r['uniform_embed_dim']})",
+            flush=True,
+        )
+    summary = {
+        k: _mean_std([r[k] for r in runs]) for k in ("dms_acc", "uniform_acc", "dms_flops_ratio", "uniform_flops_ratio")
+    }
     print("\n| variant | val acc (mean +- std) | FLOPs / supernet |\n|---|---|---|")
     for name in ("dms", "uniform"):
         acc, flops = summary[f"{name}_acc"], summary[f"{name}_flops_ratio"]
         print(f"| {name} | {acc[0]:.4f} +- {acc[1]:.4f} | {flops[0]:.3f} |")
-    result = {"config": {**vars(args), "out": str(args.out), "supernet": SUPERNET, "torch": torch.__version__,
-                         "machine": platform.machine(), "threads": torch.get_num_threads()},
-              "overhead": overhead, "runs": runs, "summary": summary}
+    result = {
+        "config": {
+            **vars(args),
+            "out": str(args.out),
+            "supernet": SUPERNET,
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+        "overhead": overhead,
+        "runs": runs,
+        "summary": summary,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     return result

@@ -49,8 +49,14 @@ def mnist1d_tensors(seed: int = 42) -> tuple[torch.Tensor, torch.Tensor, torch.T
 class MNIST1DDataModule(pl.LightningDataModule):
     """MNIST-1D train/val loaders. Shuffling uses a seeded generator so runs are reproducible."""
 
-    def __init__(self, batch_size: int = 128, seed: int = 0, num_workers: int = 0, shuffle: bool = True,
-                 limit_train: int | None = None) -> None:
+    def __init__(
+        self,
+        batch_size: int = 128,
+        seed: int = 0,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        limit_train: int | None = None,
+    ) -> None:
         super().__init__()
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.shuffle, self.limit_train = shuffle, limit_train
@@ -63,28 +69,56 @@ class MNIST1DDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator,
-                          num_workers=self.num_workers, drop_last=True)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            drop_last=True,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=500, num_workers=self.num_workers)
 
 
-def make_vit(depth: int = 2, embed_dim: int = 64, num_heads: int = 4, mlp_ratio: float = 2.0,
-             init_values: float | None = None, drop_path_rate: float = 0.0, num_classes: int = 10) -> nn.Module:
+def make_vit(
+    depth: int = 2,
+    embed_dim: int = 64,
+    num_heads: int = 4,
+    mlp_ratio: float = 2.0,
+    init_values: float | None = None,
+    drop_path_rate: float = 0.0,
+    num_classes: int = 10,
+) -> nn.Module:
     """A small timm VisionTransformer for MNIST-1D: ``(1, 4)`` patches of a ``1 x 40`` signal, class token."""
     return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=(1, 40), patch_size=(1, 4), in_chans=1,
-        num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-        init_values=init_values, drop_path_rate=drop_path_rate,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=(1, 40),
+        patch_size=(1, 4),
+        in_chans=1,
+        num_classes=num_classes,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        init_values=init_values,
+        drop_path_rate=drop_path_rate,
     )
 
 
 class Classifier(pl.LightningModule):
     """Cross-entropy classifier around any ``model``: AdamW with a decay/no-decay split, per-step cosine LR."""
 
-    def __init__(self, model: nn.Module, lr: float = 3e-3, weight_decay: float = 0.05, max_epochs: int = 10,
-                 warmup_fraction: float = 0.05) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 3e-3,
+        weight_decay: float = 0.05,
+        max_epochs: int = 10,
+        warmup_fraction: float = 0.05,
+    ) -> None:
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.max_epochs = lr, weight_decay, max_epochs

@@ -25,8 +25,9 @@ from lightning_depthgrow.measure import count_flops, count_parameters
 
 
 def describe(vit: torch.nn.Module) -> str:
-    rows = [f"  block {i}: heads {b.attn.num_heads}, mlp hidden {b.mlp.fc1.out_features}"
-            for i, b in enumerate(vit.blocks)]
+    rows = [
+        f"  block {i}: heads {b.attn.num_heads}, mlp hidden {b.mlp.fc1.out_features}" for i, b in enumerate(vit.blocks)
+    ]
     return "\n".join([f"  depth {len(vit.blocks)}", *rows])
 
 
@@ -43,8 +44,16 @@ def main(argv: list[str] | None = None) -> dict:
     example = model.example_input_array
     flops_before, params_before = count_flops(model, example).total, count_parameters(model)
     dms = DifferentiableModelScaling(target=args.target, search_epochs=args.search_epochs)
-    trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[dms], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        callbacks=[dms],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(model, MNIST1DDataModule(batch_size=128, seed=args.seed))
     flops_after, params_after = count_flops(model, example).total, count_parameters(model)
     accuracy = float(trainer.callback_metrics["val_acc"])

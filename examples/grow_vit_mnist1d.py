@@ -80,13 +80,15 @@ class EpochClock(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self.rows.append({
-            "epoch": trainer.current_epoch,
-            "depth": len(pl_module.model.blocks),
-            "val_acc": float(trainer.callback_metrics.get("val_acc", float("nan"))),
-            "wall_s": time.perf_counter() - self.start[0],
-            "cpu_s": time.process_time() - self.start[1],
-        })
+        self.rows.append(
+            {
+                "epoch": trainer.current_epoch,
+                "depth": len(pl_module.model.blocks),
+                "val_acc": float(trainer.callback_metrics.get("val_acc", float("nan"))),
+                "wall_s": time.perf_counter() - self.start[0],
+                "cpu_s": time.process_time() - self.start[1],
+            }
+        )
 
 
 def build_trainer(epochs: int, callbacks: list[Callback], out: Path, quick: bool) -> pl.Trainer:

@@ -128,6 +128,7 @@ class CurvatureRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CurvatureRecord:
         """Inverse of :meth:`to_dict`; ``None`` numbers are read back as NaN."""
+
         def floats(key: str) -> dict[str, float]:
             return {b: math.nan if v is None else float(v) for b, v in (data.get(key) or {}).items()}
 

@@ -23,9 +23,18 @@ EXAMPLE = torch.zeros(2, 1, 1, 40)
 
 
 def trainer(epochs: int, callbacks: list, **kw) -> pl.Trainer:
-    options = dict(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=1,
-                   num_sanity_val_steps=0, deterministic=True)
+    options = dict(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
     options.update(kw)
     return pl.Trainer(callbacks=callbacks, **options)
 

@@ -59,9 +59,7 @@ def check_strategy_supported(trainer: pl.Trainer, who: str) -> None:
 
 def check_not_compiled(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
     """Raise if ``pl_module`` or any sub-module is ``torch.compile``d: the graph would keep the old architecture."""
-    compiled = [
-        n for n, m in pl_module.named_modules() if isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
-    ]
+    compiled = [n for n, m in pl_module.named_modules() if isinstance(m, torch._dynamo.eval_frame.OptimizedModule)]
     if compiled or getattr(trainer.strategy, "_compiled", False):
         raise RuntimeError(
             f"{who} cannot mutate a torch.compile'd model ({compiled or 'the whole module'}): the compiled "

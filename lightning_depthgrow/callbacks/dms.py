@@ -136,11 +136,20 @@ class DifferentiableModelScaling(Callback):
         self._trainer = trainer
         kinds = [e.kind for e in event_log(pl_module)]
         if ATTACH not in kinds:
-            event = attach_event(pl_module, self.arch_lr, self.width, self.heads, self.depth,
-                                 epoch=trainer.current_epoch, step=trainer.global_step)
+            event = attach_event(
+                pl_module,
+                self.arch_lr,
+                self.width,
+                self.heads,
+                self.depth,
+                epoch=trainer.current_epoch,
+                step=trainer.global_step,
+            )
             apply_and_sync(None, pl_module, event)
-            rank_zero_info(f"DMS: attached {len(event.spec['gates'])} gates: "
-                           + ", ".join(f"{s['name']} ({s['n']})" for s in event.spec["gates"]))
+            rank_zero_info(
+                f"DMS: attached {len(event.spec['gates'])} gates: "
+                + ", ".join(f"{s['name']} ({s['n']})" for s in event.spec["gates"])
+            )
         if EXPORT not in kinds and find_gates(pl_module) is not None:
             self._build_resources(pl_module)
         self._wrap(pl_module)
@@ -223,8 +232,11 @@ class DifferentiableModelScaling(Callback):
         r_t = self.target_ratio_at(step)
         r_c = self._resources.evaluate(gates, self.resource) / self._resources.full(self.resource)
         loss = self.lambda_res * torch.relu(torch.log(r_c / r_t))
-        pl_module.log_dict({"dms/resource_ratio": r_c.detach(), "dms/target_ratio": r_t,
-                            "dms/resource_loss": loss.detach()}, on_step=True, on_epoch=False)
+        pl_module.log_dict(
+            {"dms/resource_ratio": r_c.detach(), "dms/target_ratio": r_t, "dms/resource_loss": loss.detach()},
+            on_step=True,
+            on_epoch=False,
+        )
         if isinstance(output, torch.Tensor):
             return output + loss.to(output.dtype)
         if isinstance(output, dict) and "loss" in output:
@@ -233,8 +245,9 @@ class DifferentiableModelScaling(Callback):
             f"training_step returned {type(output).__name__}; DMS needs a loss tensor or a dict with 'loss'"
         )
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         gates = find_gates(pl_module)
         if gates is None or trainer.global_step < self._schedule_steps:
             return
@@ -244,8 +257,9 @@ class DifferentiableModelScaling(Callback):
             if gate.kind != "width" and not gate.frozen:
                 gate.freeze()
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         for group in optimizer.param_groups:
             if group.get(ARCH_GROUP_KEY):
                 group["lr"] = self.arch_lr  # constant, whatever the user's scheduler did to all groups
@@ -257,8 +271,9 @@ class DifferentiableModelScaling(Callback):
         # dL/dm is averaged over ranks like any gradient, so every rank holds identical importances.
         update_importance(gates.bank, reduce=lambda t: all_reduce_mean(trainer, t), scale=scale)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         gates = find_gates(pl_module)
         if gates is not None:
             gates.project_()
@@ -276,18 +291,29 @@ class DifferentiableModelScaling(Callback):
         keep = broadcast(trainer, gates.keep())
         kept = {name: len(k) for name, k in keep.items()}
         event = ArchitectureEvent(
-            EXPORT, {"keep": keep}, epoch=trainer.current_epoch, step=trainer.global_step,
-            reason={"kept": kept, "n": {s["name"]: s["n"] for s in gates.specs}, "target_ratio": self._target_ratio,
-                    "searched_ratio": searched / before, "trimmed_elements": trimmed},
+            EXPORT,
+            {"keep": keep},
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            reason={
+                "kept": kept,
+                "n": {s["name"]: s["n"] for s in gates.specs},
+                "target_ratio": self._target_ratio,
+                "searched_ratio": searched / before,
+                "trimmed_elements": trimmed,
+            },
             cost={f"{resource}_before": before, f"{resource}_after": after},
         )
         apply_and_sync(trainer, pl_module, event)
         self._resources = None
-        rank_zero_info(f"DMS: exported at epoch {trainer.current_epoch}: {resource} {after:.4g} / {before:.4g} "
-                       f"({after / before:.3f}); kept " + ", ".join(f"{k}={v}" for k, v in kept.items()))
+        rank_zero_info(
+            f"DMS: exported at epoch {trainer.current_epoch}: {resource} {after:.4g} / {before:.4g} "
+            f"({after / before:.3f}); kept " + ", ".join(f"{k}={v}" for k, v in kept.items())
+        )
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         save_event_log(checkpoint, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

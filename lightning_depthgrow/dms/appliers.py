@@ -44,8 +44,9 @@ def arch_group_options(lr: float, defaults: dict[str, Any] | None = None) -> dic
     return options
 
 
-def attach_event(model: nn.Module, lr: float, width: bool = True, heads: bool = True, depth: bool = True,
-                 **meta: Any) -> ArchitectureEvent:
+def attach_event(
+    model: nn.Module, lr: float, width: bool = True, heads: bool = True, depth: bool = True, **meta: Any
+) -> ArchitectureEvent:
     """A ``dms_attach`` event for ``model`` (discovers the gates on a throw-away attach, then removes them).
 
     Example:

@@ -66,16 +66,32 @@ def _vit_specs(path: str, block: nn.Module, types: dict[str, Any], width: bool, 
         if not isinstance(attn.norm, nn.Identity):
             raise _tied(path, "the heads (attention output norm spans all heads)")
         if attn.num_heads > 1:
-            specs.append({"name": gate_name(path, "heads"), "kind": HEADS, "site": "vit_heads", "block": path,
-                          "n": attn.num_heads, "min_keep": 1})
+            specs.append(
+                {
+                    "name": gate_name(path, "heads"),
+                    "kind": HEADS,
+                    "site": "vit_heads",
+                    "block": path,
+                    "n": attn.num_heads,
+                    "min_keep": 1,
+                }
+            )
     if width:
         mlp = block.mlp
         if type(mlp) is not types["mlp"] or not isinstance(mlp.fc1, nn.Linear):
             raise _tied(path, f"the MLP hidden units ({type(mlp).__name__} is not timm's Linear Mlp)")
         if not isinstance(mlp.norm, nn.Identity):
             raise _tied(path, "the MLP hidden units (a norm spans them)")
-        specs.append({"name": gate_name(path, "mlp"), "kind": WIDTH, "site": "vit_mlp", "block": path,
-                      "n": mlp.fc1.out_features, "min_keep": 1})
+        specs.append(
+            {
+                "name": gate_name(path, "mlp"),
+                "kind": WIDTH,
+                "site": "vit_mlp",
+                "block": path,
+                "n": mlp.fc1.out_features,
+                "min_keep": 1,
+            }
+        )
     return specs
 
 
@@ -92,14 +108,25 @@ def _resnet_specs(path: str, block: nn.Module) -> list[GateSpec]:
             raise _tied(path, f"the channels between {producer} and {consumer} (grouped convolution)")
         if not _channel_agnostic(between):
             raise _tied(path, f"the channels between {producer} and {consumer} ({type(between).__name__})")
-        specs.append({"name": gate_name(path, producer), "kind": WIDTH, "site": "conv_width", "block": path,
-                      "producer": producer, "norm": norm, "consumer": consumer, "n": prod.out_channels,
-                      "min_keep": 1})
+        specs.append(
+            {
+                "name": gate_name(path, producer),
+                "kind": WIDTH,
+                "site": "conv_width",
+                "block": path,
+                "producer": producer,
+                "norm": norm,
+                "consumer": consumer,
+                "n": prod.out_channels,
+                "min_keep": 1,
+            }
+        )
     return specs
 
 
-def discover_gates(model: nn.Module, width: bool = True, heads: bool = True, depth: bool = True,
-                   skip: str = "") -> list[GateSpec]:
+def discover_gates(
+    model: nn.Module, width: bool = True, heads: bool = True, depth: bool = True, skip: str = ""
+) -> list[GateSpec]:
     """Every gate DMS can attach to ``model``, in module order.
 
     Width and head gates come from timm ViT blocks and timm ResNet blocks; depth gates from every stack
@@ -130,13 +157,26 @@ def discover_gates(model: nn.Module, width: bool = True, heads: bool = True, dep
             gated = [i for i, b in enumerate(blocks) if _has_identity_skip(stack.adapter, b, types)]
             if not gated:
                 continue
-            style = ("vit" if types and all(type(blocks[i]) is types["vit_block"] for i in gated)
-                     else "resnet" if types and all(isinstance(blocks[i], types["resnet"]) for i in gated)
-                     else "generic")
-            specs.append({"name": gate_name(stack.path, "depth"), "kind": DEPTH, "site": "depth",
-                          "stack": stack.path, "blocks": gated, "style": style, "n": len(gated),
-                          # a stack may lose all gated blocks only if an ungated one carries it on
-                          "min_keep": 0 if len(gated) < len(blocks) else 1})
+            style = (
+                "vit"
+                if types and all(type(blocks[i]) is types["vit_block"] for i in gated)
+                else "resnet"
+                if types and all(isinstance(blocks[i], types["resnet"]) for i in gated)
+                else "generic"
+            )
+            specs.append(
+                {
+                    "name": gate_name(stack.path, "depth"),
+                    "kind": DEPTH,
+                    "site": "depth",
+                    "stack": stack.path,
+                    "blocks": gated,
+                    "style": style,
+                    "n": len(gated),
+                    # a stack may lose all gated blocks only if an ungated one carries it on
+                    "min_keep": 0 if len(gated) < len(blocks) else 1,
+                }
+            )
     return specs
 
 

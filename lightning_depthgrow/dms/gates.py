@@ -150,8 +150,9 @@ class _MaskedLinear:
 _HOOK_TYPES = (_InputMask, _OutputScale, _ResidualScale)
 
 
-def _hooks_for(model: nn.Module, spec: GateSpec, gates: DMSGates,
-               folded: dict[int, _MaskedLinear]) -> list[tuple[nn.Module, str, Any]]:
+def _hooks_for(
+    model: nn.Module, spec: GateSpec, gates: DMSGates, folded: dict[int, _MaskedLinear]
+) -> list[tuple[nn.Module, str, Any]]:
     """``(module, "pre" | "post", hook)`` for one gate, or a factor added to a folded Linear in ``folded``."""
     site, index = spec["site"], gates.index[spec["name"]]
 

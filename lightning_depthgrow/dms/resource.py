@@ -120,14 +120,17 @@ class ResourceModel:
             one = len(sizes) + sum(sizes)  # index of the constant 1 that pads short factor lists
             rows = []
             for factors in self.terms:
-                idx = [names.index(f[1]) if f[0] == "frac" else len(sizes) + offsets[names.index(f[1])] + f[2]
-                       for f in factors]
+                idx = [
+                    names.index(f[1]) if f[0] == "frac" else len(sizes) + offsets[names.index(f[1])] + f[2]
+                    for f in factors
+                ]
                 rows.append(idx)
             width = max([len(r) for r in rows] + [1])
             self._table_key = key
             self._table_value = {
-                "factors": torch.tensor([r + [one] * (width - len(r)) for r in rows], dtype=torch.long,
-                                        device=device).view(len(rows), width),
+                "factors": torch.tensor(
+                    [r + [one] * (width - len(r)) for r in rows], dtype=torch.long, device=device
+                ).view(len(rows), width),
                 "counts": torch.tensor(list(self.terms.values()), dtype=torch.float64, device=device).view(-1, 2),
                 "owner": gates.bank.layout()["owner"].to(device),
                 "sizes": torch.tensor(sizes, dtype=torch.float64, device=device),

@@ -215,8 +215,11 @@ class GateBank:
             temperature = torch.tensor([g.temperature for g in self.gates], device=device)
             decay = torch.tensor([g.decay for g in self.gates], device=device)
             self._layout = {
-                "owner": owner, "offset": offsets[owner], "size": sizes[owner].float(),
-                "temperature": temperature[owner], "decay": decay[owner],
+                "owner": owner,
+                "offset": offsets[owner],
+                "size": sizes[owner].float(),
+                "temperature": temperature[owner],
+                "decay": decay[owner],
                 "max_ratio": torch.tensor([g.max_ratio for g in self.gates], device=device),
             }
             self._layout_device = device
@@ -253,8 +256,11 @@ class GateBank:
         return a + (torch.minimum(a.clamp(min=0.0), self.layout()["max_ratio"]) - a).detach()
 
     def _soft_key(self) -> tuple:
-        return (self._importance_key(), tuple((id(g.ratio), g.ratio._version) for g in self.gates),
-                torch.is_grad_enabled())
+        return (
+            self._importance_key(),
+            tuple((id(g.ratio), g.ratio._version) for g in self.gates),
+            torch.is_grad_enabled(),
+        )
 
     def soft(self) -> Tensor:
         """Flat soft mask ``sigmoid(lambda (c' - a))``; exactly 1 (with the same gradient) on all-equal gates.
