@@ -10,16 +10,30 @@ everything it needs before it mutates anything, so that a failing event leaves t
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Callable, Iterable
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+
+#: Key of the event log in a checkpoint dict: ``checkpoint[CHECKPOINT_KEY] = {"version": 1, "events": [...]}``.
+CHECKPOINT_KEY = "lightning_depthgrow"
+#: Where a module carries its event log: one attribute holding a plain list of :class:`ArchitectureEvent`.
+LOG_ATTRIBUTE = "_depthgrow_event_log"
 
 
 class EventLogMismatchError(RuntimeError):
-    """An event log cannot be applied to the model it was given (a different architecture)."""
+    """An event log or a checkpoint does not fit the model it was given (a different architecture or weights).
+
+    The one error for "this log/checkpoint does not fit", raised by resume, by
+    :func:`~lightning_depthgrow.load_grown` and by :func:`replay_events`; the model is left untouched when it is
+    raised by :func:`replay_checked`.
+    """
 
 
 @dataclass
@@ -146,3 +160,137 @@ def _load_builtin_kinds() -> None:
         dms,  # noqa: F401  (registers dms_attach / dms_export)
         surgery,  # noqa: F401  (registers insert_block and friends)
     )
+
+
+# ---------------------------------------------------------------- the log a module carries
+
+
+def event_log(module: nn.Module) -> list[ArchitectureEvent]:
+    """The architecture event log carried by ``module`` (created empty on first use).
+
+    The log is the one thing this library stores on a module: a plain list of :class:`ArchitectureEvent`
+    (JSON-type fields only), under ``module.__dict__["_depthgrow_event_log"]``. It is the module's architecture
+    history, so it travels with ``pickle``, ``copy.deepcopy`` and ``torch.save(module)``: a saved grown module
+    can be trained further and checkpointed with its full history.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> event_log(net)
+        []
+        >>> event_log(net) is event_log(net)
+        True
+    """
+    log = module.__dict__.get(LOG_ATTRIBUTE)
+    if log is None:
+        log = []
+        module.__dict__[LOG_ATTRIBUTE] = log
+    return log
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_entry(events: Iterable[ArchitectureEvent]) -> dict[str, Any]:
+    """What a checkpoint stores under :data:`CHECKPOINT_KEY` for ``events``."""
+    return {"version": 1, "events": [e.to_dict() for e in events]}
+
+
+def save_event_log(checkpoint: dict[str, Any], module: nn.Module) -> None:
+    """Store ``module``'s event log in a checkpoint dict (idempotent; call from ``on_save_checkpoint``)."""
+    checkpoint[CHECKPOINT_KEY] = checkpoint_entry(event_log(module))
+
+
+def checkpoint_events(checkpoint: Mapping[str, Any]) -> list[ArchitectureEvent]:
+    """The event log stored in a checkpoint dict (empty if it has none).
+
+    Example:
+        >>> e = ArchitectureEvent("insert_block", {"stack": "blocks", "index": 0, "template": 0, "seed": 0})
+        >>> checkpoint_events({CHECKPOINT_KEY: checkpoint_entry([e])}) == [e]
+        True
+    """
+    return [ArchitectureEvent.from_dict(e) for e in checkpoint.get(CHECKPOINT_KEY, {}).get("events", [])]
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> Mapping[str, Any]:
+    """A checkpoint file's dict (``torch.load`` with ``weights_only=False``: our own and Lightning's entries)."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(checkpoint, Mapping):
+        raise EventLogMismatchError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict.")
+    return checkpoint
+
+
+def load_checkpoint_events(path: str | os.PathLike[str]) -> list[ArchitectureEvent]:
+    """The architecture event log stored in a checkpoint file (empty if it has none)."""
+    return checkpoint_events(read_checkpoint(path))
+
+
+def pending_events(
+    module: nn.Module, events: list[ArchitectureEvent], source: Any = "the checkpoint"
+) -> list[ArchitectureEvent]:
+    """The part of ``events`` that ``module`` has not applied yet: its own log must be a prefix of ``events``.
+
+    Raises:
+        EventLogMismatchError: the module already carries events that ``events`` does not start with, e.g. a
+            checkpoint saved before the module's latest growth.
+    """
+    log = event_log(module)
+    if [e.to_dict() for e in log] != [e.to_dict() for e in events[: len(log)]]:
+        raise EventLogMismatchError(
+            f"The module already carries {len(log)} architecture event(s) that {source} ({len(events)} event(s)) "
+            "does not start with, e.g. it was saved before the module's latest growth. Pass a freshly constructed "
+            "starting model: trainer.fit/validate/test/predict(fresh_model, ckpt_path=...) or "
+            "lightning_depthgrow.load_grown(fresh_model, ckpt_path)."
+        )
+    return events[len(log) :]
+
+
+def replay_checked(
+    model: nn.Module,
+    events: list[ArchitectureEvent],
+    state_dict: Mapping[str, Any] | None = None,
+    strict: bool = True,
+    record: bool = True,
+) -> list[AppliedChange]:
+    """Replay ``events`` on ``model`` only once they, and ``state_dict``'s weights, fit a copy of it.
+
+    The copy gets the events and then ``load_state_dict(state_dict, strict)``; only if both succeed are the
+    events replayed on ``model`` (and, with ``record``, appended to its :func:`event_log`). Loading the weights
+    into ``model`` itself is left to the caller (Lightning does it right after a resume's replay).
+
+    Raises:
+        EventLogMismatchError: the events or the weights do not fit; ``model`` is untouched.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> replay_checked(net, [], state_dict={"0.weight": torch.zeros(3, 3)})  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ...
+        lightning_depthgrow.events.EventLogMismatchError: the weights do not fit
+    """
+    if not events and state_dict is None:
+        return []
+    try:
+        probe = copy.deepcopy(model)
+    except Exception as err:  # something uncopyable on the module: events are still checked one by one
+        warnings.warn(
+            f"Could not copy {type(model).__name__} to try its checkpoint on a copy first ({err}); replaying on the "
+            "module itself, which a log that does not fit may leave partly changed.",
+            stacklevel=2,
+        )
+        probe = None
+    if probe is not None:
+        replay_events(probe, events)
+        if state_dict is not None:
+            try:
+                probe.load_state_dict(state_dict, strict=strict)
+            except Exception as err:
+                raise EventLogMismatchError(
+                    f"The checkpoint's weights do not fit the {type(model).__name__} rebuilt from its event log "
+                    f"({len(events)} event(s) replayed): {err}\nBuild the same starting model the run started from "
+                    "(same constructor arguments); the module was left untouched."
+                ) from err
+        del probe
+    changes = replay_events(model, events)
+    if record:
+        event_log(model).extend(events)
+    return changes

@@ -72,6 +72,22 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopReport:
     return FlopReport(total=int(counter.get_total_flops()), per_module=per_module)
 
 
+def first_sample(example_input: ExampleInput) -> ExampleInput:
+    """``example_input`` cut to its first sample (every tensor's first row), for counts per sample.
+
+    Example:
+        >>> first_sample({"x": torch.zeros(4, 3), "mask": torch.ones(4, 3)})["x"].shape
+        torch.Size([1, 3])
+    """
+    if isinstance(example_input, torch.Tensor):
+        return example_input[:1]
+    if isinstance(example_input, dict):
+        return {key: first_sample(value) for key, value in example_input.items()}
+    if isinstance(example_input, (tuple, list)):
+        return type(example_input)(first_sample(value) for value in example_input)
+    return example_input
+
+
 def block_costs(model: nn.Module, example_input: ExampleInput) -> dict[str, dict[str, int]]:
     """Parameters and forward FLOPs of every block of every stack (one forward pass).
 

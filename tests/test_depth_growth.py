@@ -18,7 +18,7 @@ from lightning_depthgrow import UnsupportedModelError
 from lightning_depthgrow.callbacks._common import event_log
 from lightning_depthgrow.callbacks.curvature_monitor import CurvatureMonitor
 from lightning_depthgrow.callbacks.depth_growth import DepthGrowth
-from lightning_depthgrow.measure import count_flops, count_parameters
+from lightning_depthgrow.measure import count_flops, count_parameters, first_sample
 
 
 def tiny_module(depth: int = 2, max_epochs: int = 4, seed: int = 0) -> Classifier:
@@ -95,7 +95,7 @@ def test_schedule_depth_and_budget_never_exceeded():
 
 def test_flop_budget_with_lr_scaled_step_budget():
     module = tiny_module(max_epochs=4)
-    example = module.example_input_array
+    example = first_sample(module.example_input_array)  # budgets and event costs count FLOPs per sample
     start = count_flops(module, example).total
     growth = DepthGrowth(
         final_budget=2.5,

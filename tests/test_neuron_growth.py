@@ -295,11 +295,11 @@ def test_resume_after_growth_is_bitwise_identical(uninterrupted, tmp_path):
 
 
 def test_invalid_arguments_are_rejected():
-    with pytest.raises(ValueError, match="step_budget must be a positive number"):
+    with pytest.raises(ValueError, match="`step_budget` must be a finite number > 0"):
         NeuronGrowth(step_budget=0)
-    with pytest.raises(ValueError, match="min_neurons must be an int >= 1"):
+    with pytest.raises(ValueError, match="`min_neurons` must be an int >= 1"):
         NeuronGrowth(min_neurons=0)
-    with pytest.raises(ValueError, match="layers must be None"):
+    with pytest.raises(ValueError, match="`layers` must be None"):
         NeuronGrowth(layers={"model.fc1": 3})
 
 

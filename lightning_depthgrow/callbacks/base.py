@@ -1,0 +1,218 @@
+"""The base of every callback that changes a model's architecture while it trains.
+
+A subclass says *what* to change (:meth:`ArchitectureCallback.propose`, a list of
+:class:`~lightning_depthgrow.ArchitectureEvent`) and *when* (a :class:`~lightning_depthgrow.growth.Schedule`, or
+its own :meth:`~ArchitectureCallback.is_due`); the base owns everything else, once: preflight checks, replaying a
+checkpoint's architecture on resume, the starting size, rank 0's proposal broadcast to every rank, applying each
+event with optimizers, LR schedulers and DDP brought in line, timing, the checkpoint's event log, resumable
+counters and teardown (nothing stays on the user's module).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from ..events import ArchitectureEvent, event_log, save_event_log
+from ..growth import Schedule
+from . import plumbing
+
+
+class ArchitectureCallback(Callback):
+    """Change the architecture during ``fit``: subclasses implement :meth:`propose`, the base does the rest.
+
+    At the end of the last training batch of every epoch the :attr:`schedule` names (after its optimizer step,
+    before validation and checkpointing, so a checkpoint always holds the architecture its weights belong to),
+    :meth:`change_now` runs: it checks that the training loss is finite on every rank, calls :meth:`propose` on
+    every rank (collective estimates may run inside), uses rank 0's events, applies each with
+    :func:`~lightning_depthgrow.callbacks.plumbing.apply_and_sync` and records its wall time in
+    ``event.cost["seconds"]``. Subclasses may call :meth:`change_now` from any other hook.
+
+    Args:
+        schedule: when to change; ``None``: only when the subclass calls :meth:`change_now` itself.
+
+    Example: a callback that appends one identity block to every stack at the end of epoch 2::
+
+        from lightning_depthgrow.callbacks.base import ArchitectureCallback
+        from lightning_depthgrow.growth import Schedule, stack_layouts
+
+        class AppendBlock(ArchitectureCallback):
+            def __init__(self):
+                super().__init__(Schedule(warmup_epochs=3, every=1000))
+
+            def propose(self, trainer, pl_module):
+                return [
+                    ArchitectureEvent("insert_block", {"stack": s.path, "index": s.depth - 1,
+                                                       "template": s.templates[-1], "seed": 0})
+                    for s in stack_layouts(pl_module)
+                ]
+    """
+
+    #: Whether this callback must refuse to run while a DMS search has gates on the module (growth callbacks:
+    #: DMS gates are tracked by position, so a block inserted during the search would be sliced wrongly).
+    refuse_during_dms_search: ClassVar[bool] = True
+
+    def __init__(self, schedule: Schedule | None = None) -> None:
+        super().__init__()
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"`schedule` must be a lightning_depthgrow.growth.Schedule or None, got {schedule!r}.")
+        self.schedule = schedule
+        # Resumable: the starting size (the base of relative budgets) and how many changes were made when.
+        self.start_size: float | None = None
+        self.growth_steps = 0
+        self.last_growth_epoch = -1
+
+    @property
+    def name(self) -> str:
+        """The name used in messages (the class name)."""
+        return type(self).__name__
+
+    # ------------------------------------------------------------------ what a subclass says
+
+    def propose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
+        """The events of one change step, computed on every rank (rank 0's are applied everywhere)."""
+        raise NotImplementedError(f"{self.name} must implement propose(trainer, pl_module).")
+
+    def measure(self, pl_module: pl.LightningModule) -> float:
+        """The size relative budgets refer to, measured once before a resumed checkpoint's events are replayed."""
+        from ..measure import count_parameters
+
+        return float(count_parameters(pl_module))
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Subclass preflight at the start of ``fit``, after the base's checks: raise to refuse before training."""
+
+    def observe_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Called on every training batch end, before a scheduled change (e.g. to keep recent batches)."""
+
+    def describe(self, event: ArchitectureEvent) -> str:
+        """One line for the log after ``event`` was applied."""
+        return f"applied {event.kind} {event.spec}"
+
+    def describe_nothing(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        """One line for the log when :meth:`propose` returned no event."""
+        return "nothing to change"
+
+    def is_due(self, trainer: pl.Trainer) -> bool:
+        """Whether the current epoch's last training batch ends with a change (default: the schedule says so)."""
+        if self.schedule is None:
+            return False
+        return self.schedule.is_due(trainer.current_epoch, trainer.max_epochs, self.last_growth_epoch)
+
+    def extra_state(self) -> dict[str, Any]:
+        """More resumable state of a subclass (plain data), saved next to the base's."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    # ------------------------------------------------------------------ the machinery
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        plumbing.check_strategy_supported(trainer, self.name)
+        if stage != "fit":
+            # validate/test/predict(fresh_module, ckpt_path=<changed checkpoint>): only rebuild the architecture.
+            plumbing.restore_architecture(trainer, pl_module)
+            return
+        plumbing.check_not_compiled(trainer, pl_module, self.name)
+        if self.refuse_during_dms_search:
+            plumbing.check_no_dms_search(trainer, pl_module, self)
+        if self.start_size is None:
+            self.start_size = float(self.measure(pl_module))
+        plumbing.restore_architecture(trainer, pl_module)
+        self.check(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.observe_batch(trainer, pl_module, outputs, batch, batch_idx)
+        if plumbing.is_last_training_batch(trainer, batch_idx) and self.is_due(trainer):
+            self.change_now(trainer, pl_module, outputs)
+
+    def change_now(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any = None
+    ) -> list[ArchitectureEvent]:
+        """Run one change step now (a collective call: every rank must call it); returns the events applied.
+
+        ``outputs`` is what ``training_step`` returned for the batch just trained; a loss that is not finite on
+        any rank stops the step with a warning (a diverged model is not grown).
+        """
+        self.last_growth_epoch = trainer.current_epoch
+        loss = _finite_check(trainer, outputs)
+        if not math.isfinite(loss):
+            rank_zero_warn(
+                f"{self.name}: the training loss is not finite ({loss}) at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}; not changing the architecture of a diverged model. Lower the learning rate "
+                "or clip gradients (Trainer(gradient_clip_val=...)) and train again."
+            )
+            return []
+        events = plumbing.broadcast(trainer, self.propose(trainer, pl_module))
+        if not events:
+            rank_zero_info(f"{self.name}: epoch {trainer.current_epoch}: {self.describe_nothing(trainer, pl_module)}")
+            return []
+        for event in events:
+            start = time.perf_counter()
+            plumbing.apply_and_sync(trainer, pl_module, event)
+            event.cost["seconds"] = time.perf_counter() - start
+            rank_zero_info(f"{self.name}: epoch {trainer.current_epoch}: {self.describe(event)}")
+        self.growth_steps += 1
+        return events
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        save_event_log(checkpoint, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        plumbing.release_module(pl_module)
+        if stage == "fit":
+            plumbing.guard_spawn_results(trainer, pl_module, self.name)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        plumbing.release_module(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "start_size": self.start_size,
+            "growth_steps": self.growth_steps,
+            "last_growth_epoch": self.last_growth_epoch,
+            **self.extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Runs after setup. "start_params" is how NeuronGrowth 0.1 named the starting size.
+        start = state_dict.get("start_size", state_dict.get("start_params"))
+        self.start_size = None if start is None else float(start)
+        self.growth_steps = int(state_dict["growth_steps"])
+        self.last_growth_epoch = int(state_dict["last_growth_epoch"])
+        self.load_extra_state(state_dict)
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def events_so_far(self, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
+        """The module's event log (every change so far, by any callback)."""
+        return event_log(pl_module)
+
+
+def _finite_check(trainer: pl.Trainer, outputs: Any) -> float:
+    """The training loss in ``outputs`` averaged over ranks (NaN if any rank's is not finite); 0 if there is none.
+
+    Every rank contributes a number, so the all-reduce is matched even where one rank has no loss.
+    """
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    value = loss.detach().float().reshape(-1)[:1].sum() if isinstance(loss, Tensor) and loss.numel() else None
+    local = (
+        torch.zeros((), device=trainer.strategy.root_device)
+        if value is None
+        else value.to(trainer.strategy.root_device)
+    )
+    return float(plumbing.all_reduce_mean(trainer, local))

@@ -1,0 +1,262 @@
+"""What every architecture-changing callback needs from Lightning: preflight checks, rank sync, apply + sync.
+
+:class:`~lightning_depthgrow.callbacks.base.ArchitectureCallback` uses these; they are public for callbacks that
+cannot derive from it. One path applies every change inside a Trainer (:func:`apply_and_sync`), whether it is
+decided now or replayed from a checkpoint (:func:`restore_architecture`). Nothing here stays on the user's module
+after ``fit``: the checkpoint pre-hook is removed by :func:`release_module`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.hooks import RemovableHandle
+
+from ..events import (
+    AppliedChange,
+    ArchitectureEvent,
+    apply_event,
+    checkpoint_events,
+    event_log,
+    pending_events,
+    read_checkpoint,
+    replay_checked,
+)
+from ..surgery.optim import sync_schedulers, update_optimizer
+
+# The checkpoint pre-hook of each module, kept here (not on the module) and removed at teardown.
+_RESTORE_HOOKS: weakref.WeakKeyDictionary[torch.nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
+
+
+# ---------------------------------------------------------------- preflight
+
+
+def check_strategy_supported(trainer: pl.Trainer, who: str) -> None:
+    """Reject sharded strategies, whose parameters we cannot mutate in place (yet)."""
+    name = type(trainer.strategy).__name__
+    if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
+        raise RuntimeError(
+            f"{who} does not support the {name} strategy: it shards or compiles parameters, so blocks "
+            "cannot be added or sliced in place. Use strategy='ddp' (or 'ddp_spawn') or a single device."
+        )
+
+
+def check_not_compiled(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
+    """Raise if the module (or a sub-module) is ``torch.compile``d: the graph would keep the old architecture.
+
+    ``trainer.fit(torch.compile(module))`` is caught too: Lightning unwraps the compiled module and keeps the
+    compiled ``forward``/``*_step`` on it (``pl_module._compiler_ctx``).
+    """
+    compiled = [n for n, m in pl_module.named_modules() if isinstance(m, torch._dynamo.eval_frame.OptimizedModule)]
+    whole = getattr(pl_module, "_compiler_ctx", None) is not None or getattr(trainer.strategy, "_compiled", False)
+    if compiled or whole:
+        raise RuntimeError(
+            f"{who} cannot mutate a torch.compile'd model ({compiled or 'the whole module'}): the compiled "
+            "graph would silently keep the old architecture. Train without torch.compile, or compile only "
+            "after growth/export has finished."
+        )
+
+
+# ---------------------------------------------------------------- ranks
+
+
+def all_reduce_mean(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (identity on one process)."""
+    if trainer.world_size <= 1:
+        return tensor
+    return trainer.strategy.reduce(tensor.clone(), reduce_op="mean")
+
+
+def broadcast(trainer: pl.Trainer, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank, so every rank makes the identical decision."""
+    if trainer.world_size <= 1:
+        return obj
+    return trainer.strategy.broadcast(obj, src=0)
+
+
+def rewrap_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Rebuild the DDP wrapper after the parameter set changed.
+
+    DDP snapshots its parameters at construction: added ones would never be synchronised. The
+    strategy's own ``configure_ddp`` re-wraps with the user's DDP settings and broadcasts rank 0's
+    weights and buffers.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy.model, DistributedDataParallel):
+        strategy.model = pl_module
+        strategy.configure_ddp()
+
+
+# ---------------------------------------------------------------- apply
+
+
+def apply_and_sync(
+    trainer: pl.Trainer | None, pl_module: pl.LightningModule, event: ArchitectureEvent
+) -> AppliedChange:
+    """Apply ``event`` to the unwrapped module, then bring optimizers, schedulers and DDP in line.
+
+    The event is appended to the module's event log only after it applied cleanly.
+    """
+    change = apply_event(pl_module, event)
+    event_log(pl_module).append(event)
+    if trainer is not None:
+        sync_trainer(trainer, pl_module, change)
+    return change
+
+
+def sync_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, change: AppliedChange) -> None:
+    """Update every optimizer and LR scheduler for ``change`` and rebuild DDP."""
+    if not change.changes_parameter_set:
+        return
+    schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
+    for optimizer in trainer.optimizers:
+        update_optimizer(optimizer, change, pl_module)
+        sync_schedulers(schedulers, optimizer)
+    rewrap_ddp(trainer, pl_module)
+
+
+def lr_scale(trainer: pl.Trainer) -> float:
+    """Current lr / initial lr of the first param group (the paper scales each growth step's budget by it)."""
+    if not trainer.optimizers:
+        return 1.0
+    group = trainer.optimizers[0].param_groups[0]
+    initial = group.get("initial_lr", group["lr"])
+    return float(group["lr"]) / float(initial) if initial else 1.0
+
+
+def is_last_training_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """True on the epoch's last training batch: growth happens after its optimizer step, before validation and
+    checkpointing, so a checkpoint saved at the epoch's end already holds the change (resume starts the next epoch)."""
+    is_last = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+    return is_last or batch_idx + 1 >= trainer.num_training_batches
+
+
+# ---------------------------------------------------------------- resume and load
+
+
+def restore_architecture(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+    """Make a checkpoint's architecture log replay on the fresh module before Lightning loads its weights.
+
+    Call from ``setup``. Lightning 2.6 only sets ``trainer.ckpt_path`` after ``setup``, right before it loads the
+    weights, so a ``load_state_dict`` pre-hook replays the log at that moment (still before the optimizers are
+    built). The events *and* the weights are tried on a copy first (:func:`~lightning_depthgrow.events.
+    replay_checked`): a checkpoint that does not fit raises :class:`~lightning_depthgrow.EventLogMismatchError`
+    with the module untouched. Call :func:`release_module` from ``teardown`` and ``on_exception``.
+    """
+    if trainer.ckpt_path:
+        return _replay_checkpoint(trainer, pl_module, str(trainer.ckpt_path), None, True)
+    previous = _RESTORE_HOOKS.pop(pl_module, None)
+    if previous is not None:
+        previous.remove()
+    _RESTORE_HOOKS[pl_module] = pl_module.register_load_state_dict_pre_hook(_ReplayOnLoad(trainer, pl_module))
+    return []
+
+
+class _ReplayOnLoad:
+    """The pre-hook: replay when the trainer restores the whole module from its checkpoint.
+
+    It holds the trainer and module weakly, and a copy of it (``deepcopy``/``pickle`` of the module before
+    teardown removed it) is inert, so it can never drag a Trainer along or replay into a copy.
+    """
+
+    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer, self._module = weakref.ref(trainer), weakref.ref(pl_module)
+
+    def __call__(self, module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        trainer, pl_module = self._trainer(), self._module()
+        if trainer is None or pl_module is None or prefix != "" or not trainer.ckpt_path:
+            return
+        if trainer.lightning_module is module:
+            strict = args[1] if len(args) > 1 else True
+            _replay_checkpoint(trainer, pl_module, str(trainer.ckpt_path), state_dict, bool(strict))
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _inert_hook, ()
+
+
+def _inert_hook(*args: Any) -> Any:
+    """What a copied :class:`_ReplayOnLoad` becomes: called as a factory, then as a hook; does nothing."""
+    return None if args else _inert_hook
+
+
+def _replay_checkpoint(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, state_dict: Any, strict: bool
+) -> list[Any]:
+    checkpoint = read_checkpoint(path)
+    events = pending_events(pl_module, checkpoint_events(checkpoint), path)
+    if not events:
+        return []
+    weights = state_dict if state_dict is not None else checkpoint.get("state_dict")
+    changes = replay_checked(pl_module, events, weights, strict=strict)
+    rank_zero_info(f"lightning_depthgrow: replayed {len(events)} architecture event(s) from {path}")
+    return changes
+
+
+def release_module(pl_module: torch.nn.Module) -> None:
+    """Remove what :func:`restore_architecture` registered on ``pl_module`` (call from ``teardown``)."""
+    handle = _RESTORE_HOOKS.pop(pl_module, None)
+    if handle is not None:
+        handle.remove()
+
+
+def guard_spawn_results(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
+    """Call from ``teardown``: keep ``ddp_spawn`` from copying a changed architecture's weights into the parent.
+
+    With ``ddp_spawn`` Lightning loads rank 0's final ``state_dict`` into the main process's module with
+    ``strict=False``. That module never saw the workers' architecture events: sliced tensors would not fit,
+    and grown blocks would be silently dropped, leaving a mixed model. Send nothing instead and say how to get
+    the trained model (its checkpoint replays the event log). Only the worker processes' modules get the hook.
+    """
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    release_module(pl_module)
+    launcher = getattr(trainer.strategy, "launcher", None)
+    guarded = any(hook is _send_nothing for hook in pl_module._state_dict_hooks.values())
+    if guarded or not isinstance(launcher, _MultiProcessingLauncher) or not event_log(pl_module):
+        return
+    pl_module.register_state_dict_post_hook(_send_nothing)
+    rank_zero_warn(
+        f"{who} changed the architecture inside ddp_spawn workers; the main process's module keeps its original "
+        "architecture and weights. Load the trained model with lightning_depthgrow.load_grown(fresh_model, "
+        "checkpoint_path), or use strategy='ddp', whose rank 0 is the main process."
+    )
+
+
+def _send_nothing(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    state_dict.clear()
+
+
+def check_no_dms_search(trainer: pl.Trainer, pl_module: pl.LightningModule, grower: Any) -> None:
+    """Refuse growth while a DMS search has gates on the module (growth after the export is fine).
+
+    DMS tracks its gates by position; a block or neuron added during the search would be sliced by the wrong
+    mask at export. ``grower`` is the growth callback (its ``schedule`` says when it first grows).
+    """
+    from ..dms.appliers import ATTACH, EXPORT
+    from .dms import DifferentiableModelScaling
+
+    kinds = [e.kind for e in event_log(pl_module)]
+    searching = ATTACH in kinds and EXPORT not in kinds
+    dms = [cb for cb in trainer.callbacks if isinstance(cb, DifferentiableModelScaling)]
+    first = grower.schedule.first_epoch() if grower.schedule is not None else 0
+    name = type(grower).__name__
+    if dms and EXPORT not in kinds and first < dms[0].search_epochs:
+        raise RuntimeError(
+            f"{name} would first grow at the end of epoch {first}, during DifferentiableModelScaling's search "
+            f"(epochs 0-{dms[0].search_epochs - 1}, export at the start of epoch {dms[0].search_epochs}). DMS tracks "
+            "its gates by position, so growth during the search would be sliced by the wrong masks. Grow after the "
+            f"export: set warmup_epochs >= {dms[0].search_epochs + 1} (first growth at the end of epoch "
+            f"{dms[0].search_epochs}), or grow in a separate fit."
+        )
+    if searching and not dms:
+        raise RuntimeError(
+            f"{name}: the module carries DMS search gates (a 'dms_attach' event without its 'dms_export'), e.g. from "
+            "a checkpoint taken during a search. Growing a gated supernet would be sliced wrongly at export: finish "
+            "the search with DifferentiableModelScaling in this Trainer (and grow after its export), or start from "
+            "the exported model."
+        )
