@@ -7,7 +7,6 @@ the state dict, so no architecture has to be described by hand.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -16,9 +15,7 @@ import torch
 from torch import nn
 
 from .adapters.registry import find_block_stacks
-from .events import ArchitectureEvent, EventLogMismatchError, replay_events
-
-_CHECKPOINT_KEY = "lightning_depthgrow"  # same key as callbacks._common.CHECKPOINT_KEY (kept Lightning-free)
+from .events import EventLogMismatchError, checkpoint_events, event_log, read_checkpoint, replay_checked
 
 
 def load_grown(
@@ -54,26 +51,23 @@ def load_grown(
         >>> len(vit.blocks)  # doctest: +SKIP
         4
     """
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{checkpoint_path} holds a {type(checkpoint).__name__}, not a checkpoint dict.")
+    checkpoint = read_checkpoint(checkpoint_path, map_location=map_location)
     state = checkpoint.get("state_dict", checkpoint)
-    events = [ArchitectureEvent.from_dict(e) for e in checkpoint.get(_CHECKPOINT_KEY, {}).get("events", [])]
+    events = checkpoint_events(checkpoint)
     if prefix is None:
         prefix = detect_prefix(model, state)
     elif prefix and not prefix.endswith("."):
         prefix += "."
-
-    # Replay and load on a copy first: a log or state that does not fit must leave the caller's model as it was.
+    root = _mount(model, prefix)
+    own = {k: v for k, v in state.items() if k.startswith(prefix)} if prefix else dict(state)
+    # Events and weights are tried on a copy first: a log or state that does not fit leaves the model as it was.
     try:
-        _grow_and_load(copy.deepcopy(model), events, state, prefix, strict)
+        replay_checked(root, events, own, strict=strict, record=False)
     except EventLogMismatchError as err:
         raise EventLogMismatchError(f"{err}\n{_architectures(state, model, prefix, checkpoint_path)}") from err
-    _grow_and_load(model, events, state, prefix, strict)
+    root.load_state_dict(own, strict=strict)
     if not prefix:
         # The model now carries its history, so training it further continues the same log.
-        from .callbacks._common import event_log
-
         event_log(model)[:] = events
     return model
 
@@ -104,26 +98,6 @@ def detect_prefix(model: nn.Module, state_dict: Mapping[str, Any]) -> str:
             f"{list(state_dict)[:3]}); pass prefix=... or the model that was trained."
         )
     return min(counts, key=lambda c: (-counts[c], len(c)))
-
-
-def _grow_and_load(
-    model: nn.Module,
-    events: list[ArchitectureEvent],
-    state: Mapping[str, Any],
-    prefix: str,
-    strict: bool,
-) -> None:
-    root = _mount(model, prefix)
-    replay_events(root, events)
-    own = {k: v for k, v in state.items() if k.startswith(prefix)} if prefix else dict(state)
-    try:
-        root.load_state_dict(own, strict=strict)
-    except RuntimeError as err:
-        raise EventLogMismatchError(
-            f"The checkpoint's weights do not fit the {type(model).__name__} rebuilt from its event log "
-            f"({len(events)} event(s) replayed): {err}\n"
-            "Build the same starting model the run started from (same constructor arguments)."
-        ) from err
 
 
 def _mount(model: nn.Module, prefix: str) -> nn.Module:

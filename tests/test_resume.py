@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -132,3 +136,52 @@ def test_resume_with_a_log_that_fits_only_partly_leaves_the_module_untouched(uni
     assert len(module.model.blocks) == 2 and event_log(module) == []
     assert module.state_dict().keys() == before.keys()
     assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("kwargs", [{"embed_dim": 32}, {"depth": 1}], ids=["wider", "shallower"])
+def test_resume_from_another_models_checkpoint_leaves_the_module_untouched(uninterrupted, tmp_path, kwargs):
+    # Issue 9.3: the checkpoint's events fit (same family), its weights do not. Events and weights are tried on a
+    # copy first, so the module stays as it was: no block added, no log, same weights, no hook left behind.
+    _, ckpt_dir = uninterrupted
+    module = make_module(**kwargs)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    depth = len(module.model.blocks)
+    with pytest.raises(EventLogMismatchError, match=r"weights do not fit|does not fit"):
+        fit(module, tmp_path, ckpt_path=str(ckpt_dir / "epoch=1.ckpt"))
+    assert len(module.model.blocks) == depth and event_log(module) == []
+    assert module.state_dict().keys() == before.keys()
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
+    assert not module._load_state_dict_pre_hooks
+
+
+def test_load_grown_needs_no_lightning(uninterrupted, tmp_path):
+    # load_grown in a process where importing Lightning fails: the bare timm network is rebuilt and loaded.
+    full, ckpt_dir = uninterrupted
+    x = torch.randn(3, 1, 1, 40)
+    full.eval()
+    with torch.no_grad():
+        torch.save({"x": x, "logits": full(x)}, tmp_path / "expected.pt")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("lightning", "pytorch_lightning"):
+                    raise ImportError("Lightning is blocked in this process: " + name)
+        sys.meta_path.insert(0, Block())
+        import timm, torch
+        from lightning_depthgrow import load_grown
+        vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(1, 40), patch_size=(1, 4),
+                                in_chans=1, num_classes=10, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
+        load_grown(vit, {str(ckpt_dir / f"epoch={EPOCHS - 1}.ckpt")!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            assert torch.equal(vit.eval()(expected["x"]), expected["logits"])
+        assert len(vit.blocks) == 5
+        assert not any(m.split(".")[0] == "lightning" for m in sys.modules)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
