@@ -1,12 +1,22 @@
-"""Small helpers shared by the tests: a quiet CPU Trainer and a hash of a module's tensors."""
+"""What the tests share: a tiny timm ViT, a classifier LightningModule, random data, a quiet Trainer, a hash.
+
+The tests own these (no test imports ``examples.*``): the examples may change for the demo's sake, the tests'
+models must not. ``tests/conftest.py`` serves them as fixtures; test files of other areas still import them
+from here directly.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import lightning.pytorch as pl
+import timm
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
@@ -31,3 +41,79 @@ def tensor_hash(module: nn.Module, parameters_only: bool = False) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def make_vit(
+    depth: int = 2, embed_dim: int = 16, num_heads: int = 2, mlp_ratio: float = 2.0, **kwargs: Any
+) -> nn.Module:
+    """A tiny timm VisionTransformer over ``[B, 1, 1, 40]`` signals: ``(1, 4)`` patches, 10 tokens, 10 classes."""
+    options: dict[str, Any] = dict(
+        pretrained=False,
+        img_size=(1, 40),
+        patch_size=(1, 4),
+        in_chans=1,
+        num_classes=10,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+    )
+    options.update(kwargs)
+    return timm.create_model("vit_tiny_patch16_224", **options)
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy classifier around ``model``: AdamW with a decay/no-decay split and a per-step cosine LR."""
+
+    def __init__(self, model: nn.Module, lr: float = 3e-3, weight_decay: float = 0.05, max_epochs: int = 10) -> None:
+        super().__init__()
+        self.model, self.lr, self.weight_decay, self.max_epochs = model, lr, weight_decay, max_epochs
+        self.example_input_array = torch.zeros(2, 1, 1, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(0.05 * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def make_module(depth: int = 2, embed_dim: int = 16, seed: int = 0, max_epochs: int = 4, **kwargs: Any) -> Classifier:
+    """A seeded :class:`Classifier` around a tiny :func:`make_vit`."""
+    torch.manual_seed(seed)
+    return Classifier(make_vit(depth=depth, embed_dim=embed_dim, num_heads=2, **kwargs), max_epochs=max_epochs)
+
+
+def random_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    """``n`` random ``[1, 1, 40]`` signals with random labels, in a fixed order."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 1, 1, 40, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
