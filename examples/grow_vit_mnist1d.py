@@ -133,7 +133,7 @@ def run_grown(
         warmup_epochs=warmup_epochs,
         grow_every=grow_every,
         placement=placement,
-        monitor=monitor,
+        curvature_monitor=monitor,
         seed=seed,
     )
     clock = EpochClock()

@@ -126,7 +126,7 @@ def test_placement_modes_differ():
         module = tiny_module(max_epochs=4)
         # every_n_epochs beyond the run: the monitor's only estimates are the ones DepthGrowth asks for.
         monitor = CurvatureMonitor(every_n_epochs=100, num_batches=2, num_probes=4, log=False)
-        growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, placement=placement, monitor=monitor)
+        growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, placement=placement, curvature_monitor=monitor)
         trainer(4, [monitor, growth]).fit(module, loader())
         events = event_log(module)
         indices[placement] = [e.spec["index"] for e in events]
@@ -151,7 +151,7 @@ def test_no_curvature_estimate_once_the_budget_is_used():
     start, per_block = count_parameters(module), block_params(module)
     monitor = CurvatureMonitor(every_n_epochs=100, num_batches=1, num_probes=2, log=False)
     # Room for one block: growth epochs 0, 1 and 2, but only the first one can add anything.
-    growth = DepthGrowth(final_budget=(start + 1.5 * per_block) / start, warmup_epochs=1, monitor=monitor)
+    growth = DepthGrowth(final_budget=(start + 1.5 * per_block) / start, warmup_epochs=1, curvature_monitor=monitor)
     trainer(4, [monitor, growth]).fit(module, loader())
     assert [e.epoch for e in event_log(module)] == [0]
     # The later growth epochs skip the estimate (several training steps' worth of compute each).
@@ -218,21 +218,41 @@ def test_gradient_accumulation_and_clipping_keep_working():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"placement": "random"}, "placement"),
-        ({"budget_metric": "memory"}, "budget_metric"),
-        ({"final_budget": 0.5}, "smaller than the starting model"),
-        ({"grow_every": 0}, "grow_every"),
-        ({"blocks_per_step": None}, "blocks_per_step, step_budget"),
-        ({"scale_by_lr": True}, "step_budget"),
-        ({"max_per_stack": 0}, "max_per_stack"),
-        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"placement": "random"}, ValueError, "`placement`"),
+        ({"budget_metric": "memory"}, ValueError, "`budget_metric`"),
+        ({"budget_mode": "percent"}, ValueError, "`budget_mode`"),
+        ({"final_budget": 0.5}, ValueError, "smaller than the starting model"),
+        ({"final_budget": "2"}, TypeError, "`final_budget`"),
+        ({"final_budget": float("nan")}, ValueError, "`final_budget`"),
+        ({"grow_every": 0}, ValueError, "`grow_every`"),
+        ({"blocks_per_step": None}, ValueError, "blocks_per_step, step_budget"),
+        ({"blocks_per_step": 1.5}, TypeError, "`blocks_per_step`"),
+        ({"scale_by_lr": True}, ValueError, "step_budget"),
+        ({"scale_by_lr": "yes", "step_budget": 0.1}, TypeError, "`scale_by_lr`"),
+        ({"step_budget": float("nan")}, ValueError, "`step_budget`"),
+        ({"max_per_stack": 0}, ValueError, "`max_per_stack`"),
+        ({"warmup_epochs": -1}, ValueError, "`warmup_epochs`"),
+        ({"warmup_epochs": True}, TypeError, "`warmup_epochs`"),
+        ({"seed": "0"}, TypeError, "`seed`"),
+        ({"curvature_monitor": "val_loss"}, TypeError, "`curvature_monitor`"),
     ],
 )
-def test_invalid_arguments(kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_invalid_arguments(kwargs, error, match):
+    # One style: TypeError for a wrong type, ValueError for a wrong value, the message names the argument.
+    with pytest.raises(error, match=match):
         DepthGrowth(**kwargs)
+
+
+def test_monitor_is_renamed_curvature_monitor_with_a_deprecation_warning():
+    monitor = CurvatureMonitor(log=False)
+    with pytest.warns(DeprecationWarning, match="curvature_monitor"):
+        growth = DepthGrowth(monitor=monitor)
+    assert growth.curvature_monitor is monitor
+    assert DepthGrowth(curvature_monitor=monitor).curvature_monitor is monitor
+    with pytest.raises(ValueError, match="once"), pytest.warns(DeprecationWarning):
+        DepthGrowth(monitor=monitor, curvature_monitor=CurvatureMonitor())
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:

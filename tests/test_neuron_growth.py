@@ -294,13 +294,26 @@ def test_resume_after_growth_is_bitwise_identical(uninterrupted, tmp_path):
         assert all(torch.equal(v, resumed_opt["state"][index][k]) for k, v in state.items())
 
 
-def test_invalid_arguments_are_rejected():
-    with pytest.raises(ValueError, match="`step_budget` must be a finite number > 0"):
-        NeuronGrowth(step_budget=0)
-    with pytest.raises(ValueError, match="`min_neurons` must be an int >= 1"):
-        NeuronGrowth(min_neurons=0)
-    with pytest.raises(ValueError, match="`layers` must be None"):
-        NeuronGrowth(layers={"model.fc1": 3})
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"step_budget": 0}, ValueError, "`step_budget` must be a finite number > 0"),
+        ({"step_budget": "0.1"}, TypeError, "`step_budget`"),
+        ({"final_budget": 0.5}, ValueError, "`final_budget`"),
+        ({"budget_mode": "percent"}, ValueError, "`budget_mode`"),
+        ({"min_neurons": 0}, ValueError, "`min_neurons` must be an int >= 1"),
+        ({"num_batches": True}, TypeError, "`num_batches`"),
+        ({"warmup_epochs": 1.0}, TypeError, "`warmup_epochs`"),
+        ({"scale_by_lr": 1}, TypeError, "`scale_by_lr`"),
+        ({"nest": "no"}, TypeError, "`nest`"),
+        ({"seed": "0"}, TypeError, "`seed`"),
+        ({"layers": {"model.fc1": 3}}, ValueError, "`layers` must be None"),
+        ({"loss_fn": "mse"}, TypeError, "`loss_fn`"),
+    ],
+)
+def test_invalid_arguments_are_rejected(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NeuronGrowth(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- DDP
