@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_depthgrow import register_block
+
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     """A CPU Trainer without logger, checkpoints, progress bar or model summary, unless ``kwargs`` say otherwise."""
@@ -117,3 +119,56 @@ def random_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoade
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(n, 1, 1, 40, generator=g), torch.randint(0, 10, (n,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+# ---------------------------------------------------------------- a user-registered block type
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (fused ``qkv``, output projection ``proj``)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, dim))
+
+
+class GPTBlock(nn.Module):
+    """Pre-norm transformer block ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))`` with a 4x GELU MLP."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(dim), CausalSelfAttention(dim, num_heads), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("fc", nn.Linear(dim, 4 * dim))
+        self.mlp.add_module("act", nn.GELU())
+        self.mlp.add_module("proj", nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    """Token and position embeddings, a ``blocks`` ModuleList of :class:`GPTBlock`, final norm, LM head."""
+
+    def __init__(self, vocab_size: int = 32, context: int = 16, dim: int = 32, depth: int = 2, num_heads: int = 2):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab_size, dim)
+        self.pos_emb = nn.Parameter(torch.randn(1, context, dim) * 0.02)
+        self.blocks = nn.ModuleList(GPTBlock(dim, num_heads) for _ in range(depth))
+        self.ln_f, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(idx) + self.pos_emb[:, : idx.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+register_block(GPTBlock, zero_init=["attn.proj", "mlp.proj"], name="tests.GPTBlock")

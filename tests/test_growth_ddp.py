@@ -6,15 +6,17 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
-from _helpers import tensor_hash
+from _helpers import Classifier, make_vit, tensor_hash
 from lightning.pytorch.callbacks import Callback
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
-from examples.common import Classifier, make_vit
 from lightning_depthgrow.callbacks._common import event_log
 from lightning_depthgrow.callbacks.depth_growth import DepthGrowth
+
+pytestmark = pytest.mark.slow  # 2-process DDP Trainer runs
 
 
 def param_hash(module: torch.nn.Module) -> str:

@@ -17,13 +17,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _helpers import Classifier, TinyGPT, make_vit, quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from examples.common import Classifier, make_vit
-from examples.gpt_blocks import TinyGPT
 from lightning_depthgrow.adapters.registry import find_block_stacks
 from lightning_depthgrow.callbacks._common import event_log, load_checkpoint_events
 from lightning_depthgrow.callbacks.architecture_logger import ArchitectureLogger
@@ -32,7 +31,8 @@ from lightning_depthgrow.callbacks.depth_growth import DepthGrowth
 from lightning_depthgrow.callbacks.dms import DifferentiableModelScaling
 from lightning_depthgrow.callbacks.neuron_growth import NeuronGrowth
 from lightning_depthgrow.loading import load_grown
-from tests._helpers import quiet_trainer
+
+pytestmark = pytest.mark.slow  # multi-epoch Trainer runs
 
 EPOCHS = 3  # growth at the end of epochs 0 and 1 (warmup 1); epoch 2 trains the grown model
 

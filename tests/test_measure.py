@@ -7,9 +7,9 @@ import copy
 import pytest
 import timm
 import torch
+from _helpers import TinyGPT
 from torch import nn
 
-from examples.gpt_blocks import TinyGPT
 from lightning_depthgrow import UnsupportedModelError
 from lightning_depthgrow.measure import architecture_summary, block_costs, count_flops, count_parameters
 from lightning_depthgrow.surgery import insert_identity_block

@@ -11,12 +11,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import quiet_trainer, tensor_hash
+from _helpers import Classifier, make_vit, quiet_trainer, tensor_hash
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from examples.common import Classifier, make_vit
 from lightning_depthgrow.callbacks._common import event_log, load_checkpoint_events
 from lightning_depthgrow.callbacks.neuron_growth import NeuronGrowth
 from lightning_depthgrow.curvature.splitting import splitting_eigenvalues
@@ -233,6 +232,7 @@ def uninterrupted(tmp_path_factory):
     return module, growth, ckpt_dir
 
 
+@pytest.mark.slow
 def test_fit_grows_the_most_negative_neurons_within_budget(uninterrupted):
     full, growth, ckpt_dir = uninterrupted
     log = event_log(full)
@@ -266,6 +266,7 @@ def test_fit_grows_the_most_negative_neurons_within_budget(uninterrupted):
     assert second == {(path, i) for _, path, i in ranked[: STEP_BUDGET // 9]}
 
 
+@pytest.mark.slow
 def test_layers_with_fewer_than_min_neurons_selected_do_not_grow(tmp_path):
     module = make_module()
     growth = fit(module, tmp_path, min_neurons=3)
@@ -278,6 +279,7 @@ def test_layers_with_fewer_than_min_neurons_selected_do_not_grow(tmp_path):
     assert len(set(picked)) > 1 and max(picked.count(path) for path in picked) < 3
 
 
+@pytest.mark.slow
 def test_resume_after_growth_is_bitwise_identical(uninterrupted, tmp_path):
     full, _, ckpt_dir = uninterrupted
     assert len(load_checkpoint_events(str(ckpt_dir / "epoch=0.ckpt"))) >= 1
@@ -338,6 +340,7 @@ class _RankRecorder(pl.Callback):
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(self.records))
 
 
+@pytest.mark.slow
 def test_ddp_ranks_grow_identical_neurons_and_stay_in_sync(tmp_path):
     module = make_module()
     growth = NeuronGrowth(step_budget=STEP_BUDGET, budget_mode="absolute", scale_by_lr=False, warmup_epochs=1)

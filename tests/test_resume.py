@@ -11,15 +11,16 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from _helpers import quiet_trainer
+from _helpers import Classifier, make_vit, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from examples.common import Classifier, make_vit
 from lightning_depthgrow import EventLogMismatchError
 from lightning_depthgrow.callbacks._common import event_log, load_checkpoint_events
 from lightning_depthgrow.callbacks.depth_growth import DepthGrowth
 from lightning_depthgrow.loading import load_grown
+
+pytestmark = pytest.mark.slow  # multi-epoch Trainer runs
 
 EPOCHS = 4
 
