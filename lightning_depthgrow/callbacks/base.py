@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ..events import ArchitectureEvent, event_log, save_event_log
-from ..growth import Schedule
+from ..growth import Budget, Schedule
 from . import plumbing
 
 
@@ -201,6 +201,24 @@ class ArchitectureCallback(Callback):
     def events_so_far(self, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
         """The module's event log (every change so far, by any callback)."""
         return event_log(pl_module)
+
+
+class GrowthCallback(ArchitectureCallback):
+    """An :class:`ArchitectureCallback` that grows within a :class:`~lightning_depthgrow.growth.Budget` on a
+    :class:`~lightning_depthgrow.growth.Schedule` (the shared part of ``DepthGrowth`` and ``NeuronGrowth``)."""
+
+    def __init__(self, budget: Budget, schedule: Schedule) -> None:
+        super().__init__(schedule)
+        self.budget = budget
+
+    # Read-only views of the budget and schedule, under the callbacks' argument names.
+    final_budget = property(lambda self: self.budget.final)
+    step_budget = property(lambda self: self.budget.step)
+    budget_metric = property(lambda self: self.budget.metric)
+    budget_mode = property(lambda self: self.budget.mode)
+    scale_by_lr = property(lambda self: self.budget.scale_by_lr)
+    warmup_epochs = property(lambda self: self.schedule.warmup_epochs)
+    grow_every = property(lambda self: self.schedule.every)
 
 
 def _finite_check(trainer: pl.Trainer, outputs: Any) -> float:

@@ -22,11 +22,11 @@ from ..growth.depth import PLACEMENTS, fits_any_insertion, plan_depth, stack_lay
 from ..measure import block_costs, count_flops, count_parameters, first_sample
 from ..validation import check_choice, check_int, check_optional
 from . import plumbing
-from .base import ArchitectureCallback
+from .base import GrowthCallback
 from .curvature_monitor import CurvatureMonitor
 
 
-class DepthGrowth(ArchitectureCallback):
+class DepthGrowth(GrowthCallback):
     """Insert function-preserving residual blocks during training until a parameter/FLOP budget is reached.
 
     Growth happens right after the optimizer step of the last training batch of a growth epoch, i.e. before
@@ -90,12 +90,14 @@ class DepthGrowth(ArchitectureCallback):
         seed: int = 0,
         monitor: CurvatureMonitor | None = None,
     ) -> None:
-        super().__init__(Schedule(warmup_epochs, grow_every))
         if final_budget is None:
             raise TypeError(
                 "`final_budget` must be a positive number (a multiple of the start, or absolute), got None."
             )
-        self.budget = Budget(final_budget, step_budget, budget_metric, budget_mode, scale_by_lr)
+        super().__init__(
+            Budget(final_budget, step_budget, budget_metric, budget_mode, scale_by_lr),
+            Schedule(warmup_epochs, grow_every),
+        )
         self.blocks_per_step = check_optional(blocks_per_step, check_int, "blocks_per_step", minimum=1)
         self.max_per_stack = check_optional(max_per_stack, check_int, "max_per_stack", minimum=1)
         if blocks_per_step is None and step_budget is None:
@@ -118,15 +120,6 @@ class DepthGrowth(ArchitectureCallback):
         self._given_monitor = curvature_monitor
         self._monitor: CurvatureMonitor | None = None  # the monitor in use, found or built in setup
         self._drives_monitor = False  # True when it is not in trainer.callbacks: we feed it and save its state
-
-    # Read-only views of the budget, as the arguments were named.
-    final_budget = property(lambda self: self.budget.final)
-    step_budget = property(lambda self: self.budget.step)
-    budget_metric = property(lambda self: self.budget.metric)
-    budget_mode = property(lambda self: self.budget.mode)
-    scale_by_lr = property(lambda self: self.budget.scale_by_lr)
-    warmup_epochs = property(lambda self: self.schedule.warmup_epochs)
-    grow_every = property(lambda self: self.schedule.every)
 
     @property
     def curvature_monitor(self) -> CurvatureMonitor | None:
@@ -161,6 +154,10 @@ class DepthGrowth(ArchitectureCallback):
         self._check_some_block_fits(pl_module, layouts)
         if self.placement == "curvature":
             self._setup_monitor(trainer, pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.events_so_far(pl_module):
+            _check_groups_not_per_block(trainer, pl_module, self.name)
 
     def observe_batch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -319,3 +316,26 @@ class DepthGrowth(ArchitectureCallback):
     def grow_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
         """Run one growth step now (every rank must call it); returns the events applied."""
         return self.change_now(trainer, pl_module)
+
+
+def _check_groups_not_per_block(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
+    """Refuse optimizers whose param groups are built per block (e.g. layer-wise LR decay), before training.
+
+    A grown block joins its template's group, so ``configure_optimizers`` on the grown model (what a resumed run
+    calls) builds more groups than the checkpoint's optimizer has, and resume fails with the module already grown.
+    """
+    for optimizer in trainer.optimizers:
+        group_of = {id(p): k for k, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        for layout in stack_layouts(pl_module):
+            stack = pl_module.get_submodule(layout.path) if layout.path else pl_module
+            groups = [{group_of[id(p)] for p in block.parameters() if id(p) in group_of} for block in stack.children()]
+            groups = [g for g in groups if g]
+            if len(groups) >= 2 and all(a.isdisjoint(b) for i, a in enumerate(groups) for b in groups[i + 1 :]):
+                raise RuntimeError(
+                    f"{who}: configure_optimizers gives every block of {layout.path!r} param groups of its own "
+                    f"({len(optimizer.param_groups)} groups; e.g. layer-wise LR decay). A grown block joins its "
+                    "template's group, so a resumed run, whose configure_optimizers sees the grown model, would build "
+                    "more groups than the checkpoint's optimizer has and could not resume. Build groups by a property "
+                    "growth keeps (decay / no-decay, parameter type), not one per block; set per-block learning rates "
+                    "with an LR scheduler or after growth instead."
+                )

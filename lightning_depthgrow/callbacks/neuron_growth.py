@@ -25,13 +25,13 @@ from ..measure import count_parameters
 from ..surgery.neuron_branch import BranchedLinear, neuron_branches
 from ..validation import check_bool, check_float, check_int
 from . import plumbing
-from .base import ArchitectureCallback
+from .base import GrowthCallback
 from .curvature_monitor import _training_step_loss
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
-class NeuronGrowth(ArchitectureCallback):
+class NeuronGrowth(GrowthCallback):
     r"""Add residual sub-units ``u + gelu(u)`` to the neurons whose splitting matrix has the most negative eigenvalue.
 
     At the end of every ``grow_every``-th epoch after ``warmup_epochs`` (right after the epoch's last optimizer
@@ -92,9 +92,10 @@ class NeuronGrowth(ArchitectureCallback):
         loss_fn: LossFn | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(Schedule(warmup_epochs, grow_every))
         check_float("step_budget", step_budget, low=0.0)
-        self.budget = Budget(final_budget, step_budget, "params", budget_mode, scale_by_lr)
+        super().__init__(
+            Budget(final_budget, step_budget, "params", budget_mode, scale_by_lr), Schedule(warmup_epochs, grow_every)
+        )
         self.min_neurons = check_int("min_neurons", min_neurons, minimum=1)
         self.num_batches = check_int("num_batches", num_batches, minimum=1)
         if layers is not None and (
@@ -116,14 +117,6 @@ class NeuronGrowth(ArchitectureCallback):
         self.latest: dict[str, list[float]] = {}
         self._watched: dict[str, str] = {}
         self._batches: deque[tuple[int, Any]] = deque(maxlen=num_batches)
-
-    # Read-only views of the budget and schedule, as the arguments were named.
-    step_budget = property(lambda self: self.budget.step)
-    final_budget = property(lambda self: self.budget.final)
-    budget_mode = property(lambda self: self.budget.mode)
-    scale_by_lr = property(lambda self: self.budget.scale_by_lr)
-    warmup_epochs = property(lambda self: self.schedule.warmup_epochs)
-    grow_every = property(lambda self: self.schedule.every)
 
     @property
     def start_params(self) -> int | None:
