@@ -336,3 +336,18 @@ def test_lightning_cli_yaml_config_grows(tmp_path):
     grown = [line for line in result.stderr.splitlines() if "DepthGrowth: epoch" in line and "inserted" in line]
     assert len(grown) == 1 and "DepthGrowth: epoch 1: inserted a block after model.blocks." in grown[0]
     assert "parameters" not in grown[0] and "params" in grown[0]
+
+
+@pytest.mark.slow
+def test_a_monitor_in_the_trainer_estimates_once_per_growth_epoch():
+    # Issue 9.20: the monitor's epoch-end estimate (on the architecture the model still has) is what placement
+    # uses in the next epoch; no second estimate in a growth epoch.
+    module = tiny_module(max_epochs=4)
+    monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False)  # estimates at every epoch end
+    trainer(4, [monitor, DepthGrowth(final_budget=3.0, warmup_epochs=2)]).fit(module, loader())
+    events = event_log(module)
+    assert [e.epoch for e in events] == [1, 2]
+    assert [h["epoch"] for h in monitor.history] == [0, 1, 2, 3]
+    for event in events:
+        used = monitor.history[event.epoch - 1]["trace_per_param"]
+        assert used[event.reason["block"]] == pytest.approx(event.reason["score"])

@@ -271,21 +271,38 @@ class DepthGrowth(GrowthCallback):
         if self._drives_monitor:
             self._monitor.setup(trainer, pl_module, "fit")
 
-    def _curvature(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+    def _curvature(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, layouts: list[StackLayout]
+    ) -> dict[str, float]:
         """Hessian trace per parameter of every block, identical on all ranks (the monitor all-reduces).
 
-        Always estimated now, on the weights being grown, unless the monitor already estimated at this very step
-        (then its estimate is reused: curvature is never estimated twice on the same weights).
+        A monitor in ``trainer.callbacks`` that estimated at the end of the previous epoch, on the architecture
+        the model has now, already measured the weights this epoch started from: its estimate is reused, so a
+        growth epoch costs one estimate, not two (issue 9.20). Otherwise (a private monitor, the first epoch, an
+        architecture changed since) the monitor estimates now, on the weights being grown.
         """
         monitor = self._monitor
-        last = monitor.history[-1] if monitor.history else None
-        fresh = (
-            last is not None and last.get("step") == trainer.global_step and last.get("epoch") == trainer.current_epoch
-        )
-        estimate = monitor.latest if fresh and monitor.latest is not None else monitor.estimate_now(trainer, pl_module)
+        estimate = monitor.latest if self._monitor_estimate_is_current(trainer, layouts) else None
+        if estimate is None:
+            estimate = monitor.estimate_now(trainer, pl_module)
         if not estimate.valid:
             return {}
         return {str(k): float(v) for k, v in estimate.trace_per_param.items()}
+
+    def _monitor_estimate_is_current(self, trainer: pl.Trainer, layouts: list[StackLayout]) -> bool:
+        monitor = self._monitor
+        previous = trainer.current_epoch - 1
+        if self._drives_monitor or monitor.latest is None or not monitor.history or previous < 0:
+            return False
+        if monitor.history[-1].get("epoch") != previous or (previous + 1) % monitor.every_n_epochs:
+            return False
+        names = set(monitor.latest.trace_per_param)
+        for layout in layouts:
+            head = f"{layout.path}." if layout.path else ""
+            held = {n for n in names if n.startswith(head) and n[len(head) :].isdigit()}
+            if held != {layout.block_name(i) for i in range(layout.depth)}:
+                return False
+        return True
 
     def plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
         """The insertions of one growth step (:class:`~lightning_depthgrow.growth.Insertion`, in apply order),
@@ -304,7 +321,7 @@ class DepthGrowth(GrowthCallback):
         if not fits_any_insertion(layouts, costs, self.budget.metric, self.budget.room(start, current, lr)):
             # Nothing fits: skip the curvature estimate (several training steps' worth of compute).
             return []
-        scores = self._curvature(trainer, pl_module) if self.placement == "curvature" else None
+        scores = self._curvature(trainer, pl_module, layouts) if self.placement == "curvature" else None
         try:
             return plan_depth(layouts, costs, self.budget, scores=scores, **kwargs)
         except ValueError as err:
