@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,6 +10,7 @@ import pytest
 import torch
 from _helpers import Classifier, make_vit, quiet_trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -313,29 +311,45 @@ def test_sharded_strategy_is_rejected():
     assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
 
 
+class RandomSignals(pl.LightningDataModule):
+    """Random ``[1, 1, 40]`` signals under the example datamodule's arguments (so its YAML config applies)."""
+
+    def __init__(self, batch_size: int = 16, seed: int = 0, limit_train: int | None = None) -> None:
+        super().__init__()
+        self.batch_size, self.seed, self.limit_train = batch_size, seed, limit_train
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(n=self.limit_train or 64, batch_size=self.batch_size, seed=self.seed)
+
+    def val_dataloader(self) -> DataLoader:
+        return loader(n=16, batch_size=16, seed=self.seed + 1)
+
+
 @pytest.mark.slow
 def test_lightning_cli_yaml_config_grows(tmp_path):
-    # The documented CLI example, run as a user runs it (a separate process: tests import no example code).
-    root = Path(__file__).resolve().parents[1]
-    command = [
-        sys.executable,
-        str(root / "examples" / "cli.py"),
-        "fit",
-        f"--config={root / 'examples' / 'configs' / 'grow_vit.yaml'}",
-        "--trainer.max_epochs=3",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={tmp_path}",
-        "--data.limit_train=512",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # The example's YAML config drives DepthGrowth through LightningCLI (a smaller ViT and random data here).
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "grow_vit.yaml"
+    cli = LightningCLI(
+        Classifier,
+        RandomSignals,
+        args=[
+            "fit",
+            f"--config={config}",
+            "--model.model.init_args.embed_dim=16",
+            "--model.model.init_args.num_heads=2",
+            "--trainer.max_epochs=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--data.batch_size=16",
+        ],
+        save_config_kwargs={"overwrite": True},
+    )
+    growth = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DepthGrowth))
+    assert (growth.final_budget, growth.warmup_epochs, growth.placement) == (3.0, 2, "curvature")
     # Warm-up of 2 epochs, then one growth step at the end of epoch 1 (none after the last epoch).
-    grown = [line for line in result.stderr.splitlines() if "DepthGrowth: epoch" in line and "inserted" in line]
-    assert len(grown) == 1 and "DepthGrowth: epoch 1: inserted a block after model.blocks." in grown[0]
-    assert "parameters" not in grown[0] and "params" in grown[0]
+    assert len(cli.model.model.blocks) == 3
+    assert [e.epoch for e in event_log(cli.model)] == [1]
 
 
 @pytest.mark.slow

@@ -155,7 +155,7 @@ def test_resume_from_another_models_checkpoint_leaves_the_module_untouched(unint
     assert not module._load_state_dict_pre_hooks
 
 
-def test_load_grown_needs_no_lightning(uninterrupted, tmp_path):
+def test_load_grown_and_the_planners_need_no_lightning(uninterrupted, tmp_path):
     # load_grown in a process where importing Lightning fails: the bare timm network is rebuilt and loaded.
     full, ckpt_dir = uninterrupted
     x = torch.randn(3, 1, 1, 40)
@@ -172,6 +172,7 @@ def test_load_grown_needs_no_lightning(uninterrupted, tmp_path):
         sys.meta_path.insert(0, Block())
         import timm, torch
         from lightning_depthgrow import load_grown
+        import lightning_depthgrow.growth  # the planning core needs no Lightning either
         vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(1, 40), patch_size=(1, 4),
                                 in_chans=1, num_classes=10, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
         load_grown(vit, {str(ckpt_dir / f"epoch={EPOCHS - 1}.ckpt")!r})
