@@ -249,9 +249,13 @@ def register_block(
     return adapter
 
 
+_BUILTIN: list[BlockAdapter] = []
+
+
 def _register_builtin(adapter: BlockAdapter) -> None:
     """Built-in adapters go last so that any user registration overrides them."""
     _REGISTRY.append(adapter)
+    _BUILTIN.append(adapter)
 
 
 def unregister_block(block_type: type | tuple[type, ...]) -> None:
@@ -324,6 +328,22 @@ class BlockStack:
         if all(r is not None for r in reasons):
             return f"stack {self.path!r} ({self.adapter.name}): {reasons[0]}"
         return None
+
+    def notify_depth_change(self, model: nn.Module, change: StackChange) -> None:
+        """Run the family's bookkeeping after ``change`` (see :attr:`BlockAdapter.on_depth_change`).
+
+        A user adapter that overrides a built-in one for the same block type but has no
+        ``on_depth_change`` still gets the built-in's: config depth and ``layer_idx`` belong to the model,
+        not to the choice of what to zero.
+        """
+        hook = self.adapter.on_depth_change
+        if hook is None and self.blocks:
+            hook = next(
+                (a.on_depth_change for a in _BUILTIN if a.on_depth_change is not None and a.matches(self.blocks[0])),
+                None,
+            )
+        if hook is not None:
+            hook(model, self, change)
 
     def growable_positions(self) -> list[int]:
         """Indices ``i`` such that an identity block may be inserted right after block ``i``.

@@ -146,16 +146,15 @@ def insert_identity_block(
     _insert_child(stack.container, position, block, stack.key_prefix or "")
     synced = False
     try:
-        if stack.adapter.on_depth_change is not None:
-            stack.adapter.on_depth_change(model, stack, StackChange("insert", position, template_index))
+        stack.notify_depth_change(model, StackChange("insert", position, template_index))
         synced = True
         _renumber_feature_info(model, stack.path, after_index, len(stack) - 1)
         if check is not None:
             _verify(model, stack, check, before, f"the block inserted after {stack.block_name(after_index)}")
     except BaseException:
         _remove_child(stack.container, position, stack.key_prefix or "")
-        if synced and stack.adapter.on_depth_change is not None:
-            stack.adapter.on_depth_change(model, stack, StackChange("remove", position))
+        if synced:
+            stack.notify_depth_change(model, StackChange("remove", position))
         _restore_feature_info(feature_info)
         raise
     return block, AppliedChange(added=added)
@@ -183,8 +182,7 @@ def remove_block(model: nn.Module, stack_path: str, index: int) -> nn.Module:
     feature_info = _feature_info_snapshot(model, stack.path)
     block = _remove_child(stack.container, index, stack.key_prefix or "")
     try:
-        if stack.adapter.on_depth_change is not None:
-            stack.adapter.on_depth_change(model, stack, StackChange("remove", index))
+        stack.notify_depth_change(model, StackChange("remove", index))
         _drop_feature_info(model, stack.path, index, len(stack) + 1)
     except BaseException:
         _insert_child(stack.container, index, block, stack.key_prefix or "")
