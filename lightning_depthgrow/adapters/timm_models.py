@@ -54,8 +54,8 @@ def relu_after_add_refusal(act: nn.Module, family: str) -> str | None:
     return (
         f"the {family} block applies {type(act).__name__} after its residual add, so a copy with its branch "
         f"zeroed computes {type(act).__name__}(x), not x (only ReLU of a ReLU output is the identity). Grow "
-        "it with the residual ramp operator (lightning_depthgrow.surgery.ramp: out = x + a * (block(x) - x), "
-        "a = 0 at birth), or build the model with act_layer='relu'."
+        "it through a residual ramp (lightning_depthgrow.surgery.ramp: out = x + a * (block(x) - x), a = 0 at "
+        "birth; the growth operators' ramp_steps >= 1), or build the model with act_layer='relu'."
     )
 
 

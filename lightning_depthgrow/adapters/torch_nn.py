@@ -13,9 +13,9 @@ from .registry import BlockAdapter, BlockStack, StackChange, UnsupportedModelErr
 
 POST_LN_REFUSAL = (
     "it is a post-LayerNorm block (LN(x + f(x))): with its residual branches zeroed it computes LN(x), not x, "
-    "so no zero-initialised copy is an identity. Grow it with the residual ramp operator "
-    "(lightning_depthgrow.surgery.ramp: out = x + a * (block(x) - x), a = 0 at birth), which preserves the "
-    "function for any block, or use a pre-LayerNorm variant{hint}."
+    "so no zero-initialised copy is an identity. Grow it through a residual ramp "
+    "(lightning_depthgrow.surgery.ramp: out = x + a * (block(x) - x), a = 0 at birth; the growth operators' "
+    "ramp_steps >= 1), which preserves the function for any block, or use a pre-LayerNorm variant{hint}."
 )
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.registry import BlockStack, StackChange, UnsupportedModelError, require_block_stacks
+from ..adapters.registry import BlockStack, StackChange, UnsupportedModelError, key_prefix, require_block_stacks
 from ..events import AppliedChange, register_event_kind
 
 DEFAULT_TOLERANCE = 1e-5
@@ -317,8 +317,9 @@ def _verify(model: nn.Module, stack: BlockStack, check: _Check, before: list[tor
             f"{type(model).__name__}'s outputs moved by up to {worst:.3g} (allowed {check.tolerance:g} x "
             f"{scale:.3g}) on the example input, in eval mode; the insertion was undone. Zeroing "
             f"{stack.adapter.zero_names(stack.container[0])} does not silence the block. Register the block "
-            "with zero_init naming the last operation of every residual branch, or grow it with the residual "
-            "ramp operator (lightning_depthgrow.surgery.ramp), which preserves the function for any block."
+            "with zero_init naming the last operation of every residual branch, or grow it through a residual "
+            "ramp (lightning_depthgrow.surgery.ramp; the growth operators' ramp_steps >= 1), which preserves the "
+            "function for any block."
         )
 
 
@@ -457,12 +458,13 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def _insert_child(container: nn.Module, position: int, block: nn.Module, prefix: str) -> None:
+def _insert_child(container: nn.Module, position: int, block: nn.Module, prefix: str | None = None) -> None:
     # Renumber in place rather than building a new container: the container object, its attributes,
     # hooks and every outside reference to it stay valid (nn.Sequential and nn.ModuleList alike).
+    # ``prefix``: the keys' common prefix (torchvision's "encoder_layer_"); default: the container's own.
     children = list(container._modules.values())
     children.insert(position, block)
-    _set_children(container, children, prefix)
+    _set_children(container, children, (key_prefix(container) or "") if prefix is None else prefix)
 
 
 def _remove_child(container: nn.Module, position: int, prefix: str) -> nn.Module:
