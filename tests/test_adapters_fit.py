@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_depthgrow import load_grown
 from lightning_depthgrow.callbacks import DepthGrowth
 from tests._helpers import quiet_trainer
 
@@ -78,7 +79,7 @@ class GrowthProbe(Callback):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_depth_growth_on_hf_language_model_preserves_logits_and_generation(name):
+def test_depth_growth_on_hf_language_model_preserves_logits_and_generation(name, tmp_path):
     torch.manual_seed(0)
     module = LanguageModel(name)
     data = TensorDataset(torch.randint(0, VOCAB, (16, 9), generator=torch.Generator().manual_seed(0)))
@@ -99,3 +100,13 @@ def test_depth_growth_on_hf_language_model_preserves_logits_and_generation(name)
     ids = module.example_input_array[:, :5]
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     assert torch.equal(hf.generate(ids, use_cache=True, **kwargs), hf.generate(ids, use_cache=False, **kwargs))
+
+    # load_grown replays the growth on a freshly built bare HF model: same depth, config, layer_idx, logits.
+    trainer.save_checkpoint(tmp_path / "grown.ckpt")
+    fresh = make(name)
+    load_grown(fresh, tmp_path / "grown.ckpt")
+    assert fresh.config.num_hidden_layers == 3
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, hf(input_ids=ids).logits)
+    assert torch.equal(fresh.generate(ids, use_cache=True, **kwargs), hf.generate(ids, use_cache=True, **kwargs))
