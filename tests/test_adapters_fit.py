@@ -50,15 +50,22 @@ class LanguageModel(LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
+def _hf_layers(module):
+    return module.model.transformer.h if hasattr(module.model, "transformer") else module.model.model.layers
+
+
 class GrowthProbe(Callback):
     """Placed before DepthGrowth: logits on a fixed input right before and right after the growth step."""
 
-    def __init__(self):
+    def __init__(self, layers=None):
         self.before, self.after, self.after_ran = [], [], []
         self.ran: set[int] = set()
+        self.layers = layers or (
+            lambda m: m.model.transformer.h if hasattr(m.model, "transformer") else m.model.model.layers
+        )
 
     def _logits(self, module):
-        layers = module.model.transformer.h if hasattr(module.model, "transformer") else module.model.model.layers
+        layers = self.layers(module)
         self.ran.clear()
         handles = [b.register_forward_pre_hook(lambda *_, i=i: self.ran.add(i)) for i, b in enumerate(layers)]
         module.eval()
@@ -110,3 +117,45 @@ def test_depth_growth_on_hf_language_model_preserves_logits_and_generation(name,
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, hf(input_ids=ids).logits)
     assert torch.equal(fresh.generate(ids, use_cache=True, **kwargs), hf.generate(ids, use_cache=True, **kwargs))
+
+
+class ImageClassifier(LightningModule):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.example_input_array = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_depth_growth_with_curvature_placement_on_torchvision_vit():
+    # Its encoder.layers children are named encoder_layer_i: found as a stack, then IndexError at the end of
+    # the first epoch on the old main. Now the curvature blocks carry those names and the growth keeps them.
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=4
+    )
+    torch.nn.init.normal_(vit.heads.head.weight, std=0.1)
+    module = ImageClassifier(vit)
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(16, 3, 16, 16, generator=generator), torch.randint(0, 4, (16,), generator=generator)
+    )
+    probe = GrowthProbe(lambda m: m.model.encoder.layers)
+    growth = DepthGrowth(final_budget=1.5, warmup_epochs=1, grow_every=1, placement="curvature", seed=0)
+    quiet_trainer(max_epochs=2, callbacks=[probe, growth]).fit(module, DataLoader(data, batch_size=8))
+    assert list(vit.encoder.layers._modules) == ["encoder_layer_0", "encoder_layer_1", "encoder_layer_2"]
+    grown = [e for e, (b, a) in enumerate(zip(probe.before, probe.after)) if a[1] != b[1]]
+    assert len(grown) == 1
+    (before, _), (after, _) = probe.before[grown[0]], probe.after[grown[0]]
+    assert (after - before).abs().max() <= 1e-5
+    assert probe.after_ran[grown[0]] == {0, 1, 2}
