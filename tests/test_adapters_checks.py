@@ -204,3 +204,14 @@ def test_a_diverged_model_is_not_grown():
     with pytest.raises(FunctionNotPreservedError, match="not finite"):
         insert_identity_block(model, "blocks", 0, seed=0, check_input=torch.randn(1, 3, 16, 16))
     assert len(model.blocks) == 2
+
+
+def test_unregistering_a_user_override_brings_the_builtin_adapter_back():
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    model = timm.create_model("resnet18", num_classes=4, pretrained=False)
+    builtin = find_block_stacks(model)[0].adapter
+    override = register_block((BasicBlock, Bottleneck), zero_init=["bn2"])
+    assert find_block_stacks(model)[0].adapter is override
+    unregister_block((BasicBlock, Bottleneck))
+    assert find_block_stacks(model)[0].adapter is builtin

@@ -259,8 +259,12 @@ def _register_builtin(adapter: BlockAdapter) -> None:
 
 
 def unregister_block(block_type: type | tuple[type, ...]) -> None:
-    """Remove every adapter registered for exactly ``block_type``."""
-    _REGISTRY[:] = [a for a in _REGISTRY if a.block_type != block_type]
+    """Remove every adapter :func:`register_block` registered for exactly ``block_type``.
+
+    Built-in adapters stay: unregistering a user override of a built-in block type brings the built-in back.
+    """
+    _load_builtin_adapters()
+    _REGISTRY[:] = [a for a in _REGISTRY if a.block_type != block_type or any(a is b for b in _BUILTIN)]
 
 
 def registered_adapters() -> list[BlockAdapter]:
