@@ -159,3 +159,53 @@ def test_depth_growth_with_curvature_placement_on_torchvision_vit():
     (before, _), (after, _) = probe.before[grown[0]], probe.after[grown[0]]
     assert (after - before).abs().max() <= 1e-5
     assert probe.after_ran[grown[0]] == {0, 1, 2}
+
+
+class PostNormBlock(torch.nn.Module):
+    """``LN(x + f(x))``: a zeroed ``f`` leaves ``LN(x)``, not ``x``."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.fc, self.norm = torch.nn.Linear(d, d), torch.nn.LayerNorm(d)
+        torch.nn.init.constant_(self.norm.weight, 2.0)  # as trained norms are: LN(x) is then far from x
+
+    def forward(self, x):
+        return self.norm(x + self.fc(x))
+
+
+class PostNormNet(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(PostNormBlock(), PostNormBlock())
+        self.head = torch.nn.Linear(8, 2)
+        self.example_input_array = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_depth_growth_refuses_an_insertion_that_changes_the_function_and_leaves_the_module_as_it_was():
+    from lightning_depthgrow import register_block
+    from lightning_depthgrow.adapters import unregister_block
+    from lightning_depthgrow.surgery.growth import FunctionNotPreservedError
+
+    register_block(PostNormBlock, zero_init=["fc"])  # accepted by the registry, but not an identity
+    try:
+        torch.manual_seed(0)
+        module = PostNormNet()
+        generator = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(16, 8, generator=generator), torch.randint(0, 2, (16,), generator=generator))
+        growth = DepthGrowth(final_budget=2.0, warmup_epochs=1, grow_every=1, placement="uniform", seed=0)
+        trainer = quiet_trainer(max_epochs=2, callbacks=[growth])
+        with pytest.raises(FunctionNotPreservedError, match=r"not an identity.*undone"):
+            trainer.fit(module, DataLoader(data, batch_size=8))
+        assert len(module.blocks) == 2 and list(module.blocks._modules) == ["0", "1"]
+    finally:
+        unregister_block(PostNormBlock)

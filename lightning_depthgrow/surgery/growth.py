@@ -535,16 +535,22 @@ def _renumber_feature_info(model: nn.Module, stack_path: str, after_index: int, 
 
 
 def _apply_insert_block(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
-    """Applier of ``"insert_block"`` events: ``{"stack": str, "index": int, "template": int, "seed": int}``."""
+    """Applier of ``"insert_block"`` events: ``{"stack": str, "index": int, "template": int, "seed": int}``.
+
+    The insertion is verified on the input of :func:`verify_insertions` if one is active, else on the model's
+    ``example_input_array`` (a LightningModule's) if it has one; so growth callbacks check every insertion.
+    """
     missing = [key for key in ("stack", "index") if key not in spec]
     if missing:
         raise ValueError(f"insert_block event spec {spec} lacks {missing}; it needs 'stack' and 'index'.")
+    example = None if _ACTIVE_CHECK.get() is not None else getattr(model, "example_input_array", None)
     _, change = insert_identity_block(
         model,
         spec["stack"],
         spec["index"],
         seed=spec.get("seed"),
         template_index=spec.get("template"),
+        check_input=example,
     )
     return change
 
