@@ -215,3 +215,70 @@ def test_unregistering_a_user_override_brings_the_builtin_adapter_back():
     assert find_block_stacks(model)[0].adapter is override
     unregister_block((BasicBlock, Bottleneck))
     assert find_block_stacks(model)[0].adapter is builtin
+
+
+TIMM_FAMILIES = {
+    "eva02": (
+        lambda: timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, num_classes=4),
+        (2, 3, 28, 28),
+        "blocks",
+    ),
+    "eva_layerscale": (
+        lambda: timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, num_classes=4, init_values=0.1),
+        (2, 3, 28, 28),
+        "blocks",
+    ),
+    "swin": (
+        lambda: timm.create_model(
+            "swin_tiny_patch4_window7_224",
+            img_size=32,
+            window_size=4,
+            embed_dim=16,
+            depths=(2, 2),
+            num_heads=(1, 2),
+            num_classes=4,
+        ),
+        (2, 3, 32, 32),
+        "layers.1.blocks",
+    ),
+    "mobilenetv3": (
+        lambda: timm.create_model("mobilenetv3_small_050", num_classes=4),
+        (2, 3, 32, 32),
+        "blocks.2",
+    ),
+    "efficientnet": (
+        lambda: timm.create_model("efficientnet_b0", num_classes=4),
+        (2, 3, 32, 32),
+        "blocks.1",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_FAMILIES))
+def test_more_timm_families_grow_with_outputs_preserved(name):
+    factory, shape, path = TIMM_FAMILIES[name]
+    torch.manual_seed(0)
+    model = factory()
+    x = torch.randn(*shape)
+    model.train()
+    with torch.no_grad():
+        model(x)  # BatchNorm statistics away from 0/1
+    before = eval_out(model, x)
+    report = check_growable(model, x)
+    # EfficientNet's single-block stages change the shape: nothing to copy there.
+    assert report[path] is None and all(r is None or "no shape-preserving block" in r for r in report.values())
+    stack = next(s for s in find_block_stacks(model) if s.path == path)
+    depth = len(stack)
+    insert_identity_block(model, path, depth - 1, seed=0, check_input=x)
+    insert_identity_block(model, path, 0, seed=1, check_input=x)
+    assert len(stack) == depth + 2
+    assert (eval_out(model, x) - before).abs().max() <= 1e-5 * max(1.0, before.abs().max().item())
+
+
+def test_eva_post_norm_blocks_are_refused():
+    from timm.models.eva import Eva, EvaBlockPostNorm
+
+    model = Eva(img_size=28, patch_size=14, embed_dim=16, depth=2, num_heads=2, use_post_norm=True)
+    assert isinstance(model.blocks[0], EvaBlockPostNorm)
+    with pytest.raises(UnsupportedModelError, match="post-LayerNorm"):
+        insert_identity_block(model, "blocks", 0, seed=0)

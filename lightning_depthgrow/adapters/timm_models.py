@@ -1,6 +1,10 @@
-"""timm families: ViT/DeiT ``Block``, ResNet ``BasicBlock``/``Bottleneck``, ``ConvNeXtBlock``."""
+"""timm families: ViT/DeiT ``Block``, ResNet ``BasicBlock``/``Bottleneck``, ``ConvNeXtBlock``, Eva ``EvaBlock``
+(``EvaBlockPostNorm`` refused), Swin ``SwinTransformerBlock``, EfficientNet/MobileNetV3 ``InvertedResidual``/
+``DepthwiseSeparableConv``."""
 
 from __future__ import annotations
+
+import math
 
 from torch import nn
 
@@ -73,8 +77,34 @@ def _convnext_shape_preserving(block: nn.Module) -> bool:
     return isinstance(block.shortcut, nn.Identity) and tuple(block.conv_dw.stride) == (1, 1)
 
 
+def _eva_zero(block: nn.Module) -> list[str]:
+    if block.gamma_1 is not None and block.gamma_2 is not None:
+        return ["gamma_1", "gamma_2"]
+    return ["attn.proj", "mlp.fc2"]
+
+
+def _post_norm_refuse(block: nn.Module) -> str | None:
+    from .torch_nn import POST_LN_REFUSAL
+
+    return POST_LN_REFUSAL.format(hint=" (EvaBlock)")
+
+
+def _efficientnet_zero(block: nn.Module) -> list[str]:
+    # The last BatchNorm(Act) of the branch has no activation (or one with act(0) = 0; checked by verification).
+    return ["bn3"] if hasattr(block, "conv_pwl") else ["bn2"]
+
+
+def _efficientnet_init(module: nn.Module) -> None:
+    # timm _init_weight_goog: normal(0, sqrt(2 / fan_out)) for convs, zero bias.
+    if isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, 0, math.sqrt(2.0 / fan_out))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 def register() -> None:
-    """Register the timm ViT, ResNet and ConvNeXt adapters; a no-op when timm is not installed."""
+    """Register the timm adapters; a no-op when timm is not installed."""
     try:
         from timm.models.convnext import ConvNeXtBlock
         from timm.models.resnet import BasicBlock, Bottleneck
@@ -99,5 +129,23 @@ def register() -> None:
             _timm_linear_init,
             _convnext_shape_preserving,
             name="timm.convnext.ConvNeXtBlock",
+        )
+    )
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+    from timm.models.eva import EvaBlock, EvaBlockPostNorm
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    _register_builtin(BlockAdapter(EvaBlock, _eva_zero, _timm_linear_init, name="timm.eva.EvaBlock"))
+    _register_builtin(BlockAdapter(EvaBlockPostNorm, [], name="timm.eva.EvaBlockPostNorm", refuse=_post_norm_refuse))
+    _register_builtin(
+        BlockAdapter(SwinTransformerBlock, ["attn.proj", "mlp.fc2"], _timm_linear_init, name="timm.swin.Block")
+    )
+    _register_builtin(
+        BlockAdapter(
+            (InvertedResidual, DepthwiseSeparableConv),
+            _efficientnet_zero,
+            _efficientnet_init,
+            lambda block: bool(block.has_skip),
+            name="timm.efficientnet.Block",
         )
     )
