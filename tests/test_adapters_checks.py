@@ -282,3 +282,12 @@ def test_eva_post_norm_blocks_are_refused():
     assert isinstance(model.blocks[0], EvaBlockPostNorm)
     with pytest.raises(UnsupportedModelError, match="post-LayerNorm"):
         insert_identity_block(model, "blocks", 0, seed=0)
+
+
+def test_verified_insertion_on_a_bfloat16_model_with_a_float32_example_input():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, pretrained=False)
+    model = model.to(torch.bfloat16)
+    x = torch.randn(2, 3, 16, 16)
+    before = eval_out(model, x.bfloat16())
+    insert_identity_block(model, "blocks", 1, seed=0, check_input=x)
+    assert torch.equal(eval_out(model, x.bfloat16()), before)

@@ -1,8 +1,8 @@
 """Residual block adapters: the registry that tells the library what a block looks like.
 
-Built-in adapters cover timm (ViT/DeiT, ResNet, ConvNeXt, Eva, Swin, EfficientNet/MobileNetV3), Hugging Face transformers (GPT-2, Llama/Mistral/
-Qwen2/Qwen3, ViT; BERT/RoBERTa found but not grown), torchvision (ResNet, VisionTransformer) and
-``nn.TransformerEncoderLayer``/``DecoderLayer``; :func:`register_block` adds your own.
+Built-in adapters cover timm (ViT/DeiT, ResNet, ConvNeXt, Eva, Swin, EfficientNet/MobileNetV3), Hugging Face
+transformers (GPT-2, Llama/Mistral/Qwen2/Qwen3, ViT; BERT/RoBERTa found but not grown), torchvision (ResNet,
+VisionTransformer) and ``nn.TransformerEncoderLayer``/``DecoderLayer``; :func:`register_block` adds your own.
 """
 
 from .registry import (

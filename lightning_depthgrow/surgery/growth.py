@@ -99,7 +99,8 @@ def insert_identity_block(
         template_index: the block to copy the configuration of; default: the shape-preserving block
             nearest to ``after_index``.
         check_input: an input of ``model`` (called as ``model(*x)`` for a tuple or list, ``model(**x)`` for a
-            dict, else ``model(x)``; tensors are moved to the model's device). If given (or set by
+            dict, else ``model(x)``; tensors are moved to the model's device, floating-point ones cast to its
+            dtype). If given (or set by
             :func:`verify_insertions`), the insertion is verified: in eval mode, without gradients and with
             the RNG seeded alike, the outputs after insertion equal those before within ``tolerance``
             (``max |after - before| <= tolerance * max(1, max |before|)`` over every output tensor; per-layer
@@ -336,7 +337,8 @@ def _run(model: nn.Module, stack: BlockStack, example_input: Any) -> tuple[list[
         model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=fork_devices, device_type=device.type):
             torch.manual_seed(0)
-            out = _call(model, _to_device(example_input, device))
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+            out = _call(model, _to_model(example_input, device, dtype))
     finally:
         for h in handles:
             h.remove()
@@ -354,13 +356,14 @@ def _call(model: nn.Module, x: Any) -> Any:
     return model(x)
 
 
-def _to_device(x: Any, device: torch.device) -> Any:
+def _to_model(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``x`` on the model's device; floating-point tensors in the model's dtype (a bf16 model, fp32 input)."""
     if isinstance(x, torch.Tensor):
-        return x.to(device)
+        return x.to(device, dtype=dtype if dtype is not None and x.is_floating_point() else x.dtype)
     if isinstance(x, Mapping):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, device) for v in x) if type(x) in (tuple, list) else x
+        return {k: _to_model(v, device, dtype) for k, v in x.items()}
+    if type(x) in (tuple, list):
+        return type(x)(_to_model(v, device, dtype) for v in x)
     return x
 
 
