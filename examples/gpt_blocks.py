@@ -7,10 +7,12 @@ a fresh copy computes the identity (the last projection of each of its two resid
     register_block(GPTBlock, zero_init=["attn.proj", "mlp.proj"], init_fn=gpt_init)
 
 From then on ``find_block_stacks`` finds ``model.blocks``, ``insert_identity_block`` grows it, and the
-curvature and DMS code treat it like any built-in family.
+curvature and DMS code treat it like any built-in family. (Hugging Face's own GPT-2, Llama, Mistral and Qwen2
+need no registration: they have built-in adapters, see docs/adapters.md.)
 
 Run ``python examples/gpt_blocks.py`` to train on a synthetic copy task for a few steps, grow the model
-by one block, check the logits did not move and keep training.
+by one block (a verified insertion: undone with an error if the logits on the probe batch moved) and keep
+training.
 """
 
 from __future__ import annotations
@@ -124,7 +126,9 @@ def main(steps: int = 60, grow_at: int = 30) -> None:
             model.eval()
             with torch.no_grad():
                 before = model(probe)
-                _, change = insert_identity_block(model, "blocks", after_index=len(model.blocks) - 1, seed=step)
+                _, change = insert_identity_block(
+                    model, "blocks", after_index=len(model.blocks) - 1, seed=step, check_input=probe
+                )
                 drift = (model(probe) - before).abs().max().item()
             model.train()
             update_optimizer(optimizer, change, model)

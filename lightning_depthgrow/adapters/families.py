@@ -1,89 +1,17 @@
-"""Built-in adapters for model families (timm ViT/DeiT, timm ResNet, timm ConvNeXt).
-
-This is the only module that names a model family. Each family is skipped if its library is absent.
+"""Registers the built-in adapters: one small module per library (timm, Hugging Face transformers,
+torchvision, ``torch.nn``). A family whose library is not installed is skipped; the transformers and
+torchvision adapters recognise their blocks without importing the library (see
+:func:`~lightning_depthgrow.adapters.registry.lazy_class`).
 """
 
 from __future__ import annotations
 
-from torch import nn
-
-from .registry import BlockAdapter, _register_builtin
-
-
-def _timm_linear_init(module: nn.Module) -> None:
-    # timm's ViT/ConvNeXt init: truncated normal (std .02) for linear and conv weights, zero bias.
-    from timm.layers import trunc_normal_
-
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-def _vit_zero(block: nn.Module) -> list[str]:
-    # With LayerScale, gamma = 0 silences each branch; otherwise the branch's last projection.
-    from timm.layers import LayerScale
-
-    if isinstance(block.ls1, LayerScale) and isinstance(block.ls2, LayerScale):
-        return ["ls1.gamma", "ls2.gamma"]
-    return ["attn.proj", "mlp.fc2"]
-
-
-def _resnet_zero(block: nn.Module) -> list[str]:
-    # The last BatchNorm's weight and bias: the branch outputs exactly 0 in train and eval mode.
-    return ["bn3"] if hasattr(block, "bn3") else ["bn2"]
-
-
-def _resnet_shape_preserving(block: nn.Module) -> bool:
-    return block.downsample is None and block.conv1.stride == (1, 1) and _conv_stride(block) == (1, 1)
-
-
-def _conv_stride(block: nn.Module) -> tuple[int, int]:
-    conv = block.conv2 if hasattr(block, "bn3") else block.conv1
-    return tuple(conv.stride)
-
-
-def _resnet_init(module: nn.Module) -> None:
-    # timm ResNet.init_weights: kaiming normal (fan_out) for convs.
-    if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-
-def _convnext_zero(block: nn.Module) -> list[str]:
-    return ["gamma"] if block.gamma is not None else ["mlp.fc2"]
-
-
-def _convnext_shape_preserving(block: nn.Module) -> bool:
-    return isinstance(block.shortcut, nn.Identity) and tuple(block.conv_dw.stride) == (1, 1)
+from . import hf_transformers, timm_models, torch_nn, torchvision_models
 
 
 def register_builtin_adapters() -> None:
-    """Register the timm ViT, ResNet and ConvNeXt adapters; a no-op when timm is not installed.
-
-    Called by the registry on first use; a user registration for the same type still wins over these.
-    """
-    try:
-        from timm.models.convnext import ConvNeXtBlock
-        from timm.models.resnet import BasicBlock, Bottleneck
-        from timm.models.vision_transformer import Block
-    except ImportError:
-        return
-    _register_builtin(BlockAdapter(Block, _vit_zero, _timm_linear_init, name="timm.vit.Block"))
-    _register_builtin(
-        BlockAdapter(
-            (BasicBlock, Bottleneck),
-            _resnet_zero,
-            _resnet_init,
-            _resnet_shape_preserving,
-            name="timm.resnet.Block",
-        )
-    )
-    _register_builtin(
-        BlockAdapter(
-            ConvNeXtBlock,
-            _convnext_zero,
-            _timm_linear_init,
-            _convnext_shape_preserving,
-            name="timm.convnext.ConvNeXtBlock",
-        )
-    )
+    """Register every built-in adapter. Called by the registry on first use; user registrations still win."""
+    timm_models.register()
+    hf_transformers.register()
+    torchvision_models.register()
+    torch_nn.register()

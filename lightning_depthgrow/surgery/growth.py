@@ -10,20 +10,72 @@ The change is registered as the ``"insert_block"`` event kind: an event
 ``ArchitectureEvent("insert_block", {"stack": "blocks", "index": 3, "template": 3, "seed": 7})``
 inserts a block right after ``blocks.3``; replaying it on the same starting model gives identical
 weights.
+
+Nothing is accepted on an unchecked assumption: the adapter refuses blocks whose zeroed copy is not an
+identity (post-LayerNorm, a non-ReLU activation after the residual add), and with an example input
+(``check_input=`` or :func:`verify_insertions`) every insertion is verified on a real forward pass (outputs
+unchanged, every block runs) and undone when it fails. :func:`check_growable` does one such trial per
+stack before training.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import math
 import operator
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..adapters.registry import BlockStack, UnsupportedModelError, require_block_stacks
+from ..adapters.registry import BlockStack, StackChange, UnsupportedModelError, key_prefix, require_block_stacks
 from ..events import AppliedChange, register_event_kind
+
+DEFAULT_TOLERANCE = 1e-5
+
+
+class FunctionNotPreservedError(UnsupportedModelError):
+    """An inserted block changed the model's outputs, or a block of the stack did not run; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class _Check:
+    example_input: Any
+    tolerance: float
+
+
+_ACTIVE_CHECK: contextvars.ContextVar[_Check | None] = contextvars.ContextVar("depthgrow_insert_check", default=None)
+
+
+@contextlib.contextmanager
+def verify_insertions(example_input: Any, tolerance: float = DEFAULT_TOLERANCE) -> Iterator[None]:
+    """Within the block, every :func:`insert_identity_block` (also through ``apply_event``) is verified on
+    ``example_input`` unless the call passes its own ``check_input``.
+
+    Meant for callbacks that apply ``"insert_block"`` events: wrap the application, and an insertion that
+    changes the model's outputs is undone and raises :class:`FunctionNotPreservedError`.
+
+    Example:
+        >>> import timm, torch
+        >>> from lightning_depthgrow import ArchitectureEvent, apply_event
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+        >>> with verify_insertions(torch.randn(1, 3, 32, 32)):
+        ...     _ = apply_event(vit, ArchitectureEvent("insert_block", {"stack": "blocks", "index": 1, "seed": 0}))
+        >>> len(vit.blocks)
+        3
+    """
+    if not (isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool)) or not tolerance >= 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    token = _ACTIVE_CHECK.set(_Check(example_input, float(tolerance)))
+    try:
+        yield
+    finally:
+        _ACTIVE_CHECK.reset(token)
 
 
 def insert_identity_block(
@@ -32,6 +84,8 @@ def insert_identity_block(
     after_index: int,
     seed: int | None = None,
     template_index: int | None = None,
+    check_input: Any = None,
+    tolerance: float | None = None,
 ) -> tuple[nn.Module, AppliedChange]:
     """Insert an identity-initialised block right after block ``after_index`` of the stack at ``stack_path``.
 
@@ -44,6 +98,15 @@ def insert_identity_block(
             so the caller's RNG state is untouched and the same call always gives the same weights.
         template_index: the block to copy the configuration of; default: the shape-preserving block
             nearest to ``after_index``.
+        check_input: an input of ``model`` (called as ``model(*x)`` for a tuple or list, ``model(**x)`` for a
+            dict, else ``model(x)``; tensors are moved to the model's device, floating-point ones cast to its
+            dtype). If given (or set by
+            :func:`verify_insertions`), the insertion is verified: in eval mode, without gradients and with
+            the RNG seeded alike, the outputs after insertion equal those before within ``tolerance``
+            (``max |after - before| <= tolerance * max(1, max |before|)`` over every output tensor; per-layer
+            caches, hidden states and attentions are not compared) and every block of the stack runs.
+            Otherwise the insertion is undone and :class:`FunctionNotPreservedError` is raised.
+        tolerance: default ``1e-5`` (or the one given to :func:`verify_insertions`).
 
     Returns:
         The new block and an :class:`~lightning_depthgrow.events.AppliedChange` whose ``added`` pairs
@@ -51,17 +114,19 @@ def insert_identity_block(
         parameter's optimizer group, see :func:`~lightning_depthgrow.surgery.update_optimizer`).
 
     Raises:
-        UnsupportedModelError: no block stack at ``stack_path`` or no usable template.
+        UnsupportedModelError: no block stack at ``stack_path``, no usable template, or the block's adapter
+            refuses it (post-LayerNorm blocks, an activation after the residual add other than ReLU, ...).
+        FunctionNotPreservedError: the verification failed.
         IndexError: ``after_index`` or ``template_index`` outside the stack.
 
-    Everything is validated before the model is touched: on error the model is unchanged.
+    On any error the model is left as it was (container, config depth, ``layer_idx``, ``feature_info``).
 
     Example:
         >>> import timm, torch
         >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
         >>> x = torch.randn(1, 3, 32, 32)
         >>> before = vit(x)
-        >>> block, change = insert_identity_block(vit, "blocks", after_index=1, seed=0)
+        >>> block, change = insert_identity_block(vit, "blocks", after_index=1, seed=0, check_input=x)
         >>> len(vit.blocks), torch.equal(vit(x), before)
         (3, True)
     """
@@ -69,15 +134,251 @@ def insert_identity_block(
     after_index = _checked_index(after_index, len(stack), "after_index", stack)
     template_index = _resolve_template(stack, after_index, template_index)
     _check_container(stack)
+    _check_refusals(stack, after_index, template_index)
+    check = _active_check(check_input, tolerance)
+    before = _run_checked(model, stack, check.example_input) if check is not None else None
     template = stack.container[template_index]
     block = _fresh_identity(stack, template, seed)
     twins = dict(template.named_parameters())
     added = [(param, twins[name]) for name, param in block.named_parameters()]
 
-    old_depth = len(stack)
-    _insert_child(stack.container, after_index + 1, block)
-    _renumber_feature_info(model, stack.path, after_index, old_depth)
+    position = after_index + 1
+    feature_info = _feature_info_snapshot(model, stack.path)
+    _insert_child(stack.container, position, block, stack.key_prefix or "")
+    synced = False
+    try:
+        stack.notify_depth_change(model, StackChange("insert", position, template_index))
+        synced = True
+        _renumber_feature_info(model, stack.path, after_index, len(stack) - 1)
+        if check is not None:
+            _verify(model, stack, check, before, f"the block inserted after {stack.block_name(after_index)}")
+    except BaseException:
+        _remove_child(stack.container, position, stack.key_prefix or "")
+        if synced:
+            stack.notify_depth_change(model, StackChange("remove", position))
+        _restore_feature_info(feature_info)
+        raise
     return block, AppliedChange(added=added)
+
+
+def remove_block(model: nn.Module, stack_path: str, index: int) -> nn.Module:
+    """Remove block ``index`` of the stack at ``stack_path`` and keep the family's bookkeeping in step
+    (container keys, Hugging Face config depth and ``layer_idx``, ``nn.TransformerEncoder.num_layers``).
+
+    Returns the removed block. The inverse of :func:`insert_identity_block` (which uses it to undo a
+    refused insertion); it does not preserve the function unless the block is an identity.
+
+    Example:
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3)
+        >>> _ = remove_block(vit, "blocks", 1)
+        >>> len(vit.blocks)
+        2
+    """
+    stack = _find_stack(model, stack_path)
+    index = _checked_index(index, len(stack), "index", stack)
+    _check_container(stack)
+    if len(stack) == 1:
+        raise UnsupportedModelError(f"stack {stack.path!r} has a single block; removing it would empty the stack.")
+    feature_info = _feature_info_snapshot(model, stack.path)
+    block = _remove_child(stack.container, index, stack.key_prefix or "")
+    try:
+        stack.notify_depth_change(model, StackChange("remove", index))
+        _drop_feature_info(model, stack.path, index, len(stack) + 1)
+    except BaseException:
+        _insert_child(stack.container, index, block, stack.key_prefix or "")
+        _restore_feature_info(feature_info)
+        raise
+    return block
+
+
+def check_growable(
+    model: nn.Module, example_input: Any = None, tolerance: float = DEFAULT_TOLERANCE
+) -> dict[str, str | None]:
+    """Which block stacks of ``model`` can grow, checked before training; the model is left unchanged.
+
+    Every stack is checked for a structural refusal (its adapter's, no shape-preserving template, keys not
+    ``0..n-1``). With ``example_input``, one trial insertion per growable stack (after its last growable
+    block, seed 0) is verified as in :func:`insert_identity_block` (outputs equal within ``tolerance``,
+    every block of the stack runs) and then removed again.
+
+    Returns:
+        ``{stack path: None if it can grow, else the reason}``, in module order.
+
+    Raises:
+        UnsupportedModelError: there is no block stack, or no stack can grow; the message gives every
+            stack's reason and what to do.
+
+    Example:
+        >>> import timm, torch
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+        >>> check_growable(vit, torch.randn(1, 3, 32, 32))
+        {'blocks': None}
+    """
+    stacks = require_block_stacks(model)
+    result: dict[str, str | None] = {}
+    for stack in stacks:
+        reason = stack.growth_refusal()
+        positions = stack.growable_positions()
+        if reason is None and not positions:
+            reason = f"stack {stack.path!r} ({stack.adapter.name}): {_first_refusal(stack)}"
+        if reason is None and example_input is not None:
+            reason = _trial_insertion(model, stack.path, positions[-1], example_input, tolerance)
+        result[stack.path] = reason
+    if all(reason is not None for reason in result.values()):
+        raise UnsupportedModelError(
+            f"No block stack of {type(model).__name__} can grow: " + " ".join(str(r) for r in result.values())
+        )
+    return result
+
+
+def _first_refusal(stack: BlockStack) -> str:
+    return next((r for r in map(stack.adapter.growth_refusal, stack.blocks) if r is not None), "no position found")
+
+
+def _trial_insertion(model: nn.Module, path: str, after: int, example_input: Any, tolerance: float) -> str | None:
+    try:
+        insert_identity_block(model, path, after, seed=0, check_input=example_input, tolerance=tolerance)
+    except UnsupportedModelError as err:
+        return str(err)
+    remove_block(model, path, after + 1)
+    return None
+
+
+def _active_check(check_input: Any, tolerance: float | None) -> _Check | None:
+    active = _ACTIVE_CHECK.get()
+    if check_input is None and active is None:
+        return None
+    if tolerance is None:
+        tolerance = active.tolerance if active is not None else DEFAULT_TOLERANCE
+    if not (isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool)) or not tolerance >= 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    return _Check(check_input if check_input is not None else active.example_input, float(tolerance))
+
+
+def _check_refusals(stack: BlockStack, after_index: int, template_index: int) -> None:
+    # The template must make an identity copy; the block before the new one must hand it an input on which
+    # that copy is the identity (ResNet: a ReLU output).
+    for index in dict.fromkeys((template_index, after_index)):
+        reason = stack.adapter.growth_refusal(stack.container[index])
+        if reason is not None:
+            raise UnsupportedModelError(
+                f"Cannot insert a block after {stack.block_name(after_index)}: {stack.block_name(index)} "
+                f"({stack.adapter.name}): {reason}"
+            )
+
+
+# ---------------------------------------------------------------------------------------- verification
+
+
+def _run_checked(model: nn.Module, stack: BlockStack, example_input: Any) -> list[torch.Tensor]:
+    outputs, missing = _run(model, stack, example_input)
+    if missing:
+        raise FunctionNotPreservedError(
+            f"Blocks {missing} of stack {stack.path!r} do not run when {type(model).__name__} is called on the "
+            "example input, so growing this stack cannot be verified and its blocks would be measured and "
+            "grown for nothing. Make every block of the stack run (e.g. a Hugging Face config whose "
+            "num_hidden_layers is smaller than the layer list) before growing."
+        )
+    bad = [i for i, t in enumerate(outputs) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FunctionNotPreservedError(
+            f"{type(model).__name__}'s outputs {bad} on the example input are not finite (NaN or inf), so an "
+            "insertion cannot be verified; the model has diverged. Fix the training (learning rate, precision) "
+            "before growing."
+        )
+    return outputs
+
+
+def _verify(model: nn.Module, stack: BlockStack, check: _Check, before: list[torch.Tensor], what: str) -> None:
+    after, missing = _run(model, stack, check.example_input)
+    if missing:
+        raise FunctionNotPreservedError(
+            f"After inserting {what}, blocks {missing} of stack {stack.path!r} do not run in the forward pass, "
+            f"so the grown {type(model).__name__} is not the model it was; the insertion was undone. The model "
+            "keeps its depth somewhere the adapter does not update: register an adapter with an "
+            "on_depth_change that updates it."
+        )
+    if len(after) != len(before) or any(a.shape != b.shape for a, b in zip(after, before)):
+        raise FunctionNotPreservedError(
+            f"After inserting {what}, {type(model).__name__}'s outputs changed structure "
+            f"({[tuple(t.shape) for t in before]} -> {[tuple(t.shape) for t in after]}); the insertion was undone."
+        )
+    worst, scale = 0.0, 1.0
+    for a, b in zip(after, before):
+        if a.is_floating_point() or a.is_complex():
+            if b.numel():
+                scale = max(scale, float(b.abs().max()))
+                worst = max(worst, float((a - b).abs().max()))
+        elif not torch.equal(a, b):
+            worst = math.inf
+    if not worst <= check.tolerance * scale:
+        raise FunctionNotPreservedError(
+            f"{what.capitalize()} of stack {stack.path!r} ({stack.adapter.name}) is not an identity: "
+            f"{type(model).__name__}'s outputs moved by up to {worst:.3g} (allowed {check.tolerance:g} x "
+            f"{scale:.3g}) on the example input, in eval mode; the insertion was undone. Zeroing "
+            f"{stack.adapter.zero_names(stack.container[0])} does not silence the block. Register the block "
+            "with zero_init naming the last operation of every residual branch, or grow it through a residual "
+            "ramp (lightning_depthgrow.surgery.ramp; the growth operators' ramp_steps >= 1), which preserves the "
+            "function for any block."
+        )
+
+
+def _run(model: nn.Module, stack: BlockStack, example_input: Any) -> tuple[list[torch.Tensor], list[str]]:
+    """Outputs of ``model`` on ``example_input`` (eval mode, no grad, RNG seeded and restored, modes restored)
+    and the names of the stack's blocks that did not run."""
+    ran: set[int] = set()
+    blocks = stack.blocks
+    handles = [b.register_forward_pre_hook(lambda m, _a, i=i: ran.add(i)) for i, b in enumerate(blocks)]
+    modes = {m: m.training for m in model.modules()}
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+    fork_devices = [device.index or 0] if device.type != "cpu" else []
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=fork_devices, device_type=device.type):
+            torch.manual_seed(0)
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+            out = _call(model, _to_model(example_input, device, dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    missing = [stack.block_name(i) for i in range(len(blocks)) if i not in ran]
+    return _output_tensors(out), missing
+
+
+def _call(model: nn.Module, x: Any) -> Any:
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    if isinstance(x, Mapping):
+        return model(**x)
+    return model(x)
+
+
+def _to_model(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``x`` on the model's device; floating-point tensors in the model's dtype (a bf16 model, fp32 input)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, dtype=dtype if dtype is not None and x.is_floating_point() else x.dtype)
+    if isinstance(x, Mapping):
+        return {k: _to_model(v, device, dtype) for k, v in x.items()}
+    if type(x) in (tuple, list):
+        return type(x)(_to_model(v, device, dtype) for v in x)
+    return x
+
+
+# Per-layer outputs change length with depth; they are not the model's function.
+_PER_LAYER_KEYS = {"past_key_values", "cache", "hidden_states", "attentions", "cross_attentions"}
+
+
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for k, v in out.items() if k not in _PER_LAYER_KEYS for t in _output_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _output_tensors(v)]
+    return []
 
 
 def _find_stack(model: nn.Module, path: str) -> BlockStack:
@@ -136,11 +437,12 @@ def _resolve_template(stack: BlockStack, after_index: int, template_index: int |
 
 
 def _check_container(stack: BlockStack) -> None:
-    keys = list(stack.container._modules)
-    if keys != [str(i) for i in range(len(keys))]:
+    if stack.key_prefix is None:
+        keys = list(stack.container._modules)
         raise UnsupportedModelError(
-            f"Stack {stack.path!r} names its blocks {keys[:8]}; only containers indexed 0..n-1 "
-            "(nn.Sequential(*blocks) or nn.ModuleList) can be grown."
+            f"Stack {stack.path!r} names its blocks {keys[:8]}; only containers whose keys are 0..n-1 "
+            "(nn.Sequential(*blocks), nn.ModuleList), optionally with a common prefix (encoder_layer_0, ...), "
+            "can be grown."
         )
 
 
@@ -159,13 +461,60 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def _insert_child(container: nn.Module, position: int, block: nn.Module) -> None:
+def _insert_child(container: nn.Module, position: int, block: nn.Module, prefix: str | None = None) -> None:
     # Renumber in place rather than building a new container: the container object, its attributes,
     # hooks and every outside reference to it stay valid (nn.Sequential and nn.ModuleList alike).
+    # ``prefix``: the keys' common prefix (torchvision's "encoder_layer_"); default: the container's own.
     children = list(container._modules.values())
     children.insert(position, block)
+    _set_children(container, children, (key_prefix(container) or "") if prefix is None else prefix)
+
+
+def _remove_child(container: nn.Module, position: int, prefix: str) -> nn.Module:
+    children = list(container._modules.values())
+    block = children.pop(position)
+    _set_children(container, children, prefix)
+    return block
+
+
+def _set_children(container: nn.Module, children: list[nn.Module], prefix: str) -> None:
     container._modules.clear()
-    container._modules.update(OrderedDict((str(i), child) for i, child in enumerate(children)))
+    container._modules.update(OrderedDict((f"{prefix}{i}", child) for i, child in enumerate(children)))
+
+
+def _feature_info_list(model: nn.Module, stack_path: str) -> list | None:
+    parent_path, _, attr = stack_path.rpartition(".")
+    if not attr:
+        return None
+    parent = model.get_submodule(parent_path) if parent_path else model
+    info = getattr(parent, "feature_info", None)
+    return info if isinstance(info, list) and all(isinstance(entry, dict) for entry in info) else None
+
+
+def _feature_info_snapshot(model: nn.Module, stack_path: str) -> tuple[list, list] | None:
+    info = _feature_info_list(model, stack_path)
+    return None if info is None else (info, copy.deepcopy(info))
+
+
+def _restore_feature_info(snapshot: tuple[list, list] | None) -> None:
+    if snapshot is not None:
+        info, saved = snapshot
+        info[:] = saved
+
+
+def _drop_feature_info(model: nn.Module, stack_path: str, index: int, old_depth: int) -> None:
+    """Inverse of :func:`_renumber_feature_info` for a removed block ``index``."""
+    info = _feature_info_list(model, stack_path)
+    attr = stack_path.rpartition(".")[2]
+    if info is None:
+        return
+    names = [entry.get("module") for entry in info]
+    positions = [names.index(f"{attr}.{i}") if f"{attr}.{i}" in names else -1 for i in range(old_depth)]
+    if -1 in positions or positions != sorted(positions):
+        return
+    for i in range(index + 1, old_depth):
+        info[positions[i]]["module"] = f"{attr}.{i - 1}"
+    del info[positions[index]]
 
 
 def _renumber_feature_info(model: nn.Module, stack_path: str, after_index: int, old_depth: int) -> None:
@@ -173,12 +522,9 @@ def _renumber_feature_info(model: nn.Module, stack_path: str, after_index: int, 
 
     Entries that name whole stages (ResNet, ConvNeXt) are left alone.
     """
-    parent_path, _, attr = stack_path.rpartition(".")
-    if not attr:
-        return
-    parent = model.get_submodule(parent_path) if parent_path else model
-    info = getattr(parent, "feature_info", None)
-    if not isinstance(info, list) or not all(isinstance(entry, dict) for entry in info):
+    info = _feature_info_list(model, stack_path)
+    attr = stack_path.rpartition(".")[2]
+    if info is None:
         return
     names = [entry.get("module") for entry in info]
     positions = [names.index(f"{attr}.{i}") if f"{attr}.{i}" in names else -1 for i in range(old_depth)]
@@ -192,16 +538,22 @@ def _renumber_feature_info(model: nn.Module, stack_path: str, after_index: int, 
 
 
 def _apply_insert_block(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
-    """Applier of ``"insert_block"`` events: ``{"stack": str, "index": int, "template": int, "seed": int}``."""
+    """Applier of ``"insert_block"`` events: ``{"stack": str, "index": int, "template": int, "seed": int}``.
+
+    The insertion is verified on the input of :func:`verify_insertions` if one is active, else on the model's
+    ``example_input_array`` (a LightningModule's) if it has one; so growth callbacks check every insertion.
+    """
     missing = [key for key in ("stack", "index") if key not in spec]
     if missing:
         raise ValueError(f"insert_block event spec {spec} lacks {missing}; it needs 'stack' and 'index'.")
+    example = None if _ACTIVE_CHECK.get() is not None else getattr(model, "example_input_array", None)
     _, change = insert_identity_block(
         model,
         spec["stack"],
         spec["index"],
         seed=spec.get("seed"),
         template_index=spec.get("template"),
+        check_input=example,
     )
     return change
 
