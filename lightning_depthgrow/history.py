@@ -540,6 +540,69 @@ def _signed(value: float) -> str:
     return ("+" if value >= 0 else "") + format_count(value)
 
 
+# Columns of events.csv and the W&B events table that every row has; typed ``reason.*``/``cost.*`` columns follow.
+EVENT_COLUMNS = ["step", "epoch", "kind", "block_id", "location", "summary"]
+_JSON_COLUMNS = ["reason", "cost", "spec"]
+
+
+def flatten_event(event: EventRow) -> dict[str, Any]:
+    """An event as one flat row: :data:`EVENT_COLUMNS`, then one column per scalar (number, string, bool) of
+    its reason and cost (``reason.score``, ``cost.params``), then the full reason, cost and spec as JSON.
+
+    Example:
+        >>> row = EventRow(0, 8, "insert_block", "blocks.1",
+        ...     reason={"score": 0.5, "runners_up": []}, cost={"params": 9})
+        >>> {k: v for k, v in flatten_event(row).items() if "." in k}
+        {'reason.score': 0.5, 'cost.params': 9}
+    """
+    row: dict[str, Any] = {c: getattr(event, c) for c in EVENT_COLUMNS}
+    for part in ("reason", "cost"):
+        for key, value in getattr(event, part).items():
+            if value is None or isinstance(value, (bool, int, float, str)):
+                row[f"{part}.{key}"] = _finite_or_none(value)
+    data = event.to_dict()
+    row.update({c: json.dumps(data[c], allow_nan=False) for c in _JSON_COLUMNS})
+    return row
+
+
+def write_events_csv(events: Iterable[EventRow], path: str | os.PathLike | Any) -> None:
+    """Write events as CSV (columns of :func:`flatten_event`, the union over events) to a path or a text file;
+    a path is written atomically. :func:`read_events_csv` reads it back."""
+    import csv
+
+    rows_of = list(events)
+    rows = [flatten_event(e) for e in rows_of]
+    scalar = list(dict.fromkeys(c for r in rows for c in r if c not in EVENT_COLUMNS and c not in _JSON_COLUMNS))
+    columns = EVENT_COLUMNS + scalar + _JSON_COLUMNS
+    if not hasattr(path, "write"):
+        _write_atomically(path, ".events.", lambda f: write_events_csv(rows_of, f), newline="")
+        return
+    writer = csv.DictWriter(path, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def read_events_csv(path: str | os.PathLike) -> list[EventRow]:
+    """The events of a CSV written by :func:`write_events_csv` (from its JSON columns)."""
+    import csv
+
+    with open(path, newline="") as f:
+        return [
+            EventRow(
+                epoch=int(r["epoch"]),
+                step=int(r["step"]),
+                kind=r["kind"],
+                location=r["location"],
+                reason=json.loads(r["reason"]),
+                cost=json.loads(r["cost"]),
+                spec=json.loads(r["spec"]),
+                block_id=r["block_id"],
+                summary=r["summary"],
+            )
+            for r in csv.DictReader(f)
+        ]
+
+
 class ArchitectureHistory:
     """Snapshots, curvature estimates, events and training metrics of one run, serialisable to JSON.
 
@@ -750,18 +813,8 @@ class ArchitectureHistory:
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the JSON atomically (a reader never sees a half-written file); returns the path."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".architecture_history.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
+        text = self.to_json()
+        return _write_atomically(path, ".architecture_history.", lambda f: f.write(text))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ArchitectureHistory:
@@ -769,6 +822,22 @@ class ArchitectureHistory:
         path = find_history_file(path)
         with open(path) as f:
             return cls.from_json(f.read())
+
+
+def _write_atomically(path: str | os.PathLike, prefix: str, write: Any, newline: str | None = None) -> str:
+    """Write through ``write(file)`` into a temporary file next to ``path``, then rename it over ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", newline=newline) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
 
 
 def find_history_file(path: str | os.PathLike) -> str:
