@@ -58,7 +58,7 @@ class ArchitectureSnapshot:
         flops: FLOPs of one forward pass on one sample, or ``None`` when not measured.
         phase: when it was taken (``"train_start"``, ``"epoch_end"``, ``"train_end"`` or ``""``).
         num_events: how many events of the log had been applied to the model observed (``None``: unknown;
-            :meth:`ArchitectureHistory.assign_block_ids` then infers it from the depths).
+            :meth:`ArchitectureHistory.assign_block_ids` then infers it from the depths at that step).
         block_ids: the identity of the block at each position of ``widths`` (filled by the history).
     """
 
@@ -106,8 +106,8 @@ class ArchitectureSnapshot:
 class CurvatureRecord:
     """One per-block curvature estimate (numbers per block position; missing statistics are empty dicts).
 
-    ``num_events`` (events applied when it was estimated) and ``block_ids`` (position -> identity) are
-    filled by :meth:`ArchitectureHistory.assign_block_ids`; :meth:`by_id` re-keys the trace per parameter.
+    ``block_ids`` (position -> identity) is filled by :meth:`ArchitectureHistory.assign_block_ids`;
+    :meth:`by_id` re-keys the trace per parameter.
     """
 
     epoch: int
@@ -117,7 +117,6 @@ class CurvatureRecord:
     stderr: dict[str, float] = field(default_factory=dict)
     top_eigenvalue: dict[str, float] = field(default_factory=dict)
     valid: bool = True
-    num_events: int | None = None
     block_ids: dict[str, str] = field(default_factory=dict)
 
     def by_id(self) -> dict[str, float]:
@@ -155,7 +154,6 @@ class CurvatureRecord:
         def floats(key: str) -> dict[str, float]:
             return {b: math.nan if v is None else float(v) for b, v in (data.get(key) or {}).items()}
 
-        num_events = data.get("num_events")
         return cls(
             epoch=int(data["epoch"]),
             step=int(data["step"]),
@@ -164,7 +162,6 @@ class CurvatureRecord:
             stderr=floats("stderr"),
             top_eigenvalue=floats("top_eigenvalue"),
             valid=bool(data.get("valid", True)),
-            num_events=None if num_events is None else int(num_events),
             block_ids=dict(data.get("block_ids") or {}),
         )
 
@@ -469,17 +466,19 @@ def event_summary(event: EventRow, identities: BlockIdentities | None = None, in
             runners = [x for x in r.get("runners_up") or [] if isinstance(x.get("score"), (int, float))]
             if runners:
                 text += f" vs {runners[0]['score']:.3g} next best ({named(runners[0]['block'])})"
-            else:
+            elif "runners_up" in r:
                 text += " (no other candidate)"
     elif event.kind == "dms_export":
-        text = "DMS export: kept " + _kept_summary(r)
+        text = "DMS export: kept " + _kept_summary(r, s)
         resources = [k[: -len("_before")] for k in c if k.endswith("_before") and f"{k[:-7]}_after" in c]
         for res in resources:
             before, after = c[f"{res}_before"], c[f"{res}_after"]
             if isinstance(before, (int, float)) and isinstance(after, (int, float)) and before:
-                costs.append(f"{res} {format_count(before)} -> {format_count(after)} ({after / before:.0%})")
-        if isinstance(r.get("target_ratio"), (int, float)):
-            costs.append(f"target {r['target_ratio']:.0%}")
+                target = r.get("target_ratio")
+                target = f", target {target:.0%}" if isinstance(target, (int, float)) else ""
+                costs.append(
+                    f"{res} (DMS count) {format_count(before)} → {format_count(after)} ({after / before:.0%}{target})"
+                )
     elif event.kind == "dms_attach":
         kinds: dict[str, int] = {}
         for gate in s.get("gates") or []:
@@ -502,23 +501,30 @@ def event_summary(event: EventRow, identities: BlockIdentities | None = None, in
 _SCORE_LABELS = {"trace_per_param": "trace/param", "segment_crowding": "crowding", "depth_ratio": "depth ratio"}
 
 
-def _kept_summary(reason: dict[str, Any]) -> str:
-    """``"kept 10/64 mlp in 4 blocks, 1/2 heads in 4 blocks, 3/4 blocks"`` from a DMS export reason."""
-    kept, total = reason.get("kept") or {}, reason.get("n") or {}
+def _kept_summary(reason: dict[str, Any], spec: dict[str, Any]) -> str:
+    """``"10/64 MLP units in 4 blocks, 4/8 heads in 4 blocks, 3/4 gated blocks"`` from a DMS export's reason
+    (``kept`` and ``n`` per gate), or from its spec's kept indices when the reason lacks them."""
+    keep = spec.get("keep") if isinstance(spec.get("keep"), dict) else {}
+    kept = reason.get("kept") or {name: len(v) for name, v in keep.items()}
+    total = reason.get("n") or {}
     groups: dict[str, list[int]] = {}
     for name, k in kept.items():
-        kind = name.rsplit(":", 1)[-1]
-        group = groups.setdefault(kind, [0, 0, 0])
+        group = groups.setdefault(name.rsplit(":", 1)[-1], [0, 0, 0])
         group[0] += int(k)
-        group[1] += int(total.get(name, k))
+        group[1] += int(total[name]) if name in total else -(10**9)  # unknown total: shown without "/n"
         group[2] += 1
     parts = []
     for kind, (k, n, count) in groups.items():
+        fraction = f"{k}/{n}" if n >= 0 else str(k)
         if kind == "depth":
-            parts.append(f"{k}/{n} gated blocks")
+            parts.append(f"{fraction} gated blocks")
         else:
-            parts.append(f"{k}/{n} {kind} units over {count} block{'s' * (count > 1)}")
-    return ", ".join(parts) or "everything"
+            unit = _GATE_UNITS.get(kind, f"{kind} channels")
+            parts.append(f"{fraction} {unit} in {count} block{'s' * (count > 1)}")
+    return ", ".join(parts) or "nothing recorded"
+
+
+_GATE_UNITS = {"heads": "heads", "mlp": "MLP units"}
 
 
 def format_count(value: float | None, digits: int = 3) -> str:
@@ -676,20 +682,19 @@ class ArchitectureHistory:
     def assign_block_ids(self) -> None:
         """Fill ``block_ids`` of snapshots and estimates, ``block_id`` and ``summary`` of events.
 
-        Rows whose ``num_events`` is unknown get it from :meth:`BlockIdentities.resolve` (matching depths and
-        block names among the events of the same step); it is then kept.
+        Snapshots with a known ``num_events`` are mapped after that many events; estimates and older snapshots
+        through :meth:`BlockIdentities.resolve` (matching depths and block names among the events of their step),
+        so an identity never depends on the order rows were added in.
         """
         if not (self.snapshots or self.curvature or self.events):
             return
         ids = self.identities()
         for snap in self.snapshots:
-            if snap.num_events is None:
-                snap.num_events = ids.resolve(snap.step, snap.widths, snap.depth)
-            snap.block_ids = {name: ids.id_of(name, snap.num_events) for name in snap.widths}
+            k = snap.num_events if snap.num_events is not None else ids.resolve(snap.step, snap.widths, snap.depth)
+            snap.block_ids = {name: ids.id_of(name, k) for name in snap.widths}
         for record in self.curvature:
-            if record.num_events is None:
-                record.num_events = ids.resolve(record.step, record.trace_per_param)
-            record.block_ids = {name: ids.id_of(name, record.num_events) for name in record.trace_per_param}
+            k = ids.resolve(record.step, record.trace_per_param)
+            record.block_ids = {name: ids.id_of(name, k) for name in record.trace_per_param}
         for k, event in enumerate(self.events):
             # An insertion's location is the new block's position after it; everything else is before it.
             after = k + 1 if event.kind == "insert_block" else k

@@ -274,9 +274,7 @@ def _step_ticks(ax: Axes, steps: list[int] | list[str], most: int = 16) -> None:
 def _colormap(name: str) -> Any:
     import matplotlib
 
-    cmap = matplotlib.colormaps[name].copy()
-    cmap.set_bad(_MISSING_COLOUR)
-    return cmap
+    return matplotlib.colormaps[name].with_extremes(bad=_MISSING_COLOUR)
 
 
 def curvature_heatmap_figure(history: ArchitectureHistory) -> Figure:
@@ -425,7 +423,11 @@ pre { background: #f6f6f6; padding: 0.5em; overflow-x: auto; font-size: 0.8em; }
 def render_html(history: ArchitectureHistory, svgs: dict[str, str]) -> str:
     """The report page: headline numbers, inline SVG figures, one line per event, the final architecture."""
     esc = html.escape
-    figures = "".join(f"<figure id='fig-{esc(name)}'>{svg}</figure>" for name, svg in svgs.items())
+    shown = [name for name in svgs if has_data(history, name)]
+    figures = "".join(f"<figure id='fig-{esc(name)}'>{svgs[name]}</figure>" for name in shown)
+    missing = [_EMPTY[name] for name in svgs if name not in shown]
+    if missing:
+        figures += f"<p class=note>Not shown: {esc('; '.join(missing))}.</p>"
     items = "".join(
         f"<li><details><summary><span class=when>step {e.step} (epoch {e.epoch})</span> "
         f"<span class=kind>{esc(e.kind)}</span> <b>{esc(e.block_id or e.location or '-')}</b>: {esc(e.summary)}"
@@ -449,6 +451,26 @@ def render_html(history: ArchitectureHistory, svgs: dict[str, str]) -> str:
         f"<h2>Final architecture</h2><details><summary>JSON</summary><pre>{final_json}</pre></details>"
         "</body></html>"
     )
+
+
+_EMPTY = {
+    "training": "no training metrics or events were recorded",
+    "depth": "no block stacks were recorded",
+    "params_flops": "no snapshots were recorded",
+    "widths": "no widths (attention heads, MLP fc1, convolutions) in the block stacks",
+    "curvature_heatmap": "no curvature estimates (add a CurvatureMonitor to see the curvature per block)",
+}
+
+
+def has_data(history: ArchitectureHistory, name: str) -> bool:
+    """Whether figure ``name`` shows anything for ``history`` (else the page lists it as not shown instead)."""
+    if name == "training":
+        return bool(history.metrics or history.events)
+    if name == "widths":
+        return any(s.widths for s in history.snapshots)
+    if name == "curvature_heatmap":
+        return any(r.valid for r in history.curvature)
+    return bool(history.snapshots and (name != "depth" or history.stacks()))
 
 
 def _cards(history: ArchitectureHistory) -> str:

@@ -39,15 +39,16 @@ _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 class ArchitectureLogger(Callback):
     """Record the architecture as it trains and send it to W&B, TensorBoard, CSV or any Lightning logger.
 
-    The logger only reads: at the end of every ``log_every_n_epochs``-th training epoch and at the end of
-    training it takes a snapshot of the model (:func:`~lightning_depthgrow.history.describe_architecture`:
-    depth per block stack, widths per block, parameters, FLOPs per sample), collects the architecture events
-    appended to the module's event log since the last poll (by ``DepthGrowth``, ``NeuronGrowth``,
-    ``DifferentiableModelScaling`` or any callback using ``apply_and_sync``) and the new estimates of every
+    The logger only reads. At the first batch, at the end of every ``log_every_n_epochs``-th training epoch,
+    at the first batch after any architecture event and at the end of training it takes a snapshot of the
+    model (:func:`~lightning_depthgrow.history.describe_architecture`: depth per block stack, widths per
+    block, parameters, FLOPs per sample), collects the events appended to the module's event log since the
+    last poll (by ``DepthGrowth``, ``NeuronGrowth``, ``DifferentiableModelScaling`` or any callback using
+    ``apply_and_sync``) and the new estimates of every
     :class:`~lightning_depthgrow.callbacks.CurvatureMonitor` (in ``trainer.callbacks`` or driven by a
-    ``DepthGrowth``). It also records the training loss every ``trainer.log_every_n_steps`` steps (the mean of
-    the losses ``training_step`` returned since the last point) and, after every validation, the logged metrics
-    whose name contains ``"val"``, so the report can relate each change to training.
+    ``DepthGrowth``). It also records the training loss every ``trainer.log_every_n_steps`` steps (the mean
+    of the losses ``training_step`` returned since the last point) and, after every validation, the logged
+    metrics whose name contains ``"val"``, so the report can relate each change to training.
 
     Blocks are named by identity (``model.blocks#0``: block 0 of the starting model; ``model.blocks#e3``:
     the block event 3 of the log inserted; see :class:`~lightning_depthgrow.history.BlockIdentities`), in
@@ -151,6 +152,10 @@ class ArchitectureLogger(Callback):
         if self._start_pending:
             self._start_pending = False
             self._poll(trainer, pl_module, "train_start", epoch=trainer.current_epoch)
+        elif len(_common.event_log(pl_module)) != self._events_seen:
+            # A change made since the last poll (at an epoch start, by a callback after this one at an epoch
+            # end, or mid-epoch): record the new architecture at the step it took effect.
+            self._poll(trainer, pl_module, "event", epoch=trainer.current_epoch)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -300,7 +305,8 @@ class ArchitectureLogger(Callback):
             "curvature_heatmap": report.curvature_heatmap_figure,
             "params_flops": report.params_flops_figure,
         }
-        return {name: report.figure_to_array(draw[name](self.history)) for name in names or draw}
+        names = [n for n in names or draw if report.has_data(self.history, n)]
+        return {name: report.figure_to_array(draw[name](self.history)) for name in names}
 
     def _log_dir(self, trainer: pl.Trainer) -> str:
         # setup() resolved it on every rank; fall back for a logger attached outside Trainer.fit
