@@ -233,7 +233,7 @@ def widths_figure(history: ArchitectureHistory) -> Figure:
                 ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6, color="w" if dark else "k")
     ax.set_yticks(range(len(keys)), [f"{block} {_width_label(name)}" for block, name in keys], fontsize=7)
     _step_ticks(ax, [snaps[j].step for j in columns])
-    ax.set_xlabel(f"{STEP_LABEL} of the snapshot (only where a width changed)")
+    ax.set_xlabel(f"{STEP_LABEL} of the snapshot (only where a width changed){_grey_note(fraction)}", fontsize=8)
     ax.set_title("Widths per block (colour: kept fraction of the width at birth)")
     figure.colorbar(image, ax=ax, label="kept fraction", fraction=0.05, pad=0.02)
     return figure
@@ -252,6 +252,13 @@ def _width_label(name: str) -> str:
         return "heads"
     stem = name.rsplit(".", 1)[0]
     return stem[: -len(".fc1")] if stem.endswith(".fc1") else stem
+
+
+def _grey_note(values: Any) -> str:
+    """Explains grey cells, when there are any."""
+    import numpy as np
+
+    return "\ngrey: block not in the model then" if np.ma.count_masked(values) else ""
 
 
 def _step_labels(steps: list[int]) -> list[str]:
@@ -312,11 +319,11 @@ def curvature_heatmap_figure(history: ArchitectureHistory) -> Figure:
     labels = _step_labels([r.step for r in records])
     _step_ticks(ax, labels)
     repeated = " (a, b: estimates at one step, in the order taken)" if any(not x.isdigit() for x in labels) else ""
-    ax.set_xlabel(f"{STEP_LABEL} of the estimate{repeated}", fontsize=8)
+    ax.set_xlabel(f"{STEP_LABEL} of the estimate{repeated}{_grey_note(values)}", fontsize=8)
     ax.set_title("Hessian trace per parameter, per block")
     bar = figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
     bar.set_label(f"trace / #params ({scale})", fontsize=8)
-    bar.set_ticks(_symmetric_ticks(top, norm))
+    bar.set_ticks(_symmetric_ticks(top, norm), labels=[f"{t:.2g}" for t in _symmetric_ticks(top, norm)])
     bar.ax.tick_params(labelsize=7)
     return figure
 
