@@ -491,7 +491,7 @@ def _cards(history: ArchitectureHistory) -> str:
         cards.append(("parameters", _change(first.params, final.params)))
         if first.flops is not None and final.flops is not None:
             cards.append(("FLOPs per sample", _change(first.flops, final.flops)))
-    for name, points in history.metrics.items():
+    for name, points in sorted(history.metrics.items(), key=lambda item: not item[0].startswith("train")):
         values = [v for _, v in points if math.isfinite(v)]
         if values:
             best = min(values) if "loss" in name.lower() else max(values)
