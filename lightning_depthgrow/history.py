@@ -315,9 +315,10 @@ class BlockIdentities:
     ) -> BlockIdentities:
         """The identities of a log whose first ``num_events`` events had been applied to a model with ``depth``."""
         events = [_as_row(e) for e in events]
-        # Run the events on padded stacks (long enough for any index they name) to learn how each stack's
-        # depth changed, then undo that.
-        pad = 1 + sum(1 + len(e.spec.get("gates") or ()) for e in events[:num_events])
+        # Run the events on padded stacks (long enough for any index they name: one per insertion, and every
+        # block a depth gate could remove) to learn how each stack's depth changed, then undo that.
+        gated = [g for e in events[:num_events] for g in e.spec.get("gates") or () if isinstance(g, dict)]
+        pad = 1 + num_events + sum(len(g.get("blocks") or ()) for g in gated)
         padded = cls({s: n + pad for s, n in depth.items()}, events[:num_events]).order(num_events)
         start = {s: max(0, depth[s] - (len(padded.get(s, ())) - (depth[s] + pad))) for s in depth}
         return cls(start, events)
@@ -576,12 +577,12 @@ def write_events_csv(events: Iterable[EventRow], path: str | os.PathLike | Any) 
     a path is written atomically. :func:`read_events_csv` reads it back."""
     import csv
 
-    rows_of = list(events)
-    rows = [flatten_event(e) for e in rows_of]
+    event_list = list(events)
+    rows = [flatten_event(e) for e in event_list]
     scalar = list(dict.fromkeys(c for r in rows for c in r if c not in EVENT_COLUMNS and c not in _JSON_COLUMNS))
     columns = EVENT_COLUMNS + scalar + _JSON_COLUMNS
     if not hasattr(path, "write"):
-        _write_atomically(path, ".events.", lambda f: write_events_csv(rows_of, f), newline="")
+        _write_atomically(path, ".events.", lambda f: write_events_csv(event_list, f), newline="")
         return
     writer = csv.DictWriter(path, fieldnames=columns)
     writer.writeheader()

@@ -242,7 +242,12 @@ def test_block_identities_follow_insertions_and_dms_removals():
     assert ids.id_of("head", 3) == "head" and ids.id_of("layer.0", 0) == "layer#0"
     # An observation after some events (a resume, or a logger added late) gives the same identities.
     late = BlockIdentities.from_observation({"model.blocks": 5, "layer": 1}, 2, log)
-    assert [late.order(k) for k in range(6)] == [ids.order(k) for k in range(6)]
+    after_removal = BlockIdentities.from_observation({"model.blocks": 4, "layer": 1}, 5, log)
+    assert (
+        [late.order(k) for k in range(6)]
+        == [after_removal.order(k) for k in range(6)]
+        == [ids.order(k) for k in range(6)]
+    )
     # A row at an event's step is placed before or after it by the positions it names.
     before = [f"model.blocks.{i}" for i in range(4)]
     assert ids.resolve(20, before) == 1 and ids.resolve(20, [*before, "model.blocks.4"]) == 2

@@ -154,10 +154,17 @@ def test_wandb_offline_run_records_architecture_evolution(tmp_path, wandb_dir):
 
     # A second run of the project logs the same artifact name: W&B versions it (v0, v1) instead of a new
     # artifact per run; each version is aliased with its run.
-    second = _fit_offline(wandb_dir, TinyClassifier(), [ArchitectureLogger()], max_epochs=1, limit_train_batches=1)
+    second = _fit_offline(
+        wandb_dir, TinyClassifier(), [ArchitectureLogger(report=True)], max_epochs=1, limit_train_batches=1
+    )
     (again,) = [a for a in second.artifacts if a.type == "architecture"]
     assert again.name == artifact.name and again.project == artifact.project == "depthgrow-test"
     assert f"run-{second.directory[-8:]}" in again.aliases and again.digest != artifact.digest
+    # With report=True the page is in the artifact and logged as HTML media.
+    assert "architecture_report.html" in {e.path for e in again.manifest.contents}
+    (html_entry,) = second.rows_with("arch/report/path")
+    with open(os.path.join(second.directory, "files", html_entry["arch/report/path"])) as f:
+        assert "What happened to TinyClassifier" in f.read()
 
 
 def test_ddp_only_rank_zero_writes(tmp_path, wandb_dir):

@@ -62,10 +62,10 @@ class ArchitectureLogger(Callback):
       ``arch/width/<block id>/<width>`` and ``arch/events_total`` (a step at every event: an event marker to
       overlay on any chart), all against ``trainer/global_step`` like Lightning's own metrics; the events as
       a ``wandb.Table`` ``arch/events`` with typed columns (``reason.score``, ``cost.params``, ...); the
-      curvature heat map; at the end the report figures as images ``arch/figures/<name>``, a widths table
-      ``arch/widths``, the final architecture in ``run.summary["arch/final"]`` and a versioned artifact
-      ``artifact_name`` (type ``"architecture"``, one version per run) with the history, the events CSV and
-      the HTML report.
+      curvature heat map; at the end the report figures as images ``arch/figures/<name>`` (and with
+      ``report=True`` the page itself as ``arch/report``), a widths table ``arch/widths``, the final
+      architecture in ``run.summary["arch/final"]`` and a versioned artifact ``artifact_name`` (type
+      ``"architecture"``, one version per run) with the history, the events CSV and the HTML report.
     * Any other logger: the same scalars through ``log_metrics(..., step=trainer.global_step)``;
       TensorBoard also gets the events as text (``arch/events``), the curvature heat map, widths and training
       figures as images and the final architecture as text; a CSV logger gets ``events.csv`` and the history
@@ -359,6 +359,9 @@ class ArchitectureLogger(Callback):
         row: dict[str, Any] = {STEP_METRIC: trainer.global_step}
         row.update({f"arch/figures/{name}": wandb.Image(image, caption=name) for name, image in figures.items()})
         row["arch/widths"] = wandb.Table(columns=WIDTH_COLUMNS, data=_width_rows(self.history))
+        if report_html is not None:
+            with open(report_html, encoding="utf-8") as f:
+                row["arch/report"] = wandb.Html(f.read(), inject=False)
         state.log(row)
         final = self.history.final.to_dict()
         state.run.summary["arch/final"] = final
