@@ -470,7 +470,14 @@ def event_summary(event: EventRow, identities: BlockIdentities | None = None, in
             elif "runners_up" in r:
                 text += " (no other candidate)"
     elif event.kind == "dms_export":
-        text = "DMS export: kept " + _kept_summary(r, s)
+        removed: list[str] = []
+        if identities is not None and index is not None:
+            after = {b for ids in identities.order(index + 1).values() for b in ids}
+            removed = [b for ids in identities.order(index).values() for b in ids if b not in after]
+        gone = {identities.position_of(b, index) for b in removed} if removed else set()
+        text = "DMS export: kept " + _kept_summary(r, s, gone)
+        if removed:
+            text += f"; removed {', '.join(removed)}"
         resources = [k[: -len("_before")] for k in c if k.endswith("_before") and f"{k[:-7]}_after" in c]
         for res in resources:
             before, after = c[f"{res}_before"], c[f"{res}_after"]
@@ -502,14 +509,19 @@ def event_summary(event: EventRow, identities: BlockIdentities | None = None, in
 _SCORE_LABELS = {"trace_per_param": "trace/param", "segment_crowding": "crowding", "depth_ratio": "depth ratio"}
 
 
-def _kept_summary(reason: dict[str, Any], spec: dict[str, Any]) -> str:
+def _kept_summary(
+    reason: dict[str, Any], spec: dict[str, Any], removed: frozenset[str | None] | set[str | None] = frozenset()
+) -> str:
     """``"10/64 MLP units in 4 blocks, 4/8 heads in 4 blocks, 3/4 gated blocks"`` from a DMS export's reason
-    (``kept`` and ``n`` per gate), or from its spec's kept indices when the reason lacks them."""
+    (``kept`` and ``n`` per gate), or from its spec's kept indices when the reason lacks them; width gates of
+    ``removed`` blocks (positions) are not counted."""
     keep = spec.get("keep") if isinstance(spec.get("keep"), dict) else {}
     kept = reason.get("kept") or {name: len(v) for name, v in keep.items()}
     total = reason.get("n") or {}
     groups: dict[str, list[int]] = {}
     for name, k in kept.items():
+        if name.split(":", 1)[0].replace("/", ".") in removed:
+            continue
         group = groups.setdefault(name.rsplit(":", 1)[-1], [0, 0, 0])
         group[0] += int(k)
         group[1] += int(total[name]) if name in total else -(10**9)  # unknown total: shown without "/n"

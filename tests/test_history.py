@@ -261,11 +261,19 @@ def test_block_identities_follow_insertions_and_dms_removals():
     ]  # fmt: skip
     assert history.events[1].summary == "inserted a new block after model.blocks#1 (copy of model.blocks#1)"
     assert history.events[2].summary == "split 1 neuron of model.blocks#e1.mlp.fc1"
-    assert history.events[4].summary == "DMS export: kept 4 gated blocks"  # the spec's indices: no total
-    history.events[4].reason = {"kept": {"model/blocks:depth": 4}, "n": {"model/blocks:depth": 5}}
+    # The spec's kept indices (no totals), and the block the depth gate removed.
+    assert history.events[4].summary == "DMS export: kept 4 gated blocks; removed model.blocks#e0"
+    kept = {"model/blocks:depth": 4, "model/blocks/1:mlp": 8, "model/blocks/2:mlp": 4}
+    history.events[4].reason = {
+        "kept": kept,
+        "n": {"model/blocks:depth": 5, "model/blocks/1:mlp": 16, "model/blocks/2:mlp": 16},
+    }
     history.events[4].cost = {"flops_before": 2e6, "flops_after": 1.5e6}
     history.assign_block_ids()
-    assert history.events[4].summary == "DMS export: kept 4/5 gated blocks; flops (DMS count) 2M → 1.5M (75%)"
+    assert history.events[4].summary == (  # the MLP of the removed block (position 1) is not counted
+        "DMS export: kept 4/5 gated blocks, 4/16 MLP units in 1 block; removed model.blocks#e0; "
+        "flops (DMS count) 2M → 1.5M (75%)"
+    )
 
 
 def test_history_rejects_unknown_version_and_missing_file(tmp_path):
