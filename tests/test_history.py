@@ -429,3 +429,66 @@ def test_curvature_of_a_monitor_driven_by_depth_growth_is_recorded(tmp_path):
     assert growth.curvature_monitor is monitor and monitor.history
     recorded = [(c.epoch, c.step) for c in logger.history.curvature]
     assert recorded == [(h["epoch"], h["step"]) for h in monitor.history]
+
+
+class DeeperClassifier(TinyClassifier):
+    """The tiny ViT with 4 blocks (DMS may drop some)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = tiny_vit(depth=4)
+
+
+class BlockObjects(pl.Callback):
+    """Ground truth: which Python block object sits at each position, at the start and at the end of training."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, int]] = []
+
+    def _record(self, pl_module: pl.LightningModule) -> None:
+        stack = find_block_stacks(pl_module)[0]
+        self.seen.append({stack.block_name(i): id(b) for i, b in enumerate(stack.blocks)})
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(pl_module)
+
+
+@pytest.mark.slow
+def test_dms_run_widths_and_identities_by_block(tmp_path):
+    from lightning_depthgrow.callbacks import DifferentiableModelScaling
+
+    csv_logger = CSVLogger(tmp_path, name="dms")
+    objects = BlockObjects()
+    module = DeeperClassifier()
+    dms = DifferentiableModelScaling(target=0.4, search_epochs=1, arch_lr=0.05)
+    trainer = quiet_trainer(max_epochs=2, logger=csv_logger, callbacks=[dms, ArchitectureLogger(), objects])
+    trainer.fit(module)
+    history = ArchitectureHistory.load(csv_logger.log_dir)
+
+    attach, export = history.events
+    assert (attach.kind, export.kind) == ("dms_attach", "dms_export")
+    assert attach.location == export.location == "model.blocks"  # DMS rows have a location
+    assert export.summary.startswith("DMS export: kept ")
+    # The export took effect at its own step: the snapshot right after it shows the sliced model.
+    (after,) = [s for s in history.snapshots if s.phase == "event"]
+    assert after.step == export.step and after.num_events == 2
+    stack = find_block_stacks(module)[0]
+    real = {stack.block_name(i): block_widths(b) for i, b in enumerate(stack.blocks)}
+    assert after.widths == history.final.widths == real
+    # Identities against object identity: a block keeps its start identity through the export; removed blocks
+    # are gone from the final mapping (the summary names them).
+    start_ids = {obj: f"model.blocks#{i}" for i, obj in enumerate(objects.seen[0].values())}
+    assert history.final.block_ids == {pos: start_ids[obj] for pos, obj in objects.seen[1].items()}
+    removed = sorted(set(start_ids.values()) - set(history.final.block_ids.values()))
+    assert (f"removed {', '.join(removed)}" in export.summary) == bool(removed)
+    # Widths heat map data: the kept fraction of each surviving block's MLP is its final width over 32.
+    final_by_id = {history.final.block_ids[position]: widths for position, widths in real.items()}
+    keys, _, table = history.width_matrix()
+    rows = dict(zip(keys, table))
+    for block, widths in final_by_id.items():
+        row = rows[(block, "mlp.fc1.out_features")]
+        assert row[0] == 32 and row[-1] == widths["mlp.fc1.out_features"]

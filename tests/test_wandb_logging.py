@@ -54,6 +54,7 @@ def _fit_offline(wandb_dir: str, module, callbacks, **kwargs):
     return load_offline_run(run_dir)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_records_architecture_evolution(tmp_path, wandb_dir):
     monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False)
     growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, grow_every=1, placement="curvature", monitor=monitor)
