@@ -646,6 +646,7 @@ class ArchitectureHistory:
         self.events: list[EventRow] = list(events)
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.metrics: dict[str, list[list[float]]] = {k: [list(p) for p in v] for k, v in (metrics or {}).items()}
+        self._assigned_for = (-1, -1, -1)
         self.assign_block_ids()
 
     def add_snapshot(self, snapshot: ArchitectureSnapshot) -> None:
@@ -699,6 +700,7 @@ class ArchitectureHistory:
         through :meth:`BlockIdentities.resolve` (matching depths and block names among the events of their step),
         so an identity never depends on the order rows were added in.
         """
+        self._assigned_for = (len(self.snapshots), len(self.curvature), len(self.events))
         if not (self.snapshots or self.curvature or self.events):
             return
         ids = self.identities()
@@ -788,7 +790,8 @@ class ArchitectureHistory:
 
     def to_dict(self) -> dict[str, Any]:
         """The whole history as a JSON-safe dict, with a format ``version`` and the ``final`` snapshot."""
-        self.assign_block_ids()
+        if self._assigned_for != (len(self.snapshots), len(self.curvature), len(self.events)):
+            self.assign_block_ids()  # rows appended to the lists directly, not through add_*
         return {
             "version": FORMAT_VERSION,
             "metadata": self.metadata,

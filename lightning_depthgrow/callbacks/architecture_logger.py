@@ -34,6 +34,8 @@ STEP_METRIC = "trainer/global_step"
 EVENTS_FILENAME = "events.csv"
 WIDTH_COLUMNS = ["step", "epoch", "block_id", "position", "width", "value", "at_birth", "kept_fraction"]
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# A validation metric's name: "val" or "validation" as a word of it (val_acc, val/loss, acc_val, validation_loss).
+_VALIDATION_NAME = re.compile(r"(?:^|[/_.\-])val(?:idation)?(?:$|[/_.\-])", re.I)
 
 
 class ArchitectureLogger(Callback):
@@ -48,7 +50,8 @@ class ArchitectureLogger(Callback):
     :class:`~lightning_depthgrow.callbacks.CurvatureMonitor` (in ``trainer.callbacks`` or driven by a
     ``DepthGrowth``). It also records the training loss every ``trainer.log_every_n_steps`` steps (the mean
     of the losses ``training_step`` returned since the last point) and, after every validation, the logged
-    metrics whose name contains ``"val"``, so the report can relate each change to training.
+    validation metrics (``val`` or ``validation`` a word of the name: ``val_acc``, ``val/loss``), so the
+    report can relate each change to training.
 
     Blocks are named by identity (``model.blocks#0``: block 0 of the starting model; ``model.blocks#e3``:
     the block event 3 of the log inserted; see :class:`~lightning_depthgrow.history.BlockIdentities`), in
@@ -175,7 +178,7 @@ class ArchitectureLogger(Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         for name, value in trainer.callback_metrics.items():
-            if "val" in name.lower() and isinstance(value, torch.Tensor) and value.numel() == 1:
+            if _VALIDATION_NAME.search(name) and isinstance(value, torch.Tensor) and value.numel() == 1:
                 self.history.add_metric(name, trainer.global_step, float(value))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
