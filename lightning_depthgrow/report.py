@@ -129,8 +129,9 @@ def _legend_event_handle() -> Any:
 def training_figure(history: ArchitectureHistory) -> Figure:
     """Training loss (and any validation loss) above, other validation metrics below, against the global
     step, with every architecture event marked as a dashed line labelled with its block."""
-    losses = {k: v for k, v in history.metrics.items() if "loss" in k.lower() and v}
-    others = {k: v for k, v in history.metrics.items() if "loss" not in k.lower() and v}
+    ordered = sorted(history.metrics.items(), key=lambda item: not item[0].startswith("train"))
+    losses = {k: v for k, v in ordered if "loss" in k.lower() and v}
+    others = {k: v for k, v in ordered if "loss" not in k.lower() and v}
     figure = _new_figure(6.4, 3.6 if others else 3.0)
     axes = figure.subplots(2 if others else 1, 1, sharex=True, squeeze=False)[:, 0]
     if not losses and not others:
@@ -155,7 +156,10 @@ def training_figure(history: ArchitectureHistory) -> Figure:
 
 
 def depth_figure(history: ArchitectureHistory) -> Figure:
-    """Blocks per stack (and in total, for several stacks) against the global step, as steps."""
+    """Blocks per stack against the global step, as steps; several stacks are stacked as bands under their
+    total (lines of equal depth would hide each other)."""
+    import numpy as np
+
     figure = _new_figure(6.4, 2.6)
     ax = figure.add_subplot()
     stacks = history.stacks()
@@ -163,18 +167,29 @@ def depth_figure(history: ArchitectureHistory) -> Figure:
         _message(ax, "no block stacks recorded")
         return figure
     snaps = history.snapshots
-    for i, path in enumerate(stacks):
-        ax.step(*_step_series(snaps, [s.depth.get(path, 0) for s in snaps]), where="post", marker="o", ms=3,
-                color=f"C{i}", label=path)  # fmt: skip
-    if len(stacks) > 1:
-        ax.step(*_step_series(snaps, [s.total_depth for s in snaps]), where="post", color="k", ls=":", label="total")
+    if len(stacks) == 1:
+        ax.step(*_step_series(snaps, [s.depth.get(stacks[0], 0) for s in snaps]), where="post", marker="o", ms=3,
+                color="C0", label=stacks[0])  # fmt: skip
+    else:
+        steps, _ = _step_series(snaps, [0] * len(snaps))
+        below = np.zeros(len(steps))
+        for i, path in enumerate(stacks):
+            _, depth = _step_series(snaps, [s.depth.get(path, 0) for s in snaps])
+            ax.fill_between(steps, below, below + depth, step="post", color=f"C{i}", alpha=0.6, lw=0, label=path)
+            below = below + depth
+        ax.step(steps, below, where="post", color="k", marker="o", ms=3, label="total")
+        ax.set_ylim(0, max(below) * 1.15)
     _mark_events(ax, history)
     ax.set_xlabel(STEP_LABEL)
-    ax.set_ylabel("blocks")
+    ax.set_ylabel("blocks" if len(stacks) == 1 else "blocks (stacked)")
     ax.set_title("Depth per block stack")
     ax.yaxis.get_major_locator().set_params(integer=True)
     handles, _ = ax.get_legend_handles_labels()
-    ax.legend(handles=handles + ([_legend_event_handle()] if history.events else []), fontsize="x-small")
+    handles = handles[::-1] + ([_legend_event_handle()] if history.events else [])
+    if len(stacks) == 1:
+        ax.legend(handles=handles, fontsize="x-small", loc="best")
+    else:  # beside the plot: inside, it would cover the bands
+        ax.legend(handles=handles, fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     return figure
 
@@ -356,11 +371,13 @@ def figure_to_png(figure: Figure, dpi: int = 100) -> bytes:
 
 
 def figure_to_svg(figure: Figure) -> str:
-    """The figure as an ``<svg>`` element to inline in HTML: text kept as text, no XML prolog, no metadata."""
+    """The figure as an ``<svg>`` element to inline in HTML: no XML prolog, no metadata. Text is drawn as paths,
+    so it looks the same on every machine (as text, a browser without matplotlib's font would substitute a
+    wider one and labels would overflow)."""
     import matplotlib
 
     buffer = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "lightning-depthgrow"}):
+    with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "lightning-depthgrow"}):
         figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
     text = buffer.getvalue()
     text = text[text.index("<svg") :]
