@@ -411,7 +411,9 @@ def test_resumed_run_continues_the_same_history(tmp_path):
     assert [e.block_id for e in resumed.events] == ["model.blocks#e0", "model.blocks#e1"]
     # A logger that joins at the resume (no state of its own) derives the same identities from the event log.
     late = ArchitectureLogger()
-    trainer = quiet_trainer(max_epochs=2, logger=False, callbacks=[InsertBlockEachEpoch(), late])
+    trainer = quiet_trainer(
+        max_epochs=2, logger=False, default_root_dir=tmp_path / "late", callbacks=[InsertBlockEachEpoch(), late]
+    )
     trainer.fit(TinyClassifier(), ckpt_path=str(tmp_path / "first_half" / "ckpt" / "last.ckpt"))
     assert [e.block_id for e in late.history.events] == ["model.blocks#e0", "model.blocks#e1"]
     assert late.history.final.block_ids == resumed.final.block_ids
