@@ -65,11 +65,12 @@ def load_grown(
         prefix += "."
 
     # Replay and load on a copy first: a log or state that does not fit must leave the caller's model as it was.
+    hint = checkpoint.get(_CHECKPOINT_KEY, {}).get("load_hint")
     try:
-        _grow_and_load(copy.deepcopy(model), events, state, prefix, strict)
+        _grow_and_load(copy.deepcopy(model), events, state, prefix, strict, hint)
     except EventLogMismatchError as err:
         raise EventLogMismatchError(f"{err}\n{_architectures(state, model, prefix, checkpoint_path)}") from err
-    _grow_and_load(model, events, state, prefix, strict)
+    _grow_and_load(model, events, state, prefix, strict, hint)
     if not prefix:
         # The model now carries its history, so training it further continues the same log.
         from .callbacks._common import event_log
@@ -112,9 +113,23 @@ def _grow_and_load(
     state: Mapping[str, Any],
     prefix: str,
     strict: bool,
+    hint: str | None = None,
 ) -> None:
     root = _mount(model, prefix)
     replay_events(root, events)
+    outside = [k for k in root.state_dict() if prefix and not k.startswith(prefix)]
+    if outside:
+        # The log put modules on the module it was recorded on, next to the network (e.g. a DMS search's gates):
+        # a bare network cannot hold them. ``hint`` is what the callback that wrote the checkpoint says to do.
+        raise EventLogMismatchError(
+            f"The checkpoint's architecture log ({', '.join(sorted({e.kind for e in events}))}) adds modules outside "
+            f"the network at {prefix!r} (e.g. {outside[:2]}), which a bare {type(model).__name__} cannot hold. "
+            + (
+                hint
+                or "Load it into the module that was trained (a freshly built LightningModule), or use a checkpoint "
+                "saved after those modules were removed."
+            )
+        )
     own = {k: v for k, v in state.items() if k.startswith(prefix)} if prefix else dict(state)
     try:
         root.load_state_dict(own, strict=strict)
