@@ -160,6 +160,24 @@ def test_resource_loss_reaches_the_ratios_without_touching_training_step():
     assert probe.grads and probe.grads[0] > 0  # the ratios have a gradient from the first step on
 
 
+def test_resource_gradient_is_added_in_real_units_under_a_grad_scaler():
+    """The resource gradient joins the ratios' gradients after AMP unscaling: a scaled fp16 run steers the ratios
+    as the fp32 run does (added before unscaling it would be 2**14 times too small next to the task gradient)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    runs = []
+    for plugins in ([], [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**14))]):
+        module, probe = Lit(), StepProbe()
+        trainer = fit(
+            module, [dms(target=0.5, search_epochs=2, enforce_target=False), probe], epochs=3, plugins=plugins
+        )
+        runs.append((probe.grads, next(e for e in event_log(module) if e.kind == "dms_export").reason))
+    assert getattr(trainer.precision_plugin, "scaler", None) is not None
+    (grads32, export32), (grads16, export16) = runs
+    assert grads16[:4] == pytest.approx(grads32[:4], rel=0.02)  # the resource gradient dominates these steps
+    assert export16["searched_ratio"] == pytest.approx(export32["searched_ratio"], abs=0.02)
+
+
 # ---------------------------------------------------------------- issue 8 item 5: argument validation
 @pytest.mark.parametrize(
     ("kwargs", "error", "name"),
