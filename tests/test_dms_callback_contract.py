@@ -134,6 +134,27 @@ def test_nothing_patched_on_the_module_and_it_pickles_after_fit():
     assert twin.training_step.__func__ is Lit.training_step and twin.training_step.__self__ is twin
 
 
+class StopAfterFirstEpoch(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def test_training_stopped_during_the_search_warns_and_the_gated_module_still_pickles():
+    module = Lit()
+    with pytest.warns(UserWarning, match=r"before the export at epoch 2.*export_model"):
+        fit(module, [dms(search_epochs=2), StopAfterFirstEpoch()], epochs=3)
+    assert find_gates(module) is not None and [e.kind for e in event_log(module)] == ["dms_attach"]
+    copy.deepcopy(module)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    x = torch.randn(3, 1, 1, 40)
+    module.eval()
+    with torch.no_grad():
+        gated = module(x)
+        export_model(module)
+        assert torch.allclose(module(x), gated, atol=1e-5)
+
+
 class StepProbe(pl.Callback):
     """The architecture group's options and the ratios' gradients at each optimizer step (after DMS's hook)."""
 
