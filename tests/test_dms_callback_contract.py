@@ -251,10 +251,18 @@ def test_resuming_a_search_with_another_target_is_refused(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     fit(Lit(), [dms(search_epochs=2), checkpoint], epochs=3, enable_checkpointing=True)
     search_ckpt = str(tmp_path / "epoch=0.ckpt")
+    module = Lit(seed=1)
+    before = snapshot(module)
     with pytest.raises(ValueError, match=r"target=0\.5.*target=0\.4"):
-        fit(Lit(), [dms(target=0.4, search_epochs=2)], epochs=3, ckpt_path=search_ckpt)
+        fit(module, [dms(target=0.4, search_epochs=2)], epochs=3, ckpt_path=search_ckpt)
     with pytest.raises(ValueError, match="resource"):
-        fit(Lit(), [dms(resource="params", search_epochs=2)], epochs=3, ckpt_path=search_ckpt)
+        fit(module, [dms(resource="params", search_epochs=2)], epochs=3, ckpt_path=search_ckpt)
+    with pytest.raises(ValueError, match=r"arch_lr=0\.05.*arch_lr=0\.01"):
+        fit(module, [dms(arch_lr=0.01, search_epochs=2)], epochs=3, ckpt_path=search_ckpt)
+    assert snapshot(module) == before  # refused before the checkpoint's architecture or weights were applied
+    after_export = Lit()
+    fit(after_export, [dms(target=0.4, search_epochs=2)], epochs=4, ckpt_path=str(tmp_path / "epoch=2.ckpt"))
+    assert [e.kind for e in event_log(after_export)] == ["dms_attach", "dms_export"]  # the search was over
     resumed = Lit()
     fit(resumed, [dms(search_epochs=2)], epochs=3, ckpt_path=search_ckpt)  # the same target resumes
     assert [e.kind for e in event_log(resumed)] == ["dms_attach", "dms_export"]

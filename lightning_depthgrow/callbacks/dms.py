@@ -45,6 +45,7 @@ from ._common import (
 )
 
 _WHO = "DifferentiableModelScaling"
+_ATTACH_SETTINGS = {"arch_lr": "lr", "width": "width", "heads": "heads", "depth": "depth"}  # argument: attach spec key
 _PLUMBING = "_depthgrow"  # prefix of what the shared callback plumbing stores on the module's __dict__
 
 
@@ -129,7 +130,8 @@ class DifferentiableModelScaling(Callback):
         self._resources: ResourceModel | None = None
         self._target_ratio = 1.0
         self._schedule_steps = 1
-        self._module: pl.LightningModule | None = None  # during fit, for load_state_dict
+        self._target_hook: RemovableHandle | None = None  # checks a resumed search's target (during setup..fit)
+        self._checked = False
         self._keys_before: set[str] = set()
         self._resource_grads: list[torch.Tensor | None] | None = None
         self._first_bad_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on device
@@ -141,9 +143,14 @@ class DifferentiableModelScaling(Callback):
             return
         self._check_trainer(trainer, pl_module)
         example = self._example(pl_module)
+        self._remove_target_hook()
+        if trainer.ckpt_path:
+            self._check_resumed_target(trainer)
+        else:
+            self._check_target_when_weights_load(trainer, pl_module)
         restore_architecture(trainer, pl_module)
         log = event_log(pl_module)
-        self._module, self._resource_grads, self._first_bad_step = pl_module, None, None
+        self._resource_grads, self._first_bad_step = None, None
         try:
             if ATTACH not in [e.kind for e in log]:
                 self._attach(trainer, pl_module)
@@ -422,19 +429,57 @@ class DifferentiableModelScaling(Callback):
         return {"target": self.target, "absolute_target": self.absolute_target, "resource": self.resource}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Called when a fit resumes, after the checkpoint's architecture was replayed: refuse to go on with a
-        # search whose target would change midway (after the export, the target no longer matters).
-        module = self._module
-        if module is None or EXPORT in [e.kind for e in event_log(module)]:
+        """Nothing to restore: the search's state lives on the module (gates) and in the optimizer. The target is
+        compared with the checkpoint's before its architecture is replayed (:meth:`_check_resumed_target`)."""
+
+    def _check_resumed_target(self, trainer: pl.Trainer) -> None:
+        """Refuse to resume a search with another target or resource, before anything of the checkpoint is applied.
+
+        After the export the target no longer matters, so only search-phase checkpoints are compared.
+        """
+        checkpoint = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None)
+        if not checkpoint:
+            checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=False)
+        events = checkpoint.get(CHECKPOINT_KEY, {}).get("events", [])
+        attach = next((e for e in events if e.get("kind") == ATTACH), None)
+        if attach is not None:
+            # setup attaches the gates again before the log is replayed; the two must agree
+            recorded = {name: attach["spec"].get(key) for name, key in _ATTACH_SETTINGS.items()}
+            mine = {name: getattr(self, name) for name in _ATTACH_SETTINGS}
+            if recorded != mine:
+                raise ValueError(
+                    f"The checkpoint {trainer.ckpt_path} holds a DMS search started with "
+                    f"{', '.join(f'{k}={v!r}' for k, v in recorded.items())}; this run's callback has "
+                    f"{', '.join(f'{k}={v!r}' for k, v in mine.items())}. Resume with the same settings."
+                )
+        saved_state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not saved_state or EXPORT in [e.get("kind") for e in events]:
             return
-        saved = (state_dict.get("target"), state_dict.get("absolute_target", False), state_dict.get("resource"))
+        saved = (saved_state.get("target"), saved_state.get("absolute_target", False), saved_state.get("resource"))
         if saved != (self.target, self.absolute_target, self.resource):
             raise ValueError(
-                f"The checkpoint was saved during a DMS search for {_describe_target(*saved)}; this run asks for "
-                f"{_describe_target(self.target, self.absolute_target, self.resource)}. A search cannot change its "
-                f"target midway: resume with target={saved[0]!r}, absolute_target={saved[1]!r}, "
+                f"The checkpoint {trainer.ckpt_path} was saved during a DMS search for {_describe_target(*saved)}; "
+                f"this run asks for {_describe_target(self.target, self.absolute_target, self.resource)}. A search "
+                f"cannot change its target midway: resume with target={saved[0]!r}, absolute_target={saved[1]!r}, "
                 f"resource={saved[2]!r}, or start a new search without ckpt_path."
             )
+
+    def _check_target_when_weights_load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning 2.6 learns the checkpoint path only after ``setup``, just before it loads the weights: check
+        the target in a ``load_state_dict`` pre-hook registered ahead of the one that replays the architecture."""
+
+        def hook(module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+            if prefix == "" and trainer.ckpt_path and trainer.lightning_module is module and not self._checked:
+                self._checked = True
+                self._check_resumed_target(trainer)
+
+        self._checked = False
+        self._target_hook = pl_module.register_load_state_dict_pre_hook(hook)
+
+    def _remove_target_hook(self) -> None:
+        if self._target_hook is not None:
+            self._target_hook.remove()
+            self._target_hook = None
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -452,16 +497,18 @@ class DifferentiableModelScaling(Callback):
             )
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_target_hook()
         if trainer.state.fn == "fit":
             self._detach(pl_module)
         self._release_hooks(pl_module)
-        self._module, self._resources, self._resource_grads = None, None, None
+        self._resources, self._resource_grads = None, None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_target_hook()
         self._release_hooks(pl_module)
         if stage != "fit":
             return
-        self._module, self._resources, self._resource_grads, self._first_bad_step = None, None, None, None
+        self._resources, self._resource_grads, self._first_bad_step = None, None, None
         if find_gates(pl_module) is not None:
             rank_zero_warn(
                 f"{_WHO}: training ended at epoch {trainer.current_epoch} before the export at epoch "
