@@ -197,7 +197,8 @@ def checkpoint_entry(events: Iterable[ArchitectureEvent]) -> dict[str, Any]:
 
 def save_event_log(checkpoint: dict[str, Any], module: nn.Module) -> None:
     """Store ``module``'s event log in a checkpoint dict (idempotent; call from ``on_save_checkpoint``)."""
-    checkpoint[CHECKPOINT_KEY] = checkpoint_entry(event_log(module))
+    # Other keys a callback put in the record (a DMS search's ``load_hint``) are kept.
+    checkpoint[CHECKPOINT_KEY] = {**checkpoint.get(CHECKPOINT_KEY, {}), **checkpoint_entry(event_log(module))}
 
 
 def checkpoint_events(checkpoint: Mapping[str, Any]) -> list[ArchitectureEvent]:
@@ -250,12 +251,14 @@ def replay_checked(
     state_dict: Mapping[str, Any] | None = None,
     strict: bool = True,
     record: bool = True,
+    check: Callable[[nn.Module], None] | None = None,
 ) -> list[AppliedChange]:
     """Replay ``events`` on ``model`` only once they, and ``state_dict``'s weights, fit a copy of it.
 
     The copy gets the events and then ``load_state_dict(state_dict, strict)``; only if both succeed are the
     events replayed on ``model`` (and, with ``record``, appended to its :func:`event_log`). Loading the weights
-    into ``model`` itself is left to the caller (Lightning does it right after a resume's replay).
+    into ``model`` itself is left to the caller (Lightning does it right after a resume's replay). ``check``, if
+    given, is called on the rebuilt copy before the weights are tried and may raise ``EventLogMismatchError``.
 
     Raises:
         EventLogMismatchError: the events or the weights do not fit; ``model`` is untouched.
@@ -280,6 +283,8 @@ def replay_checked(
         probe = None
     if probe is not None:
         replay_events(probe, events)
+        if check is not None:  # the caller's own test of the rebuilt copy; it raises EventLogMismatchError
+            check(probe)
         if state_dict is not None:
             try:
                 probe.load_state_dict(state_dict, strict=strict)

@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from .adapters.registry import find_block_stacks
-from .events import EventLogMismatchError, checkpoint_events, event_log, read_checkpoint, replay_checked
+from .events import (
+    CHECKPOINT_KEY,
+    ArchitectureEvent,
+    EventLogMismatchError,
+    checkpoint_events,
+    event_log,
+    read_checkpoint,
+    replay_checked,
+)
 
 
 def load_grown(
@@ -60,9 +68,12 @@ def load_grown(
         prefix += "."
     root = _mount(model, prefix)
     own = {k: v for k, v in state.items() if k.startswith(prefix)} if prefix else dict(state)
+    hint = checkpoint.get(CHECKPOINT_KEY, {}).get("load_hint")
     # Events and weights are tried on a copy first: a log or state that does not fit leaves the model as it was.
     try:
-        replay_checked(root, events, own, strict=strict, record=False)
+        replay_checked(
+            root, events, own, strict=strict, record=False, check=lambda probe: _inside(probe, prefix, events, hint)
+        )
     except EventLogMismatchError as err:
         raise EventLogMismatchError(f"{err}\n{_architectures(state, model, prefix, checkpoint_path)}") from err
     root.load_state_dict(own, strict=strict)
@@ -98,6 +109,23 @@ def detect_prefix(model: nn.Module, state_dict: Mapping[str, Any]) -> str:
             f"{list(state_dict)[:3]}); pass prefix=... or the model that was trained."
         )
     return min(counts, key=lambda c: (-counts[c], len(c)))
+
+
+def _inside(root: nn.Module, prefix: str, events: list[ArchitectureEvent], hint: str | None) -> None:
+    """Raise if the replayed ``events`` put state outside the network mounted at ``prefix``."""
+    outside = [k for k in root.state_dict() if prefix and not k.startswith(prefix)]
+    if outside:
+        # The log put modules on the module it was recorded on, next to the network (e.g. a DMS search's gates):
+        # a bare network cannot hold them. ``hint`` is what the callback that wrote the checkpoint says to do.
+        raise EventLogMismatchError(
+            f"The checkpoint's architecture log ({', '.join(sorted({e.kind for e in events}))}) adds modules outside "
+            f"the network at {prefix!r} (e.g. {outside[:2]}), which a bare {type(root).__name__} cannot hold. "
+            + (
+                hint
+                or "Load it into the module that was trained (a freshly built LightningModule), or use a checkpoint "
+                "saved after those modules were removed."
+            )
+        )
 
 
 def _mount(model: nn.Module, prefix: str) -> nn.Module:

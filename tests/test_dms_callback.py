@@ -122,21 +122,21 @@ def test_ddp_two_processes_search_and_export_stay_identical(tmp_path):
 
 
 def test_bad_inputs_raise_clear_errors():
-    with pytest.raises(ValueError, match="not a reduction"):
+    with pytest.raises(ValueError, match="target"):
         DifferentiableModelScaling(target=1.0, search_epochs=1)
     with pytest.raises(ValueError, match="search_epochs"):
         DifferentiableModelScaling(target=0.5, search_epochs=0)
     with pytest.raises(ValueError, match="not smaller than the supernet"):
-        trainer(1, [DifferentiableModelScaling(target=1e12, search_epochs=1)]).fit(
+        trainer(2, [DifferentiableModelScaling(target=1e12, search_epochs=1, absolute_target=True)]).fit(
             vit_classifier(), MNIST1DDataModule(limit_train=128)
         )
     with pytest.raises(ValueError, match="below the smallest model"):
-        trainer(1, [DifferentiableModelScaling(target=0.001, search_epochs=1, depth=False)]).fit(
+        trainer(2, [DifferentiableModelScaling(target=0.001, search_epochs=1, depth=False)]).fit(
             vit_classifier(), MNIST1DDataModule(limit_train=128)
         )
     mlp = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(40, 10)))
     with pytest.raises(UnsupportedModelError, match="nothing to gate"):
-        trainer(1, [DifferentiableModelScaling(target=0.5, search_epochs=1)]).fit(
+        trainer(2, [DifferentiableModelScaling(target=0.5, search_epochs=1)]).fit(
             mlp, MNIST1DDataModule(limit_train=128)
         )
 

@@ -1,20 +1,23 @@
 """Differentiable Model Scaling as a Lightning callback: search width and depth, then export.
 
 A thin shell around :mod:`lightning_depthgrow.dms`: it decides when to attach the gates, how the
-resource loss and the architecture parameters reach the user's training step and optimizer, how the
-importances are synchronised across ranks, and when to export.
+resource loss and the architecture parameters reach the optimizer, how the importances are
+synchronised across ranks, and when to export. It works only through Lightning's own hooks: the user's
+``training_step`` and ``configure_optimizers`` are never replaced.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.utils.hooks import RemovableHandle
 
 from ..dms import (
     ARCH_GROUP_KEY,
@@ -23,24 +26,27 @@ from ..dms import (
     attach_event,
     find_gates,
     fit_to_budget,
+    remove_gates,
     update_importance,
 )
 from ..dms.appliers import ATTACH, EXPORT
 from ..events import ArchitectureEvent
-from ..surgery.optim import sync_schedulers
+from ..validation import check_bool, check_choice, check_float, check_int
 from ._common import (
+    CHECKPOINT_KEY,
     all_reduce_mean,
     apply_and_sync,
     broadcast,
-    check_not_compiled,
-    check_strategy_supported,
     event_log,
     guard_spawn_results,
     restore_architecture,
     save_event_log,
+    setup_for_fit,
 )
 
-_WRAPPED = "_dms_wrapped_by"
+_WHO = "DifferentiableModelScaling"
+_ATTACH_SETTINGS = {"arch_lr": "lr", "width": "width", "heads": "heads", "depth": "depth"}  # argument: attach spec key
+_PLUMBING = "_depthgrow"  # prefix of what the shared callback plumbing stores on the module's __dict__
 
 
 class DifferentiableModelScaling(Callback):
@@ -55,32 +61,41 @@ class DifferentiableModelScaling(Callback):
     ``search_epochs`` the model is sliced to the hard masks and training continues on it, with the
     optimizer state sliced to match.
 
-    The user's model, ``training_step`` and ``configure_optimizers`` stay as they are: the resource
-    loss is added to the loss ``training_step`` returns (one backward, so AMP scaling and DDP gradient
-    synchronisation apply to it unchanged), and the architecture ratios are moved into their own param
-    group of the user's optimizer (no weight decay, no momentum, constant ``arch_lr``).
+    The user's model, ``training_step`` and ``configure_optimizers`` stay as they are, and nothing is left
+    on the module after ``fit`` but its architecture history: the resource loss enters through Lightning's
+    ``on_before_backward`` hook (its gradient, which reaches only the architecture ratios, is added to theirs
+    before the optimizer step, after AMP unscaling, so clipping applies to it), and ``on_fit_start`` moves the
+    architecture ratios into their own param group of the user's optimizer (no weight decay, no momentum,
+    constant ``arch_lr``), which every torch LR scheduler then also drives at that constant rate.
 
     Args:
-        target: FLOPs (or parameters) to reach, as a fraction of the supernet's in ``(0, 1)`` or, if
-            above 1, as an absolute count.
-        search_epochs: epochs of search before export (at least 1).
+        target: what to reach, as a fraction of the supernet's FLOPs (or parameters) in ``(0, 1)``; with
+            ``absolute_target=True``, as a count (e.g. ``2.5e6`` FLOPs).
+        search_epochs: epochs of search before export (at least 1, fewer than the Trainer's ``max_epochs``).
         resource: ``"flops"`` or ``"params"``.
-        lambda_res: weight of the resource loss.
-        arch_lr: learning rate of the architecture ratios (constant; their group has no momentum, so the
+        lambda_res: weight of the resource loss (> 0).
+        arch_lr: learning rate of the architecture ratios (> 0; constant; their group has no momentum, so the
             ratios stop when the hinge does; Adam steps each ratio by about ``arch_lr`` per step, so much
             larger values overshoot the target, see docs/dms.md).
         width, heads, depth: which kinds of gate to attach.
-        schedule_fraction: part of the search over which the target decays (0.8 in the paper).
+        schedule_fraction: part of the search over which the target decays, in ``(0, 1]`` (0.8 in the paper).
         example_input: input for the FLOPs count (default: the module's ``example_input_array``).
         enforce_target: at export, if the searched model is still above the target (the search hovers
             around it), drop the least important width elements until it is not
             (:func:`~lightning_depthgrow.dms.resource.fit_to_budget`); the event records how many.
+        absolute_target: read ``target`` as a count of ``resource`` instead of a fraction. A ``target`` above 1
+            without it is refused (``target=40`` meaning 40% is an easy slip).
 
     Example:
         >>> import lightning.pytorch as pl
         >>> dms = DifferentiableModelScaling(target=0.5, search_epochs=3)
         >>> trainer = pl.Trainer(max_epochs=6, callbacks=[dms])  # doctest: +SKIP
         >>> trainer.fit(Classifier(make_vit()), datamodule)  # doctest: +SKIP
+        >>> DifferentiableModelScaling(target=40, search_epochs=3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `target` is a fraction of the supernet's flops in (0, 1), got 40. For 40% write target=0.4; ...
+        >>> counted = DifferentiableModelScaling(target=2.5e6, absolute_target=True, search_epochs=3)
     """
 
     def __init__(
@@ -96,76 +111,102 @@ class DifferentiableModelScaling(Callback):
         schedule_fraction: float = 0.8,
         example_input: Any = None,
         enforce_target: bool = True,
+        absolute_target: bool = False,
     ) -> None:
-        if not target > 0 or target == 1.0 or not math.isfinite(target):
-            raise ValueError(
-                f"target={target} is not a reduction: give a fraction of the supernet's {resource} in (0, 1) "
-                "or an absolute count smaller than the supernet's."
-            )
-        if int(search_epochs) != search_epochs or search_epochs < 1:
-            raise ValueError(f"search_epochs must be a positive integer, got {search_epochs}")
-        if resource not in ("flops", "params"):
-            raise ValueError(f"resource must be 'flops' or 'params', got {resource!r}")
-        if lambda_res <= 0 or arch_lr <= 0:
-            raise ValueError(f"lambda_res and arch_lr must be positive, got {lambda_res} and {arch_lr}")
-        if not 0 < schedule_fraction <= 1:
-            raise ValueError(f"schedule_fraction must be in (0, 1], got {schedule_fraction}")
+        self.resource = check_choice("resource", resource, ("flops", "params"))
+        self.absolute_target = check_bool("absolute_target", absolute_target)
+        self.target = _check_target(target, self.absolute_target, self.resource)
+        self.search_epochs = check_int("search_epochs", search_epochs, minimum=1)
+        self.lambda_res = check_float("lambda_res", lambda_res, low=0.0)
+        self.arch_lr = check_float("arch_lr", arch_lr, low=0.0)
+        self.width = check_bool("width", width)
+        self.heads = check_bool("heads", heads)
+        self.depth = check_bool("depth", depth)
         if not (width or heads or depth):
-            raise ValueError("at least one of width, heads, depth must be True")
-        self.target, self.search_epochs, self.resource = float(target), int(search_epochs), resource
-        self.lambda_res, self.arch_lr, self.schedule_fraction = float(lambda_res), float(arch_lr), schedule_fraction
-        self.width, self.heads, self.depth = width, heads, depth
-        self.example_input, self.enforce_target = example_input, enforce_target
-        self._trainer: pl.Trainer | None = None
+            raise ValueError("`width`, `heads` and `depth` are all False: at least one kind of gate must be searched.")
+        self.schedule_fraction = check_float("schedule_fraction", schedule_fraction, low=0.0, high=1.0)
+        self.enforce_target = check_bool("enforce_target", enforce_target)
+        self.example_input = example_input
         self._resources: ResourceModel | None = None
         self._target_ratio = 1.0
         self._schedule_steps = 1
+        self._target_hook: RemovableHandle | None = None  # checks a resumed search's target (during setup..fit)
+        self._checked = False
+        self._keys_before: set[str] = set()
+        self._resource_grads: list[torch.Tensor | None] | None = None
+        self._first_bad_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on device
 
-    # ---------------------------------------------------------------- setup: attach, wrap, check target
+    # ---------------------------------------------------------------- setup: check everything, then attach
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy_supported(trainer, "DifferentiableModelScaling")
-        check_not_compiled(trainer, pl_module, "DifferentiableModelScaling")
-        restore_architecture(trainer, pl_module)
-        if stage != "fit":
+        self._keys_before = set(pl_module.__dict__)
+        if not setup_for_fit(trainer, pl_module, stage, _WHO):
             return
+        self._check_trainer(trainer, pl_module)
+        example = self._example(pl_module)
+        self._remove_target_hook()
+        if trainer.ckpt_path:
+            self._check_resumed_target(trainer)
+        else:
+            self._check_target_when_weights_load(trainer, pl_module)
+        restore_architecture(trainer, pl_module)
+        log = event_log(pl_module)
+        self._resource_grads, self._first_bad_step = None, None
+        try:
+            if ATTACH not in [e.kind for e in log]:
+                self._attach(trainer, pl_module)
+            if EXPORT not in [e.kind for e in log] and find_gates(pl_module) is not None:
+                self._resources, self._target_ratio = self._measure(pl_module, example)
+        except BaseException:
+            self._detach(pl_module)
+            raise
+
+    def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:
             raise RuntimeError(
-                "DifferentiableModelScaling adds its resource loss to the loss training_step returns, which "
-                "needs automatic optimization; set automatic_optimization = True."
+                f"{_WHO} adds its resource loss through Lightning's automatic optimization (on_before_backward, "
+                "on_before_optimizer_step); with automatic_optimization = False it would never act. Use automatic "
+                "optimization for the search."
             )
-        self._trainer = trainer
-        kinds = [e.kind for e in event_log(pl_module)]
-        if ATTACH not in kinds:
-            event = attach_event(
-                pl_module,
-                self.arch_lr,
-                self.width,
-                self.heads,
-                self.depth,
-                epoch=trainer.current_epoch,
-                step=trainer.global_step,
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.search_epochs >= max_epochs:
+            raise ValueError(
+                f"{_WHO} exports at the start of epoch search_epochs={self.search_epochs}, but the Trainer stops "
+                f"after max_epochs={max_epochs}: the gated supernet would be returned unexported. Use max_epochs > "
+                f"search_epochs (e.g. max_epochs={2 * self.search_epochs}, so the exported model trains on) or a "
+                "smaller search_epochs."
             )
-            apply_and_sync(None, pl_module, event)
-            rank_zero_info(
-                f"DMS: attached {len(event.spec['gates'])} gates: "
-                + ", ".join(f"{s['name']} ({s['n']})" for s in event.spec["gates"])
-            )
-        if EXPORT not in kinds and find_gates(pl_module) is not None:
-            self._build_resources(pl_module)
-        self._wrap(pl_module)
 
-    def _build_resources(self, pl_module: pl.LightningModule) -> None:
+    def _example(self, pl_module: pl.LightningModule) -> Any:
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
         if example is None:
             raise ValueError(
-                "DifferentiableModelScaling needs an example input to count FLOPs: set "
-                "pl_module.example_input_array or pass example_input=..."
+                f"{_WHO} needs an example input to count {self.resource}: set pl_module.example_input_array or "
+                "pass example_input=..."
             )
-        self._resources = res = ResourceModel.build(pl_module, example)
+        return example
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        event = attach_event(
+            pl_module,
+            self.arch_lr,
+            self.width,
+            self.heads,
+            self.depth,
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+        )
+        apply_and_sync(None, pl_module, event)
+        rank_zero_info(
+            f"DMS: attached {len(event.spec['gates'])} gates: "
+            + ", ".join(f"{s['name']} ({s['n']})" for s in event.spec["gates"])
+        )
+
+    def _measure(self, pl_module: pl.LightningModule, example: Any) -> tuple[ResourceModel, float]:
+        """The analytic resource model of the gated module and the target as a fraction of the supernet."""
+        res = ResourceModel.build(pl_module, example)
         full = res.full(self.resource)
-        gates = find_gates(pl_module)
-        floor = res.minimum(gates, self.resource)
-        target = self.target if self.target < 1 else self.target / full
+        floor = res.minimum(find_gates(pl_module), self.resource)
+        target = self.target / full if self.absolute_target else self.target
         if target >= 1:
             raise ValueError(
                 f"target {self.target:g} {self.resource} is not smaller than the supernet's {full:g}; "
@@ -176,74 +217,109 @@ class DifferentiableModelScaling(Callback):
                 f"target {target * full:g} {self.resource} is below the smallest model the gates can reach "
                 f"({floor:g} = {floor / full:.3f} of the supernet); raise the target or gate more (depth=True)."
             )
-        self._target_ratio = target
+        return res, target
 
-    def _wrap(self, pl_module: pl.LightningModule) -> None:
-        """Route the resource loss and the architecture param group through the user's own hooks."""
-        if pl_module.__dict__.get(_WRAPPED) is self:
-            return
-        pl_module.__dict__[_WRAPPED] = self
-        user_step: Callable[..., Any] = pl_module.training_step
-        user_configure: Callable[[], Any] = pl_module.configure_optimizers
+    def _detach(self, pl_module: pl.LightningModule) -> None:
+        """Take back what this fit put on the module, unless the search already exported (a failure before it)."""
+        log = event_log(pl_module)
+        if find_gates(pl_module) is not None and log and log[-1].kind == ATTACH:
+            remove_gates(pl_module)
+            log.pop()
+        for key in [k for k in pl_module.__dict__ if k.startswith(_PLUMBING) and k not in self._keys_before]:
+            value = pl_module.__dict__[key]
+            if isinstance(value, list) and value:
+                continue  # an event log that holds events (a resumed run's history)
+            if isinstance(value, RemovableHandle):
+                value.remove()
+            del pl_module.__dict__[key]
+        self._resources = None
 
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            return self._add_resource_loss(pl_module, user_step(*args, **kwargs))
+    def _release_hooks(self, pl_module: pl.LightningModule) -> None:
+        """Remove the hooks this fit registered on the module (the checkpoint-restore pre-hook): they hold the
+        Trainer and a local function, so the module would not pickle."""
+        for key in [k for k in pl_module.__dict__ if k.startswith(_PLUMBING) and k not in self._keys_before]:
+            value = pl_module.__dict__[key]
+            if isinstance(value, RemovableHandle):
+                value.remove()
+                del pl_module.__dict__[key]
 
-        def configure_optimizers() -> Any:
-            config = user_configure()
-            optimizers = _find_optimizers(config)
-            self._install_arch_group(pl_module, optimizers)
-            # torch schedulers built before the new group would fail on it (strict zip in torch >= 2.9)
-            sync_schedulers(_find_schedulers(config), optimizers[0])
-            return config
-
-        pl_module.training_step = training_step
-        pl_module.configure_optimizers = configure_optimizers
-
-    def _install_arch_group(self, pl_module: pl.LightningModule, optimizers: list[torch.optim.Optimizer]) -> None:
-        if len(optimizers) != 1:
+    # ---------------------------------------------------------------- the architecture param group
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After configure_optimizers, before Lightning loads a resumed checkpoint's optimizer and scheduler states
+        # (which were saved with this group in place).
+        if len(trainer.optimizers) != 1:
             raise RuntimeError(
-                f"DifferentiableModelScaling needs configure_optimizers to return exactly one optimizer "
-                f"(found {len(optimizers)}) to hold the architecture parameters."
+                f"{_WHO} needs configure_optimizers to return exactly one optimizer (found "
+                f"{len(trainer.optimizers)}) to hold the architecture parameters."
             )
+        optimizer = trainer.optimizers[0]
+        if any(g.get(ARCH_GROUP_KEY) for g in optimizer.param_groups):
+            return
         gates = find_gates(pl_module)
         arch = gates.arch_parameters() if gates is not None else []
         ids = {id(p) for p in arch}
-        optimizer = optimizers[0]
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         # Added even when empty (after export), so the groups line up with checkpoints taken during search.
         optimizer.add_param_group({"params": arch, **arch_group_options(self.arch_lr, optimizer.defaults)})
+        _extend_schedulers([cfg.scheduler for cfg in trainer.lr_scheduler_configs], optimizer, self.arch_lr)
 
     # ---------------------------------------------------------------- search
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        per_epoch = math.ceil(trainer.num_training_batches / max(1, trainer.accumulate_grad_batches))
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                f"{_WHO} schedules its target over the search's steps, so it needs a train dataloader with a "
+                "length (or Trainer(limit_train_batches=<int>))."
+            )
+        per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
         self._schedule_steps = max(1, int(self.schedule_fraction * self.search_epochs * per_epoch))
+        searching = EXPORT not in [e.kind for e in event_log(pl_module)]
+        if searching and trainer.max_steps >= 0 and trainer.max_steps <= self.search_epochs * per_epoch:
+            raise ValueError(
+                f"{_WHO} exports after search_epochs={self.search_epochs} epochs = {self.search_epochs * per_epoch} "
+                f"optimizer steps, but the Trainer stops at max_steps={trainer.max_steps}: the gated supernet would "
+                "be returned unexported. Raise max_steps or lower search_epochs."
+            )
 
     def target_ratio_at(self, step: int) -> float:
         """``r_t = target ** (t / T)``, held at ``target`` after ``T`` steps."""
         return self._target_ratio ** min(1.0, step / self._schedule_steps)
 
-    def _add_resource_loss(self, pl_module: pl.LightningModule, output: Any) -> Any:
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         gates = find_gates(pl_module)
-        if gates is None or self._resources is None or output is None:
-            return output
-        step = self._trainer.global_step if self._trainer is not None else 0
-        r_t = self.target_ratio_at(step)
-        r_c = self._resources.evaluate(gates, self.resource) / self._resources.full(self.resource)
-        loss = self.lambda_res * torch.relu(torch.log(r_c / r_t))
+        if gates is None or self._resources is None:
+            return
+        self._note_finite(trainer, loss)
+        # The resource loss depends on the architecture ratios only; its gradient is taken here, where the soft
+        # masks of this forward pass are still alive (the resource count shares them), and added to the ratios'
+        # gradients in on_before_optimizer_step. That equals adding it to the loss training_step returned
+        # (divided by the accumulation, as Lightning divides that loss), without touching training_step.
+        r_t = self.target_ratio_at(trainer.global_step)
+        with torch.enable_grad():
+            r_c = self._resources.evaluate(gates, self.resource) / self._resources.full(self.resource)
+            res_loss = self.lambda_res * torch.relu(torch.log(r_c / r_t))
+            ratios = gates.arch_parameters()
+            if res_loss.requires_grad:
+                grads = torch.autograd.grad(res_loss, ratios, retain_graph=True, allow_unused=True)
+                scale = 1.0 / max(1, trainer.accumulate_grad_batches)
+                pending = self._resource_grads or [None] * len(ratios)
+                self._resource_grads = [
+                    p if g is None else g * scale if p is None else p + g * scale for p, g in zip(pending, grads)
+                ]
         pl_module.log_dict(
-            {"dms/resource_ratio": r_c.detach(), "dms/target_ratio": r_t, "dms/resource_loss": loss.detach()},
+            {"dms/resource_ratio": r_c.detach(), "dms/target_ratio": r_t, "dms/resource_loss": res_loss.detach()},
             on_step=True,
             on_epoch=False,
         )
-        if isinstance(output, torch.Tensor):
-            return output + loss.to(output.dtype)
-        if isinstance(output, dict) and "loss" in output:
-            return {**output, "loss": output["loss"] + loss.to(output["loss"].dtype)}
-        raise TypeError(
-            f"training_step returned {type(output).__name__}; DMS needs a loss tensor or a dict with 'loss'"
-        )
+
+    def _note_finite(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss was not finite (on the device: no synchronisation per step)."""
+        loss = loss.detach()
+        if self._first_bad_step is None or self._first_bad_step.device != loss.device:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss).all() & (self._first_bad_step < 0)
+        self._first_bad_step = torch.where(bad, trainer.global_step, self._first_bad_step)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -262,10 +338,22 @@ class DifferentiableModelScaling(Callback):
     ) -> None:
         for group in optimizer.param_groups:
             if group.get(ARCH_GROUP_KEY):
-                group["lr"] = self.arch_lr  # constant, whatever the user's scheduler did to all groups
+                # constant lr, no momentum, no decay, whatever the user's scheduler did to all groups
+                group.update(arch_group_options(self.arch_lr, optimizer.defaults))
         gates = find_gates(pl_module)
         if gates is None:
             return
+        pending, self._resource_grads = self._resource_grads, None
+        if pending is not None:
+            # Gradients are unscaled here (AMP) and synchronised (DDP); the resource gradient is the same on every
+            # rank, so adding it after the all-reduce is adding it to the mean.
+            for p, g in zip(gates.arch_parameters(), pending):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g.to(p.dtype)
+                else:
+                    p.grad.add_(g.to(p.grad.dtype))
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
         # dL/dm is averaged over ranks like any gradient, so every rank holds identical importances.
@@ -278,11 +366,36 @@ class DifferentiableModelScaling(Callback):
         if gates is not None:
             gates.project_()
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if find_gates(pl_module) is not None:
+            self._check_not_diverged(trainer, pl_module)
+
+    def _check_not_diverged(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse to go on searching (or export) once the loss stopped being finite and took the weights with it."""
+        bad_step = int(self._first_bad_step) if self._first_bad_step is not None else -1
+        bad_param = next((n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad_param is None:
+            if bad_step >= 0:
+                rank_zero_warn(
+                    f"{_WHO}: the training loss was not finite at step {bad_step} (and maybe later); the weights "
+                    "stayed finite (the step was skipped), so the search goes on."
+                )
+                self._first_bad_step = None
+            return
+        when = f" from step {bad_step} on" if bad_step >= 0 else ""
+        raise RuntimeError(
+            f"{_WHO}: the training loss is not finite{when} and the weights are no longer finite (e.g. "
+            f"{bad_param}): the model diverged during the search, so it is not exported. Lower the learning rate, "
+            "clip gradients (Trainer(gradient_clip_val=...)) or check the data and loss; then resume from a "
+            "checkpoint saved before the divergence or start again."
+        )
+
     # ---------------------------------------------------------------- export
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         gates = find_gates(pl_module)
         if gates is None or trainer.current_epoch < self.search_epochs:
             return
+        self._check_not_diverged(trainer, pl_module)
         res, resource = self._resources, self.resource
         before = res.full(resource) if res else float("nan")
         searched = float(res.evaluate(gates, resource, hard=True)) if res else float("nan")
@@ -311,38 +424,168 @@ class DifferentiableModelScaling(Callback):
             f"({after / before:.3f}); kept " + ", ".join(f"{k}={v}" for k, v in kept.items())
         )
 
+    # ---------------------------------------------------------------- checkpoints, teardown
+    def state_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "absolute_target": self.absolute_target, "resource": self.resource}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the search's state lives on the module (gates) and in the optimizer. The target is
+        compared with the checkpoint's before its architecture is replayed (:meth:`_check_resumed_target`)."""
+
+    def _check_resumed_target(self, trainer: pl.Trainer) -> None:
+        """Refuse to resume a search with another target or resource, before anything of the checkpoint is applied.
+
+        After the export the target no longer matters, so only search-phase checkpoints are compared.
+        """
+        checkpoint = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None)
+        if not checkpoint:
+            checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=False)
+        events = checkpoint.get(CHECKPOINT_KEY, {}).get("events", [])
+        attach = next((e for e in events if e.get("kind") == ATTACH), None)
+        if attach is not None:
+            # setup attaches the gates again before the log is replayed; the two must agree
+            recorded = {name: attach["spec"].get(key) for name, key in _ATTACH_SETTINGS.items()}
+            mine = {name: getattr(self, name) for name in _ATTACH_SETTINGS}
+            if recorded != mine:
+                raise ValueError(
+                    f"The checkpoint {trainer.ckpt_path} holds a DMS search started with "
+                    f"{', '.join(f'{k}={v!r}' for k, v in recorded.items())}; this run's callback has "
+                    f"{', '.join(f'{k}={v!r}' for k, v in mine.items())}. Resume with the same settings."
+                )
+        saved_state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not saved_state or EXPORT in [e.get("kind") for e in events]:
+            return
+        saved = (saved_state.get("target"), saved_state.get("absolute_target", False), saved_state.get("resource"))
+        if saved != (self.target, self.absolute_target, self.resource):
+            raise ValueError(
+                f"The checkpoint {trainer.ckpt_path} was saved during a DMS search for {_describe_target(*saved)}; "
+                f"this run asks for {_describe_target(self.target, self.absolute_target, self.resource)}. A search "
+                f"cannot change its target midway: resume with target={saved[0]!r}, absolute_target={saved[1]!r}, "
+                f"resource={saved[2]!r}, or start a new search without ckpt_path."
+            )
+
+    def _check_target_when_weights_load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning 2.6 learns the checkpoint path only after ``setup``, just before it loads the weights: check
+        the target in a ``load_state_dict`` pre-hook registered ahead of the one that replays the architecture."""
+
+        def hook(module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+            if prefix == "" and trainer.ckpt_path and trainer.lightning_module is module and not self._checked:
+                self._checked = True
+                self._check_resumed_target(trainer)
+
+        self._checked = False
+        self._target_hook = pl_module.register_load_state_dict_pre_hook(hook)
+
+    def _remove_target_hook(self) -> None:
+        if self._target_hook is not None:
+            self._target_hook.remove()
+            self._target_hook = None
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         save_event_log(checkpoint, pl_module)
+        if find_gates(pl_module) is not None:
+            # What load_grown tells someone who loads this search-phase checkpoint into the bare network (e.g. the
+            # best one by a validation metric): it holds the gated supernet, not an exported model.
+            checkpoint[CHECKPOINT_KEY]["load_hint"] = (
+                f"This checkpoint was saved during a DMS search (epoch {trainer.current_epoch}; the export happens at "
+                f"epoch {self.search_epochs}): it holds the gated supernet, not an exported model. Load it into the "
+                "LightningModule (load_grown(fresh_lightning_module, path)) and slice it to its current hard masks, "
+                "which is what its validation measured, with lightning_depthgrow.dms.export_model(lightning_module); "
+                f"or use a checkpoint saved after the export (epoch >= {self.search_epochs})."
+            )
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_target_hook()
+        if trainer.state.fn == "fit":
+            self._detach(pl_module)
+        self._release_hooks(pl_module)
+        self._resources, self._resource_grads = None, None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            guard_spawn_results(trainer, pl_module, "DifferentiableModelScaling")
+        self._remove_target_hook()
+        self._release_hooks(pl_module)
+        if stage != "fit":
+            return
+        self._resources, self._resource_grads, self._first_bad_step = None, None, None
+        if find_gates(pl_module) is not None:
+            rank_zero_warn(
+                f"{_WHO}: training ended at epoch {trainer.current_epoch} before the export at epoch "
+                f"{self.search_epochs} (stopped early?): the module is still the gated supernet. Slice it to its "
+                "current hard masks with lightning_depthgrow.dms.export_model(module), or resume from the last "
+                "checkpoint to finish the search."
+            )
+        guard_spawn_results(trainer, pl_module, _WHO)
 
 
-def _find_schedulers(config: Any) -> list[Any]:
-    """Every LR scheduler in ``configure_optimizers``'s output, including those chained inside others."""
-    if isinstance(config, dict):
-        return [s for value in config.values() for s in _find_schedulers(value)]
-    if isinstance(config, (list, tuple)):
-        return [s for item in config for s in _find_schedulers(item)]
-    if hasattr(config, "base_lrs") or hasattr(config, "_schedulers"):
-        return [config, *(s for child in getattr(config, "_schedulers", []) for s in _find_schedulers(child))]
-    return []
+def _check_target(target: Any, absolute: bool, resource: str) -> float:
+    """``target`` as a float: a fraction in (0, 1), or with ``absolute`` a count of at least 1."""
+    number = isinstance(target, numbers.Real) and not isinstance(target, bool) and math.isfinite(target)
+    if absolute:
+        if number and target < 1:
+            raise ValueError(
+                f"With absolute_target=True, `target` is a count of {resource} (>= 1), got {target!r}. For a "
+                "fraction of the supernet leave absolute_target=False."
+            )
+        return check_float("target", target, low=1.0, low_inclusive=True)
+    if number and target > 1:
+        raise ValueError(
+            f"`target` is a fraction of the supernet's {resource} in (0, 1), got {target!r}. For {target:g}% write "
+            f"target={target / 100:g}; for an absolute count of {resource} pass absolute_target=True."
+        )
+    return check_float("target", target, low=0.0, high=1.0, high_inclusive=False)
 
 
-def _find_optimizers(config: Any) -> list[torch.optim.Optimizer]:
-    """Every optimizer in whatever ``configure_optimizers`` returned (optimizer, list, tuple, dict)."""
-    if isinstance(config, torch.optim.Optimizer):
-        return [config]
-    if isinstance(config, dict):
-        return _find_optimizers(config.get("optimizer"))
-    if isinstance(config, (list, tuple)):
-        found: list[torch.optim.Optimizer] = []
-        for item in config:
-            for opt in _find_optimizers(item):
-                if all(opt is not f for f in found):
-                    found.append(opt)
-        return found
-    return []
+def _describe_target(target: Any, absolute: Any, resource: Any) -> str:
+    if absolute:
+        return f"target={target!r} {resource} (absolute_target=True)"
+    return f"target={target!r} (a fraction of the supernet's {resource})"
+
+
+def _constant_one(step: int) -> float:
+    """lr factor of the architecture group in ``LambdaLR``/``MultiplicativeLR``: its lr stays ``arch_lr``."""
+    return 1.0
+
+
+def _walk(schedulers: Iterable[Any]) -> list[Any]:
+    """Every scheduler, including those chained inside ``SequentialLR``/``ChainedScheduler``."""
+    found: list[Any] = []
+    for scheduler in schedulers:
+        found.append(scheduler)
+        found.extend(_walk(getattr(scheduler, "_schedulers", [])))
+    return found
+
+
+def _extend_schedulers(schedulers: Iterable[Any], optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Give the LR schedulers of ``optimizer`` a constant entry for its last param group (just added).
+
+    torch schedulers keep per-group values from construction (``base_lrs``, ``CyclicLR``'s ``max_lrs`` and
+    momenta, ``ReduceLROnPlateau``'s ``min_lrs``, one ``lr_lambda`` per group) and ``OneCycleLR`` stores
+    ``max_lr``/``min_lr``/momenta in each group; a group added later must have all of them or the scheduler
+    fails (``KeyError: 'max_lr'``, strict zips). Each gets the value that keeps the group at ``lr`` and, where a
+    scheduler cycles momentum, at zero momentum.
+    """
+    group = optimizer.param_groups[-1]
+    n = len(optimizer.param_groups) - 1
+    group["initial_lr"] = lr
+    first = optimizer.param_groups[0] if n else {}
+    for key, value in (("max_lr", lr), ("min_lr", lr), ("max_momentum", 0.0), ("base_momentum", 0.0)):
+        if key in first:  # OneCycleLR's per-group keys
+            group[key] = value
+    per_group = {
+        "base_lrs": lr,
+        "_last_lr": lr,
+        "max_lrs": lr,  # CyclicLR
+        "base_momentums": 0.0,
+        "max_momentums": 0.0,
+        "min_lrs": 0.0,  # ReduceLROnPlateau
+        "lr_lambdas": _constant_one,  # LambdaLR, MultiplicativeLR
+    }
+    for scheduler in _walk(schedulers):
+        if getattr(scheduler, "optimizer", None) is not optimizer:
+            continue
+        for name, value in per_group.items():
+            values = getattr(scheduler, name, None)
+            if isinstance(values, list) and len(values) == n:
+                values.append(value)
