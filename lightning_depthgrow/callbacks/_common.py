@@ -22,6 +22,7 @@ from .plumbing import (
     lr_scale,
     restore_architecture,
     rewrap_ddp,
+    setup_for_fit,
     sync_trainer,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "restore_architecture",
     "rewrap_ddp",
     "save_event_log",
+    "setup_for_fit",
     "sync_trainer",
 ]
 

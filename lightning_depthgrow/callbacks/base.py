@@ -118,12 +118,8 @@ class ArchitectureCallback(Callback):
     # ------------------------------------------------------------------ the machinery
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        plumbing.check_strategy_supported(trainer, self.name)
-        if stage != "fit":
-            # validate/test/predict(fresh_module, ckpt_path=<changed checkpoint>): only rebuild the architecture.
-            plumbing.restore_architecture(trainer, pl_module)
+        if not plumbing.setup_for_fit(trainer, pl_module, stage, self.name):
             return
-        plumbing.check_not_compiled(trainer, pl_module, self.name)
         if self.refuse_during_dms_search:
             plumbing.check_no_dms_search(trainer, pl_module, self)
         if self.start_size is None:

@@ -43,6 +43,7 @@ from ._common import (
     save_event_log,
     setup_for_fit,
 )
+from .plumbing import release_module
 
 _WHO = "DifferentiableModelScaling"
 _ATTACH_SETTINGS = {"arch_lr": "lr", "width": "width", "heads": "heads", "depth": "depth"}  # argument: attach spec key
@@ -233,15 +234,6 @@ class DifferentiableModelScaling(Callback):
                 value.remove()
             del pl_module.__dict__[key]
         self._resources = None
-
-    def _release_hooks(self, pl_module: pl.LightningModule) -> None:
-        """Remove the hooks this fit registered on the module (the checkpoint-restore pre-hook): they hold the
-        Trainer and a local function, so the module would not pickle."""
-        for key in [k for k in pl_module.__dict__ if k.startswith(_PLUMBING) and k not in self._keys_before]:
-            value = pl_module.__dict__[key]
-            if isinstance(value, RemovableHandle):
-                value.remove()
-                del pl_module.__dict__[key]
 
     # ---------------------------------------------------------------- the architecture param group
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -500,12 +492,12 @@ class DifferentiableModelScaling(Callback):
         self._remove_target_hook()
         if trainer.state.fn == "fit":
             self._detach(pl_module)
-        self._release_hooks(pl_module)
+        release_module(pl_module)
         self._resources, self._resource_grads = None, None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_target_hook()
-        self._release_hooks(pl_module)
+        release_module(pl_module)
         if stage != "fit":
             return
         self._resources, self._resource_grads, self._first_bad_step = None, None, None

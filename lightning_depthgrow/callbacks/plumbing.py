@@ -46,6 +46,20 @@ def check_strategy_supported(trainer: pl.Trainer, who: str) -> None:
         )
 
 
+def setup_for_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, who: str) -> bool:
+    """Start of an architecture-changing callback's ``setup``; returns whether training (and change) follows.
+
+    Outside ``fit`` (``validate/test/predict(fresh_module, ckpt_path=<changed checkpoint>)``) it only rebuilds the
+    architecture before Lightning loads the checkpoint's weights. For ``fit`` it rejects what cannot be mutated.
+    """
+    check_strategy_supported(trainer, who)
+    if stage != "fit":
+        restore_architecture(trainer, pl_module)
+        return False
+    check_not_compiled(trainer, pl_module, who)
+    return True
+
+
 def check_not_compiled(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
     """Raise if the module (or a sub-module) is ``torch.compile``d: the graph would keep the old architecture.
 

@@ -35,12 +35,15 @@ class StackLayout:
         growable: positions after which a block may be inserted.
         templates: for each growable position, the index of the block a new one copies (same length).
         original: one flag per current block: a starting block (``True``) or one inserted since.
+        key_prefix: what the container's child keys start with before the index (``"encoder_layer_"`` for
+            torchvision's ViT, ``""`` for a ``Sequential``/``ModuleList``).
     """
 
     path: str
     growable: tuple[int, ...]
     templates: tuple[int, ...]
     original: tuple[bool, ...]
+    key_prefix: str = ""
 
     def __post_init__(self) -> None:
         if len(self.growable) != len(self.templates):
@@ -51,7 +54,8 @@ class StackLayout:
 
     def block_name(self, index: int) -> str:
         """Dotted name of block ``index`` (as in curvature estimates and block costs)."""
-        return f"{self.path}.{index}" if self.path else str(index)
+        key = f"{self.key_prefix}{index}"
+        return f"{self.path}.{key}" if self.path else key
 
     @property
     def depth(self) -> int:
@@ -259,5 +263,5 @@ def stack_layouts(model: nn.Module, events: Iterable[ArchitectureEvent] = ()) ->
             continue
         templates = tuple(int(stack.template_index(near=i)) for i in growable)
         original = starting_blocks(len(stack), [e.spec["index"] for e in inserts if e.spec.get("stack") == stack.path])
-        layouts.append(StackLayout(stack.path, growable, templates, original))
+        layouts.append(StackLayout(stack.path, growable, templates, original, stack.key_prefix or ""))
     return layouts
