@@ -240,8 +240,32 @@ class CurvatureMonitor(Callback):
         world_size = trainer.world_size
         seed = self.seed + len(self.history) * world_size + trainer.global_rank
 
-        # estimate_curvature runs in fp32 with autocast off and gradients on, whatever hook calls this.
-        local = estimate_curvature(
+        # estimate_curvature runs in fp32 with autocast off and gradients on, whatever hook calls this. Its own
+        # warning about an op without a second derivative is repeated below with the epoch and step.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Curvature estimate marked invalid", category=UserWarning)
+            local = self._estimate_local(pl_module, loss_fn, batches, seed)
+        estimate = self._combine(trainer, local) if world_size > 1 else local
+
+        if not estimate.valid:
+            status = "could not be computed" if estimate.backend == "none" else "is not finite"
+            message = (
+                f"CurvatureMonitor: the curvature estimate at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step} {status} ({estimate.invalid_reason})."
+            )
+            if self.strict:
+                raise CurvatureEstimationError(
+                    message + " Set strict=False to record it as invalid and continue training."
+                )
+            rank_zero_warn(message + " It is recorded with valid=False; training continues.")
+        self.latest = estimate
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **estimate.to_dict()})
+        return estimate
+
+    def _estimate_local(
+        self, pl_module: pl.LightningModule, loss_fn: LossFn, batches: list[Any], seed: int
+    ) -> CurvatureEstimate:
+        return estimate_curvature(
             pl_module,
             loss_fn,
             batches,
@@ -254,22 +278,8 @@ class CurvatureMonitor(Callback):
             # Raising on one rank only would leave the others waiting in the all-reduce below: decide on
             # the combined estimate instead, identically on every rank.
             strict=False,
+            batch_labels=[f"training batch_idx {i}" for i, _ in self._batches],
         )
-        estimate = self._combine(trainer, local) if world_size > 1 else local
-
-        if not estimate.valid:
-            message = (
-                f"CurvatureMonitor: the curvature estimate at epoch {trainer.current_epoch}, step "
-                f"{trainer.global_step} is not finite ({estimate.invalid_reason})."
-            )
-            if self.strict:
-                raise CurvatureEstimationError(
-                    message + " Set strict=False to record it as invalid and continue training."
-                )
-            rank_zero_warn(message + " It is recorded with valid=False; training continues.")
-        self.latest = estimate
-        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **estimate.to_dict()})
-        return estimate
 
     @staticmethod
     def _combine(trainer: pl.Trainer, local: CurvatureEstimate) -> CurvatureEstimate:

@@ -6,6 +6,7 @@ from .estimate import (
     CurvatureEstimate,
     CurvatureEstimationError,
     CurvatureOutOfMemoryError,
+    InvalidBatchesError,
     estimate_curvature,
 )
 from .estimators import TraceEstimate, hutchinson_trace, rademacher, top_eigenvalue
@@ -19,6 +20,7 @@ __all__ = [
     "CurvatureOutOfMemoryError",
     "DenseOperator",
     "HessianOperator",
+    "InvalidBatchesError",
     "LinearOperator",
     "LossFunctionError",
     "TraceEstimate",
