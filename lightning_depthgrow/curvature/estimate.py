@@ -299,7 +299,11 @@ def estimate_curvature(
                 break
             except LossFunctionError:
                 raise
-            except (RuntimeError, NotImplementedError) as err:
+            except Exception as err:
+                if not isinstance(err, (RuntimeError, NotImplementedError)):
+                    # Not an autograd failure: blame the inputs if the plain loss fails too, else re-raise.
+                    _check_plain_loss(model, loss_fn, batches, seed)
+                    raise
                 if is_out_of_memory(err):
                     raise CurvatureOutOfMemoryError(
                         f"Out of memory while estimating curvature on {len(batches)} batch(es): the second-order "
