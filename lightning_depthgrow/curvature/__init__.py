@@ -10,6 +10,7 @@ from .estimate import (
     estimate_curvature,
 )
 from .estimators import TraceEstimate, hutchinson_trace, rademacher, top_eigenvalue
+from .fisher import empirical_fisher_trace
 from .hvp import DenseOperator, HessianOperator, LinearOperator, LossFunctionError
 from .splitting import splitting_eigenvalues
 from .state import estimation_mode, preserve_model_state
@@ -25,6 +26,7 @@ __all__ = [
     "LossFunctionError",
     "TraceEstimate",
     "discover_blocks",
+    "empirical_fisher_trace",
     "estimate_curvature",
     "estimation_mode",
     "hutchinson_trace",
