@@ -201,8 +201,8 @@ class CurvatureMonitor(Callback):
         # Fail at the start of fit, not after a whole epoch: sharded parameters cannot be differentiated
         # block by block on one rank, and a wrong block name is a typo.
         check_strategy_supported(trainer, "CurvatureMonitor")
-        if self.blocks is not None:
-            resolve_blocks(pl_module, self.blocks)
+        # Also warns now, not after an epoch, when the model has no registered block structure.
+        resolve_blocks(pl_module, self.blocks)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
