@@ -190,6 +190,7 @@ def estimate_curvature(
     probe_chunk: int | None = None,
     eig_method: str = "lanczos",
     batch_labels: Sequence[Any] | None = None,
+    deflation_rank: int = 0,
 ) -> CurvatureEstimate:
     """Per-block Hessian traces of ``mean_b loss_fn(model, batches[b])``, leaving the model as it was.
 
@@ -226,6 +227,8 @@ def estimate_curvature(
             forward-over-reverse, which re-runs the forward pass per call). Each probe in flight costs
             two parameter-sized vectors plus, when batched, a copy of the activations.
         eig_method: ``"lanczos"`` or ``"power"`` (see :func:`top_eigenvalue`).
+        deflation_rank: opt-in Hutch++-style variance reduction (see :func:`hutchinson_trace`): ``2 *
+            deflation_rank`` extra products and ``deflation_rank`` parameter-sized vectors of memory.
         batch_labels: how reports name the batches (default ``"batch <position in batches>"``);
             :class:`~lightning_depthgrow.callbacks.CurvatureMonitor` passes ``"training batch_idx <i>"``.
 
@@ -295,6 +298,7 @@ def estimate_curvature(
                     probe_chunk,
                     eig_method,
                     labels,
+                    deflation_rank,
                 )
                 break
             except LossFunctionError:
@@ -391,10 +395,19 @@ def _estimate(
     probe_chunk: int | None,
     eig_method: str = "lanczos",
     labels: Sequence[Any] | None = None,
+    deflation_rank: int = 0,
 ) -> tuple[dict[str, TraceEstimate], dict[str, float], str]:
     generator = torch.Generator().manual_seed(seed)
     with HessianOperator(model, loss_fn, batches, names, backend, seed, probe_chunk) as op:
-        traces = hutchinson_trace(op, index, num_probes, rtol=rtol, generator=generator, chunk_size=op.probe_chunk)
+        traces = hutchinson_trace(
+            op,
+            index,
+            num_probes,
+            rtol=rtol,
+            generator=generator,
+            chunk_size=op.probe_chunk,
+            deflation_rank=deflation_rank,
+        )
         eigen = top_eigenvalue(op, index, eig_iters, eig_tol, generator, method=eig_method) if top_eigen else {}
         bad = [b for b, t in traces.items() if not all(math.isfinite(v) for v in t.values)]
         bad += [k for k, v in eigen.items() if not math.isfinite(v) and k not in bad]
