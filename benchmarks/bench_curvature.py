@@ -260,8 +260,11 @@ def probe_values(model: nn.Module, batch: tuple, layout: Layout, n: int, seed: i
     return {b: list(t.values) for b, t in est.items()}
 
 
-def probes_needed(values: list[float]) -> float:
-    mean, std = statistics.fmean(values), statistics.stdev(values)
+def probes_needed(values: list[float], mean: float | None = None) -> float:
+    """``(std / (0.1 |mean|))^2``: probes for a 10 % relative standard error. ``mean`` (default: of ``values``)
+    lets two unbiased estimators of the same trace share one mean, so that their ratio is their variance ratio."""
+    mean = statistics.fmean(values) if mean is None else mean
+    std = statistics.stdev(values)
     return math.inf if mean == 0 else (std / (TARGET_RSE * abs(mean))) ** 2
 
 
@@ -357,7 +360,12 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict:
         seconds = timed_interleaved(fns, args.device, args.repeats)
         pyh_cleanup()
         values = probe_values(model, batch, layout, args.cv_probes, seed)
-        needed = {b: probes_needed(v) for b, v in values.items()}
+        r = args.deflation_rank
+        deflated = deflated_values(model, batch, layout, args.cv_probes, r, seed) if r > 0 else {}
+        # Every estimator here is unbiased for the same trace: judge all against the pooled mean, so that their
+        # probe counts compare as their variances (a noisy mean of near-zero traces would otherwise dominate).
+        pooled = {b: statistics.fmean(values[b] + deflated.get(b, [])) for b in values}
+        needed = {b: probes_needed(v, pooled[b]) for b, v in values.items()}
         n = max(math.ceil(needed[b]) for b in layout.targets)
         n_median = math.ceil(statistics.median(needed[b] for b in layout.targets))
         chunks = math.ceil(n / CHUNK) * CHUNK / k
@@ -406,10 +414,16 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict:
             "over_pyhessian_time_to_target": seconds["ours_empirical_fisher"] / to_target["pyhessian"],
             "relative_stderr_over_samples": {b: t.stderr / t.mean for b, t in fisher.items()},
         }
-        if args.deflation_rank > 0:
-            r = args.deflation_rank
-            deflated = deflated_values(model, batch, layout, args.cv_probes, r, seed)
-            needed_d = {b: probes_needed(v) for b, v in deflated.items()}
+        record["block_stats"] = {
+            b: {
+                "pooled_mean": pooled[b],
+                "std_plain": statistics.stdev(values[b]),
+                "std_deflated": statistics.stdev(deflated[b]) if deflated else None,
+            }
+            for b in values
+        }
+        if deflated:
+            needed_d = {b: probes_needed(v, pooled[b]) for b, v in deflated.items()}
             n_d = max(math.ceil(needed_d[b]) for b in layout.targets)
             n_d_median = math.ceil(statistics.median(needed_d[b] for b in layout.targets))
             p_d = per_probe["ours_default"] + seconds["deflation_projection_per_probe"]
@@ -431,6 +445,10 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict:
             ) / median_pyh
             record["ratios"]["probes_to_target_deflated_over_plain"] = n_d / n
             record["ratios"]["probes_to_target_median_block_deflated_over_plain"] = n_d_median / n_median
+            record["ratios"]["variance_deflated_over_plain[median over residual blocks]"] = statistics.median(
+                (record["block_stats"][b]["std_deflated"] / record["block_stats"][b]["std_plain"]) ** 2
+                for b in layout.targets
+            )
         per_seed.append(record)
         print(f"[{shape} seed {seed}] probes to 10% RSE on every residual block: {n} (median block {n_median})")
         for key, value in record["ratios"].items():
