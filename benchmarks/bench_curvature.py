@@ -1,26 +1,50 @@
-"""Cost of curvature estimation on a DeiT-tiny-shaped ViT, against a training step and a PyHessian baseline.
+"""Curvature estimation against the real PyHessian and curvlinops packages, in the same run, on the same model,
+loss and batch.
 
-Measures, in one run on one machine (so only ratios matter):
+For each model shape (``vit4``: timm ViT, 4 blocks, embed 64; ``deit``: the DeiT-tiny shape, 6 blocks, embed 192;
+both on 32x32 images, patch 8, 10 classes, batch 32, cross-entropy) and each of ``--seeds`` seeds (model init and
+batch), one process measures, interleaved round by round so that every method sees the same machine load:
 
-* one training step (forward + backward + AdamW step);
-* one Hutchinson probe over all blocks for each HVP backend and probe chunk (``hutchinson_trace`` on a
-  ``HessianOperator``: probe generation, products and dot products), amortised over ``--probes`` probes,
-  including the forward/backward that builds the gradient graph once per call;
-* the two parts of a double-backward probe alone: building the gradient graph (forward + ``create_graph``
-  backward) and one second backward on a prebuilt graph. ``second_backward + graph_build / probes`` is the
-  floor of a probe without any estimator overhead;
-* the share of matrix multiplications (``aten::mm/addmm/bmm`` self time, ``torch.profiler``) in a training
-  step and in one second backward: the second backward runs twice the training step's matmuls, which
-  bounds ``probe / training step`` from below;
-* a textbook PyHessian-style baseline written here: per probe, a fresh forward, ``grad(create_graph=True)``
-  and ``grad(gradsH, params, grad_outputs=v)`` (as PyHessian's ``dataloader_hv_product``);
-* the default ``estimate_curvature`` call as a fraction of 1,000 training steps;
-* peak memory of an estimate and of a training step (CUDA: ``max_memory_allocated``; CPU: RSS high-water
-  of a fresh subprocess above its RSS after setup).
+* a training step (forward + backward + AdamW);
+* **ours, default**: ``hutchinson_trace`` over the discovered blocks on a ``HessianOperator`` (double backward,
+  one graph build per call, probes looped), ``--probes`` probes per call;
+* **ours, forward-over-reverse**: the same with ``backend="forward_over_reverse"``, ``probe_chunk=8`` (vmapped
+  ``jvp(grad)`` in chunks of 8 probes: the "chunked vmapped forward-over-reverse" lever);
+* **PyHessian** (the ``pyhessian`` package): ``hessian(model, criterion, data=(x, y))`` (its constructor builds the
+  gradient graph once), then per probe PyHessian's own Rademacher draw and ``hessian_vector_product`` on that graph,
+  each probe's value read per block with its ``group_product`` (PyHessian's single-batch ``trace()`` loop,
+  reading per-block values as well); and ``hessian.trace(maxIter=probes, tol=0)`` as the library ships it
+  (whole model only);
+* **curvlinops** (``curvlinops-for-pytorch``): ``HessianLinearOperator(model, CrossEntropyLoss(), params,
+  [(x, y)], check_deterministic=False) @ V`` for ``V`` of ``--probes`` Rademacher columns (vmapped
+  forward-over-reverse over all columns at once), per-block values read from the product;
+* **ours, empirical Fisher** (a *different quantity*, opt-in): ``empirical_fisher_trace``, per-sample squared
+  gradient norms per block, exact for the batch (its standard error is over samples, not probes);
+* a **hand-written** baseline (not a library): a fresh forward and ``create_graph`` backward for *every* probe.
+  It is expected to be slower than everything else: it is here to show the benchmark tells methods apart.
 
-Usage::
+The figure that matters is the **time to per-block traces of 10 % relative standard error**. Every method above
+draws Rademacher probes of the same Hessian, so the number of probes a block needs, ``n_B = (cv_B / 0.1)^2`` with
+``cv_B = std / |mean|`` of one probe's value ``v^T (Hv)_B``, is the same for all of them; it is measured from
+``--cv-probes`` probes. The target is every residual block (``blocks.*``; ``stem`` and ``head`` are listed too,
+but at initialisation the head's trace is near zero and no method gets it to 10 % in reasonable time). Each
+method's time to target = its setup (graph build) + ``n`` probes at its measured cost per probe (whole chunks for
+vmapped methods). The same with ``n`` of the median residual block is reported as well. Variance reduction changes
+``n``: the library's opt-in Hutch++-style deflation (``hutchinson_trace(..., deflation_rank=k)``: a rank-``k`` range
+sketch ``Q = orth(H S)``, exact ``tr(D_B Q Q^T H)`` per block, Hutchinson on the rest) is run on every seed with
+``--cv-probes`` probes; its time to target = graph build + ``2k`` sketch products + ``n_deflated`` probes, each at
+the default probe cost plus the measured projection overhead.
 
-    python benchmarks/bench_curvature.py            # CPU, ~2 min
+Top eigenvalue (``--eigen``): a quadratic loss ``0.5 theta^T A theta`` with a known spectrum (top eigenvalue 10,
+second ``10 * ratio``, a bulk in [-3, 5)), 40 seeds per ratio, through the real autograd paths of each library:
+our default (Lanczos, residual stop), PyHessian's ``eigenvalues()`` defaults (power iteration, 100 iterations,
+relative change < 1e-3), our old default (power iteration, 20 iterations), and curvlinops' ``to_scipy()`` with
+``scipy.sparse.linalg.eigsh(k=1, which="LM", tol=1e-3)``. Counted: seeds within 1 % of the exact value, and
+Hessian-vector products used.
+
+Only ratios measured in the same run are meaningful (the machine is shared). Usage::
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_curvature.py            # CPU, ~10 min
     python benchmarks/bench_curvature.py --device cuda
 """
 
@@ -28,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -37,34 +62,43 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_depthgrow.curvature import HessianOperator, estimate_curvature, hutchinson_trace
+from lightning_depthgrow.curvature import (
+    HessianOperator,
+    discover_blocks,
+    empirical_fisher_trace,
+    estimate_curvature,
+    hutchinson_trace,
+    top_eigenvalue,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "curvature.json"
+SHAPES = {
+    "vit4": dict(embed_dim=64, depth=4, num_heads=2),
+    "deit": dict(embed_dim=192, depth=6, num_heads=3),
+}
+TARGET_RSE = 0.1
+CHUNK = 8  # probes per vmapped call (ours forward-over-reverse, curvlinops)
 
 
-def make_model(device: str) -> torch.nn.Module:
-    torch.manual_seed(0)
+def make_model(shape: str, seed: int, device: str) -> nn.Module:
+    torch.manual_seed(seed)
     model = timm.create_model(
-        "vit_tiny_patch16_224",  # DeiT-tiny shape: embed 192, 3 heads; here 6 blocks on 32x32 images
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        depth=6,
-        num_classes=10,
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10, **SHAPES[shape]
     )
     return model.to(device).train()
 
 
-def make_batch(batch_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
+def make_batch(batch_size: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + seed)
     x = torch.randn(batch_size, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (batch_size,), generator=g)
     return x.to(device), y.to(device)
 
 
-def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
@@ -74,10 +108,7 @@ def sync(device: str) -> None:
 
 
 def timed_interleaved(fns: dict, device: str, repeats: int) -> dict[str, float]:
-    """Median wall time of each ``fn()``; one warm-up each, then rounds that run every fn once.
-
-    Interleaving makes every measure see the same machine load (a shared CPU drifts over minutes).
-    """
+    """Median wall time of each ``fn()``: one warm-up each, then ``repeats`` rounds that run every fn once."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -91,7 +122,26 @@ def timed_interleaved(fns: dict, device: str, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def train_step_fn(model: torch.nn.Module, batch: tuple, device: str):
+class Layout:
+    """Blocks of the model as parameter indices and as slices of the flattened parameter vector."""
+
+    def __init__(self, model: nn.Module) -> None:
+        groups = discover_blocks(model)
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        self.params = [params[n] for n in self.names]
+        position = {n: i for i, n in enumerate(self.names)}
+        self.index = {b: [position[n] for n in members] for b, members in groups.items()}
+        self.dim = sum(p.numel() for p in self.params)
+        offsets, start = [], 0
+        for p in self.params:
+            offsets.append((start, start + p.numel()))
+            start += p.numel()
+        self.offsets = offsets
+        self.targets = [b for b in self.index if b.startswith("blocks.")]
+
+
+def train_step_fn(model: nn.Module, batch: tuple):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
@@ -102,66 +152,141 @@ def train_step_fn(model: torch.nn.Module, batch: tuple, device: str):
     return step
 
 
-def ours_fn(model: torch.nn.Module, batch: tuple, backend: str, probes: int, chunk: int):
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-
+def ours_fn(model: nn.Module, batch: tuple, layout: Layout, backend: str, probes: int, chunk: int):
     def run() -> None:
         generator = torch.Generator().manual_seed(0)
-        with HessianOperator(model, loss_fn, [batch], names, backend, probe_chunk=chunk) as op:
-            hutchinson_trace(op, None, probes, generator=generator, chunk_size=chunk)
+        with HessianOperator(model, loss_fn, [batch], layout.names, backend, probe_chunk=chunk) as op:
+            hutchinson_trace(op, layout.index, probes, generator=generator, chunk_size=chunk)
 
     return run
 
 
-def pyhessian_fn(model: torch.nn.Module, batch: tuple, probes: int):
-    params = [p for p in model.parameters() if p.requires_grad]
+def graph_build_fn(model: nn.Module, batch: tuple, layout: Layout):
+    """Our setup: forward + ``create_graph`` backward (what one estimate call does once)."""
 
     def run() -> None:
-        generator = torch.Generator().manual_seed(0)
-        with sdpa_kernel(SDPBackend.MATH):  # needed for any double backward through attention
-            for _ in range(probes):
-                v = [torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1 for p in params]
-                loss = loss_fn(model, batch)
-                grads = torch.autograd.grad(loss, params, create_graph=True)
-                hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=False)
-                sum((h * u).sum() for h, u in zip(hv, v)).item()  # v^T Hv, as PyHessian's trace loop
-
-    return run
-
-
-def graph_parts_fns(model: torch.nn.Module, batch: tuple):
-    """(build the gradient graph, one second backward on a prebuilt graph), both with the math kernel."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    generator = torch.Generator().manual_seed(0)
-    v = [torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1 for p in params]
-    with sdpa_kernel(SDPBackend.MATH):
-        grads = torch.autograd.grad(loss_fn(model, batch), params, create_graph=True)
-
-    def build() -> None:
         with sdpa_kernel(SDPBackend.MATH):
-            torch.autograd.grad(loss_fn(model, batch), params, create_graph=True)
+            torch.autograd.grad(loss_fn(model, batch), layout.params, create_graph=True)
 
-    def second_backward() -> None:
-        torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
-
-    return build, second_backward
+    return run
 
 
-def matmul_profile(fns: dict) -> dict[str, dict[str, float]]:
-    """Self CPU time (s) of matrix multiplications and of everything, per fn, from one profiled call each."""
-    from torch.profiler import ProfilerActivity, profile
+def pyhessian_fns(model: nn.Module, batch: tuple, layout: Layout, probes: int):
+    """(PyHessian constructor = its graph build; per-block probes on its graph; its own ``trace()``)."""
+    from pyhessian import hessian
+    from pyhessian.utils import group_product, hessian_vector_product
 
-    out = {}
-    for name, fn in fns.items():
-        fn()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fn()
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events) / 1e6
-        matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e6
-        calls = sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
-        out[name] = {"matmul_s": matmul, "total_s": total, "matmul_calls": calls}
-    return out
+    criterion = nn.CrossEntropyLoss()
+    holder: dict = {}
+
+    def setup() -> None:
+        holder.pop("h", None)
+        model.zero_grad(set_to_none=True)
+        with sdpa_kernel(SDPBackend.MATH):  # any double backward through attention needs the math kernel
+            holder["h"] = hessian(model, criterion, data=batch, cuda=batch[0].is_cuda)
+        model.train()  # PyHessian switches to eval(); these models have no dropout, so it is the same function
+
+    def per_block() -> None:
+        h = holder["h"]
+        for _ in range(probes):
+            v = [torch.randint_like(p, high=2) for p in h.params]  # PyHessian's trace(): Rademacher draw
+            for v_i in v:
+                v_i[v_i == 0] = -1
+            hv = hessian_vector_product(h.gradsH, h.params, v)
+            for idx in layout.index.values():
+                group_product([hv[i] for i in idx], [v[i] for i in idx]).item()
+
+    def own_trace() -> None:
+        # tol=-inf: never stops early (with tol=0 it stops at once when its running mean is negative).
+        holder["h"].trace(maxIter=probes, tol=-math.inf)
+
+    def cleanup() -> None:
+        holder.clear()
+        model.zero_grad(set_to_none=True)  # PyHessian leaves graph-attached .grad behind
+
+    return setup, per_block, own_trace, cleanup
+
+
+def curvlinops_fn(model: nn.Module, batch: tuple, layout: Layout, probes: int):
+    from curvlinops import HessianLinearOperator
+
+    with sdpa_kernel(SDPBackend.MATH):
+        operator = HessianLinearOperator(
+            model, nn.CrossEntropyLoss(), layout.params, [batch], check_deterministic=False
+        )
+    g = torch.Generator().manual_seed(0)
+
+    def run() -> None:
+        done = 0
+        while done < probes:
+            k = min(CHUNK, probes - done)
+            v = (torch.randint(0, 2, (layout.dim, k), generator=g) * 2 - 1).to(batch[0].device, torch.float32)
+            with sdpa_kernel(SDPBackend.MATH):
+                hv = operator @ v
+            prod = (hv * v).sum(1)
+            for idx in layout.index.values():
+                sum(prod[layout.offsets[i][0] : layout.offsets[i][1]].sum() for i in idx).item()
+            done += k
+
+    return run
+
+
+def fisher_fn(model: nn.Module, batch: tuple):
+    def run() -> None:
+        empirical_fisher_trace(model, loss_fn, [batch])
+
+    return run
+
+
+def handwritten_fn(model: nn.Module, batch: tuple, layout: Layout, probes: int):
+    """Not a library: a fresh forward and ``create_graph`` backward for every probe."""
+
+    def run() -> None:
+        generator = torch.Generator().manual_seed(0)
+        with sdpa_kernel(SDPBackend.MATH):
+            for _ in range(probes):
+                v = [torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1 for p in layout.params]
+                grads = torch.autograd.grad(loss_fn(model, batch), layout.params, create_graph=True)
+                hv = torch.autograd.grad(grads, layout.params, grad_outputs=v)
+                for idx in layout.index.values():
+                    sum((hv[i] * v[i]).sum() for i in idx).item()
+
+    return run
+
+
+def probe_values(model: nn.Module, batch: tuple, layout: Layout, n: int, seed: int) -> dict[str, list[float]]:
+    with HessianOperator(model, loss_fn, [batch], layout.names) as op:
+        est = hutchinson_trace(op, layout.index, n, generator=torch.Generator().manual_seed(10_000 + seed))
+    return {b: list(t.values) for b, t in est.items()}
+
+
+def probes_needed(values: list[float], mean: float | None = None) -> float:
+    """``(std / (0.1 |mean|))^2``: probes for a 10 % relative standard error. ``mean`` (default: of ``values``)
+    lets two unbiased estimators of the same trace share one mean, so that their ratio is their variance ratio."""
+    mean = statistics.fmean(values) if mean is None else mean
+    std = statistics.stdev(values)
+    return math.inf if mean == 0 else (std / (TARGET_RSE * abs(mean))) ** 2
+
+
+def deflated_values(model: nn.Module, batch: tuple, layout: Layout, n: int, rank: int, seed: int) -> dict:
+    """Per-block probe values of the library's Hutch++-style estimator (``deflation_rank=rank``)."""
+    with HessianOperator(model, loss_fn, [batch], layout.names) as op:
+        generator = torch.Generator().manual_seed(20_000 + seed)
+        est = hutchinson_trace(op, layout.index, n, generator=generator, deflation_rank=rank)
+    return {b: list(t.values) for b, t in est.items()}
+
+
+def projection_fn(layout: Layout, rank: int, device: str):
+    """The per-probe overhead of deflation: ``h - (h Q^T) Q`` over all parameters, without any product."""
+    g = torch.Generator().manual_seed(0)
+    basis = [torch.randn(rank, p.numel(), generator=g).to(device) for p in layout.params]
+    products = [torch.randn(1, p.numel(), generator=g).to(device) for p in layout.params]
+
+    def run() -> None:
+        coefficients = sum(h @ q.T for h, q in zip(products, basis))
+        [h - coefficients @ q for h, q in zip(products, basis)]
+
+    return run
 
 
 def proc_status_bytes(field: str) -> int:
@@ -172,10 +297,10 @@ def proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status (Linux only)")
 
 
-def memory_worker(kind: str, device: str, batch_size: int) -> None:
+def memory_worker(kind: str, shape: str, device: str, batch_size: int) -> None:
     """Print the peak memory (bytes) of one training step or one default estimate, above the setup."""
-    model = make_model(device)
-    batch = make_batch(batch_size, device)
+    model = make_model(shape, 0, device)
+    batch = make_batch(batch_size, 0, device)
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -183,129 +308,334 @@ def memory_worker(kind: str, device: str, batch_size: int) -> None:
     else:
         base = proc_status_bytes("VmRSS")
     if kind == "train":
-        train_step_fn(model, batch, device)()
+        train_step_fn(model, batch)()
     else:
         estimate_curvature(model, loss_fn, [batch])
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        # VmHWM belongs to this process image (ru_maxrss would include the parent's RSS, kept across exec).
-        peak = proc_status_bytes("VmHWM")
+        peak = proc_status_bytes("VmHWM")  # this process image only
     print(peak - base)
 
 
-def peak_memory(kind: str, device: str, batch_size: int) -> int:
-    out = subprocess.run(
-        [sys.executable, __file__, "--memory-worker", kind, "--device", device, "--batch-size", str(batch_size)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+def peak_memory(kind: str, shape: str, device: str, batch_size: int) -> int:
+    cmd = [sys.executable, __file__, "--memory-worker", kind, "--shapes", shape, "--device", device]
+    out = subprocess.run([*cmd, "--batch-size", str(batch_size)], check=True, capture_output=True, text=True)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    return {
+        "mean": statistics.fmean(finite) if finite else math.nan,
+        "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+        "n": len(finite),
+    }
+
+
+def bench_shape(shape: str, args: argparse.Namespace) -> dict:
+    k = args.probes
+    per_seed = []
+    for seed in range(args.seeds):
+        model = make_model(shape, seed, args.device)
+        batch = make_batch(args.batch_size, seed, args.device)
+        layout = Layout(model)
+        train_model = make_model(shape, seed, args.device)  # AdamW changes weights: keep them off the measured model
+        pyh_setup, pyh_probes, pyh_trace, pyh_cleanup = pyhessian_fns(model, batch, layout, k)
+        pyh_setup()
+        fns = {
+            "train_step": train_step_fn(train_model, batch),
+            "ours_graph_build": graph_build_fn(model, batch, layout),
+            "ours_default": ours_fn(model, batch, layout, "double_backward", k, 1),
+            "ours_forward_over_reverse": ours_fn(model, batch, layout, "forward_over_reverse", k, CHUNK),
+            "pyhessian_setup": pyh_setup,
+            "pyhessian_probes": pyh_probes,
+            "pyhessian_trace": pyh_trace,
+            "curvlinops": curvlinops_fn(model, batch, layout, k),
+            "handwritten_rebuild_per_probe": handwritten_fn(model, batch, layout, k),
+            "ours_empirical_fisher": fisher_fn(model, batch),
+            "deflation_projection_per_probe": projection_fn(layout, max(1, args.deflation_rank), args.device),
+        }
+        seconds = timed_interleaved(fns, args.device, args.repeats)
+        pyh_cleanup()
+        values = probe_values(model, batch, layout, args.cv_probes, seed)
+        r = args.deflation_rank
+        deflated = deflated_values(model, batch, layout, args.cv_probes, r, seed) if r > 0 else {}
+        # Every estimator here is unbiased for the same trace: judge all against the pooled mean, so that their
+        # probe counts compare as their variances (a noisy mean of near-zero traces would otherwise dominate).
+        pooled = {b: statistics.fmean(values[b] + deflated.get(b, [])) for b in values}
+        needed = {b: probes_needed(v, pooled[b]) for b, v in values.items()}
+        n = max(math.ceil(needed[b]) for b in layout.targets)
+        n_median = math.ceil(statistics.median(needed[b] for b in layout.targets))
+        chunks = math.ceil(n / CHUNK) * CHUNK / k
+        per_probe = {
+            "ours_default": (seconds["ours_default"] - seconds["ours_graph_build"]) / k,
+            "ours_forward_over_reverse": seconds["ours_forward_over_reverse"] / k,
+            "pyhessian": seconds["pyhessian_probes"] / k,
+            "pyhessian_trace_whole_model": seconds["pyhessian_trace"] / k,
+            "curvlinops": seconds["curvlinops"] / k,
+            "handwritten_rebuild_per_probe": seconds["handwritten_rebuild_per_probe"] / k,
+        }
+        to_target = {
+            "ours_default": seconds["ours_graph_build"] + n * per_probe["ours_default"],
+            "ours_forward_over_reverse": chunks * seconds["ours_forward_over_reverse"],
+            "pyhessian": seconds["pyhessian_setup"] + n * per_probe["pyhessian"],
+            "curvlinops": chunks * seconds["curvlinops"],
+            "handwritten_rebuild_per_probe": n * per_probe["handwritten_rebuild_per_probe"],
+        }
+        # The same for the median residual block (the worst block's trace may be close to zero at init).
+        median_ours = seconds["ours_graph_build"] + n_median * per_probe["ours_default"]
+        median_pyh = seconds["pyhessian_setup"] + n_median * per_probe["pyhessian"]
+        record = {
+            "seed": seed,
+            "seconds": seconds,
+            "per_probe_s": per_probe,
+            "probes_needed_per_block": {b: (v if math.isfinite(v) else None) for b, v in needed.items()},
+            "probes_to_target": n,
+            "probes_to_target_median_block": n_median,
+            "time_to_target_s": to_target,
+            "ratios": {
+                "probe_over_train_step[ours_default]": per_probe["ours_default"] / seconds["train_step"],
+                "probe_over_train_step[pyhessian]": per_probe["pyhessian"] / seconds["train_step"],
+                "time_to_target_over_pyhessian[ours_default]": to_target["ours_default"] / to_target["pyhessian"],
+                "time_to_target_over_pyhessian[ours_forward_over_reverse]": to_target["ours_forward_over_reverse"]
+                / to_target["pyhessian"],
+                "time_to_target_over_pyhessian[curvlinops]": to_target["curvlinops"] / to_target["pyhessian"],
+                "time_to_target_over_pyhessian[handwritten]": to_target["handwritten_rebuild_per_probe"]
+                / to_target["pyhessian"],
+                "time_to_target_median_block_over_pyhessian[ours_default]": median_ours / median_pyh,
+                "pyhessian_per_block_over_own_trace": per_probe["pyhessian"] / per_probe["pyhessian_trace_whole_model"],
+            },
+        }
+        fisher = empirical_fisher_trace(model, loss_fn, [batch])
+        record["empirical_fisher_different_quantity"] = {
+            "over_train_step": seconds["ours_empirical_fisher"] / seconds["train_step"],
+            "over_pyhessian_time_to_target": seconds["ours_empirical_fisher"] / to_target["pyhessian"],
+            "relative_stderr_over_samples": {b: t.stderr / t.mean for b, t in fisher.items()},
+        }
+        record["block_stats"] = {
+            b: {
+                "pooled_mean": pooled[b],
+                "std_plain": statistics.stdev(values[b]),
+                "std_deflated": statistics.stdev(deflated[b]) if deflated else None,
+            }
+            for b in values
+        }
+        if deflated:
+            needed_d = {b: probes_needed(v, pooled[b]) for b, v in deflated.items()}
+            n_d = max(math.ceil(needed_d[b]) for b in layout.targets)
+            n_d_median = math.ceil(statistics.median(needed_d[b] for b in layout.targets))
+            p_d = per_probe["ours_default"] + seconds["deflation_projection_per_probe"]
+
+            sketch_s = seconds["ours_graph_build"] + 2 * r * per_probe["ours_default"]
+
+            record["deflation"] = {
+                "rank": r,
+                "probes_needed_per_block": {b: (v if math.isfinite(v) else None) for b, v in needed_d.items()},
+                "probes_to_target": n_d,
+                "probes_to_target_median_block": n_d_median,
+                "products_to_target_including_sketch": n_d + 2 * r,
+            }
+            record["ratios"]["time_to_target_over_pyhessian[ours_deflated]"] = (sketch_s + n_d * p_d) / to_target[
+                "pyhessian"
+            ]
+            record["ratios"]["time_to_target_median_block_over_pyhessian[ours_deflated]"] = (
+                sketch_s + n_d_median * p_d
+            ) / median_pyh
+            record["ratios"]["probes_to_target_deflated_over_plain"] = n_d / n
+            record["ratios"]["probes_to_target_median_block_deflated_over_plain"] = n_d_median / n_median
+            record["ratios"]["variance_deflated_over_plain[median over residual blocks]"] = statistics.median(
+                (record["block_stats"][b]["std_deflated"] / record["block_stats"][b]["std_plain"]) ** 2
+                for b in layout.targets
+            )
+        per_seed.append(record)
+        print(f"[{shape} seed {seed}] probes to 10% RSE on every residual block: {n} (median block {n_median})")
+        for key, value in record["ratios"].items():
+            print(f"    {key:<62}{value:8.3f}")
+        if "deflation" in record:
+            products = record["deflation"]["products_to_target_including_sketch"]
+            print(
+                f"    deflation rank {args.deflation_rank}: {products} products vs {n} plain (median block: "
+                f"{n_d_median} vs {n_median})"
+            )
+        del model, train_model
+
+    summary = {key: mean_std([r["ratios"][key] for r in per_seed]) for key in per_seed[0]["ratios"]}
+    default_estimate = statistics.fmean(
+        r["seconds"]["ours_graph_build"] + 8 * r["per_probe_s"]["ours_default"] for r in per_seed
+    )
+    train = statistics.fmean(r["seconds"]["train_step"] for r in per_seed)
+    summary["estimate_default_over_1000_steps"] = {"mean": default_estimate / (1000 * train), "std": 0.0, "n": 1}
+    memory = {
+        "train_step_peak_bytes": peak_memory("train", shape, args.device, args.batch_size),
+        "estimate_default_peak_bytes": peak_memory("estimate", shape, args.device, args.batch_size),
+    }
+    memory["estimate_over_train_step"] = memory["estimate_default_peak_bytes"] / memory["train_step_peak_bytes"]
+    n_params = sum(p.numel() for p in make_model(shape, 0, "cpu").parameters())
+    return {"shape": SHAPES[shape], "params": n_params, "summary": summary, "memory": memory, "seeds": per_seed}
+
+
+# ---------------------------------------------------------------- top eigenvalue on close spectra
+
+
+class Quadratic(nn.Module):
+    """``forward`` returns the parameter vector; with :func:`quadratic_loss` the Hessian is exactly ``A``."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.theta + 0 * x.sum()
+
+
+class QuadraticLoss(nn.Module):
+    reduction = "mean"  # what curvlinops reads to normalise over the data (one data point here)
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("matrix", matrix)
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return 0.5 * out @ self.matrix @ out + 0 * target.sum()
+
+
+def close_spectrum(seed: int, ratio: float, n: int = 200) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    bulk = torch.rand(n - 2, generator=g, dtype=torch.float64) * 8.0 - 3.0
+    values = torch.cat([torch.tensor([10.0, 10.0 * ratio], dtype=torch.float64), bulk])
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return ((q * values) @ q.T).float()
+
+
+def bench_eigen(ratios: list[float], seeds: int) -> dict:
+    import scipy.sparse.linalg as sla
+    from curvlinops import HessianLinearOperator
+
+    pyh_module = sys.modules["pyhessian.hessian"]  # the module (the package exports the class under that name)
+    calls = {"n": 0}
+    original = pyh_module.hessian_vector_product
+
+    def counted(*a, **kw):  # count PyHessian's products without changing them
+        calls["n"] += 1
+        return original(*a, **kw)
+
+    out = {}
+    for ratio in ratios:
+        rows: dict[str, dict[str, list]] = {
+            m: {"ok": [], "products": []} for m in ("ours_default", "pyhessian", "ours_old_default", "curvlinops_eigsh")
+        }
+        for seed in range(seeds):
+            matrix = close_spectrum(seed, ratio)
+            model, criterion = Quadratic(matrix.shape[0], seed), QuadraticLoss(matrix)
+            data = (torch.zeros(1), torch.zeros(1))
+
+            def loss(m: nn.Module, batch: tuple, criterion: nn.Module = criterion) -> torch.Tensor:
+                return criterion(m(batch[0]), batch[1])
+
+            def record(method: str, value: float, products: int, rows: dict = rows) -> None:
+                rows[method]["ok"].append(abs(value - 10.0) <= 0.1)
+                rows[method]["products"].append(products)
+
+            with HessianOperator(model, loss, [data]) as op:
+                used: dict[str, int] = {}
+                value = top_eigenvalue(op, generator=torch.Generator().manual_seed(seed), iterations=used)["model"]
+                record("ours_default", value, used["model"])
+                used = {}
+                old = top_eigenvalue(op, None, 20, 1e-3, torch.Generator().manual_seed(seed), "power", used)
+                record("ours_old_default", old["model"], used["model"])
+            calls["n"] = 0
+            pyh_module.hessian_vector_product = counted
+            try:
+                torch.manual_seed(seed)
+                eigenvalues, _ = pyh_module.hessian(model, criterion, data=data, cuda=False).eigenvalues()
+            finally:
+                pyh_module.hessian_vector_product = original
+            model.zero_grad(set_to_none=True)
+            record("pyhessian", eigenvalues[0], calls["n"])
+            operator = HessianLinearOperator(model, criterion, [model.theta], [data], check_deterministic=False)
+            scipy_op = operator.to_scipy()
+            count = {"n": 0}
+
+            def matvec(v, _op=scipy_op, _count=count):
+                _count["n"] += 1
+                return _op @ v
+
+            wrapped = sla.LinearOperator(scipy_op.shape, matvec=matvec, dtype=scipy_op.dtype)
+            value = sla.eigsh(wrapped, k=1, which="LM", tol=1e-3, v0=torch.ones(matrix.shape[0]).numpy())[0][0]
+            record("curvlinops_eigsh", float(value), count["n"])
+        out[str(ratio)] = {
+            m: {
+                "within_1pct": sum(r["ok"]),
+                "seeds": len(r["ok"]),
+                "products_mean": statistics.fmean(r["products"]),
+                "products_max": max(r["products"]),
+            }
+            for m, r in rows.items()
+        }
+        print(f"[eigen |l2/l1| = {ratio}]")
+        for m, r in out[str(ratio)].items():
+            print(
+                f"    {m:<20} within 1%: {r['within_1pct']}/{r['seeds']}   products mean {r['products_mean']:.1f} "
+                f"max {r['products_max']}"
+            )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shapes", default="vit4,deit")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--probes", type=int, default=8, help="probes per timed Hutchinson call")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--probes", type=int, default=8, help="probes per timed call")
+    parser.add_argument("--cv-probes", type=int, default=48, help="probes to measure each block's variance")
+    parser.add_argument("--deflation-rank", type=int, default=16, help="0 skips the deflation lever")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--eigen-seeds", type=int, default=40)
     parser.add_argument("--memory-worker", choices=["train", "estimate"], help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.memory_worker:
-        memory_worker(args.memory_worker, args.device, args.batch_size)
+        memory_worker(args.memory_worker, args.shapes, args.device, args.batch_size)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
+    torch.set_num_threads(1) if args.device == "cpu" else None
+    import curvlinops  # noqa: F401  (fail early when the bench extra is missing)
+    import pyhessian  # noqa: F401
 
-    model = make_model(args.device)
-    batch = make_batch(args.batch_size, args.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    k = args.probes
-    train_model = make_model(args.device)  # AdamW steps change weights: keep them off the measured model
-
-    def default_estimate() -> None:
-        estimate_curvature(model, loss_fn, [batch])
-
-    build, second_backward = graph_parts_fns(model, batch)
-    train_step = train_step_fn(train_model, batch, args.device)
-    default_key = "probe_s[double_backward,chunk=1]"  # the library default (DEFAULT_PROBE_CHUNK)
-    per_call = timed_interleaved(
-        {
-            "train_step_s": train_step,
-            "graph_build_s": build,
-            "second_backward_s": second_backward,
-            default_key: ours_fn(model, batch, "double_backward", k, 1),
-            f"probe_s[double_backward,chunk={k}]": ours_fn(model, batch, "double_backward", k, k),
-            f"probe_s[forward_over_reverse,chunk={k}]": ours_fn(model, batch, "forward_over_reverse", k, k),
-            "probe_s[pyhessian_baseline]": pyhessian_fn(model, batch, k),
-            "estimate_default_s": default_estimate,
-        },
-        args.device,
-        args.repeats,
-    )
-    rows = {key: v / k if key.startswith("probe_s[") else v for key, v in per_call.items()}
-    best_ours = min(v for key, v in rows.items() if key.startswith("probe_s[") and "baseline" not in key)
-    default_probe = rows[default_key]
-    floor = rows["second_backward_s"] + rows["graph_build_s"] / k
-    ratios = {
-        "probe_over_train_step[default]": default_probe / rows["train_step_s"],
-        "probe_over_train_step[best]": best_ours / rows["train_step_s"],
-        "probe_over_train_step[floor: 2nd backward + build/probes]": floor / rows["train_step_s"],
-        "second_backward_over_train_step": rows["second_backward_s"] / rows["train_step_s"],
-        "ours_over_pyhessian[default]": default_probe / rows["probe_s[pyhessian_baseline]"],
-        "ours_over_pyhessian[floor]": floor / (rows["second_backward_s"] + rows["graph_build_s"]),
-        "estimate_default_over_1000_steps": rows["estimate_default_s"] / (1000 * rows["train_step_s"]),
-    }
-    profile = (
-        matmul_profile({"train_step": train_step, "second_backward": second_backward}) if args.device == "cpu" else {}
-    )
-    memory = {"train_step_peak_bytes": peak_memory("train", args.device, args.batch_size)}
-    memory["estimate_default_peak_bytes"] = peak_memory("estimate", args.device, args.batch_size)
-    memory["estimate_over_train_step"] = memory["estimate_default_peak_bytes"] / memory["train_step_peak_bytes"]
-    targets = {
-        "probe_over_train_step[default]": 2.0,
-        "ours_over_pyhessian[default]": 0.7,
-        "estimate_default_over_1000_steps": 0.03,
-    }
-
-    print(
-        f"DeiT-tiny-shaped ViT: 6 blocks, embed 192, {n_params / 1e6:.2f}M params, batch {args.batch_size}, "
-        f"device {args.device}, torch threads {torch.get_num_threads()}, {k} probes per call"
-    )
-    print(f"{'measure':<58}{'value':>14}")
-    for key, value in rows.items():
-        print(f"{key:<58}{value * 1e3:>11.1f} ms")
-    for key, value in ratios.items():
-        target = f"  (target <= {targets[key]})" if key in targets else ""
-        print(f"{key:<58}{value:>14.3f}{target}")
-    for name, prof in profile.items():
-        share = prof["matmul_s"] / prof["total_s"]
-        print(
-            f"{'profile[' + name + '] matmul ms / calls / share':<48}{prof['matmul_s'] * 1e3:>11.1f} ms "
-            f"{prof['matmul_calls']:>5} {share:>6.0%}"
-        )
-    for key, value in memory.items():
-        shown = f"{value / 2**20:>11.1f} MiB" if key.endswith("bytes") else f"{value:>14.2f}"
-        print(f"{key:<48}{shown}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     report = {
-        "model": {"name": "vit_tiny_patch16_224", "depth": 6, "img_size": 32, "patch_size": 8, "params": n_params},
         "device": args.device,
         "batch_size": args.batch_size,
-        "probes_per_call": k,
+        "probes_per_call": args.probes,
+        "cv_probes": args.cv_probes,
+        "seeds": args.seeds,
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
-        "seconds": rows,
-        "ratios": ratios,
-        "targets": targets,
-        "memory": memory,
-        "profile": profile,
+        "target_relative_stderr": TARGET_RSE,
+        "targets": {
+            "time_to_target_over_pyhessian": 0.5,
+            "estimate_default_over_1000_steps": 0.03,
+            "estimate_over_train_step_memory": 4.0,
+            "top_eigenvalue_within_1pct": "40/40",
+        },
+        "shapes": {},
     }
+    for shape in filter(None, args.shapes.split(",")):
+        report["shapes"][shape] = bench_shape(shape, args)
+    report["eigen"] = bench_eigen([0.84, 0.9], args.eigen_seeds)
+    report["wall_s"] = time.perf_counter() - start
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    for shape, result in report["shapes"].items():
+        print(f"== {shape}: {result['params'] / 1e6:.2f}M params, mean ± std over {args.seeds} seeds")
+        for key, value in result["summary"].items():
+            print(f"    {key:<62}{value['mean']:8.3f} ± {value['std']:.3f}")
+        print(f"    peak memory estimate / train step {result['memory']['estimate_over_train_step']:.2f}")
+    print(f"wrote {args.output} in {report['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

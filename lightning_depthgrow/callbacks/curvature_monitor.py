@@ -8,6 +8,8 @@ Estimate the loss curvature of every residual block while a model trains, on bat
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,6 +27,7 @@ from ..curvature import (
     CurvatureEstimate,
     CurvatureEstimationError,
     LossFunctionError,
+    empirical_fisher_trace,
     estimate_curvature,
     resolve_blocks,
 )
@@ -41,6 +44,7 @@ warnings.filterwarnings(
 )
 
 _BACKENDS = ("auto", *BACKENDS)
+QUANTITIES = ("hessian", "empirical_fisher")
 
 
 class CurvatureMonitor(Callback):
@@ -90,6 +94,12 @@ class CurvatureMonitor(Callback):
         strict: raise when an estimate is not finite instead of warning and continuing.
         log: log the scheduled estimates through ``pl_module.log``.
         seed: base seed of the probe vectors.
+        quantity: ``"hessian"`` (default): Hutchinson traces of the Hessian. ``"empirical_fisher"`` (opt-in, a
+            *different quantity*): the trace of the empirical Fisher ``(1/N) sum_n ||g_n||^2`` per block, from
+            per-sample gradients, exact for the captured samples and never negative, at about the cost of one
+            backward pass (see :func:`~lightning_depthgrow.curvature.empirical_fisher_trace`; ``num_probes``,
+            ``rtol``, ``top_eigen`` and ``backend`` do not apply; its ``stderr`` is over samples). Refused for
+            models with BatchNorm in train mode.
 
     Raises:
         ValueError: if an argument is out of its accepted range (``blocks`` names are checked against the
@@ -120,6 +130,7 @@ class CurvatureMonitor(Callback):
         strict: bool = False,
         log: bool = True,
         seed: int = 0,
+        quantity: str = "hessian",
     ) -> None:
         _check_positive_int("every_n_epochs", every_n_epochs)
         _check_positive_int("num_batches", num_batches)
@@ -147,6 +158,13 @@ class CurvatureMonitor(Callback):
                 f"by estimate_curvature, got {blocks!r}."
             )
 
+        if quantity not in QUANTITIES:
+            raise ValueError(f"`quantity` must be one of {QUANTITIES}, got {quantity!r}.")
+        if quantity == "empirical_fisher" and top_eigen:
+            raise ValueError(
+                "`top_eigen=True` needs the Hessian: eigenvalues are not estimated for quantity='empirical_fisher'."
+            )
+        self.quantity = quantity
         self.every_n_epochs = every_n_epochs
         self.num_batches = num_batches
         self.num_probes = num_probes
@@ -168,20 +186,23 @@ class CurvatureMonitor(Callback):
     @override
     def state_key(self) -> str:
         """Key of this monitor's state in a checkpoint; includes its settings so that several monitors can coexist."""
-        return self._generate_state_key(
+        settings: dict[str, Any] = dict(
             every_n_epochs=self.every_n_epochs,
             num_batches=self.num_batches,
             seed=self.seed,
             loss_fn=getattr(self.loss_fn, "__qualname__", None),
         )
+        if self.quantity != "hessian":  # the default leaves the keys of existing checkpoints unchanged
+            settings["quantity"] = self.quantity
+        return self._generate_state_key(**settings)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Fail at the start of fit, not after a whole epoch: sharded parameters cannot be differentiated
         # block by block on one rank, and a wrong block name is a typo.
         check_strategy_supported(trainer, "CurvatureMonitor")
-        if self.blocks is not None:
-            resolve_blocks(pl_module, self.blocks)
+        # Also warns now, not after an epoch, when the model has no registered block structure.
+        resolve_blocks(pl_module, self.blocks)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -240,8 +261,37 @@ class CurvatureMonitor(Callback):
         world_size = trainer.world_size
         seed = self.seed + len(self.history) * world_size + trainer.global_rank
 
-        # estimate_curvature runs in fp32 with autocast off and gradients on, whatever hook calls this.
-        local = estimate_curvature(
+        # estimate_curvature runs in fp32 with autocast off and gradients on, whatever hook calls this. Its own
+        # warning about an op without a second derivative is repeated below with the epoch and step.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Curvature estimate marked invalid", category=UserWarning)
+            local = self._estimate_local(pl_module, loss_fn, batches, seed)
+        estimate = self._combine(trainer, local) if world_size > 1 else local
+
+        if not estimate.valid:
+            status = "could not be computed" if estimate.backend == "none" else "is not finite"
+            message = (
+                f"CurvatureMonitor: the curvature estimate at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step} {status} ({estimate.invalid_reason})."
+            )
+            if self.strict:
+                raise CurvatureEstimationError(
+                    message + " Set strict=False to record it as invalid and continue training."
+                )
+            rank_zero_warn(message + " It is recorded with valid=False; training continues.")
+        self.latest = estimate
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **estimate.to_dict()})
+        return estimate
+
+    def _estimate_local(
+        self, pl_module: pl.LightningModule, loss_fn: LossFn, batches: list[Any], seed: int
+    ) -> CurvatureEstimate:
+        if self.quantity == "empirical_fisher":
+            if self.loss_fn is None:  # per-sample slicing applies to the batch, not to (batch_idx, batch)
+                step_loss = loss_fn
+                loss_fn, batches = (lambda module, batch: step_loss(module, (0, batch))), [b for _, b in batches]
+            return _fisher_estimate(pl_module, loss_fn, batches, self.blocks)
+        return estimate_curvature(
             pl_module,
             loss_fn,
             batches,
@@ -254,22 +304,8 @@ class CurvatureMonitor(Callback):
             # Raising on one rank only would leave the others waiting in the all-reduce below: decide on
             # the combined estimate instead, identically on every rank.
             strict=False,
+            batch_labels=[f"training batch_idx {i}" for i, _ in self._batches],
         )
-        estimate = self._combine(trainer, local) if world_size > 1 else local
-
-        if not estimate.valid:
-            message = (
-                f"CurvatureMonitor: the curvature estimate at epoch {trainer.current_epoch}, step "
-                f"{trainer.global_step} is not finite ({estimate.invalid_reason})."
-            )
-            if self.strict:
-                raise CurvatureEstimationError(
-                    message + " Set strict=False to record it as invalid and continue training."
-                )
-            rank_zero_warn(message + " It is recorded with valid=False; training continues.")
-        self.latest = estimate
-        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **estimate.to_dict()})
-        return estimate
 
     @staticmethod
     def _combine(trainer: pl.Trainer, local: CurvatureEstimate) -> CurvatureEstimate:
@@ -302,6 +338,20 @@ class CurvatureMonitor(Callback):
         self.latest = CurvatureEstimate.from_dict(self.history[-1]) if self.history else None
         if self.history:
             rank_zero_info(f"CurvatureMonitor: restored {len(self.history)} curvature estimate(s) from the checkpoint")
+
+
+def _fisher_estimate(
+    pl_module: pl.LightningModule, loss_fn: LossFn, batches: list[Any], blocks: Any
+) -> CurvatureEstimate:
+    """The empirical Fisher trace per block as a :class:`CurvatureEstimate` (no eigenvalues)."""
+    start = time.perf_counter()
+    traces = empirical_fisher_trace(pl_module, loss_fn, batches, blocks=blocks)
+    params = dict(pl_module.named_parameters())
+    groups = resolve_blocks(pl_module, blocks)
+    num_params = {b: sum(params[n].numel() for n in members) for b, members in groups.items()}
+    bad = [b for b, t in traces.items() if not all(math.isfinite(v) for v in t.values)]
+    reason = f"non-finite per-sample gradients in block(s) {bad}" if bad else ""
+    return CurvatureEstimate(traces, num_params, {}, not bad, reason, "empirical_fisher", time.perf_counter() - start)
 
 
 def _check_positive_int(name: str, value: Any) -> None:

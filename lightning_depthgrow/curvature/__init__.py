@@ -6,9 +6,11 @@ from .estimate import (
     CurvatureEstimate,
     CurvatureEstimationError,
     CurvatureOutOfMemoryError,
+    InvalidBatchesError,
     estimate_curvature,
 )
 from .estimators import TraceEstimate, hutchinson_trace, rademacher, top_eigenvalue
+from .fisher import empirical_fisher_trace
 from .hvp import DenseOperator, HessianOperator, LinearOperator, LossFunctionError
 from .splitting import splitting_eigenvalues
 from .state import estimation_mode, preserve_model_state
@@ -19,10 +21,12 @@ __all__ = [
     "CurvatureOutOfMemoryError",
     "DenseOperator",
     "HessianOperator",
+    "InvalidBatchesError",
     "LinearOperator",
     "LossFunctionError",
     "TraceEstimate",
     "discover_blocks",
+    "empirical_fisher_trace",
     "estimate_curvature",
     "estimation_mode",
     "hutchinson_trace",

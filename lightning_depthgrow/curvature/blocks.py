@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Mapping, Sequence
 
 from torch import nn
@@ -23,9 +24,13 @@ def discover_blocks(model: nn.Module) -> dict[str, list[str]]:
     * Parameters before the first block parameter form ``"stem"``, those after the last form ``"head"``.
     * Parameters in between that belong to no block (ConvNeXt/Swin downsampling layers between stages)
       form one ``"other"`` group, so a block's numbers describe only the block's own parameters.
-    * Without any registered stack, every top-level child with trainable parameters is a block named
-      after it (an ``nn.Sequential`` MLP gives ``"0"``, ``"2"``, ...); parameters held directly by the
-      root go to ``"other"``. A bare leaf module gives a single block ``"root"``.
+    * Without any registered stack (a ``UserWarning`` says so: there is no block structure to report),
+      wrappers that hold all parameters in one child (a ``LightningModule``'s ``self.model``) are looked
+      through, and every child of the first module with several trainable children is a block named by its
+      path (an ``nn.Sequential`` MLP gives ``"0"``, ``"2"``; the same MLP as ``self.model`` of a
+      ``LightningModule`` gives ``"model.0"``, ``"model.2"``). Parameters held directly by that module go to
+      ``"other"``. A bare leaf module gives a single block ``"root"``. No block is ever named ``"model"``,
+      the key of whole-model results (such a child is reported as ``"model_block"``).
 
     Frozen parameters (``requires_grad=False``) are left out. Empty groups are omitted.
 
@@ -61,14 +66,30 @@ def discover_blocks(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _top_level_blocks(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
-    children = [c for c, _ in model.named_children()]
+    warnings.warn(
+        f"No registered block structure (residual stack) found in {type(model).__name__}: curvature is reported "
+        "per child module instead (see discover_blocks), and growth callbacks have no blocks to act on. Register "
+        "the stack (lightning_depthgrow.adapters) or pass blocks=... explicitly.",
+        UserWarning,
+        stacklevel=3,
+    )
+    # Look through wrappers whose trainable parameters all sit in one child (LightningModule.model, ...).
+    prefix, module = "", model
+    while True:
+        owners = {n[len(prefix) :].split(".", 1)[0] for n in names if n.startswith(prefix)}
+        child = next(iter(owners)) if len(owners) == 1 else None
+        if child is None or child not in dict(module.named_children()):
+            break
+        prefix, module = f"{prefix}{child}.", getattr(module, child)
+    children = [f"{prefix}{c}" for c, _ in module.named_children()]
     groups: dict[str, list[str]] = {}
     for name in names:
-        child = next((c for c in children if name.startswith(c + ".")), None)
-        groups.setdefault(child if child is not None else OTHER, []).append(name)
+        owner = next((c for c in children if name.startswith(c + ".")), None)
+        groups.setdefault(owner if owner is not None else OTHER, []).append(name)
     if list(groups) == [OTHER] and not children:
         return {"root": groups[OTHER]}
-    return groups
+    # Never the whole-model key: "curvature/trace/model" must mean one thing.
+    return {(f"{MODEL}_block" if block == MODEL else block): members for block, members in groups.items()}
 
 
 def resolve_blocks(

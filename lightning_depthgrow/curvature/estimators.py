@@ -106,6 +106,11 @@ def rademacher(
     return [piece.view(count, *shape) for piece, shape in zip(flat.split(sizes, dim=1), shapes)]
 
 
+def _rowwise_dot(product: Tensor) -> Tensor:
+    # [K, *shape] -> [K] float64 sums; reshape, not flatten(1), so that 0-dim parameters ([K]) work too.
+    return product.reshape(product.shape[0], -1).sum(1, dtype=torch.float64)
+
+
 def hutchinson_trace(
     hvp: LinearOperator,
     blocks: Mapping[str, Sequence[int]] | None,
@@ -114,6 +119,7 @@ def hutchinson_trace(
     generator: torch.Generator | None = None,
     chunk_size: int = 1,
     check_every: int = 4,
+    deflation_rank: int = 0,
 ) -> dict[str, TraceEstimate]:
     """Per-block Hutchinson traces ``tr(H_BB) ~ mean_k v_k^T (H v_k)_B`` from full-space Rademacher probes.
 
@@ -132,6 +138,12 @@ def hutchinson_trace(
         generator: source of the probes (default: a CPU generator seeded with 0).
         chunk_size: probes per operator call (memory: ``2 * chunk_size`` parameter-sized vectors).
         check_every: probes between two ``rtol`` checks.
+        deflation_rank: ``k > 0`` (opt-in) deflates the top of the spectrum first, Hutch++-style: a range sketch
+            ``Q = orth(H S)`` from ``k`` Gaussian vectors (``k`` products), the exact ``tr(D_B Q Q^T H)`` of every
+            block (``k`` more products), then Hutchinson on the rest, ``v^T D_B (I - Q Q^T) H v``. Unbiased for
+            any ``Q``; the variance drops when a few eigenvalues dominate ``||H||_F``. Costs ``2k`` products up
+            front and keeps ``k`` parameter-sized vectors alive. The standard error is over the probes, given
+            ``Q``; ``num_probes`` counts probes only.
 
     Example:
         >>> from lightning_depthgrow.curvature import DenseOperator
@@ -146,17 +158,27 @@ def hutchinson_trace(
         raise ValueError(f"rtol must be positive or None, got {rtol}")
     if chunk_size < 1 or check_every < 1:
         raise ValueError(f"chunk_size and check_every must be >= 1, got {chunk_size} and {check_every}")
+    if isinstance(deflation_rank, bool) or not isinstance(deflation_rank, int) or deflation_rank < 0:
+        raise ValueError(f"deflation_rank must be an int >= 0, got {deflation_rank!r}")
     index = _block_indices(hvp, blocks)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    basis, exact = _deflation(hvp, deflation_rank, chunk_size, generator) if deflation_rank else (None, None)
     values: dict[str, list[float]] = {name: [] for name in index}
     done, next_check = 0, check_every
     while done < num_probes:
         k = min(chunk_size, num_probes - done)
         probes = rademacher(hvp.param_shapes, k, hvp.dtype, hvp.device, generator)
         products = hvp.matmat(probes)
+        if basis is not None:  # (I - Q Q^T) H v
+            coefficients = sum(p.reshape(k, -1) @ q.reshape(q.shape[0], -1).T for p, q in zip(products, basis))
+            products = [
+                p - (coefficients @ q.reshape(q.shape[0], -1)).reshape(p.shape) for p, q in zip(products, basis)
+            ]
         # Per-parameter v^T Hv for each probe, summed in float64. The products are ours: multiply in place
         # rather than allocate another parameter-sized temporary; they die with this iteration.
-        dots = torch.stack([h.mul_(v).flatten(1).sum(1, dtype=torch.float64) for v, h in zip(probes, products)])
+        dots = torch.stack([_rowwise_dot(h.mul_(v)) for v, h in zip(probes, products)])
+        if exact is not None:
+            dots = dots + exact.unsqueeze(1)
         del probes, products
         for name, idx in index.items():
             values[name].extend(dots[idx].sum(0).tolist())
@@ -168,6 +190,38 @@ def hutchinson_trace(
     return {name: TraceEstimate.from_values(v) for name, v in values.items()}
 
 
+def _deflation(
+    hvp: LinearOperator, rank: int, chunk_size: int, generator: torch.Generator
+) -> tuple[list[Tensor], Tensor]:
+    """An orthonormal basis ``Q`` of ``range(H S)`` (``[rank, *shape]`` pieces) and, per parameter, the exact
+    ``sum_i <Q_i, (H Q_i)>`` restricted to that parameter (so that a block's sum is ``tr(D_B Q Q^T H)``)."""
+
+    def apply(vectors: list[Tensor]) -> list[Tensor]:
+        count = vectors[0].shape[0]
+        pieces = [hvp.matmat([v[start : start + chunk_size] for v in vectors]) for start in range(0, count, chunk_size)]
+        return [torch.cat(parts) for parts in zip(*pieces)]
+
+    sketch = [
+        torch.randn((rank, *s), generator=generator, device=generator.device).to(hvp.device, hvp.dtype)
+        for s in hvp.param_shapes
+    ]
+    basis = apply(sketch)
+    del sketch
+    # Orthonormalise through the Gram matrix, twice (float32), dropping null directions. (Any Q keeps the estimator
+    # unbiased: tr(D_B Q Q^T H) + E[v^T D_B (I - Q Q^T) H v] = tr(D_B H); orthonormality only lowers the variance.)
+    for _ in range(2):
+        gram = sum(y.reshape(y.shape[0], -1).double() @ y.reshape(y.shape[0], -1).double().T for y in basis)
+        w, u = torch.linalg.eigh(gram)
+        keep = w > 1e-10 * w.max().clamp_min(0) if w.numel() and w.max() > 0 else torch.zeros_like(w, dtype=torch.bool)
+        transform = (u[:, keep] / w[keep].sqrt()).T.to(hvp.dtype)
+        basis = [(transform @ y.reshape(y.shape[0], -1)).reshape(-1, *y.shape[1:]) for y in basis]
+    if basis[0].shape[0] == 0:
+        return basis, torch.zeros(len(basis), dtype=torch.float64, device=hvp.device)
+    products = apply([q.clone() for q in basis])
+    exact = torch.stack([_rowwise_dot(q * h).sum() for q, h in zip(basis, products)])
+    return basis, exact
+
+
 def _converged(values: list[float], rtol: float) -> bool:
     est = TraceEstimate.from_values(values)
     if est.stderr == 0.0:
@@ -175,67 +229,180 @@ def _converged(values: list[float], rtol: float) -> bool:
     return math.isfinite(est.stderr) and est.stderr < rtol * abs(est.mean)
 
 
+EIGEN_METHODS = ("lanczos", "power")
+
+
 def top_eigenvalue(
     hvp: LinearOperator,
     blocks: Mapping[str, Sequence[int]] | None = None,
-    num_iters: int = 20,
+    num_iters: int = 50,
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
+    method: str = "lanczos",
+    iterations: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Dominant eigenvalue of the whole operator (key ``"model"``) and of each block's diagonal block.
 
-    Power iteration, as PyHessian: it converges to the eigenvalue of largest *magnitude* and returns it
-    with its sign (the Rayleigh quotient ``v^T H v`` of the converged unit vector), so a Hessian
-    dominated by negative curvature gives a negative number. The block-restricted operator ``H_BB`` is
-    applied by zeroing the probe outside the block and reading the product inside it. All vectors
-    (whole model and every block) go through the operator together; a vector stops once its estimate
-    changes by less than ``tol`` (relative) between iterations, or after ``num_iters``.
+    "Dominant" means largest in *magnitude*, returned with its sign (as PyHessian's power iteration), so a
+    Hessian dominated by negative curvature gives a negative number. The block-restricted operator ``H_BB``
+    is applied by zeroing the vector outside the block and reading the product inside it. All vectors (whole
+    model and every block) go through the operator together, each stopping on its own.
+
+    ``method="lanczos"`` (default): Lanczos without reorthogonalisation (three vectors per key alive), from a
+    Gaussian start. After each product the Ritz value of largest magnitude of the tridiagonal matrix is the
+    estimate; a key stops once that Ritz pair's residual ``||H x - theta x||`` (read off the tridiagonal
+    matrix, no extra product) is at most ``tol * |theta|``. For a symmetric operator some eigenvalue lies
+    within the residual of ``theta``, so ``tol`` bounds the relative error, also on close spectra where the
+    change of a power-iteration estimate between two steps is small long before it is accurate.
+
+    ``method="power"``: power iteration stopping when the Rayleigh quotient changes by less than ``tol``
+    (relative) between two iterations, as PyHessian's ``eigenvalues``; kept for comparison.
+
+    Args:
+        hvp: the operator.
+        blocks: block name -> parameter indices; ``None``: only the whole operator.
+        num_iters: at most this many products per key.
+        tol: relative residual (Lanczos) or relative change (power) at which a key stops.
+        generator: source of the start vectors (default: a CPU generator seeded with 0).
+        method: ``"lanczos"`` or ``"power"``.
+        iterations: if given, filled with the number of products each key used.
 
     Example:
         >>> from lightning_depthgrow.curvature import DenseOperator
         >>> A = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, -5.0]])
-        >>> eig = top_eigenvalue(DenseOperator(A, [(2,), (1,)]), {"a": [0], "b": [1]}, num_iters=100, tol=1e-8)
+        >>> eig = top_eigenvalue(DenseOperator(A, [(2,), (1,)]), {"a": [0], "b": [1]})
         >>> round(eig["model"], 4), round(eig["a"], 4), round(eig["b"], 4)
         (-5.0, 3.0, -5.0)
     """
-    if num_iters < 1:
-        raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
+        raise ValueError(f"num_iters must be an int >= 1, got {num_iters!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+    if method not in EIGEN_METHODS:
+        raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
     index = {MODEL_KEY: list(range(len(hvp.param_shapes)))}
     index.update(_block_indices(hvp, blocks) if blocks is not None else {})
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     names = list(index)
-    n_params = len(hvp.param_shapes)
     # mask[k, j] = 1 if parameter j belongs to vector k's block.
-    mask = torch.zeros(len(names), n_params, dtype=hvp.dtype, device=hvp.device)
+    mask = torch.zeros(len(names), len(hvp.param_shapes), dtype=hvp.dtype, device=hvp.device)
     for k, name in enumerate(names):
         mask[k, index[name]] = 1
-
-    def restrict(vectors: list[Tensor], rows: Tensor) -> list[Tensor]:
-        m = mask[rows]
-        return [v * m[:, j].view(-1, *([1] * (v.dim() - 1))) for j, v in enumerate(vectors)]
-
-    def normalise(vectors: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        norm = torch.sqrt(sum(v.flatten(1).pow(2).sum(1, dtype=torch.float64) for v in vectors))
-        scale = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)).to(hvp.dtype)
-        return [v * scale.view(-1, *([1] * (v.dim() - 1))) for v in vectors], norm
-
-    all_rows = torch.arange(len(names), device=hvp.device)
     gauss = [
         torch.randn((len(names), *s), generator=generator, device=generator.device).to(hvp.device, hvp.dtype)
         for s in hvp.param_shapes
     ]
-    vectors, _ = normalise(restrict(gauss, all_rows))
-    estimate = torch.full((len(names),), math.nan, dtype=torch.float64)
-    active = list(range(len(names)))
+    run = _lanczos if method == "lanczos" else _power
+    estimate, used = run(hvp, mask, _restrict(gauss, mask), num_iters, tol)
+    if iterations is not None:
+        iterations.update({name: used[k] for k, name in enumerate(names)})
+    return {name: estimate[k] for k, name in enumerate(names)}
+
+
+def _expand(x: Tensor, like: Tensor) -> Tensor:
+    return x.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _restrict(vectors: list[Tensor], mask: Tensor) -> list[Tensor]:
+    # Row k of every piece is zeroed outside key k's block.
+    return [v * _expand(mask[:, j], v) for j, v in enumerate(vectors)]
+
+
+def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """Row-wise inner products of two lists of ``[K, *shape]`` tensors, in float64."""
+    return sum(_rowwise_dot(x * y) for x, y in zip(a, b))
+
+
+def _scale(vectors: list[Tensor], factor: Tensor) -> list[Tensor]:
+    return [v * _expand(factor.to(v.dtype), v) for v in vectors]
+
+
+def _lanczos(
+    hvp: LinearOperator, mask: Tensor, start: list[Tensor], num_iters: int, tol: float
+) -> tuple[list[float], list[int]]:
+    n = mask.shape[0]
+    norm = _dot(start, start).sqrt()
+    q = _scale(start, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
+    q_prev = [torch.zeros_like(v) for v in q]
+    beta_prev = torch.zeros(n, dtype=torch.float64, device=norm.device)
+    alphas: list[list[float]] = [[] for _ in range(n)]
+    betas: list[list[float]] = [[] for _ in range(n)]
+    estimate, used = [math.nan] * n, [0] * n
+    active = [k for k in range(n) if norm[k].item() > 0]
+    for k in range(n):
+        if k not in active:
+            estimate[k] = 0.0  # an empty block (or a zero start): the restricted operator is 0
+    eps = torch.finfo(hvp.dtype).eps
+    for _ in range(num_iters):
+        if not active:
+            break
+        rows = torch.tensor(active, device=hvp.device)
+        current = [v[rows] for v in q]
+        w = _restrict(hvp.matmat(current), mask[rows])
+        alpha = _dot(current, w)
+        w = [x - _expand(alpha.to(x.dtype), x) * c for x, c in zip(w, current)]
+        w = [x - _expand(beta_prev[rows].to(x.dtype), x) * p[rows] for x, p in zip(w, q_prev)]
+        # One local re-orthogonalisation against the current vector: cheap, and keeps alpha accurate.
+        fix = _dot(current, w)
+        w = [x - _expand(fix.to(x.dtype), x) * c for x, c in zip(w, current)]
+        alpha = alpha + fix
+        beta = _dot(w, w).sqrt()
+        still_active = []
+        for pos, k in enumerate(active):
+            used[k] += 1
+            a, b = alpha[pos].item(), beta[pos].item()
+            alphas[k].append(a)
+            if not (math.isfinite(a) and math.isfinite(b)):
+                estimate[k] = math.nan
+                continue
+            theta, residual, scale = _top_ritz(alphas[k], betas[k], b)
+            estimate[k] = theta
+            breakdown = b <= 10 * eps * max(scale, 1e-30)  # an invariant subspace: theta is exact
+            if not (breakdown or residual <= tol * abs(theta)):
+                still_active.append(k)
+            betas[k].append(b)
+        inverse = torch.where(beta > 0, 1.0 / beta, torch.zeros_like(beta))
+        w = _scale(w, inverse)
+        for j in range(len(q)):
+            q_prev[j][rows] = q[j][rows]
+            q[j][rows] = w[j]
+        beta_prev[rows] = beta
+        active = still_active
+    return estimate, used
+
+
+def _top_ritz(alphas: list[float], betas: list[float], beta_next: float) -> tuple[float, float, float]:
+    """Ritz value of largest magnitude of the Lanczos tridiagonal, its residual norm and the spectrum scale."""
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas, dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(t)
+    top = int(values.abs().argmax())
+    theta = values[top].item()
+    residual = abs(beta_next * vectors[-1, top].item())
+    return theta, residual, values.abs().max().item()
+
+
+def _power(
+    hvp: LinearOperator, mask: Tensor, start: list[Tensor], num_iters: int, tol: float
+) -> tuple[list[float], list[int]]:
+    n = mask.shape[0]
+    norm = _dot(start, start).sqrt()
+    vectors = _scale(start, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
+    estimate, used = [math.nan] * n, [0] * n
+    active = list(range(n))
     for _ in range(num_iters):
         rows = torch.tensor(active, device=hvp.device)
         current = [v[rows] for v in vectors]
-        products = restrict(hvp.matmat(current), rows)
-        rayleigh = sum((v * h).flatten(1).sum(1, dtype=torch.float64) for v, h in zip(current, products)).cpu()
-        new_vectors, norm = normalise(products)
+        products = _restrict(hvp.matmat(current), mask[rows])
+        rayleigh = _dot(current, products).cpu()
+        norm = _dot(products, products).sqrt()
+        new_vectors = _scale(products, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
         still_active = []
         for pos, k in enumerate(active):
-            previous, value = estimate[k].item(), rayleigh[pos].item()
+            used[k] += 1
+            previous, value = estimate[k], rayleigh[pos].item()
             estimate[k] = value
             converged = (
                 norm[pos].item() == 0.0
@@ -249,4 +416,4 @@ def top_eigenvalue(
         active = still_active
         if not active:
             break
-    return {name: estimate[k].item() for k, name in enumerate(names)}
+    return estimate, used
