@@ -365,3 +365,16 @@ def test_a_monitor_in_the_trainer_estimates_once_per_growth_epoch():
     for event in events:
         used = monitor.history[event.epoch - 1]["trace_per_param"]
         assert used[event.reason["block"]] == pytest.approx(event.reason["score"])
+
+
+@pytest.mark.slow
+def test_a_growth_at_the_first_epoch_end_shares_the_monitors_estimate():
+    # Issue 9.20, the case with no earlier estimate to reuse: placement estimates on the epoch's last weights and
+    # the monitor's epoch-end hook, at the same step, takes that estimate instead of computing a second one.
+    module = tiny_module(max_epochs=2)
+    monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False)
+    trainer(2, [monitor, DepthGrowth(final_budget=3.0, warmup_epochs=1)]).fit(module, loader())
+    (event,) = event_log(module)
+    assert event.epoch == 0
+    assert [h["epoch"] for h in monitor.history] == [0, 1]
+    assert monitor.history[0]["trace_per_param"][event.reason["block"]] == pytest.approx(event.reason["score"])

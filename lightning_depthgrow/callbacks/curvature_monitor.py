@@ -226,7 +226,12 @@ class CurvatureMonitor(Callback):
                 "curvature estimate."
             )
             return
-        estimate = self.estimate_now(trainer, pl_module)
+        if self.latest is not None and self.history and self.history[-1].get("step") == trainer.global_step:
+            # Another callback (DepthGrowth's placement) already estimated at this step, on this epoch's last
+            # weights: that estimate is this epoch's, so curvature is not estimated twice in a growth epoch.
+            estimate = self.latest
+        else:
+            estimate = self.estimate_now(trainer, pl_module)
         if self.log_estimates:
             self._log(pl_module, estimate)
 
