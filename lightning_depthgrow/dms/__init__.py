@@ -7,12 +7,13 @@ from .appliers import ARCH_GROUP_KEY, apply_attach, apply_export, arch_group_opt
 from .export import export_model
 from .families import discover_gates
 from .gates import CONTAINER, DMSGates, attach_gates, find_gates, remove_gates, set_importance
-from .resource import ResourceModel, fit_to_budget
+from .resource import BudgetFit, ResourceModel, fit_architecture, fit_to_budget
 from .topk import GateBank, TopKGate, default_temperature, normalised_rank, update_importance
 
 __all__ = [
     "ARCH_GROUP_KEY",
     "CONTAINER",
+    "BudgetFit",
     "DMSGates",
     "GateBank",
     "ResourceModel",
@@ -27,6 +28,7 @@ __all__ = [
     "export_event",
     "export_model",
     "find_gates",
+    "fit_architecture",
     "fit_to_budget",
     "normalised_rank",
     "remove_gates",

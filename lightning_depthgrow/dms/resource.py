@@ -11,6 +11,9 @@ the hard count (what export keeps), the gradient that of the soft masks.
 
 from __future__ import annotations
 
+import itertools
+import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .gates import CONTAINER, DMSGates
+from .topk import DEPTH, HEADS, WIDTH
 
 Factor = tuple  # ("frac", gate) or ("elem", gate, index)
 
@@ -249,25 +253,173 @@ def _record_flops(model: nn.Module, example_input: Any) -> dict[str, list]:
     return records
 
 
-@torch.no_grad()
-def fit_to_budget(gates: DMSGates, resources: ResourceModel, budget: float, resource: str = "flops") -> int:
-    """Drop width elements one at a time until the hard count is within ``budget``; returns how many.
+@dataclass
+class BudgetFit:
+    """What :func:`fit_architecture` chose: keep counts per gate and the count they give.
 
-    The search ends near its target but may sit just above it (the resource loss is zero below the
-    target, so the task loss pushes back up). Each round removes the least important kept element of
-    the relatively widest width gate by raising that gate's ratio by one element. Deterministic, so
-    every rank reaches the same masks.
+    Attributes:
+        keep: elements kept per gate name.
+        value: the hard count (FLOPs or parameters) of that architecture.
+        budget: the count asked for.
+        searched: the hard count of the searched architecture (before fitting).
+        changed: elements whose keep changed, summed over gates (``sum |k - k_searched|``).
+        depth_changed: blocks added back or removed, summed over depth gates.
+        within: whether ``value`` is within the tolerance of ``budget`` (either side).
     """
-    removed = 0
-    while float(resources.evaluate(gates, resource, hard=True)) > budget:
-        candidates = [g for g in gates.gate_list() if g.kind == "width" and g.keep_count() > g.min_keep]
-        if not candidates:
-            break
-        gate = max(candidates, key=lambda g: g.keep_count() / g.n)
-        k = gate.keep_count() - 1
-        # keep count is n - ceil(a n - 1/2): a = (n - k + 1/4) / n keeps exactly k
-        gate.ratio.fill_((gate.n - k + 0.25) / gate.n)
-        if gate.frozen:
-            gate.frozen_ratio.fill_(gate.ratio.item())
-        removed += 1
-    return removed
+
+    keep: dict[str, int]
+    value: float
+    budget: float
+    searched: float
+    changed: int
+    depth_changed: int
+    within: bool
+
+    @property
+    def deviation(self) -> float:
+        """``value / budget - 1`` (negative: below the budget)."""
+        return self.value / self.budget - 1.0
+
+
+def _set_keep(gate: Any, k: int) -> None:
+    # the hard mask keeps exactly k elements at a = (n - k + 1/4) / n (ranks sit at (i + 1/2) / n)
+    gate.ratio.fill_((gate.n - k + 0.25) / gate.n)
+    if gate.frozen:
+        gate.frozen_ratio.fill_(gate.ratio.item())
+
+
+@torch.no_grad()
+def fit_architecture(
+    gates: DMSGates, resources: ResourceModel, budget: float, resource: str = "flops", tolerance: float = 0.05
+) -> BudgetFit:
+    """Choose depth and width jointly so the hard count lands within ``tolerance`` of ``budget``, either side.
+
+    A search ends near its target, but depth moves in coarse steps (one block of four is 25% of a
+    ViT), so its hard count can sit well below or above. Starting from the searched keep counts, each
+    candidate fixes the depth gates (the searched depth first, then depths further from it) and scales
+    every width gate's searched keep count by one common factor ``s`` (the searched *relative* widths
+    stay), found by bisection so the count comes closest to ``budget``; if widths alone cannot get
+    there, heads are scaled with them. Elements are added or removed in importance order (the gates'
+    ranking), so the most important ones stay. The chosen candidate is the one within tolerance that
+    changes depth least, then does not touch heads, then scales widths least; if none is within
+    tolerance, the closest. The gates' ratios are set to it (and their frozen values, if frozen).
+    Deterministic, so every rank reaches the same masks. Gates whose importances are all equal (never
+    updated) keep what they keep.
+
+    Example:
+        >>> import timm
+        >>> from lightning_depthgrow.dms import attach_gates, set_importance
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4)
+        >>> gates = attach_gates(vit)
+        >>> set_importance(gates, {n: torch.arange(g.n, dtype=torch.float) + 1 for n, g in gates.gates.items()})
+        >>> res = ResourceModel.build(vit, torch.zeros(1, 3, 32, 32))
+        >>> fit = fit_architecture(gates, res, 0.4 * res.full_flops)
+        >>> fit.within, abs(float(res.evaluate(gates, hard=True)) / (0.4 * res.full_flops) - 1) <= 0.05
+        (True, True)
+    """
+    if not budget > 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    names = list(gates.gates)
+    by_name = gates.gates
+    searched_keep = {n: g.keep_count() for n, g in by_name.items()}
+    free = {n for n, g in by_name.items() if not g.all_equal()}
+    lowest = {n: max(g.min_keep, 0 if g.kind == DEPTH else 1) for n, g in by_name.items()}
+
+    def cost(keep: dict[str, int]) -> float:
+        for n in free:
+            _set_keep(by_name[n], keep[n])
+        return float(resources.evaluate(gates, resource, hard=True))
+
+    searched = cost(searched_keep)
+    depth_names = [n for n in names if n in free and by_name[n].kind == DEPTH]
+    fills = [[n for n in names if n in free and by_name[n].kind == WIDTH]]
+    head_names = [n for n in names if n in free and by_name[n].kind == HEADS]
+    if head_names:
+        fills.append(fills[0] + head_names)
+
+    def scaled(base: dict[str, int], fill: list[str], s: float) -> dict[str, int]:
+        out = dict(base)
+        for n in fill:
+            out[n] = min(by_name[n].n, max(lowest[n], round(s * base[n])))
+        return out
+
+    def best_scale(base: dict[str, int], fill: list[str]) -> tuple[dict[str, int], float, float]:
+        """The keep counts (and their cost, and ``s``) whose cost is closest to the budget."""
+        if not fill:
+            return base, cost(base), 1.0
+        top = max(by_name[n].n / max(base[n], 1) for n in fill) + 1.0
+        lo, hi = 0.0, top
+        c_lo, c_hi = cost(scaled(base, fill, lo)), cost(scaled(base, fill, hi))
+        if c_lo >= budget:
+            return scaled(base, fill, lo), c_lo, lo
+        if c_hi <= budget:
+            return scaled(base, fill, hi), c_hi, hi
+        for _ in range(40):  # invariant: cost(lo) <= budget < cost(hi)
+            mid = 0.5 * (lo + hi)
+            c = cost(scaled(base, fill, mid))
+            if c <= budget:
+                lo, c_lo = mid, c
+            else:
+                hi, c_hi = mid, c
+        if budget - c_lo <= c_hi - budget:
+            return scaled(base, fill, lo), c_lo, lo
+        return scaled(base, fill, hi), c_hi, hi
+
+    # depth choices ordered by how far they move from the searched depth
+    ranges = [range(lowest[n], by_name[n].n + 1) for n in depth_names]
+    if math.prod(len(r) for r in ranges) > 512:  # many stacks: stay within two blocks of the searched depth
+        ranges = [
+            range(max(r.start, searched_keep[n] - 2), min(r.stop, searched_keep[n] + 3))
+            for n, r in zip(depth_names, ranges)
+        ]
+    choices = [dict(zip(depth_names, ks)) for ks in itertools.product(*ranges)]
+    choices.sort(key=lambda d: (sum(abs(d[n] - searched_keep[n]) for n in depth_names), sorted(d.items())))
+
+    best: tuple[tuple, dict[str, int], float] | None = None
+    found_at: int | None = None
+    for choice in choices:
+        moved = sum(abs(choice[n] - searched_keep[n]) for n in depth_names)
+        if found_at is not None and moved > found_at:
+            break  # a nearer depth already lands within tolerance
+        for uses_heads, fill in enumerate(fills):
+            keep, c, s = best_scale({**searched_keep, **choice}, fill)
+            within = abs(c / budget - 1.0) <= tolerance
+            key = (0, moved, uses_heads, abs(math.log(max(s, 1e-9)))) if within else (1, abs(c / budget - 1.0))
+            if best is None or key < best[0]:
+                best = (key, keep, c)
+            if within:
+                found_at = moved
+                break  # widths alone suffice for this depth: do not touch heads
+
+    assert best is not None
+    _, keep, value = best
+    cost(keep)
+    return BudgetFit(
+        keep=keep,
+        value=value,
+        budget=budget,
+        searched=searched,
+        changed=sum(abs(keep[n] - searched_keep[n]) for n in names),
+        depth_changed=sum(abs(keep[n] - searched_keep[n]) for n in depth_names),
+        within=abs(value / budget - 1.0) <= tolerance,
+    )
+
+
+def fit_to_budget(
+    gates: DMSGates, resources: ResourceModel, budget: float, resource: str = "flops", tolerance: float = 0.05
+) -> int:
+    """Set the gates so the exported model lands within ``tolerance`` of ``budget``; returns elements changed.
+
+    :func:`fit_architecture` does the work (depth and width chosen jointly, either side of the budget);
+    when no architecture the gates can express lands within tolerance, this warns with the achieved
+    ratio and keeps the closest one.
+    """
+    fit = fit_architecture(gates, resources, budget, resource, tolerance)
+    if not fit.within:
+        warnings.warn(
+            f"DMS export: the closest architecture the gates allow has {fit.value:.4g} {resource}, "
+            f"{fit.deviation:+.1%} off the budget {budget:.4g} (tolerance {tolerance:.0%}): the ungated layers "
+            "alone, or every gate at its limit, decide the count. Gate more of the model or change the target.",
+            stacklevel=2,
+        )
+    return fit.changed
