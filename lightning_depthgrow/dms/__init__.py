@@ -4,6 +4,7 @@ counts and export by slicing. No Lightning here; see
 """
 
 from .appliers import ARCH_GROUP_KEY, apply_attach, apply_export, arch_group_options, attach_event, export_event
+from .architecture import build_architecture, export_architecture
 from .export import export_model
 from .families import discover_gates
 from .gates import CONTAINER, DMSGates, attach_gates, find_gates, remove_gates, set_importance
@@ -23,8 +24,10 @@ __all__ = [
     "arch_group_options",
     "attach_event",
     "attach_gates",
+    "build_architecture",
     "default_temperature",
     "discover_gates",
+    "export_architecture",
     "export_event",
     "export_model",
     "find_gates",
