@@ -1,12 +1,14 @@
 """Soft FLOPs and parameter counts as differentiable functions of the DMS masks.
 
-One forward pass records every ``nn.Linear``/``nn.Conv*`` call and every timm ``Attention`` call
-(their FLOPs follow from shapes: ``2 * out_elements * in_channels/groups * kernel`` for a layer,
-``4 B H T^2 D`` for attention, the convention of :class:`torch.utils.flop_counter.FlopCounterMode`).
-Each count is then a *term*: its full size times the kept fraction of every gate on its input and
-output channels (a linear layer scales with kept-in x kept-out, attention with kept heads), times the
-mask of the block that contains it. Counts use the straight-through estimator: the forward value is
-the hard count (what export keeps), the gradient that of the soft masks.
+The FLOPs come from torch's own :class:`torch.utils.flop_counter.FlopCounterMode`, run once on the
+model (math attention kernel, so fused kernels are counted as their matmuls): every module's *own*
+FLOPs (its count minus its sub-modules'). Each count is then a *term*: that number times the kept
+fraction of every gate the module's family declares on its inputs, outputs or heads
+(:meth:`~lightning_depthgrow.dms.sites.DMSFamily.resource_roles`), times the mask of the block that
+contains it. Whatever the counter counts (HF ``Conv1D``'s addmm, Eva's attention, any matmul in a
+forward) is in the total; only how it scales comes from the families. Counts use the
+straight-through estimator: the forward value is the hard count (what export keeps), the gradient
+that of the soft masks.
 """
 
 from __future__ import annotations
@@ -22,19 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..measure import count_flops
 from .gates import CONTAINER, DMSGates
+from .sites import ROLES, family_for_site
 from .topk import DEPTH, HEADS, WIDTH
 
 Factor = tuple  # ("frac", gate) or ("elem", gate, index)
-
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _layer_flops(module: nn.Module, output: Tensor) -> int:
-    if isinstance(module, nn.Linear):
-        return 2 * (output.numel() // module.out_features) * module.in_features * module.out_features
-    kernel = int(torch.tensor(module.kernel_size).prod())
-    return 2 * output.numel() * (module.in_channels // module.groups) * kernel
 
 
 @dataclass
@@ -63,28 +58,29 @@ class ResourceModel:
 
     @classmethod
     def build(cls, model: nn.Module, example_input: Any) -> ResourceModel:
-        """Record one forward pass of ``model`` (eval, no grad) and derive the terms from its gates."""
+        """Count ``model``'s FLOPs once (eval, no grad, FlopCounterMode) and derive the terms from its gates."""
         gates = model._modules.get(CONTAINER)
         specs = gates.specs if isinstance(gates, DMSGates) else []
-        in_gate, out_gate, norm_gate, head_gate, block_elem = _factor_maps(model, specs)
-        flops = _record_flops(model, example_input)
+        roles, block_elem = _factor_maps(model, specs)
+        flops = _own_flops(model, example_input)
         res = cls()
+        seen: set[int] = set()
         for name, module in model.named_modules():
             if name == CONTAINER or name.startswith(CONTAINER + "."):
                 continue
             elem = _enclosing(name, block_elem)
+            role = roles.get(name, {})
             for pname, p in module.named_parameters(recurse=False):
-                if isinstance(module, _LAYERS):
-                    factors = [out_gate.get(name)] + ([in_gate.get(name)] if pname == "weight" else [])
+                if id(p) in seen:  # tied weights count once, as count_parameters does
+                    continue
+                seen.add(id(p))
+                if "norm" in role:
+                    factors = [role["norm"]]
                 else:
-                    factors = [norm_gate.get(name)]
+                    factors = [role.get("out")] + ([role.get("in")] if pname == "weight" else [])
                 res._add([*factors, elem], 0.0, float(p.numel()))
-            for kind, count in flops.get(name, []):
-                if kind == "layer":
-                    factors = [in_gate.get(name), out_gate.get(name)]
-                else:
-                    factors = [head_gate.get(name)]
-                res._add([*factors, elem], float(count), 0.0)
+            if flops.get(name):
+                res._add([role.get("in"), role.get("out"), role.get("heads"), elem], float(flops[name]), 0.0)
         res.full_flops = sum(v[0] for v in res.terms.values())
         res.full_params = sum(v[1] for v in res.terms.values())
         return res
@@ -167,31 +163,20 @@ def _ratios_at_max(gates: DMSGates) -> Iterator[None]:
                 g.importance.copy_(importance)
 
 
-def _factor_maps(model: nn.Module, specs: list[dict]) -> tuple[dict, dict, dict, dict, dict]:
-    in_gate: dict[str, Factor] = {}
-    out_gate: dict[str, Factor] = {}
-    norm_gate: dict[str, Factor] = {}
-    head_gate: dict[str, Factor] = {}
+def _factor_maps(model: nn.Module, specs: list[dict]) -> tuple[dict[str, dict[str, Factor]], dict[str, Factor]]:
+    """``({module path: {role: gate factor}}, {block path: depth element factor})`` from the gate specs."""
+    roles: dict[str, dict[str, Factor]] = {}
     block_elem: dict[str, Factor] = {}
     for s in specs:
-        frac: Factor = ("frac", s["name"])
-        if s["site"] == "vit_mlp":
-            out_gate[s["block"] + ".mlp.fc1"] = frac
-            in_gate[s["block"] + ".mlp.fc2"] = frac
-        elif s["site"] == "vit_heads":
-            attn = s["block"] + ".attn"
-            out_gate[attn + ".qkv"] = frac
-            out_gate[attn + ".gate"] = frac
-            in_gate[attn + ".proj"] = frac
-            head_gate[attn] = frac
-        elif s["site"] == "conv_width":
-            out_gate[f"{s['block']}.{s['producer']}"] = frac
-            norm_gate[f"{s['block']}.{s['norm']}"] = frac
-            in_gate[f"{s['block']}.{s['consumer']}"] = frac
-        elif s["site"] == "depth":
+        if s["site"] == "depth":
             for j, i in enumerate(s["blocks"]):
                 block_elem[f"{s['stack']}.{i}"] = ("elem", s["name"], j)
-    return in_gate, out_gate, norm_gate, head_gate, block_elem
+            continue
+        for role, path in family_for_site(s["site"]).resource_roles(model, s):
+            if role not in ROLES:
+                raise ValueError(f"unknown resource role {role!r} for gate {s['name']}; expected one of {ROLES}")
+            roles.setdefault(path, {})[role] = ("frac", s["name"])
+    return roles, block_elem
 
 
 def _enclosing(name: str, block_elem: dict[str, Factor]) -> Factor | None:
@@ -203,54 +188,20 @@ def _enclosing(name: str, block_elem: dict[str, Factor]) -> Factor | None:
     return None
 
 
-def _attention_types() -> tuple[type, ...]:
-    try:
-        from timm.layers import Attention
-    except ImportError:
-        return ()
-    return (Attention,)
-
-
-def _record_flops(model: nn.Module, example_input: Any) -> dict[str, list]:
-    """``{module name: [("layer" | "attention", flops), ...]}`` for one eval forward pass."""
-    records: dict[str, list] = {}
-    handles = []
-    attention = _attention_types()
-
-    def layer_hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            records.setdefault(name, []).append(("layer", _layer_flops(module, output)))
-
-        return hook
-
-    def attention_hook(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            b, t, _ = args[0].shape
-            records.setdefault(name, []).append(("attention", 4 * b * module.num_heads * t * t * module.head_dim))
-
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, _LAYERS):
-            handles.append(module.register_forward_hook(layer_hook(name)))
-        elif attention and type(module) in attention:
-            handles.append(module.register_forward_pre_hook(attention_hook(name)))
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            if isinstance(example_input, dict):
-                model(**example_input)
-            elif isinstance(example_input, (tuple, list)):
-                model(*example_input)
-            else:
-                model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes:
-            m.training = training
-    return records
+def _own_flops(model: nn.Module, example_input: Any) -> dict[str, int]:
+    """``{module path: FLOPs of the module itself, without its sub-modules}`` for one forward pass."""
+    inclusive = count_flops(model, example_input).per_module
+    own = dict(inclusive)
+    for name, count in inclusive.items():
+        if not name:
+            continue
+        parent = name
+        while parent:
+            parent = parent.rpartition(".")[0]
+            if parent in inclusive:
+                own[parent] -= count
+                break
+    return own
 
 
 @dataclass
