@@ -9,12 +9,21 @@ from .export import export_model
 from .families import discover_gates
 from .gates import CONTAINER, DMSGates, attach_gates, find_gates, remove_gates, set_importance
 from .resource import BudgetFit, ResourceModel, fit_architecture, fit_to_budget
+from .sites import (
+    DMSFamily,
+    dms_families,
+    gate_name,
+    register_dms_family,
+    slice_linear_hidden,
+    unregister_dms_family,
+)
 from .topk import GateBank, TopKGate, default_temperature, normalised_rank, update_importance
 
 __all__ = [
     "ARCH_GROUP_KEY",
     "CONTAINER",
     "BudgetFit",
+    "DMSFamily",
     "DMSGates",
     "GateBank",
     "ResourceModel",
@@ -27,14 +36,19 @@ __all__ = [
     "build_architecture",
     "default_temperature",
     "discover_gates",
+    "dms_families",
     "export_architecture",
     "export_event",
     "export_model",
     "find_gates",
     "fit_architecture",
     "fit_to_budget",
+    "gate_name",
     "normalised_rank",
+    "register_dms_family",
     "remove_gates",
     "set_importance",
+    "slice_linear_hidden",
+    "unregister_dms_family",
     "update_importance",
 ]

@@ -129,6 +129,11 @@ def attach_gates(
     """
     if find_gates(model) is not None:
         raise RuntimeError("DMS gates are already attached to this model; remove_gates(model) first.")
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise UnsupportedModelError(
+            f"DMS adds its gates to the model as a sub-module, which a {type(model).__name__} root would run (or "
+            "list) as one of its layers. Wrap the model in an nn.Module whose forward calls it."
+        )
     if hasattr(model, CONTAINER):
         raise RuntimeError(f"the model already has an attribute {CONTAINER!r}; DMS needs that name for its gates.")
     found = discover_gates(model, width, heads, depth)

@@ -4,8 +4,10 @@
   into the branches' last Linear).
 - :mod:`.timm_resnet`: timm ResNet ``BasicBlock``/``Bottleneck`` (inner channels, depth on the branch).
 
-Any other stack of registered blocks gets generic depth gates. Hugging Face models (GPT-2's ``Conv1D``,
-Llama's grouped-query attention) have no family here: DMS finds no width or head gates in them.
+- :mod:`.transformers_hf`: Hugging Face transformers models are refused with a message (no gates for
+  GPT-2's ``Conv1D`` or grouped-query attention; export would leave config depth and ``layer_idx`` stale).
+
+Any other stack of registered blocks gets generic depth gates.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from ..sites import DMSFamily, GateSpec, describe_model, discover_gates, gate_na
 
 def register_builtin_families(registry: list[DMSFamily]) -> None:
     """Append the built-in families to ``registry`` (after any user registration); skip absent libraries."""
+    from .transformers_hf import TransformersRefusal
+
+    registry.append(TransformersRefusal())
     try:
         from .timm_resnet import TimmResNetFamily
         from .timm_vit import TimmViTFamily
