@@ -161,24 +161,33 @@ def flops(model: torch.nn.Module) -> int:
     return count_flops(model, EXAMPLE).total
 
 
-def uniform_vit(target_flops: float) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Supernet depth and heads; the widest embed width (a multiple of the heads) with MLP ratio 2 that fits
-    the budget, then the MLP width that brings the FLOPs closest to it (both widths narrowed uniformly)."""
-    heads = SUPERNET["num_heads"]
+def uniform_vit(target_flops: float, depth: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Hand scaling to ``target_flops``: the supernet's heads and ``depth`` (default: the supernet's), the widest
+    embed width (a multiple of the heads) with MLP ratio 2 that fits the budget, then the MLP width that brings
+    the FLOPs closest to it (widths narrowed uniformly)."""
+    heads, depth = SUPERNET["num_heads"], depth or SUPERNET["depth"]
+    base = {**SUPERNET, "depth": depth}
     dim = max(
         d
         for d in range(heads, SUPERNET["embed_dim"] + 1, heads)
-        if flops(make_vit(**{**SUPERNET, "embed_dim": d})) <= target_flops
+        if flops(make_vit(**{**base, "embed_dim": d})) <= target_flops
     )
     best = None
     for hidden in range(dim, 4 * dim + 1):
-        config = {**SUPERNET, "embed_dim": dim, "mlp_ratio": (hidden + 0.5) / dim}
+        config = {**base, "embed_dim": dim, "mlp_ratio": (hidden + 0.5) / dim}
         gap = abs(flops(make_vit(**config)) - target_flops)
         if best is None or gap < best[0]:
             best = (gap, config)
         elif gap > best[0]:
             break
-    return make_vit(**best[1]), {"embed_dim": dim, "mlp_hidden": int(dim * best[1]["mlp_ratio"])}
+    return make_vit(**best[1]), {"embed_dim": dim, "mlp_hidden": int(dim * best[1]["mlp_ratio"]), "depth": depth}
+
+
+def uniform_depth_width_vit(target_flops: float, full_flops: float) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Depth and widths scaled by one factor ``f``: FLOPs go about as depth x width^2, so ``f = ratio ** (1/3)``;
+    depth ``round(f * depth)``, then the widths that fill the budget (:func:`uniform_vit`)."""
+    f = (target_flops / full_flops) ** (1 / 3)
+    return uniform_vit(target_flops, max(1, round(f * SUPERNET["depth"])))
 
 
 class TorchPruningAt(Callback):
@@ -268,13 +277,16 @@ def run_dms(seed: int, epochs: int, target: float, full: int, **options: Any) ->
     }
 
 
+VARIANTS = ("full", "uniform", "uniform_depth_width", "dms", "torch_pruning")
+
+
 def main_part(
-    seeds: list[int], epochs: int, search_epochs: int, targets: list[float], full: bool = True
+    seeds: list[int], epochs: int, search_epochs: int, targets: list[float], variants: list[str]
 ) -> list[dict[str, Any]]:
     full_flops = flops(make_vit(**SUPERNET))
     runs: list[dict[str, Any]] = []
     for seed in seeds:
-        if full:
+        if "full" in variants:
             torch.manual_seed(seed)
             acc, seconds = fit(Classifier(make_vit(**SUPERNET), max_epochs=epochs), epochs, seed, [])
             runs.append(
@@ -289,22 +301,29 @@ def main_part(
             )
             print(f"seed {seed} full: {acc:.3f}", flush=True)
         for target in targets:
-            torch.manual_seed(seed)
-            narrow, config = uniform_vit(target * full_flops)
-            acc, seconds = fit(Classifier(narrow, max_epochs=epochs), epochs, seed, [])
             row = {"seed": seed, "target": target}
-            runs.append(
-                {
-                    **row,
-                    "variant": "uniform",
-                    "acc": acc,
-                    "flops_ratio": flops(narrow) / full_flops,
-                    "seconds": sum(seconds),
-                    **config,
-                }
-            )
-            dms = run_dms(seed, epochs, target, full_flops, search_epochs=search_epochs)
-            for variant in ("dms_b", "dms_a"):
+            for variant in ("uniform", "uniform_depth_width"):
+                if variant not in variants:
+                    continue
+                torch.manual_seed(seed)
+                if variant == "uniform":
+                    narrow, config = uniform_vit(target * full_flops)
+                else:
+                    narrow, config = uniform_depth_width_vit(target * full_flops, full_flops)
+                acc, seconds = fit(Classifier(narrow, max_epochs=epochs), epochs, seed, [])
+                runs.append(
+                    {
+                        **row,
+                        "variant": variant,
+                        "acc": acc,
+                        "flops_ratio": flops(narrow) / full_flops,
+                        "seconds": sum(seconds),
+                        **config,
+                    }
+                )
+            if "dms" in variants:
+                dms = run_dms(seed, epochs, target, full_flops, search_epochs=search_epochs)
+            for variant in ("dms_b", "dms_a") if "dms" in variants else ():
                 runs.append(
                     {
                         **row,
@@ -314,20 +333,21 @@ def main_part(
                         "searched_ratio": dms["searched_ratio"],
                     }
                 )
-            torch.manual_seed(seed)
-            model = Classifier(make_vit(**SUPERNET), max_epochs=epochs)
-            tp = TorchPruningAt(search_epochs, target * full_flops)
-            acc, seconds = fit(model, epochs, seed, [tp])
-            runs.append(
-                {
-                    **row,
-                    "variant": "torch_pruning",
-                    "acc": acc,
-                    "flops_ratio": flops(model.model) / full_flops,
-                    "seconds": sum(seconds),
-                    **tp.report,
-                }
-            )
+            if "torch_pruning" in variants:
+                torch.manual_seed(seed)
+                model = Classifier(make_vit(**SUPERNET), max_epochs=epochs)
+                tp = TorchPruningAt(search_epochs, target * full_flops)
+                acc, seconds = fit(model, epochs, seed, [tp])
+                runs.append(
+                    {
+                        **row,
+                        "variant": "torch_pruning",
+                        "acc": acc,
+                        "flops_ratio": flops(model.model) / full_flops,
+                        "seconds": sum(seconds),
+                        **tp.report,
+                    }
+                )
             print(
                 f"seed {seed} target {target}: "
                 + ", ".join(
@@ -434,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--search-epochs", type=int, default=3)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--skip-full", action="store_true", help="main part: do not train the full supernet")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="main part")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "dms.json")
     args = parser.parse_args(argv)
@@ -451,11 +471,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"step time {o['supernet']}: ratio {o['ratio']:.3f} (target <= 1.15)", flush=True)
     if args.part in ("main", "all"):
         # rows of other targets (an earlier invocation) stay; rows of the targets run now are replaced
-        new = main_part(args.seeds, args.epochs, args.search_epochs, args.targets, not args.skip_full)
-        redo = {r["target"] for r in new}
-        old = [r for r in result.get("main", {}).get("runs", []) if r["target"] not in redo]
-        runs = sorted(old + new, key=lambda r: (-r["target"], r["seed"]))
-        configs = {**result.get("main", {}).get("configs", {}), **{str(t): config for t in redo}}
+        new = main_part(args.seeds, args.epochs, args.search_epochs, args.targets, args.variants)
+        redo = {(r["target"], r["variant"]) for r in new}
+        old = [r for r in result.get("main", {}).get("runs", []) if (r["target"], r["variant"]) not in redo]
+        runs = sorted(old + new, key=lambda r: (-r["target"], r["variant"], r["seed"]))
+        configs = {**result.get("main", {}).get("configs", {}), **{f"{t}/{v}": config for t, v in sorted(redo)}}
         result["main"] = {"configs": configs, "runs": runs, "summary": summarise(runs, "variant")}
     if args.part in ("levers", "all"):
         result["levers"] = {
