@@ -264,7 +264,7 @@ def run_dms(seed: int, epochs: int, target: float, full: int, **options: Any) ->
     acc_a, seconds_a = fit(Classifier(scratch, max_epochs=epochs), epochs, seed, [])
     search_s = sum(seconds_b[:search_epochs])
     return {
-        "dms_b": {"acc": acc_b, "flops_ratio": flops_b / full, "seconds": sum(seconds_b)},
+        "dms_b": {"acc": acc_b, "flops_ratio": flops_b / full, "seconds": sum(seconds_b), "epoch_seconds": seconds_b},
         "dms_a": {
             "acc": acc_a,
             "flops_ratio": flops_b / full,
@@ -345,6 +345,7 @@ def main_part(
                         "acc": acc,
                         "flops_ratio": flops(model.model) / full_flops,
                         "seconds": sum(seconds),
+                        "epoch_seconds": seconds,
                         **tp.report,
                     }
                 )
@@ -383,6 +384,25 @@ def levers_part(seeds: list[int], epochs: int, search_epochs: int, target: float
                 flush=True,
             )
     return {"target": target, "levers": LEVERS, "runs": runs, "summary": summarise(runs, "lever", "variant")}
+
+
+def search_epoch_ratio(runs: list[dict[str, Any]], search_epochs: int) -> dict[str, Any]:
+    """CPU time of DMS's search epochs over the same epochs of plain training, inside Lightning, per target.
+
+    The plain epochs are Torch-Pruning's run before it prunes: the same supernet, data and order.
+    """
+    out: dict[str, Any] = {}
+    for target in sorted({r["target"] for r in runs if r["variant"] == "dms_b" and "epoch_seconds" in r}):
+        ratios = []
+        for b in (r for r in runs if r["variant"] == "dms_b" and r["target"] == target and "epoch_seconds" in r):
+            plain = [
+                r for r in runs if r["variant"] == "torch_pruning" and r["target"] == target and r["seed"] == b["seed"]
+            ]
+            if plain and "epoch_seconds" in plain[0]:
+                ratios.append(sum(b["epoch_seconds"][:search_epochs]) / sum(plain[0]["epoch_seconds"][:search_epochs]))
+        if ratios:
+            out[str(target)] = _mean_std(ratios)
+    return out
 
 
 def _mean_std(values: list[float]) -> list[float]:
@@ -428,6 +448,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {o['supernet']} | {o['plain_step_s'] * 1e3:.1f} | {o['search_step_s'] * 1e3:.1f} "
                 f"| {o['ratio']:.3f} |"
             )
+    for target, (mean, std) in result.get("main", {}).get("search_epoch_cpu_ratio", {}).items():
+        lines.append(
+            f"\nSearch epochs / plain epochs inside Lightning (CPU time), target {target}: {mean:.3f} ± {std:.3f}"
+        )
     for part in ("main", "levers"):
         if part not in result:
             continue
@@ -476,7 +500,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         old = [r for r in result.get("main", {}).get("runs", []) if (r["target"], r["variant"]) not in redo]
         runs = sorted(old + new, key=lambda r: (-r["target"], r["variant"], r["seed"]))
         configs = {**result.get("main", {}).get("configs", {}), **{f"{t}/{v}": config for t, v in sorted(redo)}}
-        result["main"] = {"configs": configs, "runs": runs, "summary": summarise(runs, "variant")}
+        result["main"] = {
+            "configs": configs,
+            "runs": runs,
+            "summary": summarise(runs, "variant"),
+            "search_epoch_cpu_ratio": search_epoch_ratio(runs, args.search_epochs),
+        }
     if args.part in ("levers", "all"):
         result["levers"] = {
             "config": config,
