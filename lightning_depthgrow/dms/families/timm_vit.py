@@ -19,7 +19,6 @@ from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ...adapters.registry import BlockAdapter
 from ..sites import DMSFamily, GateSpec, Hook, gate_name, slice_linear_hidden, tied
 from ..topk import HEADS, WIDTH
 
@@ -87,9 +86,6 @@ class TimmViTFamily(DMSFamily):
     def depth_style(self, block: nn.Module) -> str | None:
         if type(block) in BLOCKS and isinstance(block.attn.proj, nn.Linear) and isinstance(block.mlp.fc2, nn.Linear):
             return "vit"
-        return None
-
-    def identity_skip(self, adapter: BlockAdapter, block: nn.Module) -> bool | None:
         return None
 
     def mask_hooks(self, model: nn.Module, spec: GateSpec, gates: Any, index: int, fold: Any) -> list[Hook]:
