@@ -494,12 +494,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for o in result["overhead"]:
             print(f"step time {o['supernet']}: ratio {o['ratio']:.3f} (target <= 1.15)", flush=True)
     if args.part in ("main", "all"):
-        # rows of other targets (an earlier invocation) stay; rows of the targets run now are replaced
+        # rows of an earlier invocation stay unless this one reruns their (target, variant, seed)
         new = main_part(args.seeds, args.epochs, args.search_epochs, args.targets, args.variants)
-        redo = {(r["target"], r["variant"]) for r in new}
-        old = [r for r in result.get("main", {}).get("runs", []) if (r["target"], r["variant"]) not in redo]
+        redo = {(r["target"], r["variant"], r["seed"]) for r in new}
+        old = [r for r in result.get("main", {}).get("runs", []) if (r["target"], r["variant"], r["seed"]) not in redo]
         runs = sorted(old + new, key=lambda r: (-r["target"], r["variant"], r["seed"]))
-        configs = {**result.get("main", {}).get("configs", {}), **{f"{t}/{v}": config for t, v in sorted(redo)}}
+        configs = {**result.get("main", {}).get("configs", {}), **{f"{t}/{v}/{s}": config for t, v, s in sorted(redo)}}
         result["main"] = {
             "configs": configs,
             "runs": runs,
