@@ -386,6 +386,28 @@ def levers_part(seeds: list[int], epochs: int, search_epochs: int, target: float
     return {"target": target, "levers": LEVERS, "runs": runs, "summary": summarise(runs, "lever", "variant")}
 
 
+PAIRS = [("dms_a", "uniform"), ("dms_a", "uniform_depth_width"), ("dms_b", "torch_pruning"), ("full", "uniform")]
+
+
+def paired_differences(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy differences of variant pairs on the same seed (same data order), mean +- std over seeds, per target."""
+    out: dict[str, Any] = {}
+    by_key = {(r["target"], r["variant"], r["seed"]): r["acc"] for r in runs}
+    targets = sorted({r["target"] for r in runs if r["target"] < 1.0}, reverse=True)
+    for target in targets:
+        for a, b in PAIRS:
+            ta = 1.0 if a == "full" else target
+            diffs = [
+                by_key[(ta, a, seed)] - by_key[(target, b, seed)]
+                for seed in sorted({r["seed"] for r in runs})
+                if (ta, a, seed) in by_key and (target, b, seed) in by_key
+            ]
+            if diffs:
+                wins = sum(d > 0 for d in diffs)
+                out[f"{target}: {a} - {b}"] = {"diff": _mean_std(diffs), "wins": wins, "n": len(diffs)}
+    return out
+
+
 def search_epoch_ratio(runs: list[dict[str, Any]], search_epochs: int) -> dict[str, Any]:
     """CPU time of DMS's search epochs over the same epochs of plain training, inside Lightning, per target.
 
@@ -452,6 +474,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"\nSearch epochs / plain epochs inside Lightning (CPU time), target {target}: {mean:.3f} ± {std:.3f}"
         )
+    paired = result.get("main", {}).get("paired")
+    if paired:
+        lines += ["", "## Paired differences (same seed)", "", "| pair | acc difference (mean ± std) | wins | n |"]
+        lines.append("|---|---|---|---|")
+        for label, p in paired.items():
+            lines.append(f"| {label} | {p['diff'][0]:+.4f} ± {p['diff'][1]:.4f} | {p['wins']} | {p['n']} |")
     for part in ("main", "levers"):
         if part not in result:
             continue
@@ -473,7 +501,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["overhead", "main", "levers", "all"], default="all")
+    parser.add_argument("--part", choices=["overhead", "main", "levers", "all", "report"], default="all")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--search-epochs", type=int, default=3)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
@@ -487,6 +515,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     result = {k: v for k, v in result.items() if k in ("config", "overhead", "main", "levers")}
     config = {k: v for k, v in vars(args).items() if k != "out"}
+    if args.part == "report":  # re-render the markdown (and derived numbers) from the stored runs
+        if "main" in result:
+            result["main"]["paired"] = paired_differences(result["main"]["runs"])
+            result["main"]["search_epoch_cpu_ratio"] = search_epoch_ratio(result["main"]["runs"], args.search_epochs)
+        args.out.write_text(json.dumps(result, indent=2))
+        args.out.with_suffix(".md").write_text(markdown(result))
+        print(markdown(result))
+        return result
     result["config"] = {**config, "supernet": SUPERNET, "torch": torch.__version__, "machine": platform.machine()}
     start = time.perf_counter()
     if args.part in ("overhead", "all"):
@@ -505,6 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "runs": runs,
             "summary": summarise(runs, "variant"),
             "search_epoch_cpu_ratio": search_epoch_ratio(runs, args.search_epochs),
+            "paired": paired_differences(runs),
         }
     if args.part in ("levers", "all"):
         result["levers"] = {
