@@ -254,8 +254,10 @@ def test_fit_to_budget_lands_near_the_budget_by_moving_width_first():
 
 
 def test_nothing_gateable_and_tied_dimensions_raise_clear_errors():
+    plain = nn.Module()
+    plain.body = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(UnsupportedModelError, match=r"nothing to gate.*Linear"):
-        attach_gates(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+        attach_gates(plain)
     vit = tiny_vit()
     vit.blocks[0].mlp.norm = nn.LayerNorm(64)
     with pytest.raises(UnsupportedModelError, match=r"MLP hidden units.*tied"):
