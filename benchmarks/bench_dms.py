@@ -456,7 +456,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     cfg = result.get("config", {})
-    lines.append(f"Config: {json.dumps({k: v for k, v in cfg.items() if k != 'out'})}")
+    lines.append(f"Last invocation: {json.dumps({k: v for k, v in cfg.items() if k != 'out'})}")
+    lines.append("The main part's default DMS settings (arch_lr 0.01, width-only last 20%) are the levers' baseline.")
     if "overhead" in result:
         lines += [
             "",
