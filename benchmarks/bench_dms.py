@@ -1,21 +1,35 @@
-"""Benchmark: Differentiable Model Scaling on MNIST-1D.
+"""Benchmark: Differentiable Model Scaling on MNIST-1D against a uniformly narrowed model and Torch-Pruning.
 
-1. Overhead: wall time of a DMS search step (soft masks, resource loss, importance update, projection)
-   over a plain training step of the same supernet (target <= 1.15), both measured here, interleaved,
-   on the tiny supernet below and on a DeiT-T-width one (embed 192, 6 blocks).
-2. Quality: for each seed, DMS searches a tiny timm ViT (4 blocks, width 64) down to ``--target`` of its
-   FLOPs for ``--search-epochs`` epochs and trains the exported model for the rest, against a uniformly
-   narrowed ViT (same depth, embed width scaled) of the closest FLOPs trained for the same total epochs,
-   same data and seed. Reports validation accuracy mean +- std and FLOPs ratios.
+All variants train the same tiny timm ViT family (supernet: 4 blocks, width 64, 4 heads, MLP 128) on the
+same data in the same order (per seed), for the same number of epochs:
 
-    python benchmarks/bench_dms.py --epochs 8 --search-epochs 4 --seeds 0 1 2
+- ``full``: the supernet.
+- ``uniform``: a ViT of the supernet's depth and heads, embed width and MLP width narrowed uniformly to
+  the target FLOPs (the hand-scaled model of equal FLOPs), trained from scratch.
+- ``dms_b`` (pipeline b, "search while training, export, continue"): DMS searches for ``search_epochs``
+  epochs, exports (sliced weights and optimizer state) and trains on.
+- ``dms_a`` (pipeline a, "search, export, train from scratch"): the architecture ``dms_b``'s search
+  found (:func:`~lightning_depthgrow.dms.export_architecture`), rebuilt from a freshly initialised
+  supernet (:func:`~lightning_depthgrow.dms.build_architecture`) and trained for the full epochs. Its search
+  is the first ``search_epochs`` epochs of ``dms_b``'s run; its cost is reported as a fraction of the total.
+- ``torch_pruning``: the supernet trained for ``search_epochs`` epochs, then pruned by Torch-Pruning
+  (``GroupTaylorImportance``, its timm-ViT recipe: embed width, MLP units and head dims) to the target
+  FLOPs, at the same point in training as DMS's export, and trained on (fresh AdamW moments, as
+  Torch-Pruning leaves the optimizer to the user; the LR schedule continues where it was).
 
-Writes ``benchmarks/results/dms.json``.
+FLOPs are counted by torch's ``FlopCounterMode`` (``lightning_depthgrow.measure.count_flops``). Parts:
+``overhead`` (search step / plain step), ``main`` (all variants at each target), ``levers`` (dynamics
+choices of the search, pipelines a and b at the first target). Each part updates its own key of the JSON.
+
+    python benchmarks/bench_dms.py --part main --epochs 10 --search-epochs 3 --targets 0.5 0.3
+
+Writes ``benchmarks/results/dms.json`` and ``benchmarks/results/dms.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -28,18 +42,35 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.common import Classifier, MNIST1DDataModule, make_vit, mnist1d_tensors
+from lightning_depthgrow.callbacks import event_log
 from lightning_depthgrow.callbacks.dms import DifferentiableModelScaling
-from lightning_depthgrow.dms import ResourceModel, attach_gates, update_importance
+from lightning_depthgrow.dms import (
+    ResourceModel,
+    attach_gates,
+    build_architecture,
+    export_architecture,
+    update_importance,
+)
 from lightning_depthgrow.measure import count_flops
 
 SUPERNET = {"depth": 4, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2.0}
 LARGE_SUPERNET = {"depth": 6, "embed_dim": 192, "num_heads": 3, "mlp_ratio": 4.0}  # DeiT-T width, 6 blocks
+EXAMPLE = torch.zeros(2, 1, 1, 40)
+# dynamics choices of the search, each against the defaults (arch_lr 0.01, width-only last 20%, the main part's
+# search length), which the main part measures
+LEVERS = {
+    "search_4_epochs": {"search_epochs": 4},
+    "arch_lr_0.03": {"arch_lr": 0.03},
+    "no_width_only_phase": {"schedule_fraction": 1.0},
+}
 
 
+# ----------------------------------------------------------------------------------------- overhead
 def _search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, search: bool) -> Callable[[], None]:
     """One AdamW step of ``model`` on ``(x, y)``; with ``search``, the DMS work the callback adds to a step."""
     gates = attach_gates(model) if search else None
@@ -62,14 +93,11 @@ def _search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, searc
     return step
 
 
-def step_overhead(supernet: dict[str, Any], steps: int = 10, repeats: int = 12) -> dict[str, Any]:
+def step_overhead(supernet: dict[str, Any], steps: int = 10, repeats: int = 8) -> dict[str, Any]:
     """Seconds per step of plain vs DMS-search training of the same supernet on one batch of 128.
 
-    Both models start from the same weights and see the same batch; each is warmed up, then timed in
-    ``repeats`` blocks of ``steps`` steps in alternating order (ABBA), so drift hits both. On a shared
-    machine load comes in phases that can cover a few blocks of one kind more than the other, so the
-    headline ``ratio`` is the median over repeats of search/plain of the two blocks timed back to back;
-    the ratio of medians and of the fastest blocks (noise only adds time) are reported with it.
+    Same weights and batch; warm-up, then ``repeats`` blocks of ``steps`` steps in ABBA order. The headline
+    ``ratio`` is the median of the back-to-back search/plain ratios (load on a shared machine comes in phases).
     """
     x, y, _, _ = mnist1d_tensors()
     x, y = x[:128], y[:128]
@@ -78,7 +106,7 @@ def step_overhead(supernet: dict[str, Any], steps: int = 10, repeats: int = 12) 
         torch.manual_seed(0)
         fns[name] = _search_step(make_vit(**supernet), x, y, search=name == "search")
         for _ in range(5):
-            fns[name]()  # warm-up
+            fns[name]()
     times: dict[str, list[float]] = {"plain": [], "search": []}
     for r in range(repeats):
         for name in ("plain", "search") if r % 2 == 0 else ("search", "plain"):
@@ -87,38 +115,37 @@ def step_overhead(supernet: dict[str, Any], steps: int = 10, repeats: int = 12) 
                 fns[name]()
             times[name].append((time.perf_counter() - start) / steps)
     plain, search = statistics.median(times["plain"]), statistics.median(times["search"])
-    paired = statistics.median(s / p for s, p in zip(times["search"], times["plain"]))
     return {
         "supernet": supernet,
         "plain_step_s": plain,
         "search_step_s": search,
-        "ratio": paired,
-        "ratio_of_medians": search / plain,
+        "ratio": statistics.median(s / p for s, p in zip(times["search"], times["plain"])),
         "ratio_of_minima": min(times["search"]) / min(times["plain"]),
-        "plain_all_s": times["plain"],
-        "search_all_s": times["search"],
     }
 
 
-def profile_search_step(supernet: dict[str, Any], steps: int = 10, rows: int = 25) -> str:
-    """``torch.profiler`` table (self CPU time) of ``steps`` DMS search steps."""
-    from torch.profiler import ProfilerActivity, profile
+# ----------------------------------------------------------------------------------------- training
+class EpochClock(Callback):
+    """Process CPU seconds of every training epoch (robust to other jobs on a shared machine)."""
 
-    x, y, _, _ = mnist1d_tensors()
-    torch.manual_seed(0)
-    step = _search_step(make_vit(**supernet), x[:128], y[:128], search=True)
-    for _ in range(3):
-        step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.process_time()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds.append(time.process_time() - self._start)
 
 
-def fit(model: Classifier, epochs: int, seed: int, callbacks: list) -> float:
+def fit(model: Classifier, epochs: int, seed: int, callbacks: list[Callback]) -> tuple[float, list[float]]:
+    """Train; returns the final validation accuracy and the CPU seconds of each training epoch."""
+    clock = EpochClock()
+    pl.seed_everything(seed, verbose=False)
     trainer = pl.Trainer(
         max_epochs=epochs,
-        callbacks=callbacks,
+        callbacks=[*callbacks, clock],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -127,103 +154,406 @@ def fit(model: Classifier, epochs: int, seed: int, callbacks: list) -> float:
         devices=1,
     )
     trainer.fit(model, MNIST1DDataModule(batch_size=128, seed=seed))
-    return float(trainer.callback_metrics["val_acc"])
+    return float(trainer.callback_metrics["val_acc"]), clock.seconds
 
 
-def uniform_vit(flops: float, example: torch.Tensor) -> torch.nn.Module:
-    """The supernet's depth and head count with the embed width (multiple of the heads) closest in FLOPs."""
-    heads = SUPERNET["num_heads"]
+def flops(model: torch.nn.Module) -> int:
+    return count_flops(model, EXAMPLE).total
+
+
+def uniform_vit(target_flops: float, depth: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Hand scaling to ``target_flops``: the supernet's heads and ``depth`` (default: the supernet's), the widest
+    embed width (a multiple of the heads) with MLP ratio 2 that fits the budget, then the MLP width that brings
+    the FLOPs closest to it (widths narrowed uniformly)."""
+    heads, depth = SUPERNET["num_heads"], depth or SUPERNET["depth"]
+    base = {**SUPERNET, "depth": depth}
+    dim = max(
+        d
+        for d in range(heads, SUPERNET["embed_dim"] + 1, heads)
+        if flops(make_vit(**{**base, "embed_dim": d})) <= target_flops
+    )
     best = None
-    for dim in range(heads, SUPERNET["embed_dim"] + 1, heads):
-        model = make_vit(**{**SUPERNET, "embed_dim": dim})
-        gap = abs(count_flops(model, example).total - flops)
+    for hidden in range(dim, 4 * dim + 1):
+        config = {**base, "embed_dim": dim, "mlp_ratio": (hidden + 0.5) / dim}
+        gap = abs(flops(make_vit(**config)) - target_flops)
         if best is None or gap < best[0]:
-            best = (gap, dim)
-    return make_vit(**{**SUPERNET, "embed_dim": best[1]})
+            best = (gap, config)
+        elif gap > best[0]:
+            break
+    return make_vit(**best[1]), {"embed_dim": dim, "mlp_hidden": int(dim * best[1]["mlp_ratio"]), "depth": depth}
 
 
-def quality(seed: int, epochs: int, search_epochs: int, target: float) -> dict[str, Any]:
-    example = torch.zeros(2, 1, 1, 40)
-    pl.seed_everything(seed, verbose=False)
-    dms_model = Classifier(make_vit(**SUPERNET), max_epochs=epochs)
-    full = count_flops(dms_model, example).total
-    dms = DifferentiableModelScaling(target=target, search_epochs=search_epochs)
-    dms_acc = fit(dms_model, epochs, seed, [dms])
-    dms_flops = count_flops(dms_model, example).total
-    pl.seed_everything(seed, verbose=False)
-    uniform = Classifier(uniform_vit(dms_flops, example), max_epochs=epochs)
-    uni_flops = count_flops(uniform, example).total
-    uni_acc = fit(uniform, epochs, seed, [])
+def uniform_depth_width_vit(target_flops: float, full_flops: float) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Depth and widths scaled by one factor ``f``: FLOPs go about as depth x width^2, so ``f = ratio ** (1/3)``;
+    depth ``round(f * depth)``, then the widths that fill the budget (:func:`uniform_vit`)."""
+    f = (target_flops / full_flops) ** (1 / 3)
+    return uniform_vit(target_flops, max(1, round(f * SUPERNET["depth"])))
+
+
+class TorchPruningAt(Callback):
+    """Torch-Pruning (Taylor importance, its timm ViT recipe) at the start of epoch ``epoch`` to ``target`` FLOPs."""
+
+    def __init__(self, epoch: int, target_flops: float, batches: int = 4) -> None:
+        self.epoch, self.target_flops, self.batches = epoch, target_flops, batches
+        self.report: dict[str, Any] = {}
+
+    def _pruned(self, net: torch.nn.Module, ratio: float, data: list) -> torch.nn.Module:
+        import torch_pruning as tp
+        from timm.layers import Attention
+
+        net.zero_grad()
+        for x, y in data:  # Taylor importance needs gradients
+            F.cross_entropy(net(x), y).backward()
+        attentions = [m for m in net.modules() if isinstance(m, Attention)]
+        pruner = tp.pruner.MetaPruner(
+            net,
+            EXAMPLE,
+            importance=tp.importance.GroupTaylorImportance(),
+            pruning_ratio=ratio,
+            ignored_layers=[net.head],
+            num_heads={m.qkv: m.num_heads for m in attentions},
+        )
+        pruner.step()
+        for m in attentions:
+            m.num_heads = pruner.num_heads[m.qkv]
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            m.attn_dim = m.num_heads * m.head_dim
+            m.scale = m.head_dim**-0.5
+        net.zero_grad(set_to_none=True)
+        return net
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        loader = trainer.datamodule.train_dataloader()
+        data = [b for _, b in zip(range(self.batches), loader)]
+        net = pl_module.model
+        before = flops(net)
+        lo, hi = 0.0, 0.95  # pruning ratio: bisect on copies for the FLOPs target
+        for _ in range(8):
+            mid = 0.5 * (lo + hi)
+            if flops(self._pruned(copy.deepcopy(net), mid, data)) > self.target_flops:
+                lo = mid
+            else:
+                hi = mid
+        candidates = [(abs(flops(self._pruned(copy.deepcopy(net), r, data)) - self.target_flops), r) for r in (lo, hi)]
+        ratio = min(candidates)[1]
+        pl_module.model = self._pruned(net, ratio, data)
+        trainer.strategy.setup_optimizers(trainer)  # fresh AdamW moments; the LR schedule continues
+        for config in trainer.lr_scheduler_configs:
+            config.scheduler.last_epoch = trainer.global_step - 1
+            config.scheduler.step()
+        self.report = {"pruning_ratio": ratio, "flops_before": before, "flops_after": flops(pl_module.model)}
+
+
+def run_dms(seed: int, epochs: int, target: float, full: int, **options: Any) -> dict[str, Any]:
+    """Pipeline b, then pipeline a on the architecture its search found."""
+    search_epochs = options.pop("search_epochs")
+    torch.manual_seed(seed)
+    model = Classifier(make_vit(**SUPERNET), max_epochs=epochs)
+    dms = DifferentiableModelScaling(target=target, search_epochs=search_epochs, **options)
+    acc_b, seconds_b = fit(model, epochs, seed, [dms])
+    log = event_log(model)
+    export = next(e for e in log if e.kind == "dms_export")
+    arch = export_architecture(model, log)
+    flops_b = flops(model.model)
+    torch.manual_seed(seed + 1000)  # a fresh supernet: new weights, same architecture
+    scratch = make_vit(**SUPERNET)
+    build_architecture(scratch, arch)
+    assert flops(scratch) == flops_b
+    acc_a, seconds_a = fit(Classifier(scratch, max_epochs=epochs), epochs, seed, [])
+    search_s = sum(seconds_b[:search_epochs])
     return {
-        "seed": seed,
-        "dms_acc": dms_acc,
-        "dms_flops_ratio": dms_flops / full,
-        "uniform_acc": uni_acc,
-        "uniform_flops_ratio": uni_flops / full,
-        "uniform_embed_dim": uniform.model.embed_dim,
-        "dms_depth": len(dms_model.model.blocks),
+        "dms_b": {"acc": acc_b, "flops_ratio": flops_b / full, "seconds": sum(seconds_b), "epoch_seconds": seconds_b},
+        "dms_a": {
+            "acc": acc_a,
+            "flops_ratio": flops_b / full,
+            "seconds": search_s + sum(seconds_a),
+            "search_fraction": search_s / (search_s + sum(seconds_a)),
+        },
+        "searched_ratio": export.reason.get("searched_ratio"),
+        "architecture": arch["summary"],
+        "depth": len(model.model.blocks),
     }
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+VARIANTS = ("full", "uniform", "uniform_depth_width", "dms", "torch_pruning")
+
+
+def main_part(
+    seeds: list[int], epochs: int, search_epochs: int, targets: list[float], variants: list[str]
+) -> list[dict[str, Any]]:
+    full_flops = flops(make_vit(**SUPERNET))
+    runs: list[dict[str, Any]] = []
+    for seed in seeds:
+        if "full" in variants:
+            torch.manual_seed(seed)
+            acc, seconds = fit(Classifier(make_vit(**SUPERNET), max_epochs=epochs), epochs, seed, [])
+            runs.append(
+                {
+                    "seed": seed,
+                    "target": 1.0,
+                    "variant": "full",
+                    "acc": acc,
+                    "flops_ratio": 1.0,
+                    "seconds": sum(seconds),
+                }
+            )
+            print(f"seed {seed} full: {acc:.3f}", flush=True)
+        for target in targets:
+            row = {"seed": seed, "target": target}
+            for variant in ("uniform", "uniform_depth_width"):
+                if variant not in variants:
+                    continue
+                torch.manual_seed(seed)
+                if variant == "uniform":
+                    narrow, config = uniform_vit(target * full_flops)
+                else:
+                    narrow, config = uniform_depth_width_vit(target * full_flops, full_flops)
+                acc, seconds = fit(Classifier(narrow, max_epochs=epochs), epochs, seed, [])
+                runs.append(
+                    {
+                        **row,
+                        "variant": variant,
+                        "acc": acc,
+                        "flops_ratio": flops(narrow) / full_flops,
+                        "seconds": sum(seconds),
+                        **config,
+                    }
+                )
+            if "dms" in variants:
+                dms = run_dms(seed, epochs, target, full_flops, search_epochs=search_epochs)
+            for variant in ("dms_b", "dms_a") if "dms" in variants else ():
+                runs.append(
+                    {
+                        **row,
+                        "variant": variant,
+                        **dms[variant],
+                        "architecture": dms["architecture"],
+                        "searched_ratio": dms["searched_ratio"],
+                    }
+                )
+            if "torch_pruning" in variants:
+                torch.manual_seed(seed)
+                model = Classifier(make_vit(**SUPERNET), max_epochs=epochs)
+                tp = TorchPruningAt(search_epochs, target * full_flops)
+                acc, seconds = fit(model, epochs, seed, [tp])
+                runs.append(
+                    {
+                        **row,
+                        "variant": "torch_pruning",
+                        "acc": acc,
+                        "flops_ratio": flops(model.model) / full_flops,
+                        "seconds": sum(seconds),
+                        "epoch_seconds": seconds,
+                        **tp.report,
+                    }
+                )
+            print(
+                f"seed {seed} target {target}: "
+                + ", ".join(
+                    f"{r['variant']} {r['acc']:.3f} ({r['flops_ratio']:.3f})"
+                    for r in runs
+                    if r["seed"] == seed and r["target"] == target
+                ),
+                flush=True,
+            )
+    return runs
+
+
+def levers_part(seeds: list[int], epochs: int, search_epochs: int, target: float) -> dict[str, Any]:
+    full_flops = flops(make_vit(**SUPERNET))
+    runs = []
+    for name, options in LEVERS.items():
+        for seed in seeds:
+            dms = run_dms(seed, epochs, target, full_flops, **{"search_epochs": search_epochs, **options})
+            for variant in ("dms_b", "dms_a"):
+                runs.append(
+                    {
+                        "seed": seed,
+                        "lever": name,
+                        "variant": variant,
+                        **dms[variant],
+                        "architecture": dms["architecture"],
+                        "searched_ratio": dms["searched_ratio"],
+                    }
+                )
+            print(
+                f"lever {name} seed {seed}: b {dms['dms_b']['acc']:.3f} a {dms['dms_a']['acc']:.3f} "
+                f"searched {dms['searched_ratio']:.3f} exported {dms['dms_b']['flops_ratio']:.3f}",
+                flush=True,
+            )
+    return {"target": target, "levers": LEVERS, "runs": runs, "summary": summarise(runs, "lever", "variant")}
+
+
+PAIRS = [("dms_a", "uniform"), ("dms_a", "uniform_depth_width"), ("dms_b", "torch_pruning"), ("full", "uniform")]
+
+
+def paired_differences(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy differences of variant pairs on the same seed (same data order), mean +- std over seeds, per target."""
+    out: dict[str, Any] = {}
+    by_key = {(r["target"], r["variant"], r["seed"]): r["acc"] for r in runs}
+    targets = sorted({r["target"] for r in runs if r["target"] < 1.0}, reverse=True)
+    for target in targets:
+        for a, b in PAIRS:
+            ta = 1.0 if a == "full" else target
+            diffs = [
+                by_key[(ta, a, seed)] - by_key[(target, b, seed)]
+                for seed in sorted({r["seed"] for r in runs})
+                if (ta, a, seed) in by_key and (target, b, seed) in by_key
+            ]
+            if diffs:
+                wins = sum(d > 0 for d in diffs)
+                out[f"{target}: {a} - {b}"] = {"diff": _mean_std(diffs), "wins": wins, "n": len(diffs)}
+    return out
+
+
+def search_epoch_ratio(runs: list[dict[str, Any]], search_epochs: int) -> dict[str, Any]:
+    """CPU time of DMS's search epochs over the same epochs of plain training, inside Lightning, per target.
+
+    The plain epochs are Torch-Pruning's run before it prunes: the same supernet, data and order.
+    """
+    out: dict[str, Any] = {}
+    for target in sorted({r["target"] for r in runs if r["variant"] == "dms_b" and "epoch_seconds" in r}):
+        ratios = []
+        for b in (r for r in runs if r["variant"] == "dms_b" and r["target"] == target and "epoch_seconds" in r):
+            plain = [
+                r for r in runs if r["variant"] == "torch_pruning" and r["target"] == target and r["seed"] == b["seed"]
+            ]
+            if plain and "epoch_seconds" in plain[0]:
+                ratios.append(sum(b["epoch_seconds"][:search_epochs]) / sum(plain[0]["epoch_seconds"][:search_epochs]))
+        if ratios:
+            out[str(target)] = _mean_std(ratios)
+    return out
+
+
+def _mean_std(values: list[float]) -> list[float]:
+    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+
+
+def summarise(runs: list[dict[str, Any]], *keys: str) -> dict[str, Any]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        label = "/".join(str(r[k]) for k in (("target",) if "target" in r else ()) + keys)
+        groups.setdefault(label, []).append(r)
+    out = {}
+    for label, rows in groups.items():
+        out[label] = {
+            "acc": _mean_std([r["acc"] for r in rows]),
+            "flops_ratio": _mean_std([r["flops_ratio"] for r in rows]),
+            "n": len(rows),
+        }
+        if "search_fraction" in rows[0]:
+            out[label]["search_fraction"] = _mean_std([r["search_fraction"] for r in rows])
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# DMS benchmark (MNIST-1D, tiny timm ViT)",
+        "",
+        "Generated by `benchmarks/bench_dms.py`; see its docstring.",
+        "",
+    ]
+    cfg = result.get("config", {})
+    lines.append(f"Last invocation: {json.dumps({k: v for k, v in cfg.items() if k != 'out'})}")
+    lines.append("The main part's default DMS settings (arch_lr 0.01, width-only last 20%) are the levers' baseline.")
+    if "overhead" in result:
+        lines += [
+            "",
+            "## Search step / plain step",
+            "",
+            "| supernet | plain ms | search ms | ratio (target <= 1.15) |",
+            "|---|---|---|---|",
+        ]
+        for o in result["overhead"]:
+            lines.append(
+                f"| {o['supernet']} | {o['plain_step_s'] * 1e3:.1f} | {o['search_step_s'] * 1e3:.1f} "
+                f"| {o['ratio']:.3f} |"
+            )
+    for target, (mean, std) in result.get("main", {}).get("search_epoch_cpu_ratio", {}).items():
+        lines.append(
+            f"\nSearch epochs / plain epochs inside Lightning (CPU time), target {target}: {mean:.3f} ± {std:.3f}"
+        )
+    paired = result.get("main", {}).get("paired")
+    if paired:
+        lines += ["", "## Paired differences (same seed)", "", "| pair | acc difference (mean ± std) | wins | n |"]
+        lines.append("|---|---|---|---|")
+        for label, p in paired.items():
+            lines.append(f"| {label} | {p['diff'][0]:+.4f} ± {p['diff'][1]:.4f} | {p['wins']} | {p['n']} |")
+    for part in ("main", "levers"):
+        if part not in result:
+            continue
+        lines += [
+            "",
+            f"## {part}",
+            "",
+            "| group | val acc (mean ± std) | FLOPs / supernet | search cost / total | n |",
+            "|---|---|---|---|---|",
+        ]
+        for label, s in result[part]["summary"].items():
+            frac = f"{s['search_fraction'][0]:.3f}" if "search_fraction" in s else ""
+            lines.append(
+                f"| {label} | {s['acc'][0]:.4f} ± {s['acc'][1]:.4f} "
+                f"| {s['flops_ratio'][0]:.3f} ± {s['flops_ratio'][1]:.3f} | {frac} | {s['n']} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--search-epochs", type=int, default=4)
-    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--part", choices=["overhead", "main", "levers", "all", "report"], default="all")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--search-epochs", type=int, default=3)
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="main part")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of a search step")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "dms.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    mnist1d_tensors()  # generate the data set once, outside the timed parts
-
-    overhead = [step_overhead(net) for net in (SUPERNET, LARGE_SUPERNET)]
-    for o in overhead:
-        print(
-            f"step time {o['supernet']}: plain {o['plain_step_s'] * 1e3:.1f} ms, DMS search "
-            f"{o['search_step_s'] * 1e3:.1f} ms, ratio {o['ratio']:.3f} (target <= 1.15; of medians "
-            f"{o['ratio_of_medians']:.3f}, of minima {o['ratio_of_minima']:.3f})",
-            flush=True,
-        )
-    if args.profile:
-        print(profile_search_step(SUPERNET), flush=True)
-    runs = []
-    for seed in args.seeds:
-        runs.append(quality(seed, args.epochs, args.search_epochs, args.target))
-        r = runs[-1]
-        print(
-            f"seed {seed}: DMS acc {r['dms_acc']:.3f} (FLOPs {r['dms_flops_ratio']:.3f}, depth {r['dms_depth']}) | "
-            f"uniform acc {r['uniform_acc']:.3f} (FLOPs {r['uniform_flops_ratio']:.3f}, "
-            f"dim {r['uniform_embed_dim']})",
-            flush=True,
-        )
-    summary = {
-        k: _mean_std([r[k] for r in runs]) for k in ("dms_acc", "uniform_acc", "dms_flops_ratio", "uniform_flops_ratio")
-    }
-    print("\n| variant | val acc (mean +- std) | FLOPs / supernet |\n|---|---|---|")
-    for name in ("dms", "uniform"):
-        acc, flops = summary[f"{name}_acc"], summary[f"{name}_flops_ratio"]
-        print(f"| {name} | {acc[0]:.4f} +- {acc[1]:.4f} | {flops[0]:.3f} |")
-    result = {
-        "config": {
-            **vars(args),
-            "out": str(args.out),
-            "supernet": SUPERNET,
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
-        "overhead": overhead,
-        "runs": runs,
-        "summary": summary,
-    }
+    mnist1d_tensors()
+    result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result = {k: v for k, v in result.items() if k in ("config", "overhead", "main", "levers")}
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    if args.part == "report":  # re-render the markdown (and derived numbers) from the stored runs
+        if "main" in result:
+            result["main"]["paired"] = paired_differences(result["main"]["runs"])
+            result["main"]["search_epoch_cpu_ratio"] = search_epoch_ratio(result["main"]["runs"], args.search_epochs)
+        args.out.write_text(json.dumps(result, indent=2))
+        args.out.with_suffix(".md").write_text(markdown(result))
+        print(markdown(result))
+        return result
+    result["config"] = {**config, "supernet": SUPERNET, "torch": torch.__version__, "machine": platform.machine()}
+    start = time.perf_counter()
+    if args.part in ("overhead", "all"):
+        result["overhead"] = [step_overhead(net) for net in (SUPERNET, LARGE_SUPERNET)]
+        for o in result["overhead"]:
+            print(f"step time {o['supernet']}: ratio {o['ratio']:.3f} (target <= 1.15)", flush=True)
+    if args.part in ("main", "all"):
+        # rows of an earlier invocation stay unless this one reruns their (target, variant, seed)
+        new = main_part(args.seeds, args.epochs, args.search_epochs, args.targets, args.variants)
+        redo = {(r["target"], r["variant"], r["seed"]) for r in new}
+        old = [r for r in result.get("main", {}).get("runs", []) if (r["target"], r["variant"], r["seed"]) not in redo]
+        runs = sorted(old + new, key=lambda r: (-r["target"], r["variant"], r["seed"]))
+        configs = {**result.get("main", {}).get("configs", {}), **{f"{t}/{v}/{s}": config for t, v, s in sorted(redo)}}
+        result["main"] = {
+            "configs": configs,
+            "runs": runs,
+            "summary": summarise(runs, "variant"),
+            "search_epoch_cpu_ratio": search_epoch_ratio(runs, args.search_epochs),
+            "paired": paired_differences(runs),
+        }
+    if args.part in ("levers", "all"):
+        result["levers"] = {
+            "config": config,
+            **levers_part(args.seeds, args.epochs, args.search_epochs, args.targets[0]),
+        }
+    result["config"]["wall_s"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
     return result
 
 

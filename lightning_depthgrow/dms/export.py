@@ -9,14 +9,12 @@ first; only then is the model mutated, so a failing export leaves the model as i
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor, nn
 
 from ..adapters.registry import UnsupportedModelError
 from ..events import AppliedChange
 from .gates import DMSGates, find_gates, remove_gates
+from .sites import family_for_site
 
 
 class _Slices:
@@ -36,45 +34,6 @@ class _Slices:
 
     def attr(self, module: nn.Module, name: str, value: int) -> None:
         self.attrs.append((module, name, value))
-
-
-def _head_rows(keep: list[int], heads: int, head_dim: int, parts: int) -> Tensor:
-    rows = [p * heads * head_dim + h * head_dim + d for p in range(parts) for h in keep for d in range(head_dim)]
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def _plan_width(model: nn.Module, spec: dict[str, Any], keep: list[int], slices: _Slices) -> None:
-    idx = torch.tensor(keep, dtype=torch.long)
-    if spec["site"] == "vit_mlp":
-        mlp = model.get_submodule(spec["block"] + ".mlp")
-        slices.add(mlp.fc1, ["weight", "bias"], 0, idx)
-        slices.add(mlp.fc2, ["weight"], 1, idx)
-        slices.attr(mlp.fc1, "out_features", len(keep))
-        slices.attr(mlp.fc2, "in_features", len(keep))
-    elif spec["site"] == "vit_heads":
-        attn = model.get_submodule(spec["block"] + ".attn")
-        heads, head_dim = attn.num_heads, attn.head_dim
-        slices.add(attn.qkv, ["weight", "bias"], 0, _head_rows(keep, heads, head_dim, 3))
-        slices.attr(attn.qkv, "out_features", 3 * len(keep) * head_dim)
-        if getattr(attn, "gate", None) is not None:
-            slices.add(attn.gate, ["weight", "bias"], 0, _head_rows(keep, heads, head_dim, 1))
-            slices.attr(attn.gate, "out_features", len(keep) * head_dim)
-        slices.add(attn.proj, ["weight"], 1, _head_rows(keep, heads, head_dim, 1))
-        slices.attr(attn.proj, "in_features", len(keep) * head_dim)
-        slices.attr(attn, "num_heads", len(keep))
-        slices.attr(attn, "attn_dim", len(keep) * head_dim)
-    elif spec["site"] == "conv_width":
-        block = model.get_submodule(spec["block"])
-        producer, norm = block.get_submodule(spec["producer"]), block.get_submodule(spec["norm"])
-        consumer = block.get_submodule(spec["consumer"])
-        slices.add(producer, ["weight", "bias"], 0, idx)
-        slices.add(norm, ["weight", "bias", "running_mean", "running_var"], 0, idx)
-        slices.add(consumer, ["weight"], 1, idx)
-        slices.attr(producer, "out_channels", len(keep))
-        slices.attr(norm, "num_features", len(keep))
-        slices.attr(consumer, "in_channels", len(keep))
-    else:
-        raise UnsupportedModelError(f"unknown DMS gate site {spec['site']!r}")
 
 
 def _validate_keep(gates: DMSGates, keep: dict[str, list[int]]) -> None:
@@ -133,7 +92,7 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
     for s in gates.specs:
         if s["site"] == "depth" or _inside(model, s["block"], removed_blocks):
             continue
-        _plan_width(model, s, keep[s["name"]], slices)
+        family_for_site(s["site"]).plan_export(model, s, keep[s["name"]], slices)
 
     # Build and check every new tensor before touching the model, so a bad index leaves it intact.
     new_tensors: list[tuple[nn.Module, str, Tensor, tuple[Tensor | None, ...]]] = []

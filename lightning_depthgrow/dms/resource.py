@@ -1,16 +1,21 @@
 """Soft FLOPs and parameter counts as differentiable functions of the DMS masks.
 
-One forward pass records every ``nn.Linear``/``nn.Conv*`` call and every timm ``Attention`` call
-(their FLOPs follow from shapes: ``2 * out_elements * in_channels/groups * kernel`` for a layer,
-``4 B H T^2 D`` for attention, the convention of :class:`torch.utils.flop_counter.FlopCounterMode`).
-Each count is then a *term*: its full size times the kept fraction of every gate on its input and
-output channels (a linear layer scales with kept-in x kept-out, attention with kept heads), times the
-mask of the block that contains it. Counts use the straight-through estimator: the forward value is
-the hard count (what export keeps), the gradient that of the soft masks.
+The FLOPs come from torch's own :class:`torch.utils.flop_counter.FlopCounterMode`, run once on the
+model (math attention kernel, so fused kernels are counted as their matmuls): every module's *own*
+FLOPs (its count minus its sub-modules'). Each count is then a *term*: that number times the kept
+fraction of every gate the module's family declares on its inputs, outputs or heads
+(:meth:`~lightning_depthgrow.dms.sites.DMSFamily.resource_roles`), times the mask of the block that
+contains it. Whatever the counter counts (HF ``Conv1D``'s addmm, Eva's attention, any matmul in a
+forward) is in the total; only how it scales comes from the families. Counts use the
+straight-through estimator: the forward value is the hard count (what export keeps), the gradient
+that of the soft masks.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,18 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..measure import count_flops
 from .gates import CONTAINER, DMSGates
+from .sites import ROLES, family_for_site
+from .topk import DEPTH, HEADS, WIDTH
 
 Factor = tuple  # ("frac", gate) or ("elem", gate, index)
-
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _layer_flops(module: nn.Module, output: Tensor) -> int:
-    if isinstance(module, nn.Linear):
-        return 2 * (output.numel() // module.out_features) * module.in_features * module.out_features
-    kernel = int(torch.tensor(module.kernel_size).prod())
-    return 2 * output.numel() * (module.in_channels // module.groups) * kernel
 
 
 @dataclass
@@ -59,28 +58,29 @@ class ResourceModel:
 
     @classmethod
     def build(cls, model: nn.Module, example_input: Any) -> ResourceModel:
-        """Record one forward pass of ``model`` (eval, no grad) and derive the terms from its gates."""
+        """Count ``model``'s FLOPs once (eval, no grad, FlopCounterMode) and derive the terms from its gates."""
         gates = model._modules.get(CONTAINER)
         specs = gates.specs if isinstance(gates, DMSGates) else []
-        in_gate, out_gate, norm_gate, head_gate, block_elem = _factor_maps(model, specs)
-        flops = _record_flops(model, example_input)
+        roles, block_elem = _factor_maps(model, specs)
+        flops = _own_flops(model, example_input)
         res = cls()
+        seen: set[int] = set()
         for name, module in model.named_modules():
             if name == CONTAINER or name.startswith(CONTAINER + "."):
                 continue
             elem = _enclosing(name, block_elem)
+            role = roles.get(name, {})
             for pname, p in module.named_parameters(recurse=False):
-                if isinstance(module, _LAYERS):
-                    factors = [out_gate.get(name)] + ([in_gate.get(name)] if pname == "weight" else [])
+                if id(p) in seen:  # tied weights count once, as count_parameters does
+                    continue
+                seen.add(id(p))
+                if "norm" in role:
+                    factors = [role["norm"]]
                 else:
-                    factors = [norm_gate.get(name)]
+                    factors = [role.get("out")] + ([role.get("in")] if pname == "weight" else [])
                 res._add([*factors, elem], 0.0, float(p.numel()))
-            for kind, count in flops.get(name, []):
-                if kind == "layer":
-                    factors = [in_gate.get(name), out_gate.get(name)]
-                else:
-                    factors = [head_gate.get(name)]
-                res._add([*factors, elem], float(count), 0.0)
+            if flops.get(name):
+                res._add([role.get("in"), role.get("out"), role.get("heads"), elem], float(flops[name]), 0.0)
         res.full_flops = sum(v[0] for v in res.terms.values())
         res.full_params = sum(v[1] for v in res.terms.values())
         return res
@@ -163,31 +163,20 @@ def _ratios_at_max(gates: DMSGates) -> Iterator[None]:
                 g.importance.copy_(importance)
 
 
-def _factor_maps(model: nn.Module, specs: list[dict]) -> tuple[dict, dict, dict, dict, dict]:
-    in_gate: dict[str, Factor] = {}
-    out_gate: dict[str, Factor] = {}
-    norm_gate: dict[str, Factor] = {}
-    head_gate: dict[str, Factor] = {}
+def _factor_maps(model: nn.Module, specs: list[dict]) -> tuple[dict[str, dict[str, Factor]], dict[str, Factor]]:
+    """``({module path: {role: gate factor}}, {block path: depth element factor})`` from the gate specs."""
+    roles: dict[str, dict[str, Factor]] = {}
     block_elem: dict[str, Factor] = {}
     for s in specs:
-        frac: Factor = ("frac", s["name"])
-        if s["site"] == "vit_mlp":
-            out_gate[s["block"] + ".mlp.fc1"] = frac
-            in_gate[s["block"] + ".mlp.fc2"] = frac
-        elif s["site"] == "vit_heads":
-            attn = s["block"] + ".attn"
-            out_gate[attn + ".qkv"] = frac
-            out_gate[attn + ".gate"] = frac
-            in_gate[attn + ".proj"] = frac
-            head_gate[attn] = frac
-        elif s["site"] == "conv_width":
-            out_gate[f"{s['block']}.{s['producer']}"] = frac
-            norm_gate[f"{s['block']}.{s['norm']}"] = frac
-            in_gate[f"{s['block']}.{s['consumer']}"] = frac
-        elif s["site"] == "depth":
+        if s["site"] == "depth":
             for j, i in enumerate(s["blocks"]):
                 block_elem[f"{s['stack']}.{i}"] = ("elem", s["name"], j)
-    return in_gate, out_gate, norm_gate, head_gate, block_elem
+            continue
+        for role, path in family_for_site(s["site"]).resource_roles(model, s):
+            if role not in ROLES:
+                raise ValueError(f"unknown resource role {role!r} for gate {s['name']}; expected one of {ROLES}")
+            roles.setdefault(path, {})[role] = ("frac", s["name"])
+    return roles, block_elem
 
 
 def _enclosing(name: str, block_elem: dict[str, Factor]) -> Factor | None:
@@ -199,75 +188,189 @@ def _enclosing(name: str, block_elem: dict[str, Factor]) -> Factor | None:
     return None
 
 
-def _attention_types() -> tuple[type, ...]:
-    try:
-        from timm.layers import Attention
-    except ImportError:
-        return ()
-    return (Attention,)
+def _own_flops(model: nn.Module, example_input: Any) -> dict[str, int]:
+    """``{module path: FLOPs of the module itself, without its sub-modules}`` for one forward pass."""
+    inclusive = count_flops(model, example_input).per_module
+    own = dict(inclusive)
+    for name, count in inclusive.items():
+        if not name:
+            continue
+        parent = name
+        while parent:
+            parent = parent.rpartition(".")[0]
+            if parent in inclusive:
+                own[parent] -= count
+                break
+    return own
 
 
-def _record_flops(model: nn.Module, example_input: Any) -> dict[str, list]:
-    """``{module name: [("layer" | "attention", flops), ...]}`` for one eval forward pass."""
-    records: dict[str, list] = {}
-    handles = []
-    attention = _attention_types()
+@dataclass
+class BudgetFit:
+    """What :func:`fit_architecture` chose: keep counts per gate and the count they give.
 
-    def layer_hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            records.setdefault(name, []).append(("layer", _layer_flops(module, output)))
+    Attributes:
+        keep: elements kept per gate name.
+        value: the hard count (FLOPs or parameters) of that architecture.
+        budget: the count asked for.
+        searched: the hard count of the searched architecture (before fitting).
+        changed: elements whose keep changed, summed over gates (``sum |k - k_searched|``).
+        depth_changed: blocks added back or removed, summed over depth gates.
+        within: whether ``value`` is within the tolerance of ``budget`` (either side).
+    """
 
-        return hook
+    keep: dict[str, int]
+    value: float
+    budget: float
+    searched: float
+    changed: int
+    depth_changed: int
+    within: bool
 
-    def attention_hook(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            b, t, _ = args[0].shape
-            records.setdefault(name, []).append(("attention", 4 * b * module.num_heads * t * t * module.head_dim))
+    @property
+    def deviation(self) -> float:
+        """``value / budget - 1`` (negative: below the budget)."""
+        return self.value / self.budget - 1.0
 
-        return hook
 
-    for name, module in model.named_modules():
-        if isinstance(module, _LAYERS):
-            handles.append(module.register_forward_hook(layer_hook(name)))
-        elif attention and type(module) in attention:
-            handles.append(module.register_forward_pre_hook(attention_hook(name)))
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            if isinstance(example_input, dict):
-                model(**example_input)
-            elif isinstance(example_input, (tuple, list)):
-                model(*example_input)
-            else:
-                model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes:
-            m.training = training
-    return records
+def _set_keep(gate: Any, k: int) -> None:
+    # the hard mask keeps exactly k elements at a = (n - k + 1/4) / n (ranks sit at (i + 1/2) / n)
+    gate.ratio.fill_((gate.n - k + 0.25) / gate.n)
+    if gate.frozen:
+        gate.frozen_ratio.fill_(gate.ratio.item())
 
 
 @torch.no_grad()
-def fit_to_budget(gates: DMSGates, resources: ResourceModel, budget: float, resource: str = "flops") -> int:
-    """Drop width elements one at a time until the hard count is within ``budget``; returns how many.
+def fit_architecture(
+    gates: DMSGates, resources: ResourceModel, budget: float, resource: str = "flops", tolerance: float = 0.05
+) -> BudgetFit:
+    """Choose depth and width jointly so the hard count lands within ``tolerance`` of ``budget``, either side.
 
-    The search ends near its target but may sit just above it (the resource loss is zero below the
-    target, so the task loss pushes back up). Each round removes the least important kept element of
-    the relatively widest width gate by raising that gate's ratio by one element. Deterministic, so
-    every rank reaches the same masks.
+    A search ends near its target, but depth moves in coarse steps (one block of four is 25% of a
+    ViT), so its hard count can sit well below or above. Starting from the searched keep counts, each
+    candidate fixes the depth gates (the searched depth first, then depths further from it) and scales
+    every width gate's searched keep count by one common factor ``s`` (the searched *relative* widths
+    stay), found by bisection so the count comes closest to ``budget``; if widths alone cannot get
+    there, heads are scaled with them. Elements are added or removed in importance order (the gates'
+    ranking), so the most important ones stay. The chosen candidate is the one within tolerance that
+    changes depth least, then does not touch heads, then scales widths least; if none is within
+    tolerance, the closest. The gates' ratios are set to it (and their frozen values, if frozen).
+    Deterministic, so every rank reaches the same masks. Gates whose importances are all equal (never
+    updated) keep what they keep.
+
+    Example:
+        >>> import timm
+        >>> from lightning_depthgrow.dms import attach_gates, set_importance
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4)
+        >>> gates = attach_gates(vit)
+        >>> set_importance(gates, {n: torch.arange(g.n, dtype=torch.float) + 1 for n, g in gates.gates.items()})
+        >>> res = ResourceModel.build(vit, torch.zeros(1, 3, 32, 32))
+        >>> fit = fit_architecture(gates, res, 0.4 * res.full_flops)
+        >>> fit.within, abs(float(res.evaluate(gates, hard=True)) / (0.4 * res.full_flops) - 1) <= 0.05
+        (True, True)
     """
-    removed = 0
-    while float(resources.evaluate(gates, resource, hard=True)) > budget:
-        candidates = [g for g in gates.gate_list() if g.kind == "width" and g.keep_count() > g.min_keep]
-        if not candidates:
-            break
-        gate = max(candidates, key=lambda g: g.keep_count() / g.n)
-        k = gate.keep_count() - 1
-        # keep count is n - ceil(a n - 1/2): a = (n - k + 1/4) / n keeps exactly k
-        gate.ratio.fill_((gate.n - k + 0.25) / gate.n)
-        if gate.frozen:
-            gate.frozen_ratio.fill_(gate.ratio.item())
-        removed += 1
-    return removed
+    if not budget > 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    names = list(gates.gates)
+    by_name = gates.gates
+    searched_keep = {n: g.keep_count() for n, g in by_name.items()}
+    free = {n for n, g in by_name.items() if not g.all_equal()}
+    lowest = {n: max(g.min_keep, 0 if g.kind == DEPTH else 1) for n, g in by_name.items()}
+
+    def cost(keep: dict[str, int]) -> float:
+        for n in free:
+            _set_keep(by_name[n], keep[n])
+        return float(resources.evaluate(gates, resource, hard=True))
+
+    searched = cost(searched_keep)
+    depth_names = [n for n in names if n in free and by_name[n].kind == DEPTH]
+    fills = [[n for n in names if n in free and by_name[n].kind == WIDTH]]
+    head_names = [n for n in names if n in free and by_name[n].kind == HEADS]
+    if head_names:
+        fills.append(fills[0] + head_names)
+
+    def scaled(base: dict[str, int], fill: list[str], s: float) -> dict[str, int]:
+        out = dict(base)
+        for n in fill:
+            out[n] = min(by_name[n].n, max(lowest[n], round(s * base[n])))
+        return out
+
+    def best_scale(base: dict[str, int], fill: list[str]) -> tuple[dict[str, int], float, float]:
+        """The keep counts (and their cost, and ``s``) whose cost is closest to the budget."""
+        if not fill:
+            return base, cost(base), 1.0
+        top = max(by_name[n].n / max(base[n], 1) for n in fill) + 1.0
+        lo, hi = 0.0, top
+        c_lo, c_hi = cost(scaled(base, fill, lo)), cost(scaled(base, fill, hi))
+        if c_lo >= budget:
+            return scaled(base, fill, lo), c_lo, lo
+        if c_hi <= budget:
+            return scaled(base, fill, hi), c_hi, hi
+        for _ in range(40):  # invariant: cost(lo) <= budget < cost(hi)
+            mid = 0.5 * (lo + hi)
+            c = cost(scaled(base, fill, mid))
+            if c <= budget:
+                lo, c_lo = mid, c
+            else:
+                hi, c_hi = mid, c
+        if budget - c_lo <= c_hi - budget:
+            return scaled(base, fill, lo), c_lo, lo
+        return scaled(base, fill, hi), c_hi, hi
+
+    # depth choices ordered by how far they move from the searched depth
+    ranges = [range(lowest[n], by_name[n].n + 1) for n in depth_names]
+    if math.prod(len(r) for r in ranges) > 512:  # many stacks: stay within two blocks of the searched depth
+        ranges = [
+            range(max(r.start, searched_keep[n] - 2), min(r.stop, searched_keep[n] + 3))
+            for n, r in zip(depth_names, ranges)
+        ]
+    choices = [dict(zip(depth_names, ks)) for ks in itertools.product(*ranges)]
+    choices.sort(key=lambda d: (sum(abs(d[n] - searched_keep[n]) for n in depth_names), sorted(d.items())))
+
+    best: tuple[tuple, dict[str, int], float] | None = None
+    found_at: int | None = None
+    for choice in choices:
+        moved = sum(abs(choice[n] - searched_keep[n]) for n in depth_names)
+        if found_at is not None and moved > found_at:
+            break  # a nearer depth already lands within tolerance
+        for uses_heads, fill in enumerate(fills):
+            keep, c, s = best_scale({**searched_keep, **choice}, fill)
+            within = abs(c / budget - 1.0) <= tolerance
+            key = (0, moved, uses_heads, abs(math.log(max(s, 1e-9)))) if within else (1, abs(c / budget - 1.0))
+            if best is None or key < best[0]:
+                best = (key, keep, c)
+            if within:
+                found_at = moved
+                break  # widths alone suffice for this depth: do not touch heads
+
+    assert best is not None
+    _, keep, value = best
+    cost(keep)
+    return BudgetFit(
+        keep=keep,
+        value=value,
+        budget=budget,
+        searched=searched,
+        changed=sum(abs(keep[n] - searched_keep[n]) for n in names),
+        depth_changed=sum(abs(keep[n] - searched_keep[n]) for n in depth_names),
+        within=abs(value / budget - 1.0) <= tolerance,
+    )
+
+
+def fit_to_budget(
+    gates: DMSGates, resources: ResourceModel, budget: float, resource: str = "flops", tolerance: float = 0.05
+) -> int:
+    """Set the gates so the exported model lands within ``tolerance`` of ``budget``; returns elements changed.
+
+    :func:`fit_architecture` does the work (depth and width chosen jointly, either side of the budget);
+    when no architecture the gates can express lands within tolerance, this warns with the achieved
+    ratio and keeps the closest one.
+    """
+    fit = fit_architecture(gates, resources, budget, resource, tolerance)
+    if not fit.within:
+        warnings.warn(
+            f"DMS export: the closest architecture the gates allow has {fit.value:.4g} {resource}, "
+            f"{fit.deviation:+.1%} off the budget {budget:.4g} (tolerance {tolerance:.0%}): the ungated layers "
+            "alone, or every gate at its limit, decide the count. Gate more of the model or change the target.",
+            stacklevel=2,
+        )
+    return fit.changed

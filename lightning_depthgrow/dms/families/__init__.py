@@ -1,0 +1,31 @@
+"""The built-in DMS families, one module each; each registers only when its library imports.
+
+- :mod:`.timm_vit`: timm ViT ``Block`` and Eva ``EvaBlock`` (MLP hidden units, ViT heads, depth folded
+  into the branches' last Linear).
+- :mod:`.timm_resnet`: timm ResNet ``BasicBlock``/``Bottleneck`` (inner channels, depth on the branch).
+
+- :mod:`.transformers_hf`: Hugging Face transformers models are refused with a message (no gates for
+  GPT-2's ``Conv1D`` or grouped-query attention; export would leave config depth and ``layer_idx`` stale).
+
+Any other stack of registered blocks gets generic depth gates.
+"""
+
+from __future__ import annotations
+
+from ..sites import DMSFamily, GateSpec, describe_model, discover_gates, gate_name
+
+
+def register_builtin_families(registry: list[DMSFamily]) -> None:
+    """Append the built-in families to ``registry`` (after any user registration); skip absent libraries."""
+    from .transformers_hf import TransformersRefusal
+
+    registry.append(TransformersRefusal())
+    try:
+        from .timm_resnet import TimmResNetFamily
+        from .timm_vit import TimmViTFamily
+    except ImportError:
+        return
+    registry.extend([TimmViTFamily(), TimmResNetFamily()])
+
+
+__all__ = ["GateSpec", "describe_model", "discover_gates", "gate_name", "register_builtin_families"]
