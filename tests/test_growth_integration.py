@@ -321,3 +321,30 @@ def test_neuron_growth_on_hf_gpt2_is_refused_clearly():
     with pytest.raises(ValueError, match=r"c_fc.*Conv1D.*nn\.Linear"):
         quiet_trainer(max_epochs=2, callbacks=[growth]).fit(module, loader)
     assert tensor_hash(module) == digest
+
+
+# ---------------------------------------------------------------- load_grown's message, prefixed block keys
+
+
+def test_load_grown_mismatch_counts_torchvision_encoder_layer_depths(tmp_path):
+    # torchvision's ViT names its blocks encoder_layer_i: the message counted 0 blocks in the checkpoint.
+    torchvision = pytest.importorskip("torchvision")
+    from lightning_depthgrow import load_grown
+    from lightning_depthgrow.events import EventLogMismatchError
+
+    def vit(depth: int) -> nn.Module:
+        torch.manual_seed(0)
+        return torchvision.models.VisionTransformer(
+            image_size=16, patch_size=8, num_layers=depth, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=4
+        )
+
+    path = tmp_path / "vit3.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in vit(3).state_dict().items()}}, path)
+    model = vit(2)
+    digest = tensor_hash(model)
+    with pytest.raises(
+        EventLogMismatchError,
+        match=r"holds block-stack depths \{'encoder.layers': 3\}; the model given has \{'encoder.layers': 2\}",
+    ):
+        load_grown(model, path)
+    assert tensor_hash(model) == digest
