@@ -146,9 +146,11 @@ def _architectures(state: Mapping[str, Any], model: nn.Module, prefix: str, path
     """Side-by-side depth of every block stack: checkpoint's weights vs the model given."""
     held, given = {}, {}
     for stack in find_block_stacks(model):
-        head = f"{prefix}{stack.path}."
-        indices = {k[len(head) :].split(".", 1)[0] for k in state if k.startswith(head)}
-        held[stack.path] = len([i for i in indices if i.isdigit()])
+        # Child keys are the index after the container's own prefix ("encoder_layer_3" in torchvision's ViT).
+        head = f"{prefix}{stack.path}." if stack.path else prefix
+        keys = {k[len(head) :].split(".", 1)[0] for k in state if k.startswith(head)}
+        child = stack.key_prefix or ""
+        held[stack.path] = len({k for k in keys if k.startswith(child) and k[len(child) :].isdigit()})
         given[stack.path] = len(stack)
     own = model.state_dict()
     differing = [

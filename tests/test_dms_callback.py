@@ -2,24 +2,67 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from _helpers import tensor_hash
+from _helpers import Classifier, make_vit, tensor_hash
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from examples.common import Classifier, MNIST1DDataModule, make_vit
 from lightning_depthgrow.adapters import UnsupportedModelError
-from lightning_depthgrow.callbacks._common import event_log, load_checkpoint_events
 from lightning_depthgrow.callbacks.dms import DifferentiableModelScaling
 from lightning_depthgrow.dms import ARCH_GROUP_KEY, find_gates
+from lightning_depthgrow.events import event_log, load_checkpoint_events
 from lightning_depthgrow.measure import count_flops
 
 EXAMPLE = torch.zeros(2, 1, 1, 40)
+
+
+@functools.lru_cache(maxsize=1)
+def mnist1d_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MNIST-1D (generated offline by the ``mnist1d`` package, seed 42): 4,000 training and 1,000 test signals
+    ``[N, 1, 1, 40]``, 10 classes. The DMS searches here need data a tiny ViT can learn, not random labels."""
+    import numpy as np
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = 42
+    state = np.random.get_state()  # make_dataset reseeds numpy globally; leave the tests' RNG alone
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    x = [torch.as_tensor(data[k], dtype=torch.float32).reshape(-1, 1, 1, 40) for k in ("x", "x_test")]
+    y = [torch.as_tensor(data[k], dtype=torch.long) for k in ("y", "y_test")]
+    return x[0], y[0], x[1], y[1]
+
+
+class MNIST1DDataModule(pl.LightningDataModule):
+    """MNIST-1D train/val loaders (seeded shuffling, ``drop_last`` training batches, ``limit_train`` samples)."""
+
+    def __init__(self, batch_size: int = 128, seed: int = 0, shuffle: bool = True, limit_train: int | None = None):
+        super().__init__()
+        self.batch_size, self.seed, self.shuffle, self.limit_train = batch_size, seed, shuffle, limit_train
+
+    def setup(self, stage: str | None = None) -> None:
+        xtr, ytr, xte, yte = mnist1d_tensors()
+        if self.limit_train is not None:
+            xtr, ytr = xtr[: self.limit_train], ytr[: self.limit_train]
+        self.train_set, self.val_set = TensorDataset(xtr, ytr), TensorDataset(xte, yte)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator, drop_last=True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=500)
 
 
 def trainer(epochs: int, callbacks: list, **kw) -> pl.Trainer:

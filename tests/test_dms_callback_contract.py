@@ -23,10 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_depthgrow import load_grown
-from lightning_depthgrow.callbacks._common import event_log
 from lightning_depthgrow.callbacks.dms import DifferentiableModelScaling
 from lightning_depthgrow.dms import ARCH_GROUP_KEY, export_model, find_gates
-from lightning_depthgrow.events import EventLogMismatchError
+from lightning_depthgrow.events import EventLogMismatchError, event_log
 from lightning_depthgrow.measure import count_flops
 
 EXAMPLE = torch.zeros(2, 1, 1, 40)

@@ -21,9 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_depthgrow.adapters import find_block_stacks
-from lightning_depthgrow.callbacks import _common
+from lightning_depthgrow.callbacks import plumbing
 from lightning_depthgrow.callbacks.architecture_logger import ArchitectureLogger
-from lightning_depthgrow.events import ArchitectureEvent
+from lightning_depthgrow.events import ArchitectureEvent, save_event_log
 from lightning_depthgrow.history import (
     HISTORY_FILENAME,
     ArchitectureHistory,
@@ -85,10 +85,13 @@ class InsertBlockEachEpoch(pl.Callback):
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _common.restore_architecture(trainer, pl_module)
+        plumbing.restore_architecture(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        plumbing.release_module(pl_module)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        _common.save_event_log(checkpoint, pl_module)
+        save_event_log(checkpoint, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         event = ArchitectureEvent(
@@ -99,7 +102,7 @@ class InsertBlockEachEpoch(pl.Callback):
             reason={"why": "test"},
             cost={"params": 1},
         )
-        _common.apply_and_sync(trainer, pl_module, event)
+        plumbing.apply_and_sync(trainer, pl_module, event)
 
 
 class DepthProbe(pl.Callback):
@@ -424,7 +427,7 @@ def test_curvature_of_a_monitor_driven_by_depth_growth_is_recorded(tmp_path):
 
     # The monitor is given to DepthGrowth only (not in trainer.callbacks), as the demo does.
     monitor = CurvatureMonitor(num_probes=2, log=False)
-    growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, monitor=monitor)
+    growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, curvature_monitor=monitor)
     logger = ArchitectureLogger()
     trainer = quiet_trainer(max_epochs=3, logger=CSVLogger(tmp_path), callbacks=[growth, logger])
     trainer.fit(TinyClassifier())

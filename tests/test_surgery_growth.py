@@ -9,11 +9,11 @@ import copy
 import pytest
 import timm
 import torch
+from _helpers import TinyGPT
 from timm.layers import LayerScale
 from timm.models.convnext import ConvNeXt
 from torch import nn
 
-from examples.gpt_blocks import TinyGPT
 from lightning_depthgrow import ArchitectureEvent, UnsupportedModelError, apply_event, find_block_stacks
 from lightning_depthgrow.adapters import adapter_for, get_stack
 from lightning_depthgrow.events import replay_events

@@ -18,10 +18,10 @@ from test_history import DepthProbe, TinyClassifier, quiet_trainer
 from wandb_records import load_offline_run, offline_run_dirs
 
 from lightning_depthgrow.adapters import find_block_stacks
-from lightning_depthgrow.callbacks import _common
 from lightning_depthgrow.callbacks.architecture_logger import ArchitectureLogger
 from lightning_depthgrow.callbacks.curvature_monitor import CurvatureMonitor
 from lightning_depthgrow.callbacks.depth_growth import DepthGrowth
+from lightning_depthgrow.events import event_log
 from lightning_depthgrow.history import EVENT_COLUMNS, HISTORY_FILENAME, ArchitectureHistory
 from lightning_depthgrow.measure import count_flops
 
@@ -57,12 +57,14 @@ def _fit_offline(wandb_dir: str, module, callbacks, **kwargs):
 @pytest.mark.slow
 def test_wandb_offline_run_records_architecture_evolution(tmp_path, wandb_dir):
     monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False)
-    growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, grow_every=1, placement="curvature", monitor=monitor)
+    growth = DepthGrowth(
+        final_budget=3.0, warmup_epochs=1, grow_every=1, placement="curvature", curvature_monitor=monitor
+    )
     probe = DepthProbe()
     module = TinyClassifier()
     run = _fit_offline(wandb_dir, module, [monitor, growth, ArchitectureLogger(), probe], max_epochs=3)
     run_dir = run.directory
-    events = _common.event_log(module)
+    events = event_log(module)
     assert events and all(e.kind == "insert_block" for e in events)
     history = ArchitectureHistory.load(os.path.join(wandb_dir, HISTORY_FILENAME))
 

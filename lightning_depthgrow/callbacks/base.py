@@ -108,6 +108,16 @@ class ArchitectureCallback(Callback):
             return False
         return self.schedule.is_due(trainer.current_epoch, trainer.max_epochs, self.last_growth_epoch)
 
+    def verify_events(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, events: list[ArchitectureEvent]
+    ) -> None:
+        """Called on every rank with the step's events before any is applied; raise to refuse the whole step.
+
+        An event that fails while it is applied leaves the module as it was, but the events before it in the
+        same step would stay applied (and the optimizers synced): a subclass that can check a step as a whole
+        (e.g. a trial application undone again) does it here, so a refused step changes nothing.
+        """
+
     def extra_state(self) -> dict[str, Any]:
         """More resumable state of a subclass (plain data), saved next to the base's."""
         return {}
@@ -155,6 +165,7 @@ class ArchitectureCallback(Callback):
         if not events:
             rank_zero_info(f"{self.name}: epoch {trainer.current_epoch}: {self.describe_nothing(trainer, pl_module)}")
             return []
+        self.verify_events(trainer, pl_module, events)
         for event in events:
             start = time.perf_counter()
             plumbing.apply_and_sync(trainer, pl_module, event)

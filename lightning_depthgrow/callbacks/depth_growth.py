@@ -8,18 +8,21 @@ change on resume and in :func:`lightning_depthgrow.load_grown`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_zero_warn
 
-from ..adapters.registry import require_block_stacks
-from ..events import ArchitectureEvent
+from ..adapters.registry import UnsupportedModelError, require_block_stacks
+from ..events import ArchitectureEvent, apply_event
 from ..growth import BlockCost, Budget, BudgetMetric, BudgetMode, Placement, Schedule, StackLayout
 from ..growth.depth import PLACEMENTS, fits_any_insertion, plan_depth, stack_layouts
 from ..measure import block_costs, count_flops, count_parameters, first_sample
+from ..surgery.growth import FunctionNotPreservedError, check_growable, remove_block, verify_insertions
 from ..validation import check_choice, check_int, check_optional
 from . import plumbing
 from .base import GrowthCallback
@@ -60,7 +63,13 @@ class DepthGrowth(GrowthCallback):
             callback with default settings. A monitor given here but not put in ``trainer.callbacks`` is private:
             this callback feeds it batches and saves its state (e.g. ``CurvatureMonitor(num_probes=4, log=False)``
             for cheaper estimates). Only used with ``placement="curvature"``.
-        example_input: input for FLOP counting; default ``pl_module.example_input_array``.
+        example_input: input for FLOP counting and for verifying insertions; default
+            ``pl_module.example_input_array``. With an example input, setup makes one verified trial insertion per
+            stack (:func:`~lightning_depthgrow.surgery.check_growable`, undone again) and every growth step is
+            verified on it (:func:`~lightning_depthgrow.surgery.verify_insertions`): a step whose insertions would
+            change the model's outputs, or leave a block that does not run, is refused with
+            :class:`~lightning_depthgrow.surgery.FunctionNotPreservedError` and the module and optimizers are left
+            exactly as they were. Without one, only the adapters' structural checks run.
         seed: base seed of the new blocks' initialisation (the event of step ``k`` uses ``seed + k``-derived
             seeds, so every rank and every replay builds identical blocks).
         monitor: deprecated name of ``curvature_monitor`` (``monitor`` reads as a metric key elsewhere in
@@ -120,6 +129,7 @@ class DepthGrowth(GrowthCallback):
         self._given_monitor = curvature_monitor
         self._monitor: CurvatureMonitor | None = None  # the monitor in use, found or built in setup
         self._drives_monitor = False  # True when it is not in trainer.callbacks: we feed it and save its state
+        self._growable: set[str] | None = None  # paths of the stacks check_growable accepted in setup
 
     @property
     def curvature_monitor(self) -> CurvatureMonitor | None:
@@ -138,7 +148,8 @@ class DepthGrowth(GrowthCallback):
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stacks = require_block_stacks(pl_module)
-        layouts = stack_layouts(pl_module)
+        self._growable = self._check_growable(pl_module)
+        layouts = self._layouts(pl_module)
         if not layouts:
             raise ValueError(
                 f"{self.name}: the block stacks {[(s.path, len(s)) for s in stacks]} contain no shape-preserving "
@@ -157,7 +168,33 @@ class DepthGrowth(GrowthCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.events_so_far(pl_module):
-            _check_groups_not_per_block(trainer, pl_module, self.name)
+            _check_groups_not_per_block(trainer, pl_module, self.name, self._layouts(pl_module))
+
+    def change_now(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any = None
+    ) -> list[ArchitectureEvent]:
+        with self._verifying(pl_module):
+            return super().change_now(trainer, pl_module, outputs)
+
+    def verify_events(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, events: list[ArchitectureEvent]
+    ) -> None:
+        """Try a step of several insertions on the module, verified, and undo it again before applying it.
+
+        Each insertion is verified (and undone on failure) when it is applied; trying the whole step first means
+        a refused later insertion cannot leave an earlier one applied with the optimizers already synced.
+        """
+        inserts = [e for e in events if e.kind == "insert_block"]
+        if len(inserts) < 2 or self._verification_input(pl_module) is None:
+            return
+        applied: list[ArchitectureEvent] = []
+        try:
+            for event in inserts:
+                apply_event(pl_module, event)
+                applied.append(event)
+        finally:
+            for event in reversed(applied):
+                remove_block(pl_module, event.spec["stack"], int(event.spec["index"]) + 1)
 
     def observe_batch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -209,6 +246,51 @@ class DepthGrowth(GrowthCallback):
         if self.start_size is None and self.budget.mode == "relative":
             raise RuntimeError(f"{self.name}: the starting size is only known after setup.")
         return self.budget.final_limit(self.start_size or 0.0)
+
+    def _verification_input(self, pl_module: pl.LightningModule) -> Any:
+        """The input insertions are verified on: ``example_input``, else ``pl_module.example_input_array``."""
+        return self.example_input if self.example_input is not None else pl_module.example_input_array
+
+    @contextlib.contextmanager
+    def _verifying(self, pl_module: pl.LightningModule) -> Iterator[None]:
+        example = self._verification_input(pl_module)
+        with verify_insertions(example) if example is not None else contextlib.nullcontext():
+            yield
+
+    def _check_growable(self, pl_module: pl.LightningModule) -> set[str]:
+        """Paths of the stacks that can grow (:func:`~lightning_depthgrow.surgery.check_growable`); raise if none.
+
+        The structural checks (the adapters' refusals: post-LayerNorm blocks, a non-ReLU activation after the
+        residual add, no shape-preserving block, ...) run first; with an example input, one verified trial
+        insertion per stack follows (undone again).
+        """
+        try:
+            verdicts = check_growable(pl_module)
+        except UnsupportedModelError as err:
+            raise UnsupportedModelError(f"{self.name}: {err}") from err
+        example = self._verification_input(pl_module)
+        if example is not None:
+            try:
+                verdicts = check_growable(pl_module, example)
+            except UnsupportedModelError as err:
+                raise FunctionNotPreservedError(
+                    f"{self.name}: a trial insertion on the example input failed for every stack, the module is "
+                    f"unchanged. {err}"
+                ) from err
+        refused = {path: reason for path, reason in verdicts.items() if reason is not None}
+        if refused:
+            rank_zero_warn(
+                f"{self.name}: not growing block stack(s) {sorted(refused)}: "
+                + " ".join(str(reason) for reason in refused.values())
+            )
+        return {path for path, reason in verdicts.items() if reason is None}
+
+    def _layouts(self, pl_module: pl.LightningModule, events: Any = ()) -> list[StackLayout]:
+        """The layouts of the stacks that may grow (those ``setup`` found growable)."""
+        layouts = stack_layouts(pl_module, events)
+        if self._growable is None:
+            return layouts
+        return [layout for layout in layouts if layout.path in self._growable]
 
     def _example_input(self, pl_module: pl.LightningModule) -> Any:
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
@@ -298,7 +380,7 @@ class DepthGrowth(GrowthCallback):
             return False
         names = set(monitor.latest.trace_per_param)
         for layout in layouts:
-            head = f"{layout.path}." if layout.path else ""
+            head = f"{layout.path}.{layout.key_prefix}" if layout.path else layout.key_prefix
             held = {n for n in names if n.startswith(head) and n[len(head) :].isdigit()}
             if held != {layout.block_name(i) for i in range(layout.depth)}:
                 return False
@@ -307,7 +389,7 @@ class DepthGrowth(GrowthCallback):
     def plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
         """The insertions of one growth step (:class:`~lightning_depthgrow.growth.Insertion`, in apply order),
         computed on every rank; :meth:`change_now` applies rank 0's."""
-        layouts = stack_layouts(pl_module, self.events_so_far(pl_module))
+        layouts = self._layouts(pl_module, self.events_so_far(pl_module))
         costs = self._block_costs(pl_module, layouts)
         start, current, lr = float(self.start_size or 0.0), self.measure(pl_module), plumbing.lr_scale(trainer)
         kwargs = dict(
@@ -335,7 +417,9 @@ class DepthGrowth(GrowthCallback):
         return self.change_now(trainer, pl_module)
 
 
-def _check_groups_not_per_block(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
+def _check_groups_not_per_block(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, who: str, layouts: list[StackLayout]
+) -> None:
     """Refuse optimizers whose param groups are built per block (e.g. layer-wise LR decay), before training.
 
     A grown block joins its template's group, so ``configure_optimizers`` on the grown model (what a resumed run
@@ -343,7 +427,7 @@ def _check_groups_not_per_block(trainer: pl.Trainer, pl_module: pl.LightningModu
     """
     for optimizer in trainer.optimizers:
         group_of = {id(p): k for k, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        for layout in stack_layouts(pl_module):
+        for layout in layouts:
             stack = pl_module.get_submodule(layout.path) if layout.path else pl_module
             groups = [{group_of[id(p)] for p in block.parameters() if id(p) in group_of} for block in stack.children()]
             groups = [g for g in groups if g]

@@ -185,9 +185,17 @@ class NeuronGrowth(GrowthCallback):
                 if type(m) is Mlp and isinstance(m.fc1, nn.Linear)
             }
             if not found:
+                conv1d = [name for name, m in pl_module.named_modules() if type(m).__name__ == "Conv1D"]
+                hint = (
+                    f" Its MLPs use transformers' Conv1D ({conv1d[0]}, ...: Hugging Face GPT-2), a Linear with a "
+                    "transposed weight, which cannot grow neuron branches; only plain nn.Linear layers can."
+                    if conv1d
+                    else ""
+                )
                 raise ValueError(
                     f"{self.name}: no timm Mlp (fc1 -> act) found in {type(pl_module).__name__}; pass "
-                    "layers={'path.to.linear': 'path.to.its.activation'} (names relative to the LightningModule)."
+                    "layers={'path.to.linear': 'path.to.its.activation'} (names relative to the LightningModule, "
+                    f"each an nn.Linear followed by that activation).{hint}"
                 )
             return found
         for linear, act in self.layers.items():
@@ -198,9 +206,16 @@ class NeuronGrowth(GrowthCallback):
                     raise ValueError(f"{self.name}: layers names {path!r}, which is not a module: {err}") from err
             found = type(pl_module.get_submodule(linear))
             if found not in (nn.Linear, BranchedLinear):
+                conv1d = (
+                    " (transformers' Conv1D, as in Hugging Face GPT-2's MLP, stores the weight transposed: it is not "
+                    "an nn.Linear)"
+                    if found.__name__ == "Conv1D"
+                    else ""
+                )
                 raise ValueError(
-                    f"{self.name}: layers key {linear!r} is a {found.__name__}; only plain nn.Linear layers can grow "
-                    "neuron branches."
+                    f"{self.name}: layers key {linear!r} is a {found.__name__}{conv1d}; only plain nn.Linear layers "
+                    "can grow neuron branches. Name nn.Linear layers in `layers`, or grow this model's depth with "
+                    "DepthGrowth instead."
                 )
         return dict(self.layers)
 

@@ -77,6 +77,9 @@ class BlockCost:
 class Insertion:
     """One planned block: a copy of block ``template`` of ``stack``, identity-initialised, after block ``after``.
 
+    ``key_prefix`` is what the stack's child keys start with before the index (torchvision ViT's
+    ``"encoder_layer_"``), so :attr:`block` is the real dotted name of the block the new one follows.
+
     Example:
         >>> ins = Insertion("blocks", after=1, template=1, params=10, flops=0, reason={})
         >>> ins.to_event(seed=7).spec
@@ -89,10 +92,13 @@ class Insertion:
     params: int
     flops: int
     reason: dict[str, Any] = field(default_factory=dict)
+    key_prefix: str = ""
 
     @property
     def block(self) -> str:
-        return f"{self.stack}.{self.after}" if self.stack else str(self.after)
+        """Dotted name of the block the new one follows (``"blocks.1"``, ``"encoder.layers.encoder_layer_1"``)."""
+        key = f"{self.key_prefix}{self.after}"
+        return f"{self.stack}.{key}" if self.stack else key
 
     def to_event(self, seed: int, epoch: int = -1, step: int = -1) -> ArchitectureEvent:
         """The ``insert_block`` event that applies this insertion (``seed`` fixes the new block's init)."""
@@ -188,7 +194,17 @@ def plan_depth(
             "lr_scale": budget.lr_factor(lr_scale),
         }
         added += cost
-        plans.append(Insertion(cand.stack.path, cand.after, cand.template, cand.cost.params, cand.cost.flops, reason))
+        plans.append(
+            Insertion(
+                cand.stack.path,
+                cand.after,
+                cand.template,
+                cand.cost.params,
+                cand.cost.flops,
+                reason,
+                key_prefix=cand.stack.key_prefix,
+            )
+        )
     # Deepest position first inside a stack: an insertion never shifts the indices before it.
     return sorted(plans, key=lambda p: (p.stack, -p.after))
 
