@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from examples.common import Classifier, make_vit
+from lightning_depthgrow.callbacks import DepthGrowth
 from lightning_depthgrow.callbacks.curvature_monitor import CurvatureMonitor
 from lightning_depthgrow.curvature import (
     CurvatureEstimationError,
@@ -24,6 +25,7 @@ from lightning_depthgrow.curvature import (
     estimate_curvature,
     top_eigenvalue,
 )
+from lightning_depthgrow.events import event_log
 
 
 def ce_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -269,3 +271,17 @@ def test_default_top_eigenvalues_of_a_model_within_one_percent_of_exact() -> Non
         est = estimate_curvature(model, ce_loss, [batch], num_probes=2, top_eigen=True, seed=seed)
         assert est.top_eigenvalues["model"] == pytest.approx(dominant(h), rel=0.01)
         assert est.top_eigenvalues["2"] == pytest.approx(dominant(h[40:112, 40:112]), rel=0.01)
+
+
+def test_curvature_placement_falls_back_to_uniform_with_a_warning_naming_the_op() -> None:
+    # Issue 9 item 10, growth side: an invalid estimate (hardsigmoid has no second derivative) does not stop the
+    # run; the growth step places its block uniformly and says why.
+    module = _mobilenet_module()
+    module.max_epochs = 2
+    growth = DepthGrowth(final_budget=1.5, warmup_epochs=1, blocks_per_step=1)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[growth], limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"not valid.*hardsigmoid_backward.*uniformly instead of by curvature"):
+        trainer.fit(module, _mobilenet_loader())
+    assert trainer.state.finished
+    (event,) = [e for e in event_log(module) if e.kind == "insert_block"]
+    assert event.reason["placement"] == "uniform"

@@ -355,8 +355,9 @@ class DepthGrowth(GrowthCallback):
 
     def _curvature(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, layouts: list[StackLayout]
-    ) -> dict[str, float]:
-        """Hessian trace per parameter of every block, identical on all ranks (the monitor all-reduces).
+    ) -> dict[str, float] | None:
+        """Hessian trace per parameter of every block, identical on all ranks (the monitor all-reduces); ``None``
+        (with a warning naming the cause) when the estimate is not valid.
 
         A monitor in ``trainer.callbacks`` that estimated at the end of the previous epoch, on the architecture
         the model has now, already measured the weights this epoch started from: its estimate is reused, so a
@@ -368,7 +369,12 @@ class DepthGrowth(GrowthCallback):
         if estimate is None:
             estimate = monitor.estimate_now(trainer, pl_module)
         if not estimate.valid:
-            return {}
+            rank_zero_warn(
+                f"{self.name}: the curvature estimate at epoch {trainer.current_epoch} is not valid "
+                f"({estimate.invalid_reason or 'no reason given'}); this growth step places blocks uniformly "
+                "instead of by curvature."
+            )
+            return None
         return {str(k): float(v) for k, v in estimate.trace_per_param.items()}
 
     def _monitor_estimate_is_current(self, trainer: pl.Trainer, layouts: list[StackLayout]) -> bool:
@@ -404,6 +410,8 @@ class DepthGrowth(GrowthCallback):
             # Nothing fits: skip the curvature estimate (several training steps' worth of compute).
             return []
         scores = self._curvature(trainer, pl_module, layouts) if self.placement == "curvature" else None
+        if self.placement == "curvature" and scores is None:
+            kwargs["placement"] = "uniform"  # an invalid estimate (an op without a second derivative): fall back
         try:
             return plan_depth(layouts, costs, self.budget, scores=scores, **kwargs)
         except ValueError as err:
