@@ -502,16 +502,26 @@ def _restore_feature_info(snapshot: tuple[list, list] | None) -> None:
         info[:] = saved
 
 
-def _drop_feature_info(model: nn.Module, stack_path: str, index: int, old_depth: int) -> None:
-    """Inverse of :func:`_renumber_feature_info` for a removed block ``index``."""
+def _feature_positions(model: nn.Module, stack_path: str, depth: int) -> tuple[list, str, list[int]] | None:
+    """timm's ``feature_info`` list, the stack's attribute name and the entry of each block ``attr.i`` in it;
+    ``None`` unless there is one entry per block, in order (whole-stage entries: ResNet, ConvNeXt)."""
     info = _feature_info_list(model, stack_path)
     attr = stack_path.rpartition(".")[2]
     if info is None:
-        return
+        return None
     names = [entry.get("module") for entry in info]
-    positions = [names.index(f"{attr}.{i}") if f"{attr}.{i}" in names else -1 for i in range(old_depth)]
+    positions = [names.index(f"{attr}.{i}") if f"{attr}.{i}" in names else -1 for i in range(depth)]
     if -1 in positions or positions != sorted(positions):
+        return None
+    return info, attr, positions
+
+
+def _drop_feature_info(model: nn.Module, stack_path: str, index: int, old_depth: int) -> None:
+    """Inverse of :func:`_renumber_feature_info` for a removed block ``index``."""
+    found = _feature_positions(model, stack_path, old_depth)
+    if found is None:
         return
+    info, attr, positions = found
     for i in range(index + 1, old_depth):
         info[positions[i]]["module"] = f"{attr}.{i - 1}"
     del info[positions[index]]
@@ -522,14 +532,10 @@ def _renumber_feature_info(model: nn.Module, stack_path: str, after_index: int, 
 
     Entries that name whole stages (ResNet, ConvNeXt) are left alone.
     """
-    info = _feature_info_list(model, stack_path)
-    attr = stack_path.rpartition(".")[2]
-    if info is None:
+    found = _feature_positions(model, stack_path, old_depth)
+    if found is None:
         return
-    names = [entry.get("module") for entry in info]
-    positions = [names.index(f"{attr}.{i}") if f"{attr}.{i}" in names else -1 for i in range(old_depth)]
-    if -1 in positions or positions != sorted(positions):
-        return
+    info, attr, positions = found
     for i in range(after_index + 1, old_depth):
         info[positions[i]]["module"] = f"{attr}.{i + 1}"
     new_entry = copy.deepcopy(info[positions[after_index]])
