@@ -141,6 +141,7 @@ class DifferentiableModelScaling(Callback):
         self._keys_before: set[str] = set()
         self._resource_grads: list[torch.Tensor | None] | None = None
         self._first_bad_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on device
+        self._frozen_done = False  # depth and head ratios frozen for the width-only phase (checked once)
 
     # ---------------------------------------------------------------- setup: check everything, then attach
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -152,7 +153,7 @@ class DifferentiableModelScaling(Callback):
         self._remove_target_hook()
         if trainer.ckpt_path:
             self._check_resumed_target(trainer)
-        self._resource_grads, self._first_bad_step = None, None
+        self._resource_grads, self._first_bad_step, self._frozen_done = None, None, False
         # Everything that can refuse (discovery, the FLOP count's forward through the gated model, the target
         # against what the gates can reach) runs before anything is put on the module: on a copy.
         planned = None
@@ -333,11 +334,12 @@ class DifferentiableModelScaling(Callback):
                 self._resource_grads = [
                     p if g is None else g * scale if p is None else p + g * scale for p, g in zip(pending, grads)
                 ]
-        pl_module.log_dict(
-            {"dms/resource_ratio": r_c.detach(), "dms/target_ratio": r_t, "dms/resource_loss": res_loss.detach()},
-            on_step=True,
-            on_epoch=False,
-        )
+        if _logs_this_step(trainer):
+            pl_module.log_dict(
+                {"dms/resource_ratio": r_c.detach(), "dms/target_ratio": r_t, "dms/resource_loss": res_loss.detach()},
+                on_step=True,
+                on_epoch=False,
+            )
 
     def _note_finite(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
         """Remember the first step whose loss was not finite (on the device: no synchronisation per step)."""
@@ -351,13 +353,14 @@ class DifferentiableModelScaling(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         gates = find_gates(pl_module)
-        if gates is None or trainer.global_step < self._schedule_steps:
+        if gates is None or self._frozen_done or trainer.global_step < self._schedule_steps:
             return
         # Last part of the search: depth and heads are fixed, only widths move (frozen_ratio is a buffer,
-        # so a resumed run stays frozen).
+        # so a resumed run stays frozen). Checked once per fit: reading a buffer's value is a device sync.
         for gate in gates.gate_list():
             if gate.kind != "width" and not gate.frozen:
                 gate.freeze()
+        self._frozen_done = True
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -556,6 +559,20 @@ class DifferentiableModelScaling(Callback):
                 "checkpoint to finish the search."
             )
         guard_spawn_results(trainer, pl_module, _WHO)
+
+
+def _logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning sends this batch's step metrics to the loggers (``log_every_n_steps``, or the last step).
+
+    Lightning keeps only the last value of a step-only metric and writes it every ``log_every_n_steps``
+    batches, so logging on the other batches costs a ``self.log`` each (a third of the callback's per-step
+    time) for values nobody sees. Asked during the batch, as Lightning's own ``on_train_batch_start`` check does.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    try:
+        return bool(connector.should_update_logs) if connector is not None else True
+    except Exception:  # another loop than fit's (cannot happen in training hooks): log as before
+        return True
 
 
 def _logged_kinds(module: torch.nn.Module) -> list[str]:
