@@ -550,3 +550,25 @@ def test_a_model_the_core_refuses_is_refused_before_any_gate_is_attached(case):
     finally:
         if case == "tuple_block":
             unregister_block(PairBlock)
+
+
+class Uncopyable(Lit):
+    """Holds a lock, which copy.deepcopy refuses: the setup checks then run on the module itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def test_a_module_that_cannot_be_copied_still_searches_and_a_refusal_still_leaves_it_untouched():
+    with pytest.raises(TypeError):
+        copy.deepcopy(Uncopyable())
+    module = Uncopyable()
+    before = snapshot(module)
+    with pytest.raises(ValueError, match="below the smallest model"):
+        fit(module, [dms(target=0.001, depth=False)], epochs=2)
+    assert snapshot(module) == before and find_gates(module) is None and not event_log(module)
+    fit(module, [dms()], epochs=2)
+    assert [e.kind for e in event_log(module)] == ["dms_attach", "dms_export"]

@@ -169,6 +169,8 @@ class DifferentiableModelScaling(Callback):
             if ATTACH not in kinds and planned is not None:
                 event, self._resources, self._target_ratio = planned
                 self._attach(pl_module, event)
+                if self._resources is None:  # not copyable: measured on the module itself (taken off on failure)
+                    self._resources, self._target_ratio = self._measure(pl_module, find_gates(pl_module), example)
             elif EXPORT not in kinds and find_gates(pl_module) is not None:
                 # the same module fit again before its search exported: it carries its gates already
                 self._resources, self._target_ratio = self._measure(pl_module, find_gates(pl_module), example)
@@ -203,13 +205,15 @@ class DifferentiableModelScaling(Callback):
 
     def _plan(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, example: Any
-    ) -> tuple[ArchitectureEvent, ResourceModel, float]:
+    ) -> tuple[ArchitectureEvent, ResourceModel | None, float]:
         """The ``dms_attach`` event, the resource model and the target ratio, worked out without touching the module.
 
         Discovery refuses unsupported models (Hugging Face transformers, ``Sequential`` roots, ...); the gates
         are then attached to a deep copy, whose FLOP count runs the gated forward once (a block the generic depth
         gate cannot scale is refused there) and whose reachable minimum is compared with the target. The resource
         model names gates, not modules, so it serves the real module once the same gates are attached to it.
+        A module that cannot be deep-copied (it holds a lock, a file, ...) is measured after the gates are
+        attached to it instead; a refusal there takes them off again (``None`` for the resource model).
         """
         event = attach_event(
             pl_module,
@@ -221,7 +225,10 @@ class DifferentiableModelScaling(Callback):
             step=trainer.global_step,
         )
         # the trainer is shared, not copied (LightningModule drops it when pickled; hooks may still hold it)
-        trial = copy.deepcopy(pl_module, {id(trainer): trainer})
+        try:
+            trial = copy.deepcopy(pl_module, {id(trainer): trainer})
+        except Exception:
+            return event, None, 1.0
         try:
             trial.__dict__.pop(LOG_ATTRIBUTE, None)
             apply_and_sync(None, trial, event)
