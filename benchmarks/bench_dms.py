@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -44,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the step-cost part runs the "before" variant with another source tree (DMS_BENCH_TREE) in a child process
+sys.path.insert(0, os.environ.get("DMS_BENCH_TREE") or str(Path(__file__).resolve().parents[1]))
 
 from examples.common import Classifier, MNIST1DDataModule, make_vit, mnist1d_tensors
 from lightning_depthgrow.callbacks import event_log
@@ -122,6 +125,151 @@ def step_overhead(supernet: dict[str, Any], steps: int = 10, repeats: int = 8) -
         "ratio": statistics.median(s / p for s, p in zip(times["search"], times["plain"])),
         "ratio_of_minima": min(times["search"]) / min(times["plain"]),
     }
+
+
+# ----------------------------------------------------------------------------------------- step cost in Lightning
+class StepClock:
+    """Process CPU seconds of every training batch, from before every callback's ``on_train_batch_start`` to
+    after every ``on_train_batch_end`` (:attr:`start` goes first in the callback list, :attr:`stop` last);
+    data loading is outside."""
+
+    def __init__(self) -> None:
+        self.seconds: list[tuple[int, float]] = []  # (epoch, seconds)
+        self.epochs: range = range(0)  # the epochs measured
+        self._start = 0.0
+        clock = self
+
+        class Start(Callback):
+            def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+                clock._start = time.process_time()
+
+        class Stop(Callback):
+            def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+                clock.seconds.append((trainer.current_epoch, time.process_time() - clock._start))
+
+        self.start, self.stop = Start(), Stop()
+
+    def measuring(self, trainer: pl.Trainer) -> bool:
+        return trainer.current_epoch in self.epochs
+
+
+DMS_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
+
+
+def _time_hooks(callback: Callback, clock: StepClock) -> dict[str, float]:
+    """Wrap the callback's per-step hooks (instance attributes, which Lightning calls) to sum their CPU seconds
+    over the measured epochs; returns the running sums."""
+    spent = dict.fromkeys(DMS_STEP_HOOKS, 0.0)
+
+    def timed(name: str, hook: Callable[..., Any]) -> Callable[..., Any]:
+        def call(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
+            start = time.process_time()
+            try:
+                return hook(trainer, *args, **kwargs)
+            finally:
+                if clock.measuring(trainer):
+                    spent[name] += time.process_time() - start
+
+        return call
+
+    for name in DMS_STEP_HOOKS:
+        setattr(callback, name, timed(name, getattr(callback, name)))
+    return spent
+
+
+def step_cost_fit(variant: str, epochs: int, batches: int, profile: Path | None = None) -> dict[str, float]:
+    """Median CPU seconds per step of one fit (``variant`` ``plain`` or ``dms``) over the search epochs after the
+    first, and the DMS callback's own per-step hooks' CPU seconds per step."""
+    callbacks = [] if variant == "plain" else [DifferentiableModelScaling(target=0.5, search_epochs=epochs - 1)]
+    clock = StepClock()
+    clock.epochs = range(1, epochs - 1)
+    spent = _time_hooks(callbacks[0], clock) if callbacks else {}
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(make_vit(**SUPERNET))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[clock.start, *callbacks, clock.stop],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    data = MNIST1DDataModule(batch_size=128, seed=0)
+    if profile is not None:
+        import cProfile
+
+        cProfile.runctx("trainer.fit(model, data)", globals(), locals(), str(profile))
+    else:
+        trainer.fit(model, data)
+    measured = [t for epoch, t in clock.seconds if epoch in clock.epochs]
+    hooks = {name: t / len(measured) for name, t in spent.items()}
+    return {"step_s": statistics.median(measured), "hooks_s": sum(hooks.values()), **hooks}
+
+
+def step_cost_part(repeats: int, epochs: int, batches: int, before: Path | None, threads: int) -> dict[str, Any]:
+    """CPU seconds per training step inside ``Trainer.fit``: plain vs DMS (this tree, and the ``before`` tree).
+
+    Every fit runs in its own child process, the variants interleaved and their order rotated between
+    repeats; each fit trains the same supernet (same seed, data and order), searches for ``epochs`` - 1
+    epochs (export at the last); its figure is the median CPU time of a step (first batch hook
+    to last) over epochs 1 .. ``epochs`` - 2 (the search epochs after the first), robust to load spikes on a
+    shared machine. ``before`` is another source tree of the package (e.g.
+    ``git archive main | tar -x -C /tmp/main``), run with the same benchmark code. The ratios are per repeat
+    (DMS / plain of the same repeat), then mean ± std.
+    """
+    here = str(Path(__file__).resolve().parents[1])
+    trees = {"plain": here, "dms": here}
+    if before is not None:
+        trees = {"plain": here, "dms_before": str(before.resolve()), "dms": here}
+    names = list(trees)
+    per_step: dict[str, list[float]] = {n: [] for n in names}
+    hooks: dict[str, list[dict[str, float]]] = {n: [] for n in names if n != "plain"}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            variant = "plain" if name == "plain" else "dms"
+            env = {**os.environ, "DMS_BENCH_TREE": trees[name], "PYTHONPATH": trees[name], "OMP_NUM_THREADS": "1"}
+            args = [sys.executable, __file__, "--part", "step-cost-one", "--variant", variant]
+            args += ["--epochs", str(epochs), "--batches", str(batches), "--threads", str(threads)]
+            done = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+            figures = json.loads(done.stdout.strip().splitlines()[-1])
+            per_step[name].append(figures.pop("step_s"))
+            if name in hooks:
+                hooks[name].append(figures)
+            print(f"repeat {r} {name}: {per_step[name][-1] * 1e3:.2f} ms/step {figures}", flush=True)
+    out: dict[str, Any] = {
+        "supernet": SUPERNET,
+        "batch_size": 128,
+        "repeats": repeats,
+        "epochs": epochs,
+        "batches_per_epoch": batches,
+        "measured_epochs": list(range(1, epochs - 1)),
+        "trees": trees,
+        "step_cpu_s": per_step,
+        "callback_hooks_cpu_s_per_step": hooks,
+        "callback_hooks_mean_std_ms": {n: _mean_std([1e3 * h["hooks_s"] for h in v]) for n, v in hooks.items()},
+    }
+    out.update(step_cost_ratios(per_step))
+    return out
+
+
+def step_cost_ratios(per_step: dict[str, list[float]]) -> dict[str, Any]:
+    """Per variant: DMS / plain per repeat (mean ± std), and the ratio of the fastest repeats (load on a shared
+    machine only ever adds time, so the minima are the least disturbed figures)."""
+    out: dict[str, Any] = {}
+    for name in [n for n in per_step if n != "plain"]:
+        ratios = [s / p for s, p in zip(per_step[name], per_step["plain"])]
+        out[f"{name}_over_plain"] = {
+            "per_repeat": ratios,
+            "mean_std": _mean_std(ratios),
+            "median": statistics.median(ratios),
+            "ratio_of_minima": min(per_step[name]) / min(per_step["plain"]),
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -502,7 +650,14 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["overhead", "main", "levers", "all", "report"], default="all")
+    parser.add_argument(
+        "--part", choices=["overhead", "main", "levers", "all", "report", "step-cost", "step-cost-one"], default="all"
+    )
+    parser.add_argument("--variant", choices=["plain", "dms"], default="dms", help="step-cost-one: one fit")
+    parser.add_argument("--repeats", type=int, default=3, help="step-cost part: fits per variant")
+    parser.add_argument("--batches", type=int, default=24, help="step-cost part: training steps per epoch")
+    parser.add_argument("--before", type=Path, default=None, help="step-cost part: an earlier source tree")
+    parser.add_argument("--profile", type=Path, default=None, help="step-cost-one: cProfile the fit into this file")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--search-epochs", type=int, default=3)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
@@ -513,6 +668,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     mnist1d_tensors()
+    if args.part == "step-cost-one":
+        print(json.dumps(step_cost_fit(args.variant, args.epochs, args.batches, args.profile)))
+        return {}
+    if args.part == "step-cost":  # its own JSON: benchmarks/results/dms_step_cost.json unless --out is given
+        out = args.out if args.out.name != "dms.json" else args.out.with_name("dms_step_cost.json")
+        cost = step_cost_part(args.repeats, args.epochs, args.batches, args.before, args.threads)
+        cost["config"] = {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
+            "torch": torch.__version__,
+            "lightning": pl.__version__,
+            "machine": platform.machine(),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(cost, indent=2))
+        for key in [k for k in cost if k.endswith("_over_plain")]:
+            m, sd = cost[key]["mean_std"]
+            print(f"{key}: {m:.3f} ± {sd:.3f}, ratio of minima {cost[key]['ratio_of_minima']:.3f} (target <= 1.15)")
+        return cost
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     result = {k: v for k, v in result.items() if k in ("config", "overhead", "main", "levers")}
     config = {k: v for k, v in vars(args).items() if k != "out"}

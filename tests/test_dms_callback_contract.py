@@ -176,7 +176,7 @@ def test_resource_loss_reaches_the_ratios_without_touching_training_step():
     probe = StepProbe()
     fit(module, [dms(target=0.5, search_epochs=2, enforce_target=False), probe], epochs=3)
     export = next(e for e in event_log(module) if e.kind == "dms_export")
-    assert export.reason["trimmed_elements"] == 0 and export.reason["searched_ratio"] <= 0.6
+    assert export.reason.get("changed_elements", 0) == 0 and export.reason["searched_ratio"] <= 0.6
     assert probe.grads and probe.grads[0] > 0  # the ratios have a gradient from the first step on
 
 
@@ -462,3 +462,112 @@ def test_search_checkpoint_into_a_bare_network_says_what_it_is(tmp_path):
     exported = load_grown(tiny_vit(), tmp_path / "epoch=2.ckpt").eval()
     with torch.no_grad():
         assert torch.equal(exported(x), trained.eval()(x))
+
+
+# ---------------------------------------------------------------- issue 9 item 7: refused before any gate is attached
+class PairBlock(nn.Module):
+    """A residual block that returns (hidden, cache): the generic depth gate cannot scale it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(40, 40)
+
+    def forward(self, x):
+        return x + self.fc(x), None
+
+
+class Recording(pl.LightningModule):
+    """Records every sub-module added to this very instance (a deep copy records on itself, not here)."""
+
+    def __init__(self, net: nn.Module, example: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.example_input_array = example
+        self.__dict__["added_to_me"] = []
+
+    def add_module(self, name, module):
+        if "added_to_me" in self.__dict__ and id(self) == self.__dict__.get("me", id(self)):
+            self.__dict__["added_to_me"].append(name)
+        return super().add_module(name, module)
+
+    def forward(self, x):
+        out = self.net(x)
+        return out.logits if hasattr(out, "logits") else out
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).float().pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+class PairNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([PairBlock(), PairBlock()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)[0]
+        return x
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("case", ["hf_gpt2", "tuple_block"])
+def test_a_model_the_core_refuses_is_refused_before_any_gate_is_attached(case):
+    from lightning_depthgrow.adapters.registry import register_block, unregister_block
+
+    if case == "hf_gpt2":
+        net, example = tiny_gpt2(), torch.randint(0, 64, (2, 16))
+        data = TensorDataset(torch.randint(0, 64, (8, 16)))
+        match, way_out = "Hugging Face transformers", "scale the Hugging Face config by hand"
+    else:
+        register_block(PairBlock, zero_init=["fc"])
+        net, example = PairNet(), torch.zeros(2, 40)
+        data = TensorDataset(torch.randn(8, 40))
+        match, way_out = "PairBlock to map one tensor", "depth=False"
+    try:
+        module = Recording(net, example)
+        module.__dict__["me"] = id(module)
+        before = snapshot(module)
+        weights = {k: v.clone() for k, v in module.state_dict().items()}
+        trainer = quiet_trainer(max_epochs=2, callbacks=[dms()], limit_val_batches=0, num_sanity_val_steps=0)
+        with pytest.raises(Exception, match=match) as info:
+            trainer.fit(module, DataLoader(data, batch_size=4))
+        assert way_out in str(info.value)
+        assert module.__dict__["added_to_me"] == []  # no gate container was ever added to the user's module
+        assert snapshot(module) == before and find_gates(module) is None
+        assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())  # bitwise
+        assert not event_log(module)
+    finally:
+        if case == "tuple_block":
+            unregister_block(PairBlock)
+
+
+class Uncopyable(Lit):
+    """Holds a lock, which copy.deepcopy refuses: the setup checks then run on the module itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def test_a_module_that_cannot_be_copied_still_searches_and_a_refusal_still_leaves_it_untouched():
+    with pytest.raises(TypeError):
+        copy.deepcopy(Uncopyable())
+    module = Uncopyable()
+    before = snapshot(module)
+    with pytest.raises(ValueError, match="below the smallest model"):
+        fit(module, [dms(target=0.001, depth=False)], epochs=2)
+    assert snapshot(module) == before and find_gates(module) is None and not event_log(module)
+    fit(module, [dms()], epochs=2)
+    assert [e.kind for e in event_log(module)] == ["dms_attach", "dms_export"]

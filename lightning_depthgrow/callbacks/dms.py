@@ -8,6 +8,7 @@ synchronised across ranks, and when to export. It works only through Lightning's
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Iterable
@@ -21,16 +22,17 @@ from torch.utils.hooks import RemovableHandle
 
 from ..dms import (
     ARCH_GROUP_KEY,
+    DMSGates,
     ResourceModel,
     arch_group_options,
     attach_event,
     find_gates,
-    fit_to_budget,
+    fit_architecture,
     remove_gates,
     update_importance,
 )
 from ..dms.appliers import ATTACH, EXPORT
-from ..events import ArchitectureEvent
+from ..events import LOG_ATTRIBUTE, ArchitectureEvent
 from ..validation import check_bool, check_choice, check_float, check_int
 from ._common import (
     CHECKPOINT_KEY,
@@ -81,9 +83,12 @@ class DifferentiableModelScaling(Callback):
         width, heads, depth: which kinds of gate to attach.
         schedule_fraction: part of the search over which the target decays, in ``(0, 1]`` (0.8 in the paper).
         example_input: input for the FLOPs count (default: the module's ``example_input_array``).
-        enforce_target: at export, if the searched model is still above the target (the search hovers
-            around it), drop the least important width elements until it is not
-            (:func:`~lightning_depthgrow.dms.resource.fit_to_budget`); the event records how many.
+        enforce_target: at export, choose depth and width jointly so the exported model lands within 5% of the
+            target from either side (:func:`~lightning_depthgrow.dms.fit_architecture`: the searched depth first,
+            the searched widths scaled together, heads only if widths cannot get there); a warning gives the
+            achieved ratio when no architecture the gates allow can. The export event's ``reason`` records the
+            searched and exported ratios, the deviation, how many elements and blocks changed. With ``False`` the
+            searched hard masks are exported as they are.
         absolute_target: read ``target`` as a count of ``resource`` instead of a fraction. A ``target`` above 1
             without it is refused (``target=40`` meaning 40% is an easy slip).
 
@@ -136,6 +141,7 @@ class DifferentiableModelScaling(Callback):
         self._keys_before: set[str] = set()
         self._resource_grads: list[torch.Tensor | None] | None = None
         self._first_bad_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on device
+        self._frozen_done = False  # depth and head ratios frozen for the width-only phase (checked once)
 
     # ---------------------------------------------------------------- setup: check everything, then attach
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -147,16 +153,27 @@ class DifferentiableModelScaling(Callback):
         self._remove_target_hook()
         if trainer.ckpt_path:
             self._check_resumed_target(trainer)
+        self._resource_grads, self._first_bad_step, self._frozen_done = None, None, False
+        # Everything that can refuse (discovery, the FLOP count's forward through the gated model, the target
+        # against what the gates can reach) runs before anything is put on the module: on a copy.
+        planned = None
+        if ATTACH not in _logged_kinds(pl_module):
+            planned = self._plan(trainer, pl_module, example)
         else:
+            self._resources, self._target_ratio = None, 1.0
+        if not trainer.ckpt_path:
             self._check_target_when_weights_load(trainer, pl_module)
         restore_architecture(trainer, pl_module)
-        log = event_log(pl_module)
-        self._resource_grads, self._first_bad_step = None, None
         try:
-            if ATTACH not in [e.kind for e in log]:
-                self._attach(trainer, pl_module)
-            if EXPORT not in [e.kind for e in log] and find_gates(pl_module) is not None:
-                self._resources, self._target_ratio = self._measure(pl_module, example)
+            kinds = _logged_kinds(pl_module)
+            if ATTACH not in kinds and planned is not None:
+                event, self._resources, self._target_ratio = planned
+                self._attach(pl_module, event)
+                if self._resources is None:  # not copyable: measured on the module itself (taken off on failure)
+                    self._resources, self._target_ratio = self._measure(pl_module, find_gates(pl_module), example)
+            elif EXPORT not in kinds and find_gates(pl_module) is not None:
+                # the same module fit again before its search exported: it carries its gates already
+                self._resources, self._target_ratio = self._measure(pl_module, find_gates(pl_module), example)
         except BaseException:
             self._detach(pl_module)
             raise
@@ -186,7 +203,18 @@ class DifferentiableModelScaling(Callback):
             )
         return example
 
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _plan(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, example: Any
+    ) -> tuple[ArchitectureEvent, ResourceModel | None, float]:
+        """The ``dms_attach`` event, the resource model and the target ratio, worked out without touching the module.
+
+        Discovery refuses unsupported models (Hugging Face transformers, ``Sequential`` roots, ...); the gates
+        are then attached to a deep copy, whose FLOP count runs the gated forward once (a block the generic depth
+        gate cannot scale is refused there) and whose reachable minimum is compared with the target. The resource
+        model names gates, not modules, so it serves the real module once the same gates are attached to it.
+        A module that cannot be deep-copied (it holds a lock, a file, ...) is measured after the gates are
+        attached to it instead; a refusal there takes them off again (``None`` for the resource model).
+        """
         event = attach_event(
             pl_module,
             self.arch_lr,
@@ -196,17 +224,31 @@ class DifferentiableModelScaling(Callback):
             epoch=trainer.current_epoch,
             step=trainer.global_step,
         )
+        # the trainer is shared, not copied (LightningModule drops it when pickled; hooks may still hold it)
+        try:
+            trial = copy.deepcopy(pl_module, {id(trainer): trainer})
+        except Exception:
+            return event, None, 1.0
+        try:
+            trial.__dict__.pop(LOG_ATTRIBUTE, None)
+            apply_and_sync(None, trial, event)
+            resources, target = self._measure(trial, find_gates(trial), example)
+        finally:
+            del trial
+        return event, resources, target
+
+    def _attach(self, pl_module: pl.LightningModule, event: ArchitectureEvent) -> None:
         apply_and_sync(None, pl_module, event)
         rank_zero_info(
             f"DMS: attached {len(event.spec['gates'])} gates: "
             + ", ".join(f"{s['name']} ({s['n']})" for s in event.spec["gates"])
         )
 
-    def _measure(self, pl_module: pl.LightningModule, example: Any) -> tuple[ResourceModel, float]:
-        """The analytic resource model of the gated module and the target as a fraction of the supernet."""
-        res = ResourceModel.build(pl_module, example)
+    def _measure(self, module: torch.nn.Module, gates: DMSGates, example: Any) -> tuple[ResourceModel, float]:
+        """The resource model (FLOPs by FlopCounterMode) of the gated module and the target as a fraction."""
+        res = ResourceModel.build(module, example)
         full = res.full(self.resource)
-        floor = res.minimum(find_gates(pl_module), self.resource)
+        floor = res.minimum(gates, self.resource)
         target = self.target / full if self.absolute_target else self.target
         if target >= 1:
             raise ValueError(
@@ -299,11 +341,12 @@ class DifferentiableModelScaling(Callback):
                 self._resource_grads = [
                     p if g is None else g * scale if p is None else p + g * scale for p, g in zip(pending, grads)
                 ]
-        pl_module.log_dict(
-            {"dms/resource_ratio": r_c.detach(), "dms/target_ratio": r_t, "dms/resource_loss": res_loss.detach()},
-            on_step=True,
-            on_epoch=False,
-        )
+        if _logs_this_step(trainer):
+            pl_module.log_dict(
+                {"dms/resource_ratio": r_c.detach(), "dms/target_ratio": r_t, "dms/resource_loss": res_loss.detach()},
+                on_step=True,
+                on_epoch=False,
+            )
 
     def _note_finite(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
         """Remember the first step whose loss was not finite (on the device: no synchronisation per step)."""
@@ -317,13 +360,14 @@ class DifferentiableModelScaling(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         gates = find_gates(pl_module)
-        if gates is None or trainer.global_step < self._schedule_steps:
+        if gates is None or self._frozen_done or trainer.global_step < self._schedule_steps:
             return
         # Last part of the search: depth and heads are fixed, only widths move (frozen_ratio is a buffer,
-        # so a resumed run stays frozen).
+        # so a resumed run stays frozen). Checked once per fit: reading a buffer's value is a device sync.
         for gate in gates.gate_list():
             if gate.kind != "width" and not gate.frozen:
                 gate.freeze()
+        self._frozen_done = True
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -389,24 +433,37 @@ class DifferentiableModelScaling(Callback):
             return
         self._check_not_diverged(trainer, pl_module)
         res, resource = self._resources, self.resource
-        before = res.full(resource) if res else float("nan")
-        searched = float(res.evaluate(gates, resource, hard=True)) if res else float("nan")
-        trimmed = fit_to_budget(gates, res, self._target_ratio * before, resource) if res and self.enforce_target else 0
-        after = float(res.evaluate(gates, resource, hard=True)) if res else float("nan")
+        if res is None:  # cannot happen after setup; refuse rather than export an unmeasured model
+            raise RuntimeError(f"{_WHO}: no resource model at export (setup did not run for this fit).")
+        before = res.full(resource)
+        budget = self._target_ratio * before
+        searched = float(res.evaluate(gates, resource, hard=True))
+        reason: dict[str, Any] = {"target_ratio": self._target_ratio, "searched_ratio": searched / before}
+        if self.enforce_target:
+            fit = fit_architecture(gates, res, budget, resource)
+            if not fit.within:
+                rank_zero_warn(
+                    f"{_WHO}: the closest architecture the gates allow has {fit.value / before:.3f} of the "
+                    f"supernet's {resource}, {fit.deviation:+.1%} off the target {self._target_ratio:.3f} (tolerance "
+                    "5%): the ungated layers, or every gate at its limit, decide the count. Gate more of the model "
+                    "or change the target."
+                )
+            reason.update(changed_elements=fit.changed, depth_changed=fit.depth_changed, within_tolerance=fit.within)
+        after = float(res.evaluate(gates, resource, hard=True))
         keep = broadcast(trainer, gates.keep())
         kept = {name: len(k) for name, k in keep.items()}
+        reason.update(
+            exported_ratio=after / before,
+            deviation=after / budget - 1.0,
+            kept=kept,
+            n={s["name"]: s["n"] for s in gates.specs},
+        )
         event = ArchitectureEvent(
             EXPORT,
             {"keep": keep},
             epoch=trainer.current_epoch,
             step=trainer.global_step,
-            reason={
-                "kept": kept,
-                "n": {s["name"]: s["n"] for s in gates.specs},
-                "target_ratio": self._target_ratio,
-                "searched_ratio": searched / before,
-                "trimmed_elements": trimmed,
-            },
+            reason=reason,
             cost={f"{resource}_before": before, f"{resource}_after": after},
         )
         apply_and_sync(trainer, pl_module, event)
@@ -509,6 +566,25 @@ class DifferentiableModelScaling(Callback):
                 "checkpoint to finish the search."
             )
         guard_spawn_results(trainer, pl_module, _WHO)
+
+
+def _logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning sends this batch's step metrics to the loggers (``log_every_n_steps``, or the last step).
+
+    Lightning keeps only the last value of a step-only metric and writes it every ``log_every_n_steps``
+    batches, so logging on the other batches costs a ``self.log`` each (a third of the callback's per-step
+    time) for values nobody sees. Asked during the batch, as Lightning's own ``on_train_batch_start`` check does.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    try:
+        return bool(connector.should_update_logs) if connector is not None else True
+    except Exception:  # another loop than fit's (cannot happen in training hooks): log as before
+        return True
+
+
+def _logged_kinds(module: torch.nn.Module) -> list[str]:
+    """Kinds of the architecture events ``module`` carries (without creating its log)."""
+    return [e.kind for e in module.__dict__.get(LOG_ATTRIBUTE) or []]
 
 
 def _check_target(target: Any, absolute: bool, resource: str) -> float:

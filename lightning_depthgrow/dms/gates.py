@@ -81,10 +81,20 @@ class DMSGates(nn.Module):
         hard = self.bank.hard().split(self.bank.sizes)
         return {name: torch.nonzero(h).flatten().tolist() for name, h in zip(self.gates, hard)}
 
+    @torch.no_grad()
     def project_(self) -> None:
-        """Keep every ratio in range (or at its frozen value); call after each optimizer step."""
-        for gate in self.gates.values():
-            gate.project_()
+        """Keep every ratio in range (or at its frozen value); call after each optimizer step.
+
+        The same as :meth:`TopKGate.project_` on every gate, in a few batched ops and without reading any
+        value back to Python (no device synchronisation per gate).
+        """
+        gates = self.gate_list()
+        ratios = [g.ratio for g in gates]
+        a = torch.stack(ratios)
+        frozen = torch.stack([g.frozen_ratio for g in gates]).to(a.dtype)
+        free = torch.minimum(a.clamp(min=0.0), self.bank.layout()["max_ratio"].to(a.dtype))
+        new = torch.where(torch.isnan(frozen), free, frozen)
+        torch._foreach_copy_(ratios, list(new.unbind()))
 
 
 def _hooks_for(model: nn.Module, spec: GateSpec, gates: DMSGates, fold: Fold) -> list[Hook]:
