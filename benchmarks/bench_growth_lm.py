@@ -1,7 +1,7 @@
 """Benchmark: does depth growth pay on a task where depth matters? Byte-level GPT on the Python stdlib.
 
-The task (:mod:`benchmarks.tasks`): a byte-level TinyGPT (dim 64, 4 heads, context 64) trained with
-``Trainer.fit`` for ``--steps`` AdamW steps (batch 16, warm-up + cosine), validated on held-out stdlib files.
+The task (:mod:`benchmarks.tasks`): a byte-level TinyGPT (dim 32, 4 heads, context 128) trained with
+``Trainer.fit`` for ``--steps`` AdamW steps (batch 32, warm-up + cosine), validated on held-out stdlib files.
 Variants, per seed, all with the same data order and schedule length unless said:
 
 - ``fixed_<d>``: a fixed model of ``d`` blocks (the small start model, the final size, sizes in between);
@@ -203,7 +203,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = LMConfig(steps=args.steps)
     final_depth = args.start_depth * args.factor
     final = f"fixed_{final_depth}"
-    variants = args.variants or [f"fixed_{args.start_depth}", final, *GROWN, "fixed_final_equal"]
+    middle = f"fixed_{(args.start_depth + final_depth) // 2}"
+    variants = args.variants or [
+        f"fixed_{args.start_depth}",
+        final,
+        "stack_ramp",
+        "zero_interleave",
+        "fixed_final_equal",
+        "copy_interleave_ramp",
+        "stack_noramp",
+        middle,
+    ]
     setup = {
         "lm": asdict(config),
         "start_depth": args.start_depth,
@@ -227,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
                 result = run_variant(name, config, seed, args)
                 runs.setdefault(name, []).append(result)
+                _write(args.out, {"setup": setup, "runs": runs})  # partial results survive a stop
                 print(
                     f"seed {seed} {name:22s} val_loss {result['val_loss']:.4f} flops {result['flops'] / 1e12:.3f}T "
                     f"cpu {result['cpu_s']:.1f}s wall {result['wall_s']:.1f}s",
@@ -245,10 +256,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": summary,
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2))
+    _write(args.out, record)
     print(f"wrote {args.out}")
     return record
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ training compute spent so far, counted in block-steps and in FLOPs (torch's ``Fl
 training step per depth, math attention kernel).
 
     from benchmarks.tasks import LMConfig, train_lm
-    result = train_lm(LMConfig(depth=2, steps=300), seed=0)
+    result = train_lm(LMConfig(depth=2, steps=100), seed=0)
     result["val_loss"], result["val_bpb"], result["flops"]
 
 Run ``python benchmarks/tasks.py --depths 2 6 --seeds 0 1 2`` to check that the task discriminates depth.
@@ -70,12 +70,12 @@ class LMConfig:
     """
 
     depth: int = 2
-    dim: int = 64
+    dim: int = 32
     heads: int = 4
-    context: int = 64
-    batch_size: int = 16
-    steps: int = 600
-    lr: float = 3e-3
+    context: int = 128
+    batch_size: int = 32
+    steps: int = 500
+    lr: float = 6e-3
     weight_decay: float = 0.1
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
