@@ -186,6 +186,25 @@ def print_table(summary: dict[str, Any], final: str) -> None:
         )
 
 
+def markdown_table(summary: dict[str, Any], final: str) -> str:
+    """The summary as a markdown table (what docs and README show)."""
+    lines = [
+        f"| variant | blocks | val loss (nats/byte) | bits/byte | paired vs {final} | FLOPs / {final} | "
+        f"first reaches {final}'s final loss at (FLOPs / {final}, per seed) | min residual update | "
+        "min loss rise when a block is skipped |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in summary.items():
+        reach = ", ".join("never" if x is None else f"{x:.2f}" for x in e["reaches_final_loss_at_flops_ratio"])
+        lines.append(
+            f"| {name} | {e['depth']} | {e['val_loss_mean']:.4f} ± {e['val_loss_std']:.4f} | "
+            f"{e['val_bpb_mean']:.3f} | {e['paired_loss_minus_final_mean']:+.4f} ± "
+            f"{e['paired_loss_minus_final_std']:.4f} | {e['flops_ratio_vs_final']:.2f} | {reach} | {min(e['min_update_ratio']):.3f} | "
+            f"{min(e['min_skip_loss_delta']):+.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -257,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     _write(args.out, record)
+    if summary:
+        args.out.with_suffix(".md").write_text(markdown_table(summary, final))
     print(f"wrote {args.out}")
     return record
 
