@@ -199,8 +199,8 @@ def markdown_table(summary: dict[str, Any], final: str) -> str:
         lines.append(
             f"| {name} | {e['depth']} | {e['val_loss_mean']:.4f} ± {e['val_loss_std']:.4f} | "
             f"{e['val_bpb_mean']:.3f} | {e['paired_loss_minus_final_mean']:+.4f} ± "
-            f"{e['paired_loss_minus_final_std']:.4f} | {e['flops_ratio_vs_final']:.2f} | {reach} | {min(e['min_update_ratio']):.3f} | "
-            f"{min(e['min_skip_loss_delta']):+.4f} |"
+            f"{e['paired_loss_minus_final_std']:.4f} | {e['flops_ratio_vs_final']:.2f} | {reach} | "
+            f"{min(e['min_update_ratio']):.3f} | {min(e['min_skip_loss_delta']):+.4f} |"
         )
     return "\n".join(lines) + "\n"
 
