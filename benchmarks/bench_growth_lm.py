@@ -137,9 +137,14 @@ def first_reach(curve: list[dict[str, float]], target: float) -> dict[str, float
     return next((row for row in curve if row["val_loss"] <= target), None)
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]], final: str) -> dict[str, Any]:
-    """Mean +- std per variant, paired differences to ``final`` and compute to reach its final loss."""
+def summarise(runs: dict[str, list[dict[str, Any]]], final: str, start: str) -> dict[str, Any]:
+    """Mean +- std per variant, paired differences to ``final`` and ``start`` and compute to reach ``final``'s loss.
+
+    A grown run and the fixed start model of the same seed are the same run until the growth step, so their paired
+    difference measures what growth changed with much less seed noise than unpaired means.
+    """
     reference = {r["seed"]: r for r in runs[final]}
+    small = {r["seed"]: r for r in runs.get(start, [])}
     ref_flops = {s: r["flops"] for s, r in reference.items()}
     summary = {}
     for name, results in runs.items():
@@ -155,6 +160,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]], final: str) -> dict[str, An
             "val_bpb_std": std / math.log(2),
             "paired_loss_minus_final_mean": diff,
             "paired_loss_minus_final_std": diff_std,
+            "paired_loss_minus_start": [
+                r["val_loss"] - small[r["seed"]]["val_loss"] for r in results if r["seed"] in small
+            ],
             "flops_mean": mean_std([r["flops"] for r in results])[0],
             "flops_ratio_vs_final": mean_std([r["flops"] / ref_flops[r["seed"]] for r in results])[0],
             "block_steps_mean": mean_std([r["block_steps"] for r in results])[0],
@@ -186,20 +194,23 @@ def print_table(summary: dict[str, Any], final: str) -> None:
         )
 
 
-def markdown_table(summary: dict[str, Any], final: str) -> str:
+def markdown_table(summary: dict[str, Any], final: str, start: str) -> str:
     """The summary as a markdown table (what docs and README show)."""
     lines = [
-        f"| variant | blocks | val loss (nats/byte) | bits/byte | paired vs {final} | FLOPs / {final} | "
+        f"| variant | blocks | val loss (nats/byte) | bits/byte | paired vs {final} | paired vs {start} (per seed) | "
+        f"FLOPs / {final} | "
         f"first reaches {final}'s final loss at (FLOPs / {final}, per seed) | min residual update | "
         "min loss rise when a block is skipped |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in summary.items():
         reach = ", ".join("never" if x is None else f"{x:.2f}" for x in e["reaches_final_loss_at_flops_ratio"])
+        vs_start = ", ".join(f"{x:+.4f}" for x in e["paired_loss_minus_start"])
         lines.append(
             f"| {name} | {e['depth']} | {e['val_loss_mean']:.4f} ± {e['val_loss_std']:.4f} | "
             f"{e['val_bpb_mean']:.3f} | {e['paired_loss_minus_final_mean']:+.4f} ± "
-            f"{e['paired_loss_minus_final_std']:.4f} | {e['flops_ratio_vs_final']:.2f} | {reach} | "
+            f"{e['paired_loss_minus_final_std']:.4f} | {vs_start} | "
+            f"{e['flops_ratio_vs_final']:.2f} | {reach} | "
             f"{min(e['min_update_ratio']):.3f} | {min(e['min_skip_loss_delta']):+.4f} |"
         )
     return "\n".join(lines) + "\n"
@@ -264,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
     for results in runs.values():
         results.sort(key=lambda r: r["seed"])
-    summary = summarise(runs, final) if final in runs else {}
+    start = f"fixed_{args.start_depth}"
+    summary = summarise(runs, final, start) if final in runs else {}
     if summary:
         print_table(summary, final)
     _, _, corpus = stdlib_corpus(config.corpus)
@@ -277,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     _write(args.out, record)
     if summary:
-        args.out.with_suffix(".md").write_text(markdown_table(summary, final))
+        args.out.with_suffix(".md").write_text(markdown_table(summary, final, start))
     print(f"wrote {args.out}")
     return record
 
