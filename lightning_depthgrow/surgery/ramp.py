@@ -145,6 +145,9 @@ def fold_ramps(model: nn.Module, names: list[str] | None = None) -> list[str]:
     A block whose ramp ended computes exactly ``block(x)`` (``torch.lerp`` at weight 1), so folding changes no
     output. With ``names`` the given modules are folded whatever their state (used when an event log replays a
     fold before the checkpoint's ramp states are loaded); each must carry a ramp.
+
+    Under ``DistributedDataParallel`` re-wrap the module after a fold: DDP keeps a list of the module's buffers,
+    and if the fold removed the last ones its next forward fails inside torch (broadcast of an empty list).
     """
     if names is None:
         names = [name for name, (step, steps) in ramped_blocks(model).items() if step >= steps]
