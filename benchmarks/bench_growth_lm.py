@@ -1,0 +1,303 @@
+"""Benchmark: does depth growth pay on a task where depth matters? Byte-level GPT on the Python stdlib.
+
+The task (:mod:`benchmarks.tasks`): a byte-level TinyGPT (dim 32, 4 heads, context 128) trained with
+``Trainer.fit`` for ``--steps`` AdamW steps (batch 32, warm-up + cosine), validated on held-out stdlib files.
+Variants, per seed, all with the same data order and schedule length unless said:
+
+- ``fixed_<d>``: a fixed model of ``d`` blocks (the small start model, the final size, sizes in between);
+- grown ``2 -> 6`` in one step at ``--grow-at`` of training (G_stack grows once, early), by operator:
+  ``zero_interleave`` (today's identity blocks: two zero-initialised blocks after each block),
+  ``copy_interleave_ramp`` (two copies of each trained block right after it, ramped in over ``--ramp-steps``),
+  ``stack_ramp`` (G_stack: the trained stack duplicated twice in order, ramped in),
+  ``stack_noramp`` (G_stack without a ramp: plain copies, not function-preserving);
+- ``fixed_6_equal``: the final-size model trained for as many steps as fit the grown runs' FLOPs, with its own
+  full warm-up + cosine schedule (the fixed model at equal compute).
+
+Compute is counted in FLOPs (``FlopCounterMode`` on one training step per depth) and block-steps. Reported:
+final validation loss (nats/byte and bits/byte), mean +- std over seeds, paired differences to the fixed
+final-size model, the FLOPs each grown run needs to first reach the fixed final-size model's final loss, and
+per block of the final model its residual-update ratio and the loss increase when it is skipped.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_growth_lm.py --seeds 0 1 2
+
+Writes ``benchmarks/results/growth_lm.json``. ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
+variants already in FILE (another invocation with the identical configuration: training is deterministic on one
+CPU thread) instead of training them again, and ``--merge FILE...`` combines result files of one configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.tasks import LMConfig, block_diagnostics, mean_std, stdlib_corpus, train_lm, train_step_flops
+from lightning_depthgrow.events import ArchitectureEvent, apply_event
+from lightning_depthgrow.surgery import operators as _operators  # noqa: F401  (registers stack_blocks, fold_ramps)
+from lightning_depthgrow.surgery import sync_schedulers, update_optimizer
+from lightning_depthgrow.surgery.ramp import advance_ramps, ramped_blocks
+
+GROWN = ("zero_interleave", "copy_interleave_ramp", "stack_ramp", "stack_noramp")
+
+
+def growth_events(operator: str, depth: int, factor: int, ramp_steps: int, seed: int) -> list[ArchitectureEvent]:
+    """The events that grow a ``depth``-block ``blocks`` stack ``factor`` times deeper with ``operator``."""
+    if operator == "zero_interleave":
+        # Highest index first so earlier indices stay valid; each block gets factor - 1 identity blocks after it.
+        return [
+            ArchitectureEvent("insert_block", {"stack": "blocks", "index": i, "template": i, "seed": seed + k})
+            for i in reversed(range(depth))
+            for k in range(factor - 1)
+        ]
+    order = "interleave" if operator == "copy_interleave_ramp" else "stack"
+    ramp = 0 if operator == "stack_noramp" else ramp_steps
+    spec = {"stack": "blocks", "factor": factor, "order": order, "ramp_steps": ramp}
+    return [ArchitectureEvent("stack_blocks", spec)]
+
+
+class ScheduledGrowth(Callback):
+    """Applies growth events after optimizer step ``at_step``; advances and folds ramps after every step.
+
+    Every change goes through :func:`~lightning_depthgrow.events.apply_event` (the path resume replays), the
+    optimizer takes the new parameters into their source's param group, and a ``fold_ramps`` event is logged
+    when ramps end. ``events`` is the run's event log.
+    """
+
+    def __init__(self, at_step: int, events: list[ArchitectureEvent]) -> None:
+        self.at_step = at_step
+        self.pending = events
+        self.events: list[dict[str, Any]] = []
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: ArchitectureEvent) -> None:
+        event.step = trainer.global_step
+        change = apply_event(pl_module.model, event)
+        if change.changes_parameter_set:
+            for optimizer in trainer.optimizers:
+                update_optimizer(optimizer, change, pl_module)
+                sync_schedulers([c.scheduler for c in trainer.lr_scheduler_configs], optimizer)
+        self.events.append(event.to_dict())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        finished = advance_ramps(pl_module.model)
+        if finished:
+            self._apply(trainer, pl_module, ArchitectureEvent("fold_ramps", {"blocks": finished}))
+        if trainer.global_step == self.at_step:
+            for event in self.pending:
+                self._apply(trainer, pl_module, event)
+
+
+def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one variant for one seed and add block diagnostics and the event log to its result."""
+    callbacks: list[Callback] = []
+    growth = None
+    if name in GROWN:
+        at_step = round(args.grow_at * config.steps)
+        events = growth_events(name, args.start_depth, args.factor, args.ramp_steps, seed=1000 + seed)
+        growth = ScheduledGrowth(at_step, events)
+        callbacks.append(growth)
+        config = replace(config, depth=args.start_depth)
+    elif name == "fixed_final_equal":
+        config = replace(config, depth=args.start_depth * args.factor, steps=equal_compute_steps(config, args))
+    else:
+        config = replace(config, depth=int(name.split("_")[1]))
+    from benchmarks.tasks import make_gpt
+
+    pl.seed_everything(seed, verbose=False)
+    model = make_gpt(config)
+    result = train_lm(config, seed, callbacks=callbacks, model=model)
+    result["steps"] = config.steps
+    result["blocks"] = block_diagnostics(model, config)
+    result["ramped_at_end"] = ramped_blocks(model)
+    if growth is not None:
+        result["events"] = growth.events
+    return result
+
+
+def equal_compute_steps(config: LMConfig, args: argparse.Namespace) -> int:
+    """Steps of the final-size model whose FLOPs equal a grown run's (growth after ``grow_at`` of the steps)."""
+    at_step = round(args.grow_at * config.steps)
+    small, large = train_step_flops(config, args.start_depth), train_step_flops(config, args.start_depth * args.factor)
+    grown = at_step * small + (config.steps - at_step) * large
+    return round(grown / large)
+
+
+def first_reach(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    """The first validation row whose loss is <= ``target``, or ``None``."""
+    return next((row for row in curve if row["val_loss"] <= target), None)
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]], final: str, start: str) -> dict[str, Any]:
+    """Mean +- std per variant, paired differences to ``final`` and ``start`` and compute to reach ``final``'s loss.
+
+    A grown run and the fixed start model of the same seed are the same run until the growth step, so their paired
+    difference measures what growth changed with much less seed noise than unpaired means.
+    """
+    reference = {r["seed"]: r for r in runs[final]}
+    small = {r["seed"]: r for r in runs.get(start, [])}
+    ref_flops = {s: r["flops"] for s, r in reference.items()}
+    summary = {}
+    for name, results in runs.items():
+        loss, std = mean_std([r["val_loss"] for r in results])
+        paired = [r["val_loss"] - reference[r["seed"]]["val_loss"] for r in results if r["seed"] in reference]
+        diff, diff_std = mean_std(paired) if paired else (float("nan"), float("nan"))
+        reach = [first_reach(r["curve"], reference[r["seed"]]["val_loss"]) for r in results if r["seed"] in reference]
+        entry = {
+            "seeds": [r["seed"] for r in results],
+            "val_loss_mean": loss,
+            "val_loss_std": std,
+            "val_bpb_mean": loss / math.log(2),
+            "val_bpb_std": std / math.log(2),
+            "paired_loss_minus_final_mean": diff,
+            "paired_loss_minus_final_std": diff_std,
+            "paired_loss_minus_start": [
+                r["val_loss"] - small[r["seed"]]["val_loss"] for r in results if r["seed"] in small
+            ],
+            "flops_mean": mean_std([r["flops"] for r in results])[0],
+            "flops_ratio_vs_final": mean_std([r["flops"] / ref_flops[r["seed"]] for r in results])[0],
+            "block_steps_mean": mean_std([r["block_steps"] for r in results])[0],
+            "cpu_s_mean": mean_std([r["cpu_s"] for r in results])[0],
+            "params": results[0]["params"],
+            "depth": results[0]["depth"],
+            "reaches_final_loss_at_flops_ratio": [
+                None if row is None else row["flops"] / ref_flops[r["seed"]] for row, r in zip(reach, results)
+            ],
+            "min_update_ratio": [min(b["update_ratio"] for b in r["blocks"]) for r in results],
+            "min_skip_loss_delta": [min(b["skip_loss_delta"] for b in r["blocks"]) for r in results],
+        }
+        summary[name] = entry
+    return summary
+
+
+def print_table(summary: dict[str, Any], final: str) -> None:
+    print(
+        f"{'variant':22s} {'val loss':>17s} {'bpb':>6s} {'vs ' + final + ' (paired)':>24s} {'FLOPs/final':>11s} "
+        f"{'reaches final loss at':>22s} {'min update':>10s} {'min skip dloss':>14s}"
+    )
+    for name, e in summary.items():
+        reach = ", ".join("-" if x is None else f"{x:.2f}" for x in e["reaches_final_loss_at_flops_ratio"])
+        print(
+            f"{name:22s} {e['val_loss_mean']:8.4f} +- {e['val_loss_std']:.4f} {e['val_bpb_mean']:6.3f} "
+            f"{e['paired_loss_minus_final_mean']:+13.4f} +- {e['paired_loss_minus_final_std']:.4f} "
+            f"{e['flops_ratio_vs_final']:11.2f} {reach:>22s} {min(e['min_update_ratio']):10.3f} "
+            f"{min(e['min_skip_loss_delta']):+14.4f}"
+        )
+
+
+def markdown_table(summary: dict[str, Any], final: str, start: str) -> str:
+    """The summary as a markdown table (what docs and README show)."""
+    lines = [
+        f"| variant | blocks | val loss (nats/byte) | bits/byte | paired vs {final} | paired vs {start} (per seed) | "
+        f"FLOPs / {final} | "
+        f"first reaches {final}'s final loss at (FLOPs / {final}, per seed) | min residual update | "
+        "min loss rise when a block is skipped |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in summary.items():
+        reach = ", ".join("never" if x is None else f"{x:.2f}" for x in e["reaches_final_loss_at_flops_ratio"])
+        vs_start = ", ".join(f"{x:+.4f}" for x in e["paired_loss_minus_start"])
+        lines.append(
+            f"| {name} | {e['depth']} | {e['val_loss_mean']:.4f} ± {e['val_loss_std']:.4f} | "
+            f"{e['val_bpb_mean']:.3f} | {e['paired_loss_minus_final_mean']:+.4f} ± "
+            f"{e['paired_loss_minus_final_std']:.4f} | {vs_start} | "
+            f"{e['flops_ratio_vs_final']:.2f} | {reach} | "
+            f"{min(e['min_update_ratio']):.3f} | {min(e['min_skip_loss_delta']):+.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=LMConfig.steps)
+    parser.add_argument("--start-depth", type=int, default=2)
+    parser.add_argument("--factor", type=int, default=3, help="final depth = start depth x factor")
+    parser.add_argument("--grow-at", type=float, default=1 / 3, help="fraction of the steps after which to grow")
+    parser.add_argument("--ramp-steps", type=int, default=60)
+    parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument("--reuse", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    config = LMConfig(steps=args.steps)
+    final_depth = args.start_depth * args.factor
+    final = f"fixed_{final_depth}"
+    middle = f"fixed_{(args.start_depth + final_depth) // 2}"
+    variants = args.variants or [
+        f"fixed_{args.start_depth}",
+        final,
+        "stack_ramp",
+        "zero_interleave",
+        "fixed_final_equal",
+        "copy_interleave_ramp",
+        "stack_noramp",
+        middle,
+    ]
+    setup = {
+        "lm": asdict(config),
+        "start_depth": args.start_depth,
+        "factor": args.factor,
+        "grow_at": args.grow_at,
+        "ramp_steps": args.ramp_steps,
+        "equal_compute_steps": equal_compute_steps(config, args),
+        "train_step_flops": {d: train_step_flops(config, d) for d in range(1, final_depth + 1)},
+    }
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for source in [*(args.merge or []), *([args.reuse] if args.reuse else [])]:
+        previous = json.loads(source.read_text())
+        if previous["setup"] != json.loads(json.dumps(setup)):
+            raise ValueError(f"{source} was made with another configuration: {previous['setup']} != {setup}")
+        for name, results in previous["runs"].items():
+            runs.setdefault(name, []).extend(r for r in results if r["seed"] in args.seeds)
+    if not args.merge:
+        for seed in args.seeds:
+            for name in variants:
+                if any(r["seed"] == seed for r in runs.get(name, [])):
+                    continue
+                result = run_variant(name, config, seed, args)
+                runs.setdefault(name, []).append(result)
+                _write(args.out, {"setup": setup, "runs": runs})  # partial results survive a stop
+                print(
+                    f"seed {seed} {name:22s} val_loss {result['val_loss']:.4f} flops {result['flops'] / 1e12:.3f}T "
+                    f"cpu {result['cpu_s']:.1f}s wall {result['wall_s']:.1f}s",
+                    flush=True,
+                )
+    for results in runs.values():
+        results.sort(key=lambda r: r["seed"])
+    start = f"fixed_{args.start_depth}"
+    summary = summarise(runs, final, start) if final in runs else {}
+    if summary:
+        print_table(summary, final)
+    _, _, corpus = stdlib_corpus(config.corpus)
+    record = {
+        "setup": setup,
+        "corpus": corpus,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "summary": summary,
+        "runs": runs,
+    }
+    _write(args.out, record)
+    if summary:
+        args.out.with_suffix(".md").write_text(markdown_table(summary, final, start))
+    print(f"wrote {args.out}")
+    return record
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
