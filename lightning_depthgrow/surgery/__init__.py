@@ -33,17 +33,25 @@ from .growth import (
     verify_insertions,
 )
 from .neuron_branch import BranchedLinear, add_neuron_branch, neuron_branches
+from .operators import copy_block, insert_random_block, stack_blocks
 from .optim import order_like_model, sync_schedulers, update_optimizer
+from .ramp import advance_ramps, attach_ramp, fold_ramps
 
 __all__ = [
     "BranchedLinear",
     "FunctionNotPreservedError",
     "add_neuron_branch",
+    "advance_ramps",
+    "attach_ramp",
     "check_growable",
+    "copy_block",
+    "fold_ramps",
     "insert_identity_block",
+    "insert_random_block",
     "neuron_branches",
     "order_like_model",
     "remove_block",
+    "stack_blocks",
     "sync_schedulers",
     "update_optimizer",
     "verify_insertions",
