@@ -157,3 +157,39 @@ def test_stack_refuses_a_budget_no_duplication_fits_before_training() -> None:
     with pytest.raises(ValueError, match="duplicating the smallest stack"):
         quiet_trainer(max_epochs=2, callbacks=[growth]).fit(module, random_loader())
     assert tensor_hash(module) == start and len(module.model.blocks) == 2
+
+
+@pytest.mark.parametrize("order", ["stack", "interleave"])
+def test_operators_keep_hf_config_depth_layer_idx_and_layer_types_in_step(order: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    from lightning_depthgrow import find_block_stacks
+    from lightning_depthgrow.surgery.operators import copy_block, stack_blocks
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        use_sliding_window=True,
+        sliding_window=3,
+        max_window_layers=1,
+    )
+    model = transformers.Qwen2ForCausalLM(config)
+    (stack,) = find_block_stacks(model)
+    full, sliding = "full_attention", "sliding_attention"
+    stack_blocks(model, stack.path, factor=2, order=order)
+    expected = [full, sliding, full, sliding] if order == "stack" else [full, full, sliding, sliding]
+    assert model.config.num_hidden_layers == len(stack) == 4
+    assert model.config.layer_types == expected
+    assert [b.self_attn.layer_idx for b in stack.blocks] == [0, 1, 2, 3]
+    assert [b.self_attn.layer_type for b in stack.blocks] == expected
+    copy_block(model, stack.path, source=3, after_index=0)
+    assert model.config.num_hidden_layers == len(stack) == 5
+    assert model.config.layer_types == [expected[0], expected[3], *expected[1:]]
+    assert [b.self_attn.layer_idx for b in stack.blocks] == [0, 1, 2, 3, 4]
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()  # every layer runs with the grown config
