@@ -222,3 +222,24 @@ def test_stack_with_ramp_under_ddp_keeps_ranks_identical_and_survives_the_fold(t
     assert ranks[0] == ranks[1]
     assert [(e["kind"], e["step"]) for e in ranks[0]["events"]] == [("stack_blocks", 4), ("fold_ramps", 6)]
     assert ranks[0]["ramped"] == {}
+
+
+def test_operators_keep_key_prefixes_and_transformer_encoder_num_layers() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from lightning_depthgrow import find_block_stacks
+    from lightning_depthgrow.surgery.operators import insert_random_block, stack_blocks
+
+    vit = torchvision.models.VisionTransformer(
+        image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3
+    )
+    (stack,) = find_block_stacks(vit)
+    x = torch.randn(2, 3, 8, 8)
+    before = vit.eval()(x)
+    stack_blocks(vit, stack.path, ramp_steps=2)
+    assert list(stack.container._modules) == [f"encoder_layer_{i}" for i in range(4)]
+    assert torch.equal(vit(x), before)  # ramped copies: the identity at birth
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    (stack,) = find_block_stacks(encoder)
+    insert_random_block(encoder, stack.path, 1, seed=0)
+    assert encoder.num_layers == len(encoder.layers) == 3

@@ -526,7 +526,12 @@ class DepthGrowth(GrowthCallback):
             apply_event(probe, event)
         for path in stacks:
             what = f"the {events[0].kind} step on {path!r} (ramp {self.ramp_steps})"
-            _verify(probe, _find_stack(probe, path), _Check(example, DEFAULT_TOLERANCE), before[path], what)
+            try:
+                _verify(probe, _find_stack(probe, path), _Check(example, DEFAULT_TOLERANCE), before[path], what)
+            except RuntimeError as err:  # the ramp hook refuses blocks that do not map a tensor to a tensor
+                raise FunctionNotPreservedError(
+                    f"{self.name}: {what} failed on a trial copy of the module, which is unchanged. {err}"
+                ) from err
 
     # ------------------------------------------------------------------ placement
 
