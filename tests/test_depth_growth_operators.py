@@ -243,3 +243,63 @@ def test_operators_keep_key_prefixes_and_transformer_encoder_num_layers() -> Non
     (stack,) = find_block_stacks(encoder)
     insert_random_block(encoder, stack.path, 1, seed=0)
     assert encoder.num_layers == len(encoder.layers) == 3
+
+
+class _TupleBlock(torch.nn.Module):
+    """A residual block returning a tuple (like HF decoder layers): a ramp cannot blend it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x + self.fc(x),)
+
+
+class _TupleNet(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_TupleBlock(), _TupleBlock()])
+        self.head = torch.nn.Linear(8, 10)
+        self.example_input_array = torch.zeros(2, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)[0]
+        return self.head(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x.flatten(1)[:, :8]), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _HashAtBatchEnd(Callback):
+    def __init__(self) -> None:
+        self.hash: str | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.hash = tensor_hash(pl_module)
+        self.n_opt = sum(len(g["params"]) for g in trainer.optimizers[0].param_groups)
+
+
+def test_a_ramp_the_blocks_cannot_take_is_refused_with_module_and_optimizer_untouched() -> None:
+    from lightning_depthgrow.adapters.registry import register_block, unregister_block
+    from lightning_depthgrow.surgery.growth import FunctionNotPreservedError
+
+    register_block(_TupleBlock, zero_init=["fc"])
+    try:
+        torch.manual_seed(0)
+        module = _TupleNet()
+        recorder = _HashAtBatchEnd()
+        growth = DepthGrowth(final_budget=3.0, operator="copy", ramp_steps=2, placement="uniform", warmup_epochs=1)
+        trainer = quiet_trainer(max_epochs=2, callbacks=[recorder, growth])
+        with pytest.raises(FunctionNotPreservedError, match="same shape"):
+            trainer.fit(module, random_loader())
+        assert len(module.blocks) == 2 and event_log(module) == []
+        assert tensor_hash(module) == recorder.hash
+        assert sum(len(g["params"]) for g in trainer.optimizers[0].param_groups) == recorder.n_opt
+    finally:
+        unregister_block(_TupleBlock)
