@@ -91,12 +91,15 @@ class AppliedChange:
         removed: parameters that left the model; their optimizer entries and state are dropped.
         new_group: parameters that need their own param group (e.g. DMS architecture parameters),
             with the group options to use.
+        buffers_changed: whether buffers were added or removed (e.g. a residual ramp folded): DDP keeps a list
+            of the module's buffers, so it is re-wrapped even when the parameter set did not change.
     """
 
     added: list[tuple[nn.Parameter, nn.Parameter | None]] = field(default_factory=list)
     replaced: list[tuple[nn.Parameter, nn.Parameter, tuple[Tensor | None, ...]]] = field(default_factory=list)
     removed: list[nn.Parameter] = field(default_factory=list)
     new_group: tuple[list[nn.Parameter], dict[str, Any]] | None = None
+    buffers_changed: bool = False
 
     @property
     def changes_parameter_set(self) -> bool:

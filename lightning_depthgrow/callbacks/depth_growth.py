@@ -1,4 +1,4 @@
-"""Grow a model's depth while it trains: insert identity-initialised residual blocks on a schedule.
+"""Grow a model's depth while it trains: insert identity-initialised, copied or stacked residual blocks on a schedule.
 
 The callback only gathers the numbers (block costs, curvature) and decides *when*; *where* is decided by the
 pure planner :func:`lightning_depthgrow.growth.plan_depth`, and the surgery is the ``"insert_block"`` event kind
@@ -9,6 +9,7 @@ change on resume and in :func:`lightning_depthgrow.load_grown`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -22,11 +23,26 @@ from ..events import ArchitectureEvent, apply_event
 from ..growth import BlockCost, Budget, BudgetMetric, BudgetMode, Placement, Schedule, StackLayout
 from ..growth.depth import PLACEMENTS, fits_any_insertion, plan_depth, stack_layouts
 from ..measure import block_costs, count_flops, count_parameters, first_sample
-from ..surgery.growth import FunctionNotPreservedError, check_growable, remove_block, verify_insertions
+from ..surgery.growth import (
+    DEFAULT_TOLERANCE,
+    FunctionNotPreservedError,
+    _Check,
+    _find_stack,
+    _run,
+    _verify,
+    check_growable,
+    remove_block,
+    verify_insertions,
+)
+from ..surgery.operators import STACK_ORDERS  # noqa: F401  (registers the operators' event kinds)
+from ..surgery.ramp import advance_ramps, ramped_blocks
 from ..validation import check_choice, check_int, check_optional
 from . import plumbing
 from .base import GrowthCallback
 from .curvature_monitor import CurvatureMonitor
+
+#: The growth operators of :class:`DepthGrowth` (``operator=``).
+OPERATORS = ("zero_init", "copy", "stack")
 
 
 class DepthGrowth(GrowthCallback):
@@ -74,12 +90,28 @@ class DepthGrowth(GrowthCallback):
             seeds, so every rank and every replay builds identical blocks).
         monitor: deprecated name of ``curvature_monitor`` (``monitor`` reads as a metric key elsewhere in
             Lightning); removed in the next release.
+        operator: how a new block is made. ``"zero_init"`` (default): a copy of its template with the residual
+            branch's last layers zeroed (``insert_block`` events). ``"copy"``: each planned insertion is a trained
+            copy of its template (``copy_block`` events), entering through a residual ramp when ``ramp_steps >= 1``.
+            ``"stack"``: G_stack, a growth step duplicates every growable stack as a whole
+            (``[b0, b1] -> [b0, b1, b0', b1']``, one ``stack_blocks`` event per stack) if the whole duplication
+            fits the budget (``blocks_per_step``, ``max_per_stack`` and ``placement`` do not apply); a stack whose
+            duplication does not fit is skipped. With ``"copy"``/``"stack"`` a step is skipped while earlier
+            blocks are still ramping in (a ramping block cannot be copied).
+        ramp_steps: with ``"copy"``/``"stack"``, the optimizer steps over which new blocks ramp in
+            (``x + a * (block(x) - x)``, ``a`` from 0 to 1; :mod:`lightning_depthgrow.surgery.ramp`); ramps advance
+            once per optimizer step (gradient accumulation respected) and are folded by a ``fold_ramps`` event
+            when they end. ``0``: no ramp; copies then change the function (what the duplicated network
+            computes). Must be ``0`` with ``"zero_init"`` (already function-preserving).
 
     Example:
         >>> import lightning.pytorch as pl
         >>> growth = DepthGrowth(final_budget=2.0, warmup_epochs=1, grow_every=1, placement="curvature")
         >>> trainer = pl.Trainer(max_epochs=6, callbacks=[growth])  # doctest: +SKIP
         >>> trainer.fit(module, datamodule)  # doctest: +SKIP
+        >>> stacking = DepthGrowth(final_budget=2.0, operator="stack", ramp_steps=50, warmup_epochs=2)
+        >>> stacking.operator, stacking.ramp_steps
+        ('stack', 50)
     """
 
     def __init__(
@@ -98,6 +130,8 @@ class DepthGrowth(GrowthCallback):
         example_input: torch.Tensor | None = None,
         seed: int = 0,
         monitor: CurvatureMonitor | None = None,
+        operator: str = "zero_init",
+        ramp_steps: int = 0,
     ) -> None:
         if final_budget is None:
             raise TypeError(
@@ -107,9 +141,18 @@ class DepthGrowth(GrowthCallback):
             Budget(final_budget, step_budget, budget_metric, budget_mode, scale_by_lr),
             Schedule(warmup_epochs, grow_every),
         )
+        if not isinstance(operator, str):
+            raise TypeError(f"`operator` must be one of {', '.join(map(repr, OPERATORS))}, got {operator!r}.")
+        self.operator = check_choice("operator", operator, OPERATORS)
+        self.ramp_steps = check_int("ramp_steps", ramp_steps, minimum=0)
+        if self.operator == "zero_init" and self.ramp_steps:
+            raise ValueError(
+                f"`ramp_steps` must be 0 with operator='zero_init' (zero-init blocks are already the identity at "
+                f"birth), got {ramp_steps}. Use operator='copy' or 'stack' to ramp blocks in."
+            )
         self.blocks_per_step = check_optional(blocks_per_step, check_int, "blocks_per_step", minimum=1)
         self.max_per_stack = check_optional(max_per_stack, check_int, "max_per_stack", minimum=1)
-        if blocks_per_step is None and step_budget is None:
+        if blocks_per_step is None and step_budget is None and self.operator != "stack":
             raise ValueError("Give blocks_per_step, step_budget or both; else one step could take the whole budget.")
         self.placement: Placement = check_choice("placement", placement, PLACEMENTS)
         if monitor is not None:
@@ -130,6 +173,7 @@ class DepthGrowth(GrowthCallback):
         self._monitor: CurvatureMonitor | None = None  # the monitor in use, found or built in setup
         self._drives_monitor = False  # True when it is not in trainer.callbacks: we feed it and save its state
         self._growable: set[str] | None = None  # paths of the stacks check_growable accepted in setup
+        self._ramp_step: int | None = None  # trainer.global_step when ramps last advanced (not saved: resume reads it)
 
     @property
     def curvature_monitor(self) -> CurvatureMonitor | None:
@@ -162,13 +206,48 @@ class DepthGrowth(GrowthCallback):
                 f"{self.name}: final_budget gives a limit of {limit:,.0f} {self.budget.metric}, below the model's "
                 f"current {current:,.0f}; growth only adds. Raise final_budget (budget_mode={self.budget.mode!r})."
             )
-        self._check_some_block_fits(pl_module, layouts)
-        if self.placement == "curvature":
+        if self.operator == "stack":
+            self._check_some_stack_fits(pl_module, layouts)
+        else:
+            self._check_some_block_fits(pl_module, layouts)
+        if self.placement == "curvature" and self.operator != "stack":
             self._setup_monitor(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.events_so_far(pl_module):
             _check_groups_not_per_block(trainer, pl_module, self.name, self._layouts(pl_module))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run starts from the checkpoint's step: ramps (restored with the weights) advance from there.
+        self._ramp_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.advance_ramps(trainer, pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def advance_ramps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
+        """Advance every residual ramp one step if an optimizer step happened since the last call, and fold the
+        ramps that ended with a ``fold_ramps`` event (applied like every change, so resume replays it).
+
+        Called at every training batch end before a scheduled growth step; returns the fold events applied.
+        """
+        if self._ramp_step is None:
+            self._ramp_step = trainer.global_step
+        if trainer.global_step == self._ramp_step:
+            return []  # gradient accumulation: no optimizer step on this batch
+        self._ramp_step = trainer.global_step
+        if self.operator == "zero_init":
+            return []
+        finished = advance_ramps(pl_module)
+        if not finished:
+            return []
+        event = ArchitectureEvent(
+            "fold_ramps", {"blocks": finished}, epoch=trainer.current_epoch, step=trainer.global_step
+        )
+        plumbing.apply_and_sync(trainer, pl_module, event)
+        return [event]
 
     def change_now(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any = None
@@ -184,6 +263,9 @@ class DepthGrowth(GrowthCallback):
         Each insertion is verified (and undone on failure) when it is applied; trying the whole step first means
         a refused later insertion cannot leave an earlier one applied with the optimizers already synced.
         """
+        if self.operator != "zero_init":
+            self._verify_copies(pl_module, events)
+            return
         inserts = [e for e in events if e.kind == "insert_block"]
         if len(inserts) < 2 or self._verification_input(pl_module) is None:
             return
@@ -203,14 +285,38 @@ class DepthGrowth(GrowthCallback):
             self._monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def propose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
+        if self.operator != "zero_init" and self._still_ramping(pl_module):
+            return []
+        if self.operator == "stack":
+            return self._plan_stack(trainer, pl_module)
         events = []
         for k, insertion in enumerate(self.plan(trainer, pl_module)):
             seed = self.seed * 1_000_003 + self.growth_steps * 1_009 + k
-            events.append(insertion.to_event(seed, epoch=trainer.current_epoch, step=trainer.global_step))
+            event = insertion.to_event(seed, epoch=trainer.current_epoch, step=trainer.global_step)
+            if self.operator == "copy":
+                spec = {"stack": insertion.stack, "source": insertion.template, "index": insertion.after}
+                event = ArchitectureEvent(
+                    "copy_block",
+                    {**spec, "ramp_steps": self.ramp_steps},
+                    epoch=event.epoch,
+                    step=event.step,
+                    reason=event.reason,
+                    cost=event.cost,
+                )
+            events.append(event)
         return events
 
     def describe(self, event: ArchitectureEvent) -> str:
         reason = event.reason
+        if event.kind == "stack_blocks":
+            return (
+                f"stacked {event.spec['stack']!r} ({reason['depth']} -> {reason['depth'] * 2} blocks, ramp "
+                f"{self.ramp_steps} steps); {reason['budget_metric']} {reason['budget_after']:,.0f} / "
+                f"{reason['budget_limit']:,.0f}"
+            )
+        if event.kind == "copy_block":
+            what = f"a copy of block {event.spec['source']} (ramp {self.ramp_steps} steps)"
+            return f"inserted {what} after {reason['block']}; {reason['budget_metric']} {reason['budget_after']:,.0f}"
         runners_up = ", ".join(f"{r['block']} {r['score']:.4g}" for r in reason["runners_up"]) or "none"
         return (
             f"inserted a block after {reason['block']} ({reason['score_name']} {reason['score']:.4g}; runners-up "
@@ -218,6 +324,8 @@ class DepthGrowth(GrowthCallback):
         )
 
     def describe_nothing(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        if self.operator != "zero_init" and self._still_ramping(pl_module):
+            return f"blocks {sorted(self._still_ramping(pl_module))} are still ramping in; not growing this step."
         step_limit = self.budget.step_limit(self.start_size or 0.0, plumbing.lr_scale(trainer))
         scale = self.budget.lr_factor(plumbing.lr_scale(trainer))
         step = "" if math.isinf(step_limit) else f", step limit {step_limit:,.0f} (lr scale {scale:.3g})"
@@ -336,6 +444,94 @@ class DepthGrowth(GrowthCallback):
                 f"that could be inserted ({smallest}) has {size:,.0f} {metric}: no block would ever be added. "
                 f"Raise the budget ({need}, and step_budget to at least that block's size if set)."
             )
+
+    def _stack_costs(self, pl_module: pl.LightningModule, layouts: list[StackLayout]) -> dict[str, float]:
+        """``{stack_path: cost of duplicating the whole stack}`` in ``budget_metric``, for stacks whose blocks are
+        all shape-preserving (only those can be stacked)."""
+        costs = self._block_costs(pl_module, layouts)
+        metric = self.budget.metric
+        return {
+            layout.path: float(sum(costs[layout.block_name(i)].of(metric) for i in range(layout.depth)))
+            for layout in layouts
+            if len(layout.templates) == layout.depth
+        }
+
+    def _check_some_stack_fits(self, pl_module: pl.LightningModule, layouts: list[StackLayout]) -> None:
+        """Refuse (``operator="stack"``) when no stack can be duplicated at all, or no duplication fits the budget."""
+        stack_costs = self._stack_costs(pl_module, layouts)
+        if not stack_costs:
+            raise ValueError(
+                f"{self.name}(operator='stack'): every block stack {[layout.path for layout in layouts]} has a block "
+                "that changes the feature shape, so no stack can be duplicated as a whole. Use operator='copy' or "
+                "'zero_init'."
+            )
+        start = float(self.start_size or 0.0)
+        room = self.budget.room(start, start, lr_scale=1.0)
+        path, size = min(stack_costs.items(), key=lambda item: item[1])
+        if size > room:
+            need = f"{(start + size) / start:.4g}" if self.budget.mode == "relative" else f"{start + size:,.0f}"
+            raise ValueError(
+                f"{self.name}(operator='stack'): the budget leaves room for {room:,.0f} {self.budget.metric} of "
+                f"growth, but duplicating the smallest stack ({path!r}) costs {size:,.0f}: nothing would ever grow. "
+                f"Raise final_budget to >= {need} (and step_budget to at least that cost if set)."
+            )
+
+    def _plan_stack(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
+        """One ``stack_blocks`` event per growable stack whose whole duplication still fits the budget."""
+        layouts = self._layouts(pl_module, self.events_so_far(pl_module))
+        stack_costs = self._stack_costs(pl_module, layouts)
+        start, current, lr = float(self.start_size or 0.0), self.measure(pl_module), plumbing.lr_scale(trainer)
+        room, limit = self.budget.room(start, current, lr), self.final_limit()
+        events = []
+        for layout in layouts:
+            cost = stack_costs.get(layout.path)
+            if cost is None or cost > room:
+                continue
+            room -= cost
+            current += cost
+            spec = {"stack": layout.path, "factor": 2, "order": "stack", "ramp_steps": self.ramp_steps}
+            reason = {
+                "depth": layout.depth,
+                "budget_metric": self.budget.metric,
+                "budget_after": current,
+                "budget_limit": limit,
+            }
+            events.append(
+                ArchitectureEvent(
+                    "stack_blocks",
+                    spec,
+                    epoch=trainer.current_epoch,
+                    step=trainer.global_step,
+                    reason=reason,
+                    cost={self.budget.metric: cost},
+                )
+            )
+        return events
+
+    def _still_ramping(self, pl_module: pl.LightningModule) -> dict[str, tuple[int, int]]:
+        return {name: state for name, state in ramped_blocks(pl_module).items() if state[0] < state[1]}
+
+    def _verify_copies(self, pl_module: pl.LightningModule, events: list[ArchitectureEvent]) -> None:
+        """With ramps and an example input: apply the step to a copy of the module and require the same outputs
+        (ramped blocks are the identity at birth) and every block to run; else refuse, the module untouched."""
+        example = self._verification_input(pl_module)
+        if example is None or not events:
+            return
+        if not self.ramp_steps:
+            return  # a plain copy is documented not to preserve the function
+        probe = copy.deepcopy(pl_module)
+        stacks = {e.spec["stack"] for e in events}
+        before = {path: _run(probe, _find_stack(probe, path), example)[0] for path in stacks}
+        for event in events:
+            apply_event(probe, event)
+        for path in stacks:
+            what = f"the {events[0].kind} step on {path!r} (ramp {self.ramp_steps})"
+            try:
+                _verify(probe, _find_stack(probe, path), _Check(example, DEFAULT_TOLERANCE), before[path], what)
+            except RuntimeError as err:  # the ramp hook refuses blocks that do not map a tensor to a tensor
+                raise FunctionNotPreservedError(
+                    f"{self.name}: {what} failed on a trial copy of the module, which is unchanged. {err}"
+                ) from err
 
     # ------------------------------------------------------------------ placement
 

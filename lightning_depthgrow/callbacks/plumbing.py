@@ -124,8 +124,10 @@ def apply_and_sync(
 
 
 def sync_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, change: AppliedChange) -> None:
-    """Update every optimizer and LR scheduler for ``change`` and rebuild DDP."""
+    """Update every optimizer and LR scheduler for ``change`` and rebuild DDP (also when only buffers changed)."""
     if not change.changes_parameter_set:
+        if change.buffers_changed:
+            rewrap_ddp(trainer, pl_module)
         return
     schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
     for optimizer in trainer.optimizers:

@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.registry import BlockStack, UnsupportedModelError
+from ..adapters.registry import BlockStack, StackChange, UnsupportedModelError
 from ..events import AppliedChange, register_event_kind
 from ..validation import check_choice, check_int
-from .growth import _check_container, _checked_index, _find_stack, _insert_child, _tensors
+from .growth import _check_container, _checked_index, _find_stack, _insert_child, _remove_child, _tensors
 from .ramp import attach_ramp, fold_ramps, is_ramped
 
 STACK_ORDERS = ("stack", "interleave")
@@ -93,7 +93,7 @@ def copy_block(
     _check_container(stack)
     _check_copyable(stack, [source], after_index)
     block, change = _copy_of(stack.container[source], ramp_steps)
-    _insert_child(stack.container, after_index + 1, block)
+    _insert_tracked(model, stack, [(after_index + 1, block, source)])
     return block, change
 
 
@@ -135,12 +135,13 @@ def stack_blocks(
     _check_copyable(stack, list(range(depth)), None)
     originals = stack.blocks
     copies = [[_copy_of(block, ramp_steps) for _ in range(factor - 1)] for block in originals]
+    # One insertion at a time, in increasing position, so the family's bookkeeping (HF config depth and
+    # ``layer_idx``, ``nn.TransformerEncoder.num_layers``) follows each step: (position, block, template now).
     if order == "stack":
-        layout = originals + [copies[i][k][0] for k in range(factor - 1) for i in range(depth)]
+        inserts = [(depth * (k + 1) + i, copies[i][k][0], i) for k in range(factor - 1) for i in range(depth)]
     else:
-        layout = [b for i, block in enumerate(originals) for b in [block, *(c[0] for c in copies[i])]]
-    stack.container._modules.clear()
-    stack.container._modules.update((str(i), block) for i, block in enumerate(layout))
+        inserts = [(i * factor + k + 1, copies[i][k][0], i * factor) for i in range(depth) for k in range(factor - 1)]
+    _insert_tracked(model, stack, inserts)
     change = AppliedChange(added=[pair for per_block in copies for _, c in per_block for pair in c.added])
     return [c[0] for per_block in copies for c in per_block], change
 
@@ -179,8 +180,8 @@ def insert_random_block(
     if ramp_steps:
         attach_ramp(block, ramp_steps)
     twins = dict(template.named_parameters())
-    change = AppliedChange(added=[(p, twins[n]) for n, p in block.named_parameters()])
-    _insert_child(stack.container, after_index + 1, block)
+    change = AppliedChange(added=[(p, twins[n]) for n, p in block.named_parameters()], buffers_changed=True)
+    _insert_tracked(model, stack, [(after_index + 1, block, template_index)])
     return block, change
 
 
@@ -209,7 +210,26 @@ def _copy_of(block: nn.Module, ramp_steps: int) -> tuple[nn.Module, AppliedChang
     if ramp_steps:
         attach_ramp(new, ramp_steps)
     twins = dict(block.named_parameters())
-    return new, AppliedChange(added=[(p, twins[n]) for n, p in new.named_parameters()])
+    return new, AppliedChange(added=[(p, twins[n]) for n, p in new.named_parameters()], buffers_changed=True)
+
+
+def _insert_tracked(model: nn.Module, stack: BlockStack, inserts: list[tuple[int, nn.Module, int]]) -> None:
+    """Insert ``(position, block, template)`` one by one (positions in the stack as it is at that moment), each
+    followed by the family's bookkeeping (:meth:`BlockStack.notify_depth_change`); all undone if one fails."""
+    prefix = stack.key_prefix or ""
+    done: list[tuple[int, bool]] = []
+    try:
+        for position, block, template in inserts:
+            _insert_child(stack.container, position, block, prefix)
+            done.append((position, False))
+            stack.notify_depth_change(model, StackChange("insert", position, template))
+            done[-1] = (position, True)
+    except BaseException:
+        for position, synced in reversed(done):
+            _remove_child(stack.container, position, prefix)
+            if synced:
+                stack.notify_depth_change(model, StackChange("remove", position))
+        raise
 
 
 def _check_copyable(stack: BlockStack, sources: list[int], after_index: int | None) -> None:
@@ -254,7 +274,7 @@ def _apply_insert_random_block(model: nn.Module, spec: dict[str, Any]) -> Applie
 
 def _apply_fold_ramps(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
     fold_ramps(model, list(spec["blocks"]))
-    return AppliedChange()
+    return AppliedChange(buffers_changed=True)
 
 
 register_event_kind("copy_block", _apply_copy_block)
