@@ -159,6 +159,18 @@ def test_stack_refuses_a_budget_no_duplication_fits_before_training() -> None:
     assert tensor_hash(module) == start and len(module.model.blocks) == 2
 
 
+def test_a_ramp_without_an_example_input_is_refused_before_training() -> None:
+    # Without an input no step can be tried on a copy, so a block the ramp cannot blend (a tuple output) would
+    # only fail after the module had grown.
+    growth = DepthGrowth(final_budget=2.0, operator="copy", ramp_steps=2, warmup_epochs=1)
+    module = make_module(depth=2)
+    module.example_input_array = None
+    start = tensor_hash(module)
+    with pytest.raises(ValueError, match=r"example_input_array.*DepthGrowth\(example_input=\.\.\.\)"):
+        quiet_trainer(max_epochs=2, callbacks=[growth]).fit(module, random_loader())
+    assert tensor_hash(module) == start and len(module.model.blocks) == 2
+
+
 @pytest.mark.parametrize("order", ["stack", "interleave"])
 def test_operators_keep_hf_config_depth_layer_idx_and_layer_types_in_step(order: str) -> None:
     transformers = pytest.importorskip("transformers")

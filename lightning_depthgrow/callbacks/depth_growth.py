@@ -191,6 +191,14 @@ class DepthGrowth(GrowthCallback):
         return float(count_flops(pl_module, self._example_input(pl_module)).total)
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.ramp_steps and self._verification_input(pl_module) is None:
+            # A ramp blends one tensor; a block returning a tuple (Hugging Face decoder layers) would only fail at
+            # the first forward after growth, with the module already grown. Each step is tried on a copy instead.
+            raise ValueError(
+                f"{self.name}(operator={self.operator!r}, ramp_steps={self.ramp_steps}) verifies every growth step on "
+                "an example input before applying it, and this module has none: set "
+                "`pl_module.example_input_array` (one batch of model inputs) or pass `DepthGrowth(example_input=...)`."
+            )
         stacks = require_block_stacks(pl_module)
         self._growable = self._check_growable(pl_module)
         layouts = self._layouts(pl_module)
