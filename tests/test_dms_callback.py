@@ -211,3 +211,25 @@ class ArchGroupBetas(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.betas += [g["betas"] for g in optimizer.param_groups if g.get(ARCH_GROUP_KEY)]
+
+
+def test_curvature_monitor_and_dms_in_one_trainer():
+    # Issue 9 item 6: DMS's ratio parameters are 0-dim trainable parameters; the Hutchinson estimator crashed on
+    # them (IndexError at the end of the first epoch) when a CurvatureMonitor ran next to the search.
+    from lightning_depthgrow.callbacks import CurvatureMonitor
+
+    class ScalarParams(pl.Callback):
+        seen: list[int] = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.seen.append(sum(p.dim() == 0 and p.requires_grad for p in pl_module.parameters()))
+
+    model = vit_classifier()
+    dms = DifferentiableModelScaling(target=0.5, search_epochs=1, arch_lr=0.05)
+    monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False)
+    scalars = ScalarParams()
+    trainer(2, [dms, scalars, monitor]).fit(model, MNIST1DDataModule(batch_size=128, limit_train=512))
+    assert scalars.seen[0] > 0  # the search's ratios were there when the first estimate ran
+    assert [h["epoch"] for h in monitor.history] == [0, 1]
+    assert all(h["valid"] for h in monitor.history)
+    assert [e.kind for e in event_log(model)] == ["dms_attach", "dms_export"]
