@@ -422,6 +422,33 @@ def test_one_cycle_resumes_mid_search_like_an_uninterrupted_run(tmp_path):
     assert tensor_hash(resumed) == tensor_hash(reference)
 
 
+# ---------------------------------------------------------------- issue 8 item 2: DMS on the callback base
+def test_dms_on_the_base_exports_at_epoch_start_and_a_0_1_checkpoint_resumes(tmp_path):
+    from lightning_depthgrow.callbacks import ArchitectureCallback
+    from lightning_depthgrow.events import load_checkpoint_events
+
+    def run(ckpt_path=None, out=tmp_path):
+        module = Lit()
+        checkpoint = ModelCheckpoint(dirpath=out, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+        fit(module, [dms(search_epochs=2), checkpoint], epochs=3, ckpt_path=ckpt_path, enable_checkpointing=True)
+        return module
+
+    assert isinstance(dms(), ArchitectureCallback) and dms().change_at == "epoch_start"
+    reference = run()
+    # the export runs at the start of epoch 2: the last search epoch's checkpoint still holds the gated supernet
+    assert [e.kind for e in load_checkpoint_events(str(tmp_path / "epoch=1.ckpt"))] == ["dms_attach"]
+    export = event_log(reference)[-1]
+    assert (export.kind, export.epoch) == ("dms_export", 2) and export.cost["seconds"] > 0
+    # a checkpoint written by DMS 0.1 (its callback state had only these three keys) resumes like the base's own
+    old = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)
+    (key,) = [k for k in old["callbacks"] if "DifferentiableModelScaling" in k]
+    assert {"growth_steps", "last_growth_epoch"} <= set(old["callbacks"][key])
+    old["callbacks"][key] = {"target": 0.5, "absolute_target": False, "resource": "flops"}
+    torch.save(old, tmp_path / "old.ckpt")
+    resumed = run(ckpt_path=str(tmp_path / "old.ckpt"), out=tmp_path / "resumed")
+    assert tensor_hash(resumed) == tensor_hash(reference)
+
+
 # ---------------------------------------------------------------- issue 9 item 13: NaN loss
 class Diverging(Lit):
     def training_step(self, batch, batch_idx):

@@ -28,12 +28,14 @@ from . import plumbing
 class ArchitectureCallback(Callback):
     """Change the architecture during ``fit``: subclasses implement :meth:`propose`, the base does the rest.
 
-    At the end of the last training batch of every epoch the :attr:`schedule` names (after its optimizer step,
-    before validation and checkpointing, so a checkpoint always holds the architecture its weights belong to),
-    :meth:`change_now` runs: it checks that the training loss is finite on every rank, calls :meth:`propose` on
-    every rank (collective estimates may run inside), uses rank 0's events, applies each with
+    At the end of the last training batch of every epoch the :attr:`schedule` (or :meth:`is_due`) names (after
+    its optimizer step, before validation and checkpointing, so a checkpoint always holds the architecture its
+    weights belong to), :meth:`change_now` runs: it checks that the training loss is finite on every rank, calls
+    :meth:`propose` on every rank (collective estimates may run inside), uses rank 0's events, applies each with
     :func:`~lightning_depthgrow.callbacks.plumbing.apply_and_sync` and records its wall time in
-    ``event.cost["seconds"]``. Subclasses may call :meth:`change_now` from any other hook.
+    ``event.cost["seconds"]``. With ``change_at = "epoch_start"`` the step runs at the start of the epochs
+    :meth:`is_due` names instead (after the previous epoch's validation and checkpoints). Subclasses may call
+    :meth:`change_now` from any other hook.
 
     Args:
         schedule: when to change; ``None``: only when the subclass calls :meth:`change_now` itself.
@@ -55,12 +57,20 @@ class ArchitectureCallback(Callback):
                 ]
     """
 
+    #: When a due change runs: ``"epoch_end"`` (default: at the end of the last training batch of every epoch
+    #: :meth:`is_due` names, after its optimizer step, before validation and checkpointing) or ``"epoch_start"``
+    #: (in ``on_train_epoch_start`` of every epoch :meth:`is_due` names, i.e. after the previous epoch's validation
+    #: and checkpointing; the finite-loss check then has no loss to look at).
+    change_at: ClassVar[str] = "epoch_end"
+
     #: Whether this callback must refuse to run while a DMS search has gates on the module (growth callbacks:
     #: DMS gates are tracked by position, so a block inserted during the search would be sliced wrongly).
     refuse_during_dms_search: ClassVar[bool] = True
 
     def __init__(self, schedule: Schedule | None = None) -> None:
         super().__init__()
+        if self.change_at not in ("epoch_end", "epoch_start"):
+            raise ValueError(f"{self.name}.change_at must be 'epoch_end' or 'epoch_start', got {self.change_at!r}.")
         if schedule is not None and not isinstance(schedule, Schedule):
             raise TypeError(f"`schedule` must be a lightning_depthgrow.growth.Schedule or None, got {schedule!r}.")
         self.schedule = schedule
@@ -89,6 +99,14 @@ class ArchitectureCallback(Callback):
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Subclass preflight at the start of ``fit``, after the base's checks: raise to refuse before training."""
 
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called in ``setup`` for ``fit`` after the base's preflight, before the resume replay hook is registered
+        (a resumed checkpoint's architecture is not on the module yet): refuse, or plan on a copy, here."""
+
+    def on_setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called at the end of ``setup`` for ``fit``, after :meth:`check`: put what the search or change needs on
+        the module here (e.g. DMS attaches its gates). Take it off again in ``teardown``/``on_exception``."""
+
     def observe_batch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -103,7 +121,8 @@ class ArchitectureCallback(Callback):
         return "nothing to change"
 
     def is_due(self, trainer: pl.Trainer) -> bool:
-        """Whether the current epoch's last training batch ends with a change (default: the schedule says so)."""
+        """Whether the current epoch changes (default: the schedule says so); asked once per epoch, at its last
+        training batch (``change_at = "epoch_end"``) or at its start (``change_at = "epoch_start"``)."""
         if self.schedule is None:
             return False
         return self.schedule.is_due(trainer.current_epoch, trainer.max_epochs, self.last_growth_epoch)
@@ -134,14 +153,24 @@ class ArchitectureCallback(Callback):
             plumbing.check_no_dms_search(trainer, pl_module, self)
         if self.start_size is None:
             self.start_size = float(self.measure(pl_module))
+        self.prepare(trainer, pl_module)
         plumbing.restore_architecture(trainer, pl_module)
         self.check(trainer, pl_module)
+        self.on_setup_fit(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.change_at == "epoch_start" and self.is_due(trainer):
+            self.change_now(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.observe_batch(trainer, pl_module, outputs, batch, batch_idx)
-        if plumbing.is_last_training_batch(trainer, batch_idx) and self.is_due(trainer):
+        if (
+            self.change_at == "epoch_end"
+            and plumbing.is_last_training_batch(trainer, batch_idx)
+            and self.is_due(trainer)
+        ):
             self.change_now(trainer, pl_module, outputs)
 
     def change_now(
@@ -196,11 +225,12 @@ class ArchitectureCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Runs after setup. "start_params" is how NeuronGrowth 0.1 named the starting size.
+        # Runs after setup. "start_params" is how NeuronGrowth 0.1 named the starting size; checkpoints of callbacks
+        # that were not yet on this base (DifferentiableModelScaling 0.1) have no counters.
         start = state_dict.get("start_size", state_dict.get("start_params"))
         self.start_size = None if start is None else float(start)
-        self.growth_steps = int(state_dict["growth_steps"])
-        self.last_growth_epoch = int(state_dict["last_growth_epoch"])
+        self.growth_steps = int(state_dict.get("growth_steps", 0))
+        self.last_growth_epoch = int(state_dict.get("last_growth_epoch", -1))
         self.load_extra_state(state_dict)
 
     # ------------------------------------------------------------------ helpers for subclasses

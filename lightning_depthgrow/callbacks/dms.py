@@ -1,9 +1,13 @@
 """Differentiable Model Scaling as a Lightning callback: search width and depth, then export.
 
-A thin shell around :mod:`lightning_depthgrow.dms`: it decides when to attach the gates, how the
-resource loss and the architecture parameters reach the optimizer, how the importances are
-synchronised across ranks, and when to export. It works only through Lightning's own hooks: the user's
-``training_step`` and ``configure_optimizers`` are never replaced.
+A thin shell around :mod:`lightning_depthgrow.dms` on the callback base
+:class:`~lightning_depthgrow.callbacks.base.ArchitectureCallback`: the base owns preflight, resume replay, the
+rank-0 broadcast and application of the export event, the checkpoint's event log and teardown; this callback says
+when to attach the gates (:meth:`~DifferentiableModelScaling.on_setup_fit`), how the resource loss and the
+architecture parameters reach the optimizer, how the importances are synchronised across ranks, what the export is
+(:meth:`~DifferentiableModelScaling.propose`) and when (``change_at = "epoch_start"``, epoch ``search_epochs``). It
+works only through Lightning's own hooks: the user's ``training_step`` and ``configure_optimizers`` are never
+replaced.
 """
 
 from __future__ import annotations
@@ -12,11 +16,10 @@ import copy
 import math
 import numbers
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
@@ -32,27 +35,17 @@ from ..dms import (
     update_importance,
 )
 from ..dms.appliers import ATTACH, EXPORT
-from ..events import LOG_ATTRIBUTE, ArchitectureEvent
+from ..events import CHECKPOINT_KEY, LOG_ATTRIBUTE, ArchitectureEvent, event_log
 from ..validation import check_bool, check_choice, check_float, check_int
-from ._common import (
-    CHECKPOINT_KEY,
-    all_reduce_mean,
-    apply_and_sync,
-    broadcast,
-    event_log,
-    guard_spawn_results,
-    restore_architecture,
-    save_event_log,
-    setup_for_fit,
-)
-from .plumbing import release_module
+from .base import ArchitectureCallback
+from .plumbing import all_reduce_mean, apply_and_sync
 
 _WHO = "DifferentiableModelScaling"
 _ATTACH_SETTINGS = {"arch_lr": "lr", "width": "width", "heads": "heads", "depth": "depth"}  # argument: attach spec key
 _PLUMBING = "_depthgrow"  # prefix of what the shared callback plumbing stores on the module's __dict__
 
 
-class DifferentiableModelScaling(Callback):
+class DifferentiableModelScaling(ArchitectureCallback):
     """Search a smaller architecture while training (DMS, Liu et al. 2024), then export it by slicing.
 
     During the first ``search_epochs`` epochs every gateable structure (MLP hidden units and heads of
@@ -63,6 +56,10 @@ class DifferentiableModelScaling(Callback):
     head and depth ratios are frozen and only widths are refined. At the start of epoch
     ``search_epochs`` the model is sliced to the hard masks and training continues on it, with the
     optimizer state sliced to match.
+
+    It is an :class:`~lightning_depthgrow.callbacks.base.ArchitectureCallback`: the export is the one event its
+    :meth:`propose` returns, at the start of epoch ``search_epochs`` (``change_at = "epoch_start"``: after the last
+    search epoch's validation and checkpoints, so those hold the gated supernet they measured).
 
     The user's model, ``training_step`` and ``configure_optimizers`` stay as they are, and nothing is left
     on the module after ``fit`` but its architecture history: the resource loss enters through Lightning's
@@ -119,6 +116,7 @@ class DifferentiableModelScaling(Callback):
         enforce_target: bool = True,
         absolute_target: bool = False,
     ) -> None:
+        super().__init__(schedule=None)
         self.resource = check_choice("resource", resource, ("flops", "params"))
         self.absolute_target = check_bool("absolute_target", absolute_target)
         self.target = _check_target(target, self.absolute_target, self.resource)
@@ -142,28 +140,42 @@ class DifferentiableModelScaling(Callback):
         self._resource_grads: list[torch.Tensor | None] | None = None
         self._first_bad_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on device
         self._frozen_done = False  # depth and head ratios frozen for the width-only phase (checked once)
+        self._planned: tuple[ArchitectureEvent, ResourceModel | None, float] | None = None  # prepare -> on_setup_fit
+        self._example_value: Any = None
+
+    #: The export runs at the start of epoch ``search_epochs``, after the last search epoch's validation/checkpoints.
+    change_at: ClassVar[str] = "epoch_start"
+    #: DMS checks its own gates (a second search, a resumed one) itself.
+    refuse_during_dms_search: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- setup: check everything, then attach
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._keys_before = set(pl_module.__dict__)
-        if not setup_for_fit(trainer, pl_module, stage, _WHO):
-            return
+        super().setup(trainer, pl_module, stage)
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse what cannot be searched and plan the gates on a copy, before a checkpoint's log is replayed."""
         self._check_trainer(trainer, pl_module)
-        example = self._example(pl_module)
+        self._example_value = self._example(pl_module)
         self._remove_target_hook()
         if trainer.ckpt_path:
             self._check_resumed_target(trainer)
         self._resource_grads, self._first_bad_step, self._frozen_done = None, None, False
         # Everything that can refuse (discovery, the FLOP count's forward through the gated model, the target
         # against what the gates can reach) runs before anything is put on the module: on a copy.
-        planned = None
+        self._planned = None
         if ATTACH not in _logged_kinds(pl_module):
-            planned = self._plan(trainer, pl_module, example)
+            self._planned = self._plan(trainer, pl_module, self._example_value)
         else:
             self._resources, self._target_ratio = None, 1.0
         if not trainer.ckpt_path:
+            # registered ahead of the base's replay hook, so the target is checked before anything is replayed
             self._check_target_when_weights_load(trainer, pl_module)
-        restore_architecture(trainer, pl_module)
+
+    def on_setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach the gates (after a resumed checkpoint's replay hook is in place), or measure those already on."""
+        planned, example = self._planned, self._example_value
+        self._planned, self._example_value = None, None
         try:
             kinds = _logged_kinds(pl_module)
             if ATTACH not in kinds and planned is not None:
@@ -395,7 +407,7 @@ class DifferentiableModelScaling(Callback):
         # dL/dm is averaged over ranks like any gradient, so every rank holds identical importances.
         update_importance(gates.bank, reduce=lambda t: all_reduce_mean(trainer, t), scale=scale)
 
-    def on_train_batch_end(
+    def observe_batch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         gates = find_gates(pl_module)
@@ -427,10 +439,18 @@ class DifferentiableModelScaling(Callback):
         )
 
     # ---------------------------------------------------------------- export
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def is_due(self, trainer: pl.Trainer) -> bool:
+        """At the start of epoch ``search_epochs`` (or later, for a search resumed past it) while gates are on."""
+        return trainer.current_epoch >= self.search_epochs and find_gates(trainer.lightning_module) is not None
+
+    def propose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
+        """The ``dms_export`` event: slice to the hard masks (fitted to the target with ``enforce_target``).
+
+        Computed on every rank from identical (all-reduced) importances; the base applies rank 0's.
+        """
         gates = find_gates(pl_module)
-        if gates is None or trainer.current_epoch < self.search_epochs:
-            return
+        if gates is None:  # is_due said otherwise; nothing to export
+            return []
         self._check_not_diverged(trainer, pl_module)
         res, resource = self._resources, self.resource
         if res is None:  # cannot happen after setup; refuse rather than export an unmeasured model
@@ -450,7 +470,7 @@ class DifferentiableModelScaling(Callback):
                 )
             reason.update(changed_elements=fit.changed, depth_changed=fit.depth_changed, within_tolerance=fit.within)
         after = float(res.evaluate(gates, resource, hard=True))
-        keep = broadcast(trainer, gates.keep())
+        keep = gates.keep()
         kept = {name: len(k) for name, k in keep.items()}
         reason.update(
             exported_ratio=after / before,
@@ -466,18 +486,28 @@ class DifferentiableModelScaling(Callback):
             reason=reason,
             cost={f"{resource}_before": before, f"{resource}_after": after},
         )
-        apply_and_sync(trainer, pl_module, event)
-        self._resources = None
-        rank_zero_info(
-            f"DMS: exported at epoch {trainer.current_epoch}: {resource} {after:.4g} / {before:.4g} "
-            f"({after / before:.3f}); kept " + ", ".join(f"{k}={v}" for k, v in kept.items())
+        return [event]
+
+    def change_now(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any = None
+    ) -> list[ArchitectureEvent]:
+        events = super().change_now(trainer, pl_module, outputs)
+        if events:
+            self._resources = None  # the search is over
+        return events
+
+    def describe(self, event: ArchitectureEvent) -> str:
+        resource, cost = self.resource, event.cost
+        before, after = cost[f"{resource}_before"], cost[f"{resource}_after"]
+        return f"exported: {resource} {after:.4g} / {before:.4g} ({after / before:.3f}); kept " + ", ".join(
+            f"{k}={v}" for k, v in event.reason["kept"].items()
         )
 
     # ---------------------------------------------------------------- checkpoints, teardown
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"target": self.target, "absolute_target": self.absolute_target, "resource": self.resource}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         """Nothing to restore: the search's state lives on the module (gates) and in the optimizer. The target is
         compared with the checkpoint's before its architecture is replayed (:meth:`_check_resumed_target`)."""
 
@@ -533,7 +563,7 @@ class DifferentiableModelScaling(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        save_event_log(checkpoint, pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if find_gates(pl_module) is not None:
             # What load_grown tells someone who loads this search-phase checkpoint into the bare network (e.g. the
             # best one by a validation metric): it holds the gated supernet, not an exported model.
@@ -549,13 +579,15 @@ class DifferentiableModelScaling(Callback):
         self._remove_target_hook()
         if trainer.state.fn == "fit":
             self._detach(pl_module)
-        release_module(pl_module)
+        super().on_exception(trainer, pl_module, exception)
         self._resources, self._resource_grads = None, None
+        self._planned, self._example_value = None, None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_target_hook()
-        release_module(pl_module)
+        self._planned, self._example_value = None, None
         if stage != "fit":
+            super().teardown(trainer, pl_module, stage)
             return
         self._resources, self._resource_grads, self._first_bad_step = None, None, None
         if find_gates(pl_module) is not None:
@@ -565,7 +597,7 @@ class DifferentiableModelScaling(Callback):
                 "current hard masks with lightning_depthgrow.dms.export_model(module), or resume from the last "
                 "checkpoint to finish the search."
             )
-        guard_spawn_results(trainer, pl_module, _WHO)
+        super().teardown(trainer, pl_module, stage)  # releases the module, guards ddp_spawn results
 
 
 def _logs_this_step(trainer: pl.Trainer) -> bool:
