@@ -43,3 +43,13 @@ def test_the_documented_callback_grows_saves_and_loads(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_grown(make_vit(), ckpt).eval()(x), module.eval()(x))
     pickle.loads(pickle.dumps(module))
+
+
+def test_change_at_must_name_a_supported_moment():
+    from lightning_depthgrow.callbacks import ArchitectureCallback
+
+    class Midway(ArchitectureCallback):
+        change_at = "mid_epoch"
+
+    with pytest.raises(ValueError, match="change_at must be 'epoch_end' or 'epoch_start'"):
+        Midway()
