@@ -409,12 +409,9 @@ class DepthGrowth(GrowthCallback):
         return [layout for layout in layouts if layout.path in self._growable]
 
     def _example_input(self, pl_module: pl.LightningModule) -> Any:
-        example = self.example_input if self.example_input is not None else pl_module.example_input_array
-        if example is None:
-            raise ValueError(
-                f"{self.name}(budget_metric='flops') needs an example input: set pl_module.example_input_array or "
-                "pass example_input=..."
-            )
+        example = plumbing.require_example_input(
+            pl_module, self.example_input, f"{self.name}(budget_metric={self.budget.metric!r})"
+        )
         if isinstance(example, torch.Tensor):
             example = example.to(pl_module.device)
         return first_sample(example)

@@ -38,7 +38,7 @@ from ..dms.appliers import ATTACH, EXPORT
 from ..events import CHECKPOINT_KEY, LOG_ATTRIBUTE, ArchitectureEvent, event_log
 from ..validation import check_bool, check_choice, check_float, check_int
 from .base import ArchitectureCallback
-from .plumbing import all_reduce_mean, apply_and_sync
+from .plumbing import all_reduce_mean, apply_and_sync, require_example_input
 
 _WHO = "DifferentiableModelScaling"
 _ATTACH_SETTINGS = {"arch_lr": "lr", "width": "width", "heads": "heads", "depth": "depth"}  # argument: attach spec key
@@ -207,13 +207,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
             )
 
     def _example(self, pl_module: pl.LightningModule) -> Any:
-        example = self.example_input if self.example_input is not None else pl_module.example_input_array
-        if example is None:
-            raise ValueError(
-                f"{_WHO} needs an example input to count {self.resource}: set pl_module.example_input_array or "
-                "pass example_input=..."
-            )
-        return example
+        return require_example_input(pl_module, self.example_input, f"{_WHO} (to count {self.resource})")
 
     def _plan(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, example: Any

@@ -60,6 +60,18 @@ def setup_for_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     return True
 
 
+def require_example_input(pl_module: pl.LightningModule, given: Any, what: str) -> Any:
+    """``given`` (a callback's ``example_input=``), else ``pl_module.example_input_array``; ``ValueError`` saying
+    ``what`` needs it and how to provide it when neither is set."""
+    example = given if given is not None else pl_module.example_input_array
+    if example is None:
+        raise ValueError(
+            f"{what} needs an example input: set pl_module.example_input_array (one batch of model inputs) or "
+            "pass example_input=..."
+        )
+    return example
+
+
 def check_not_compiled(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
     """Raise if the module (or a sub-module) is ``torch.compile``d: the graph would keep the old architecture.
 
