@@ -172,3 +172,22 @@ class TinyGPT(nn.Module):
 
 
 register_block(GPTBlock, zero_init=["attn.proj", "mlp.proj"], name="tests.GPTBlock")
+
+
+class ImageClassifier(pl.LightningModule):
+    """Plain SGD cross-entropy around an image ``model`` taking ``[B, 3, 16, 16]``, with a seeded example input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.example_input_array = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)

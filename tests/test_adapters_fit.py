@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_depthgrow import load_grown
 from lightning_depthgrow.callbacks import DepthGrowth
-from tests._helpers import quiet_trainer
+from tests._helpers import ImageClassifier, quiet_trainer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -117,23 +117,6 @@ def test_depth_growth_on_hf_language_model_preserves_logits_and_generation(name,
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, hf(input_ids=ids).logits)
     assert torch.equal(fresh.generate(ids, use_cache=True, **kwargs), hf.generate(ids, use_cache=True, **kwargs))
-
-
-class ImageClassifier(LightningModule):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.example_input_array = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def test_depth_growth_with_curvature_placement_on_torchvision_vit():

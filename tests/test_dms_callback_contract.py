@@ -14,10 +14,9 @@ import pickle
 
 import lightning.pytorch as pl
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from _helpers import quiet_trainer, tensor_hash
+from _helpers import make_vit, quiet_trainer, tensor_hash
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,18 +32,7 @@ BATCHES = 4  # training batches per epoch
 
 
 def tiny_vit(depth: int = 2) -> nn.Module:
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=(1, 40),
-        patch_size=(1, 4),
-        in_chans=1,
-        num_classes=10,
-        embed_dim=32,
-        depth=depth,
-        num_heads=4,
-        mlp_ratio=2.0,
-    )
+    return make_vit(depth=depth, embed_dim=32, num_heads=4)
 
 
 def loader(n: int = 16 * BATCHES, seed: int = 0) -> DataLoader:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
+from _helpers import make_vit
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
@@ -33,19 +33,7 @@ from lightning_depthgrow.surgery.optim import update_optimizer
 
 
 def tiny_vit(depth: int = 3, **kw) -> nn.Module:
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=(1, 40),
-        patch_size=(1, 4),
-        in_chans=1,
-        num_classes=10,
-        embed_dim=32,
-        depth=depth,
-        num_heads=4,
-        mlp_ratio=2.0,
-        **kw,
-    )
+    return make_vit(depth=depth, embed_dim=32, num_heads=4, **kw)
 
 
 def tiny_resnet(block: type) -> nn.Module:

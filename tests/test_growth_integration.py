@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import quiet_trainer, tensor_hash
+from _helpers import ImageClassifier, quiet_trainer, tensor_hash
 from lightning.pytorch import Callback, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -247,23 +247,7 @@ def test_torchvision_vit_plans_and_reasons_name_encoder_layer_keys():
         image_size=16, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=4
     )
 
-    class Images(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = vit
-            self.example_input_array = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-
-        def forward(self, x):
-            return self.model(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
-
-    module = Images()
+    module = ImageClassifier(vit)
     g = torch.Generator().manual_seed(0)
     loader = DataLoader(
         TensorDataset(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)), 4
