@@ -9,9 +9,11 @@ first; only then is the model mutated, so a failing export leaves the model as i
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import Tensor, nn
 
-from ..adapters.registry import UnsupportedModelError
+from ..adapters.registry import UnsupportedModelError, key_prefix
 from ..events import AppliedChange
 from .gates import DMSGates, find_gates, remove_gates
 from .sites import family_for_site
@@ -85,7 +87,15 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
         kept_blocks = [b for i, b in enumerate(stack) if i not in dropped]
         parent_path, _, attr = s["stack"].rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        rebuilt = nn.Sequential(*kept_blocks) if isinstance(stack, nn.Sequential) else nn.ModuleList(kept_blocks)
+        if isinstance(stack, nn.Sequential):
+            # renumbered with the keys' common prefix (torchvision's "encoder_layer_"), as growth does
+            prefix = key_prefix(stack)
+            keys = [k for i, k in enumerate(stack._modules) if i not in dropped]
+            if prefix is not None:
+                keys = [f"{prefix}{j}" for j in range(len(keys))]
+            rebuilt = nn.Sequential(OrderedDict(zip(keys, kept_blocks)))
+        else:
+            rebuilt = nn.ModuleList(kept_blocks)
         new_stacks.append((parent, attr, rebuilt))
 
     slices = _Slices()

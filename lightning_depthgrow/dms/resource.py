@@ -169,8 +169,9 @@ def _factor_maps(model: nn.Module, specs: list[dict]) -> tuple[dict[str, dict[st
     block_elem: dict[str, Factor] = {}
     for s in specs:
         if s["site"] == "depth":
+            keys = list(model.get_submodule(s["stack"])._modules)  # "3", or "encoder_layer_3" (torchvision)
             for j, i in enumerate(s["blocks"]):
-                block_elem[f"{s['stack']}.{i}"] = ("elem", s["name"], j)
+                block_elem[f"{s['stack']}.{keys[i]}"] = ("elem", s["name"], j)
             continue
         for role, path in family_for_site(s["site"]).resource_roles(model, s):
             if role not in ROLES:

@@ -13,10 +13,12 @@ Any other stack of registered blocks gets generic depth gates.
 from __future__ import annotations
 
 from ..sites import DMSFamily, GateSpec, describe_model, discover_gates, gate_name
+from .torchvision_models import TorchvisionResNetFamily, TorchvisionViTFamily  # never imports torchvision
 
 
 def register_builtin_families(registry: list[DMSFamily]) -> None:
     """Append the built-in families to ``registry`` (after any user registration); skip absent libraries."""
+    registry.extend([TorchvisionResNetFamily(), TorchvisionViTFamily()])
     from .transformers_hf import TransformersRefusal
 
     registry.append(TransformersRefusal())
