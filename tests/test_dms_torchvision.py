@@ -310,6 +310,9 @@ def test_dms_fit_exports_on_target_and_the_exported_model_is_the_masked_supernet
     assert abs(flops / export.cost["flops_after"] - 1) <= 0.02  # the callback's count against FlopCounterMode
     assert abs(flops / (0.5 * supernet) - 1) <= 0.05  # the target, from either side
     assert set(block_calls(exported, X16).values()) == {1}
+    # the search ran through these gates: every gate ranked its elements by dL/dm, the resource loss moved the ratios
+    assert not any(g.all_equal() for g in find_gates(before.copy).gate_list())
+    assert export.reason["searched_ratio"] < 1.0
     # the exported model computes what the gated supernet computed under the exported masks
     masked = before.copy
     mask_to(masked, export.spec["keep"])
