@@ -137,7 +137,8 @@ def test_gates_found_on_torchvision_blocks():
     ]  # fmt: skip
     assert names["resnet_bottleneck"] == [
         ("layer1/0:conv1", 64), ("layer1/0:conv2", 64), ("layer1/1:conv1", 64), ("layer1/1:conv2", 64),
-        ("layer1/2:conv1", 64), ("layer1/2:conv2", 64), ("layer2/0:conv1", 128), ("layer2/0:conv2", 128), ("layer3/0:conv1", 256), ("layer3/0:conv2", 256),
+        ("layer1/2:conv1", 64), ("layer1/2:conv2", 64), ("layer2/0:conv1", 128), ("layer2/0:conv2", 128),
+        ("layer3/0:conv1", 256), ("layer3/0:conv2", 256),
         ("layer4/0:conv1", 512), ("layer4/0:conv2", 512),
         ("layer1:depth", 2),  # layer1/0 widens 64 -> 64 * 4 through its downsample
     ]  # fmt: skip
@@ -202,9 +203,10 @@ def test_family_module_never_imports_torchvision():
 
 
 # ---------------------------------------------------------------- export against the masked supernet and the counter
-@pytest.mark.parametrize(
-    "family, target", [("resnet_basic", 0.3), ("resnet_basic", 0.5), ("resnet_bottleneck", 0.5), ("vit", 0.3), ("vit", 0.5)]
-)
+CASES = [("resnet_basic", 0.3), ("resnet_basic", 0.5), ("resnet_bottleneck", 0.5), ("vit", 0.3), ("vit", 0.5)]
+
+
+@pytest.mark.parametrize("family, target", CASES)
 def test_export_equals_the_masked_supernet_and_the_count_equals_flop_counter(family, target):
     torch.manual_seed(0)
     model = MAKERS[family]().eval()
