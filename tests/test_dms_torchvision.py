@@ -240,6 +240,22 @@ def test_export_equals_the_masked_supernet_and_the_count_equals_flop_counter(fam
         assert list(model.encoder.layers._modules) == [f"encoder_layer_{i}" for i in range(depth)]
 
 
+def test_the_floor_the_target_is_checked_against_is_what_export_reaches():
+    """Every stage of a ResNet-18 but the first holds one removable block: a one-element depth gate. The floor
+    (``ResourceModel.minimum``, which refuses targets below it) counted those blocks as unremovable."""
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=10)
+    gates = attach_gates(model)
+    floor = ResourceModel.build(model, X16).minimum(gates)
+    set_importance(gates, {n: torch.rand(g.n) + 0.01 for n, g in gates.gates.items()})
+    with torch.no_grad():
+        for g in gates.gate_list():
+            g.ratio.fill_(g.max_ratio)
+    assert [gates.gates[f"layer{i}:depth"].keep_count() for i in (1, 2, 3, 4)] == [1, 0, 0, 0]
+    export_model(model)
+    assert count_flops(model, X16).total == floor
+
+
 def test_vit_depth_mask_scales_both_branches_and_a_dropped_block_is_the_identity():
     """The torchvision_vit depth style: ``x + m attn(ln_1(x))``, then ``x + m mlp(ln_2(x))``; at m = 0 the block
     returns its input exactly, at m = 1 what the block computes."""

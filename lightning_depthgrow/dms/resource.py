@@ -153,7 +153,8 @@ def _ratios_at_max(gates: DMSGates) -> Iterator[None]:
     try:
         with torch.no_grad():
             for g in gates.gates.values():
-                g.importance.copy_(torch.arange(g.n, dtype=g.importance.dtype, device=g.importance.device))
+                # ranked from 1: an importance of 0 leaves a one-element gate unranked (kept whatever its ratio)
+                g.importance.copy_(torch.arange(1, g.n + 1, dtype=g.importance.dtype, device=g.importance.device))
                 g.ratio.fill_(g.max_ratio)
         yield
     finally:

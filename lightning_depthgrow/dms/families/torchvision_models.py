@@ -21,6 +21,18 @@ never imports torchvision: a model built from these classes has imported it alre
 Attention heads of the ViT are refused: ``nn.MultiheadAttention`` derives ``head_dim = embed_dim // num_heads``
 from its input width and calls its output projection's weight directly, so a head can neither be sliced out
 nor masked. Search it with ``heads=False`` (MLP width and depth).
+
+Example:
+    >>> from torchvision.models import VisionTransformer
+    >>> from lightning_depthgrow.dms import attach_gates, export_model
+    >>> vit = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    >>> gates = attach_gates(vit, heads=False)
+    >>> [s["name"] for s in gates.specs]
+    ['encoder/layers/encoder_layer_0:mlp', 'encoder/layers/encoder_layer_1:mlp', 'encoder/layers:depth']
+    >>> _ = export_model(vit, {"encoder/layers/encoder_layer_0:mlp": [0, 1], "encoder/layers/encoder_layer_1:mlp": [3],
+    ...                        "encoder/layers:depth": [1]})
+    >>> list(vit.encoder.layers._modules), vit.encoder.layers.encoder_layer_0.mlp[0].out_features
+    (['encoder_layer_0'], 1)
 """
 
 from __future__ import annotations
