@@ -26,9 +26,9 @@ def _is_hf_model(module: nn.Module) -> bool:
     )
 
 
-def refusal(module: nn.Module, path: str) -> UnsupportedModelError:
+def refusal(module: nn.Module, where: str) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"DMS does not support this Hugging Face transformers model ({type(module).__name__} at {path or '<root>'}): "
+        f"DMS does not support this Hugging Face transformers model ({type(module).__name__} {where}): "
         "it gates GPT-2 (GPT2Block) and Llama, Mistral, Qwen2 and Qwen3 decoder layers only; other layers would need "
         "their own slicing of widths and heads, and their config's bookkeeping when a layer is dropped. Search one "
         "of those models or a timm model, or scale the Hugging Face config by hand."
@@ -40,10 +40,10 @@ class TransformersRefusal(DMSFamily):
 
     def block_specs(self, path: str, block: nn.Module, width: bool, heads: bool) -> list[GateSpec] | None:
         if _is_hf_model(block) and not any(supported_block(m) for m in block.modules()):
-            raise refusal(block, path)
+            raise refusal(block, f"at {path or '<root>'}")
         return None
 
     def identity_skip(self, adapter: BlockAdapter, block: nn.Module) -> bool | None:
         if _is_hf(block) and not supported_block(block):
-            raise refusal(block, "a registered block stack")
+            raise refusal(block, "in a stack of registered blocks")
         return None
