@@ -306,3 +306,24 @@ def test_other_hf_models_are_refused_with_a_message_and_nothing_attached():
         with pytest.raises(UnsupportedModelError, match=r"Hugging Face.*Layer in a stack"):
             attach_gates(model, width=False, heads=False)  # depth only: the layers are refused too
         assert find_gates(model) is None
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_counts_agree_with_flop_counter_for_eager_and_sdpa_attention(name):
+    """The same model with eager and SDPA attention: FlopCounterMode counts the same FLOPs (SDPA through its math
+    kernel, grouped-query attention included), and DMS's hard count of a sliced model equals it under both."""
+    counts = {}
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        net = MODELS[name]()
+        net.config._attn_implementation = implementation
+        ids = {"input_ids": tokens(seed=2)}
+        gates = attach_gates(net)
+        res = ResourceModel.build(net, ids)
+        set_keep(gates, random_keep(gates, seed=4))
+        hard = float(res.evaluate(gates, hard=True))
+        export_model(net)
+        counts[implementation] = (res.full_flops, hard, count_flops(net, ids).total)
+    assert counts["eager"] == counts["sdpa"]
+    full, hard, exported = counts["sdpa"]
+    assert hard == exported < full

@@ -219,7 +219,7 @@ class HFDecoderFamily(DMSFamily):
         if spec["site"] == "hf_decoder_mlp":
             return [("out", b + ".mlp.gate_proj"), ("out", b + ".mlp.up_proj"), ("in", b + ".mlp.down_proj")]
         a = b + ".self_attn"
-        return [("out", a + ".q_proj"), ("out", a + ".k_proj"), ("out", a + ".v_proj"), ("in", a + ".o_proj"), ("heads", a)]
+        return [*(("out", f"{a}.{p}_proj") for p in "qkv"), ("in", a + ".o_proj"), ("heads", a)]
 
 
 def _kv_heads(path: str, attn: nn.Module) -> int:
@@ -227,8 +227,9 @@ def _kv_heads(path: str, attn: nn.Module) -> int:
     projs = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     head_dim, group = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", None)
     if not all(type(p) is nn.Linear for p in projs) or not isinstance(head_dim, int) or not isinstance(group, int):
-        raise tied(path, "the heads (self_attn is not a q/k/v/o_proj Linear attention with head_dim and "
-                   "num_key_value_groups)")
+        raise tied(
+            path, "the heads (self_attn is not a q/k/v/o_proj Linear attention with head_dim and num_key_value_groups)"
+        )
     q, k, v, o = projs
     kv = k.out_features // head_dim
     if k.out_features != kv * head_dim or v.out_features != k.out_features or q.out_features != kv * group * head_dim:
