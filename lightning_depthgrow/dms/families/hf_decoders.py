@@ -34,19 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...adapters.hf_transformers import _DECODERS, _GPT2  # the block classes the adapters know (module, class)
 from ...adapters.registry import lazy_class
 from ..hooks import InputMask
 from ..sites import DMSFamily, GateSpec, Hook, gate_name, slice_linear_hidden, tied
 from ..topk import HEADS, WIDTH
-
-_GPT2_MODULE = "transformers.models.gpt2.modeling_gpt2"
-#: The Llama-style decoder layers (``self_attn`` with q/k/v/o projections, ``mlp`` with gate/up/down projections).
-DECODER_LAYERS = (
-    ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer"),
-    ("transformers.models.mistral.modeling_mistral", "MistralDecoderLayer"),
-    ("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer"),
-    ("transformers.models.qwen3.modeling_qwen3", "Qwen3DecoderLayer"),
-)
 
 
 def _is(module: nn.Module, module_name: str, class_name: str) -> bool:
@@ -56,12 +48,12 @@ def _is(module: nn.Module, module_name: str, class_name: str) -> bool:
 
 def is_gpt2_block(module: nn.Module) -> bool:
     """Whether ``module`` is a transformers ``GPT2Block`` (exactly; a subclass may compute otherwise)."""
-    return _is(module, _GPT2_MODULE, "GPT2Block")
+    return _is(module, *_GPT2)
 
 
 def is_decoder_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is one of the Llama-style decoder layers of :data:`DECODER_LAYERS` (exactly)."""
-    return any(_is(module, m, c) for m, c in DECODER_LAYERS)
+    """Whether ``module`` is a Llama, Mistral, Qwen2 or Qwen3 decoder layer (exactly)."""
+    return any(_is(module, m, c) for m, c in _DECODERS)
 
 
 def supported_block(module: nn.Module) -> bool:
