@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_depthgrow import find_block_stacks, load_grown
@@ -220,6 +221,41 @@ def test_dms_fit_exports_an_hf_decoder_on_target_that_matches_the_supernet_and_g
     assert tensor_hash(fresh) == tensor_hash(module)
     assert torch.equal(logits(fresh.net, ids), logits(module.net, ids))
     check_layers_run_and_bookkeeping(fresh.net)
+
+
+def test_a_search_resumed_from_a_checkpoint_ends_like_the_uninterrupted_run(tmp_path):
+    """GPT-2 without dropout: a checkpoint of the search phase, resumed, exports and trains to the same bytes."""
+
+    def run(ckpt_path=None, checkpoints=None):
+        torch.manual_seed(0)
+        net = gpt2()
+        for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            setattr(net.config, attr, 0.0)
+        for m in net.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        module = CausalLM(net)
+        data = DataLoader(TensorDataset(torch.cat([tokens(seed=s, batch=16) for s in range(4)])), batch_size=16)
+        callbacks = [DifferentiableModelScaling(target=0.5, search_epochs=1, arch_lr=0.05)]
+        if checkpoints is not None:
+            callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_top_k=-1, every_n_epochs=1))
+        trainer = quiet_trainer(
+            max_epochs=2,
+            callbacks=callbacks,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            enable_checkpointing=checkpoints is not None,
+        )
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return module
+
+    whole = run(checkpoints=tmp_path)
+    (search_phase,) = sorted(tmp_path.glob("epoch=0-*.ckpt"))
+    resumed = run(ckpt_path=search_phase)
+    assert tensor_hash(resumed) == tensor_hash(whole)
+    assert [e.kind for e in event_log(resumed)] == [e.kind for e in event_log(whole)] == ["dms_attach", "dms_export"]
+    assert resumed.net.config.n_layer == whole.net.config.n_layer == len(resumed.net.transformer.h)
+    check_generation(resumed.net)
 
 
 # ------------------------------------------------------------------------------------ export without a Trainer
