@@ -91,7 +91,24 @@ class GroupedInputMask(InputMask):
 
 
 class HFGPT2Family(DMSFamily):
-    """GPT-2's ``GPT2Block``: MLP hidden units (``Conv1D``) and self-attention heads."""
+    """GPT-2's ``GPT2Block``: MLP hidden units (``Conv1D``) and self-attention heads.
+
+    Example:
+        >>> import transformers
+        >>> from lightning_depthgrow.dms import attach_gates, export_model
+        >>> config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=4, vocab_size=32, n_positions=16)
+        >>> gpt2 = transformers.GPT2LMHeadModel(config)
+        >>> [(s["name"], s["n"]) for s in attach_gates(gpt2).specs]  # doctest: +NORMALIZE_WHITESPACE
+        [('transformer/h/0:heads', 4), ('transformer/h/0:mlp', 64), ('transformer/h/1:heads', 4),
+         ('transformer/h/1:mlp', 64), ('transformer/h:depth', 2)]
+        >>> keep = {"transformer/h/0:heads": [1, 3], "transformer/h/1:heads": [0, 1, 2, 3],
+        ...         "transformer/h/0:mlp": list(range(10)), "transformer/h/1:mlp": list(range(64)),
+        ...         "transformer/h:depth": [0, 1]}
+        >>> _ = export_model(gpt2, keep)
+        >>> attn = gpt2.transformer.h[0].attn
+        >>> attn.c_attn.weight.shape, attn.split_size, gpt2.transformer.h[0].mlp.c_fc.weight.shape
+        (torch.Size([16, 24]), 8, torch.Size([16, 10]))
+    """
 
     name = "Hugging Face GPT-2 block"
     sites = ("hf_gpt2_mlp", "hf_gpt2_heads")
@@ -157,7 +174,27 @@ class HFGPT2Family(DMSFamily):
 
 
 class HFDecoderFamily(DMSFamily):
-    """Llama, Mistral, Qwen2 and Qwen3 decoder layers: MLP hidden units and key/value-head groups."""
+    """Llama, Mistral, Qwen2 and Qwen3 decoder layers: MLP hidden units and key/value-head groups.
+
+    Example (4 query heads over 2 key/value heads: two groups of one key/value head and two query heads):
+        >>> import transformers
+        >>> from lightning_depthgrow.dms import attach_gates, export_model
+        >>> config = transformers.LlamaConfig(
+        ...     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        ...     num_key_value_heads=2, vocab_size=32)
+        >>> llama = transformers.LlamaForCausalLM(config)
+        >>> gates = attach_gates(llama)
+        >>> {s["name"]: s["n"] for s in gates.specs}["model/layers/0:heads"]
+        2
+        >>> keep = {name: list(range(g.n)) for name, g in gates.gates.items()}
+        >>> keep["model/layers/1:heads"], keep["model/layers:depth"] = [1], [1]  # layer 1 keeps its 2nd group
+        >>> _ = export_model(llama, keep)
+        >>> attn = llama.model.layers[0].self_attn  # was layer 1
+        >>> len(llama.model.layers), llama.config.num_hidden_layers, attn.layer_idx
+        (1, 1, 0)
+        >>> attn.q_proj.out_features, attn.k_proj.out_features, attn.num_key_value_groups
+        (16, 8, 2)
+    """
 
     name = "Hugging Face Llama-style decoder layer"
     sites = ("hf_decoder_mlp", "hf_decoder_heads")
