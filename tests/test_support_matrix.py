@@ -51,6 +51,8 @@ from lightning_depthgrow.callbacks import CurvatureMonitor, DepthGrowth, Differe
 from lightning_depthgrow.dms import discover_gates, find_gates, update_importance
 from lightning_depthgrow.events import ArchitectureEvent
 
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 MATRIX_JSON = ROOT / "docs" / "support_matrix.json"
 ADAPTERS_MD = ROOT / "docs" / "adapters.md"
@@ -454,6 +456,10 @@ def _refused(
     return _outcome(status, message=str(err))
 
 
+def _check_nothing_left(module: LitModel) -> None:
+    assert not module._load_state_dict_pre_hooks, "a callback left a load_state_dict hook on the module after fit"
+
+
 REFUSALS = (UnsupportedModelError, ValueError, RuntimeError)
 
 
@@ -478,12 +484,12 @@ def observe_curvature(module: LitModel, family: Family) -> dict[str, str]:
     blocks = [name for name in estimate.trace_per_param if name not in ("stem", "head", "other")]
     assert all(torch.isfinite(torch.tensor(float(estimate.trace_per_param[b]))) for b in blocks)
     if stacks:
-        paths = ", ".join(_strip(s.path) for s in stacks)
+        paths = ", ".join(f"`{_strip(s.path)}`" for s in stacks)
         assert len(blocks) == sum(len(s) for s in stacks)
         return _outcome("supported", f"{len(blocks)} blocks in {paths}")
     fallback = [w for w in caught if issubclass(w.category, UserWarning) and "block" in str(w.message)]
     assert fallback, "a model without registered blocks must be reported per child *with a warning*"
-    return _outcome("fallback", ", ".join(_strip(b) for b in blocks), str(fallback[0].message))
+    return _outcome("fallback", ", ".join(f"`{_strip(b)}`" for b in blocks), str(fallback[0].message))
 
 
 def observe_depth_growth(module: LitModel, family: Family) -> dict[str, str]:
@@ -503,13 +509,14 @@ def observe_depth_growth(module: LitModel, family: Family) -> dict[str, str]:
     assert ran == blocks, f"blocks {sorted(blocks - ran)} do not run before growth"
     events = growth.change_now(trainer, module)
     growth.teardown(trainer, module, "fit")
+    _check_nothing_left(module)
     after, ran, blocks = _eval_run(module, module.example_input_array)
     grown = [path for path, n in ((s.path, len(s)) for s in find_block_stacks(module)) if n > depth.get(path, n)]
     assert events and grown, "DepthGrowth accepted the model but did not grow it"
     assert ran == blocks, f"blocks {sorted(blocks - ran)} do not run after growth"
     moved = _moved(before, after)
     assert moved <= TOLERANCE, f"growth moved the outputs by {moved:.3g} (relative), more than {TOLERANCE}"
-    detail = f"grew {len(grown)} of {len(depth)} stacks ({', '.join(_strip(p) for p in grown)})"
+    detail = f"grew {len(grown)} of {len(depth)} stacks ({', '.join(f'`{_strip(p)}`' for p in grown)})"
     return _outcome("supported", detail, left_out[0] if left_out else "")
 
 
@@ -541,6 +548,7 @@ def observe_neuron_growth(module: LitModel, family: Family) -> dict[str, str]:
 
     apply_and_sync(trainer, module, event)
     growth.teardown(trainer, module, "fit")
+    _check_nothing_left(module)
     after, _, _ = _eval_run(module, module.example_input_array)
     assert _moved(before, after) <= TOLERANCE, "a neuron branch changed the outputs"
     if how == "found":
@@ -599,6 +607,7 @@ def observe_dms(module: LitModel, family: Family) -> dict[str, str]:
         warnings.simplefilter("always")
         events = dms.change_now(trainer, module)
     dms.teardown(trainer, module, "fit")
+    _check_nothing_left(module)
     assert events and find_gates(module) is None, "DMS attached its gates but did not export"
     out, _, _ = _eval_run(module, example)
     assert all(bool(torch.isfinite(t).all()) for t in out)
@@ -724,7 +733,6 @@ def _committed_cell(matrix: dict[str, Any], family: Family, column: str) -> dict
 @pytest.mark.parametrize("column", COLUMNS)
 @pytest.mark.parametrize("family", FAMILIES, ids=[f.key for f in FAMILIES])
 def test_cell(family: Family, column: str, matrix: dict[str, Any]) -> None:
-    torch.set_num_threads(1)
     observed = observe(family, column)
     expected = _committed_cell(matrix, family, column)
     assert observed == expected, (
@@ -757,7 +765,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Observe the support matrix; --write updates the docs.")
     parser.add_argument("--write", action="store_true", help="write docs/support_matrix.json and docs/adapters.md")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     matrix = observe_all()
     if args.write:
         write(matrix)
