@@ -11,7 +11,8 @@ observed:
   on one batch, finite for every block.
 - ``DepthGrowth``: its setup check (structural checks, a verified trial insertion), then one growth step; the test
   itself checks that the outputs in eval mode moved by at most ``1e-5 x max(1, max |before|)`` and that every block
-  runs. A refusal must leave the module exactly as it was.
+  runs. A refusal must leave the module exactly as it was. ``DepthGrowth (ramp)``: the same with
+  ``operator="copy", ramp_steps=4`` (a trained copy entering through a residual ramp).
 - ``NeuronGrowth``: the layers it finds by itself (timm ``Mlp.fc1``), else the family's natural MLP layer passed as
   ``layers=``; the splitting eigenvalues are estimated on one batch and one neuron branch is added (outputs
   unchanged), or the refusal is recorded.
@@ -58,7 +59,7 @@ MATRIX_JSON = ROOT / "docs" / "support_matrix.json"
 ADAPTERS_MD = ROOT / "docs" / "adapters.md"
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 REGENERATE = "PYTHONPATH=$PWD python -m tests.test_support_matrix --write"
-COLUMNS = ("CurvatureMonitor", "DepthGrowth", "NeuronGrowth", "DMS")
+COLUMNS = ("CurvatureMonitor", "DepthGrowth", "DepthGrowth (ramp)", "NeuronGrowth", "DMS")
 TOLERANCE = 1e-5  # DepthGrowth's promise: max |after - before| <= TOLERANCE * max(1, max |before|)
 DMS_TARGET = 0.5
 
@@ -492,10 +493,12 @@ def observe_curvature(module: LitModel, family: Family) -> dict[str, str]:
     return _outcome("fallback", ", ".join(f"`{_strip(b)}`" for b in blocks), str(fallback[0].message))
 
 
-def observe_depth_growth(module: LitModel, family: Family) -> dict[str, str]:
+def observe_depth_growth(module: LitModel, family: Family, **operator: Any) -> dict[str, str]:
     """DepthGrowth: setup's check (structure, a verified trial insertion), then one growth step, checked here."""
     trainer = _trainer()
-    growth = DepthGrowth(final_budget=8.0, placement="uniform", blocks_per_step=100, max_per_stack=1, warmup_epochs=1)
+    growth = DepthGrowth(
+        final_budget=8.0, placement="uniform", blocks_per_step=100, max_per_stack=1, warmup_epochs=1, **operator
+    )
     before_state = _fingerprint(module)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -507,7 +510,10 @@ def observe_depth_growth(module: LitModel, family: Family) -> dict[str, str]:
     depth = {s.path: len(s) for s in find_block_stacks(module)}
     before, ran, blocks = _eval_run(module, module.example_input_array)
     assert ran == blocks, f"blocks {sorted(blocks - ran)} do not run before growth"
-    events = growth.change_now(trainer, module)
+    try:
+        events = growth.change_now(trainer, module)
+    except REFUSALS as err:  # a step refused by its verification: the module must be as it was
+        return _refused(module, growth, trainer, err, before_state)
     growth.teardown(trainer, module, "fit")
     _check_nothing_left(module)
     after, ran, blocks = _eval_run(module, module.example_input_array)
@@ -518,6 +524,12 @@ def observe_depth_growth(module: LitModel, family: Family) -> dict[str, str]:
     assert moved <= TOLERANCE, f"growth moved the outputs by {moved:.3g} (relative), more than {TOLERANCE}"
     detail = f"grew {len(grown)} of {len(depth)} stacks ({', '.join(f'`{_strip(p)}`' for p in grown)})"
     return _outcome("supported", detail, left_out[0] if left_out else "")
+
+
+def observe_ramped_copy(module: LitModel, family: Family) -> dict[str, str]:
+    """DepthGrowth(operator="copy", ramp_steps=4): a trained copy entering through a residual ramp (``a = 0`` at
+    birth), the growth step verified on a trial copy of the module; the same checks as :func:`observe_depth_growth`."""
+    return observe_depth_growth(module, family, operator="copy", ramp_steps=4)
 
 
 def observe_neuron_growth(module: LitModel, family: Family) -> dict[str, str]:
@@ -622,6 +634,7 @@ def observe_dms(module: LitModel, family: Family) -> dict[str, str]:
 OBSERVERS = {
     "CurvatureMonitor": observe_curvature,
     "DepthGrowth": observe_depth_growth,
+    "DepthGrowth (ramp)": observe_ramped_copy,
     "NeuronGrowth": observe_neuron_growth,
     "DMS": observe_dms,
 }
@@ -657,6 +670,7 @@ STATUS_TEXT = {
 HEADERS = {
     "CurvatureMonitor": "CurvatureMonitor",
     "DepthGrowth": "DepthGrowth",
+    "DepthGrowth (ramp)": 'DepthGrowth, ramped copies (`operator="copy"`)',
     "NeuronGrowth": "NeuronGrowth",
     "DMS": f"DMS (`target={DMS_TARGET:g}`)",
 }
