@@ -1,4 +1,5 @@
-"""The support matrix: every model family x CurvatureMonitor / DepthGrowth / NeuronGrowth / DMS, observed.
+"""The support matrix: every model family x CurvatureMonitor / DepthGrowth (zero-init, ramped copies) /
+NeuronGrowth / DMS, observed.
 
 Each family is a real model class (timm, Hugging Face transformers, torchvision, ``torch.nn``, a user block
 registered with ``register_block``, a model with no known block) built from a tiny config with random init,
@@ -14,10 +15,11 @@ observed:
   runs. A refusal must leave the module exactly as it was. ``DepthGrowth (ramp)``: the same with
   ``operator="copy", ramp_steps=4`` (a trained copy entering through a residual ramp).
 - ``NeuronGrowth``: the layers it finds by itself (timm ``Mlp.fc1``), else the family's natural MLP layer passed as
-  ``layers=``; the splitting eigenvalues are estimated on one batch and one neuron branch is added (outputs
-  unchanged), or the refusal is recorded.
-- ``DifferentiableModelScaling(target=0.5)``: its setup (gate discovery, resource model, attach) and its export;
-  the exported model's FLOPs are counted with ``FlopCounterMode`` and compared with the target (within 5%).
+  ``layers=``; the splitting eigenvalues are estimated on one batch and one neuron branch (at the most negative
+  eigenvalue) is applied as the callback applies it (outputs unchanged), or the refusal is recorded.
+- ``DifferentiableModelScaling(target=0.5)``: its setup (gate discovery, resource model, attach), one search step
+  (the task loss's backward through the gates, the importance update) and its export; the exported model's FLOPs
+  are counted with ``FlopCounterMode`` and compared with the target (within 5%).
 
 The outcomes (``supported``, ``refused`` with the first sentence of the message, ...) must equal the committed
 ``docs/support_matrix.json``, and the table between ``<!-- support-matrix:start -->`` and
@@ -49,6 +51,7 @@ from torch import nn
 from lightning_depthgrow import find_block_stacks, register_block
 from lightning_depthgrow.adapters import UnsupportedModelError, unregister_block
 from lightning_depthgrow.callbacks import CurvatureMonitor, DepthGrowth, DifferentiableModelScaling, NeuronGrowth
+from lightning_depthgrow.callbacks.plumbing import apply_and_sync
 from lightning_depthgrow.dms import discover_gates, find_gates, update_importance
 from lightning_depthgrow.events import ArchitectureEvent
 
@@ -555,10 +558,7 @@ def observe_neuron_growth(module: LitModel, family: Family) -> dict[str, str]:
     layer = next(iter(eigenvalues))
     neuron = int(torch.tensor(eigenvalues[layer]).argmin())
     before, _, _ = _eval_run(module, module.example_input_array)
-    event = ArchitectureEvent("neuron_branch", {"linear": layer, "neurons": [neuron]})
-    from lightning_depthgrow.callbacks.plumbing import apply_and_sync
-
-    apply_and_sync(trainer, module, event)
+    apply_and_sync(trainer, module, ArchitectureEvent("neuron_branch", {"linear": layer, "neurons": [neuron]}))
     growth.teardown(trainer, module, "fit")
     _check_nothing_left(module)
     after, _, _ = _eval_run(module, module.example_input_array)
