@@ -400,21 +400,60 @@ def control_variate_values(model: nn.Module, batch: tuple, layout: Layout, n: in
     return {b: q.tolist() for b, q in quad.items()}, trace
 
 
-def block_only_values(model: nn.Module, batch: tuple, layout: Layout, n: int, seed: int) -> dict[str, list[float]]:
-    """Per block, ``z_B^T H_BB z_B`` for probes zero outside the block (one product per block per probe; the first
-    ``n`` probes of :func:`probe_values`, restricted). Their variance, ``2 ||offdiag H_BB||_F^2``, is what is left of
-    a full-space probe's ``2 ||offdiag H_BB||_F^2 + ||H_B,rest||_F^2`` once the cross-block coupling is removed."""
-    out: dict[str, list[float]] = {b: [] for b in layout.index}
+def block_pair_values(model: nn.Module, batch: tuple, layout: Layout, n: int, seed: int) -> dict[str, dict]:
+    """``[b][c]``: per probe, ``z_b^T (H z_c)_b`` with ``z_c`` the probe restricted to block ``c`` (one product per
+    block per probe; the first ``n`` probes of :func:`probe_values`). ``b == c``: the block-only value, of variance
+    ``2 ||offdiag H_bb||_F^2``; ``b != c``: mean zero, mean square ``||H_bc||_F^2``. A full-space probe's variance
+    is their sum, ``2 ||offdiag H_bb||_F^2 + sum_c ||H_bc||_F^2``."""
+    out: dict[str, dict[str, list[float]]] = {b: {c: [] for c in layout.index} for b in layout.index}
     generator = torch.Generator().manual_seed(10_000 + seed)
     with HessianOperator(model, loss_fn, [batch], layout.names) as op:
         for _ in range(n):
             z = rademacher(op.param_shapes, 1, op.dtype, op.device, generator)
-            for b, idx in layout.index.items():
+            for c, idx in layout.index.items():
                 inside = set(idx)
-                restricted = [v if i in inside else torch.zeros_like(v) for i, v in enumerate(z)]
-                hz = op.matmat(restricted)
-                out[b].append(math.fsum(float((restricted[i].double() * hz[i].double()).sum()) for i in idx))
+                hz = op.matmat([v if i in inside else torch.zeros_like(v) for i, v in enumerate(z)])
+                for b, idx_b in layout.index.items():
+                    out[b][c].append(math.fsum(float((z[i].double() * hz[i].double()).sum()) for i in idx_b))
     return out
+
+
+def best_sign_design(pairs: dict, full_var: dict, needed: dict, targets: list[str], groups: int) -> dict:
+    """The best assignment of blocks to ``groups`` sign groups for a shared-probe design, chosen on the data
+    (optimistic: selection on the same probes).
+
+    ``groups`` products ``H (sum_g s_kg z_g)`` with orthogonal ``+-1`` patterns ``s`` over the groups, sharing one
+    probe ``z``, give per block ``z_b^T H_bb z_b + sum_{c in b's group} z_b^T H_bc z_c``: the coupling to other
+    groups cancels exactly. Per product its variance is ``groups * (var_only_b + sum_same-group ||H_bc||^2)`` against
+    ``var_full_b`` for plain Hutchinson. Returned: the best assignment for the worst target block and, separately,
+    for the median one, with their products to target over plain Hutchinson's."""
+    import itertools
+
+    blocks = list(pairs)
+    var_only = {b: statistics.variance(pairs[b][b]) for b in blocks}
+    mass = {b: {c: statistics.fmean(v * v for v in pairs[b][c]) for c in blocks if c != b} for b in blocks}
+    best: dict[str, tuple] = {}
+    for tail in itertools.product(range(groups), repeat=len(blocks) - 1):
+        group = dict(zip(blocks, (0, *tail)))
+        ratio = {
+            b: groups * (var_only[b] + sum(m for c, m in mass[b].items() if group[c] == group[b])) / full_var[b]
+            for b in blocks
+        }
+        scores = {
+            "worst": max(needed[b] * ratio[b] for b in targets) / max(needed[b] for b in targets),
+            "median": statistics.median(needed[b] * ratio[b] for b in targets)
+            / statistics.median(needed[b] for b in targets),
+        }
+        for key, score in scores.items():
+            if key not in best or score < best[key][0]:
+                best[key] = (score, group, ratio)
+    return {
+        "products_to_target_over_plain": best["worst"][0],
+        "groups_for_worst_block": best["worst"][1],
+        "variance_per_product_over_plain_per_block": best["worst"][2],
+        "products_to_target_median_block_over_plain": best["median"][0],
+        "groups_for_median_block": best["median"][1],
+    }
 
 
 def controlled(values: list[float], cv: list[float], trace: float, coefficient: str) -> list[float]:
@@ -648,11 +687,25 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict:
         # Why no cheap lever reaches 0.5: the share of a probe's variance that is cross-block coupling. Removing it
         # exactly (orthogonal sign patterns over blocks sharing one probe) costs one product per block.
         if args.block_only_probes > 1:
-            only = block_only_values(model, batch, layout, args.block_only_probes, seed)
-            share = {b: statistics.variance(only[b]) / statistics.variance(values[b]) for b in only}
+            pairs = block_pair_values(model, batch, layout, args.block_only_probes, seed)
+            full_var = {b: statistics.variance(values[b]) for b in values}
+            share = {b: statistics.variance(pairs[b][b]) / full_var[b] for b in values}
+            # Consistency: block-only variance + cross-block mean squares should rebuild the full-space variance.
+            rebuilt = {
+                b: (
+                    statistics.variance(pairs[b][b])
+                    + sum(statistics.fmean(v * v for v in pairs[b][c]) for c in values if c != b)
+                )
+                / full_var[b]
+                for b in values
+            }
             record["block_only"] = {
                 "probes": args.block_only_probes,
                 "variance_block_only_over_full_space_per_block": share,
+                "rebuilt_variance_over_measured_per_block": rebuilt,
+                "cross_block_mean_square": {
+                    b: {c: statistics.fmean(v * v for v in pairs[b][c]) for c in values if c != b} for b in values
+                },
                 "products_per_block_only_sample": len(layout.index),
             }
             med = statistics.median(share[b] for b in layout.targets)
@@ -660,6 +713,15 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict:
             record["ratios"]["variance_per_product_block_only_over_plain[median over residual blocks]"] = med * len(
                 layout.index
             )
+            for g in (2, 4):
+                design = best_sign_design(pairs, full_var, needed, layout.targets, g)
+                record["block_only"][f"best_{g}_group_design"] = design
+                record["ratios"][f"products_to_target_best_{g}_group_sign_design_over_plain"] = design[
+                    "products_to_target_over_plain"
+                ]
+                record["ratios"][f"products_to_target_median_block_best_{g}_group_sign_design_over_plain"] = design[
+                    "products_to_target_median_block_over_plain"
+                ]
         per_seed.append(record)
         print(f"[{shape} seed {seed}] probes to 10% RSE on every residual block: {n} (median block {n_median})")
         for key, value in record["ratios"].items():
@@ -817,7 +879,7 @@ def main() -> None:
         help="control variates to measure: ef (empirical Fisher), ggn (exact Gauss-Newton); '' skips",
     )
     parser.add_argument(
-        "--block-only-probes", type=int, default=8, help="probes (x blocks products) for the cross-block share"
+        "--block-only-probes", type=int, default=12, help="probes (x blocks products) for the cross-block share"
     )
     parser.add_argument("--no-eigen", action="store_true", help="skip the top-eigenvalue part")
     parser.add_argument("--eigen-seeds", type=int, default=40)
