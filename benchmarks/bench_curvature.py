@@ -35,6 +35,24 @@ sketch ``Q = orth(H S)``, exact ``tr(D_B Q Q^T H)`` per block, Hutchinson on the
 ``--cv-probes`` probes; its time to target = graph build + ``2k`` sketch products + ``n_deflated`` probes, each at
 the default probe cost plus the measured projection overhead.
 
+Further levers, measured on the same probes (each kept in the library only if it pays; see
+``benchmarks/results/curvature_levers.md``):
+
+* **batched probes** (``--batched-chunks 4,8``): ``chunk`` probes per reverse-over-reverse call
+  (``torch.autograd.grad(..., is_grads_batched=True)``, vmap over probes) against one probe per call; per-probe
+  time ratio, and whether the vmapped path really ran (it falls back to a loop when an op has no batching rule).
+* **control variates** (``--control-variates ef,ggn``): with ``G = A A^T / N`` of low rank, per block
+  ``z_B^T (Hz)_B - c_B (z_B^T (Gz)_B - tr(G_BB))`` is unbiased for ``tr(H_BB)`` for any ``c_B`` independent of the
+  probe. ``z_B^T (Gz)_B = (1/N) sum_m (A_m,B . z_B)(A_m . z)`` costs dot products only and ``tr(G_BB)`` is exact.
+  ``ef``: the empirical Fisher (``A`` = per-sample gradients, one vmapped backward). ``ggn``: the exact
+  Gauss-Newton matrix of softmax cross-entropy (``A`` = per-sample gradients for every label ``c`` scaled by
+  ``sqrt(p_c)``: C vmapped backwards). ``c_B = 1`` and ``c_B`` = the regression coefficient over the *other*
+  probes (leave-one-out, so each value stays unbiased). Time to target = graph build + the per-sample gradients +
+  ``n_cv`` probes at the default probe cost plus the measured dot-product overhead.
+* **cross-block share** (``--block-only-probes 8``): variance of ``z_B^T H_BB z_B`` with probes zero outside
+  the block over that of a full-space probe: what is left once the cross-block coupling is removed. Removing it
+  exactly costs one product per block, so the per-product ratio is that share times the number of blocks.
+
 Top eigenvalue (``--eigen``): a quadratic loss ``0.5 theta^T A theta`` with a known spectrum (top eigenvalue 10,
 second ``10 * ratio``, a bulk in [-3, 5)), 40 seeds per ratio, through the real autograd paths of each library:
 our default (Lanczos, residual stop), PyHessian's ``eigenvalues()`` defaults (power iteration, 100 iterations,
@@ -71,6 +89,7 @@ from lightning_depthgrow.curvature import (
     empirical_fisher_trace,
     estimate_curvature,
     hutchinson_trace,
+    rademacher,
     top_eigenvalue,
 )
 
@@ -289,6 +308,271 @@ def projection_fn(layout: Layout, rank: int, device: str):
     return run
 
 
+def batched_fn(model: nn.Module, batch: tuple, layout: Layout, probes: int, chunk: int, holder: dict):
+    """Ours, double backward with ``chunk`` probes per reverse-over-reverse call
+    (``torch.autograd.grad(..., is_grads_batched=True)``); records whether the vmapped path really ran."""
+
+    def run() -> None:
+        generator = torch.Generator().manual_seed(0)
+        with HessianOperator(model, loss_fn, [batch], layout.names, probe_chunk=chunk) as op:
+            hutchinson_trace(op, layout.index, probes, generator=generator, chunk_size=chunk)
+            holder[chunk] = op._batched_ok
+
+    return run
+
+
+def per_sample_gradients(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``[N, P]``: row ``i`` is the gradient of sample ``i``'s cross-entropy with label ``labels[i]``
+    (``torch.func.vmap`` of ``grad`` over the samples: one vmapped backward)."""
+    from torch.func import functional_call, grad, vmap
+
+    primals = {n: p.detach() for n, p in zip(layout.names, layout.params)}
+
+    def sample_loss(theta: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, theta, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    with sdpa_kernel(SDPBackend.MATH):
+        grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(primals, x, labels)
+    return torch.cat([grads[n].reshape(x.shape[0], -1) for n in layout.names], dim=1)
+
+
+def control_variate_factors(model: nn.Module, batch: tuple, layout: Layout, kind: str):
+    """Yield ``[M_j, P]`` pieces of a factor ``A`` with ``G = A A^T / N`` (N = batch size), one piece at a time.
+
+    ``"ef"``: the empirical Fisher, rows = per-sample gradients (M = N). ``"ggn"``: the exact Gauss-Newton matrix of
+    softmax cross-entropy, ``(1/N) sum_i sum_c p_ic g_i(c) g_i(c)^T`` with ``g_i(c)`` sample ``i``'s gradient for
+    label ``c`` (``diag(p) - p p^T = sum_c p_c (p - e_c)(p - e_c)^T``): one piece of N rows per class (M = N C).
+    """
+    x, y = batch
+    if kind == "ef":
+        yield per_sample_gradients(model, x, y, layout)
+        return
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        probs = torch.softmax(model(x), dim=-1)
+    for c in range(probs.shape[1]):
+        labels = torch.full_like(y, c)
+        yield per_sample_gradients(model, x, labels, layout) * probs[:, c : c + 1].sqrt()
+
+
+def control_variate_setup_fn(model: nn.Module, batch: tuple, layout: Layout, kind: str):
+    """What an estimate would pay once for the control variate: the factor ``A`` (per-sample gradients)."""
+
+    def run() -> None:
+        for piece in control_variate_factors(model, batch, layout, kind):
+            del piece
+
+    return run
+
+
+def control_variate_overhead_fn(layout: Layout, rows: int, device: str):
+    """Per-probe overhead of a control variate with ``rows`` factor rows: ``A_B z_B`` for every block (the factor
+    kept as one contiguous ``[rows, |B|]`` matrix per block, one matrix-vector product each), their sum ``A z`` and
+    the per-block dot products (no Hessian product)."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [sum(layout.params[i].numel() for i in idx) for idx in layout.index.values()]
+    factors = [torch.randn(rows, size, generator=g).to(device) for size in sizes]
+    pieces = [(torch.randint(0, 2, (size,), generator=g) * 2 - 1).to(device, torch.float32) for size in sizes]
+
+    def run() -> None:
+        per_block = [(a @ z).double() for a, z in zip(factors, pieces)]
+        u = sum(per_block)
+        [float((ub * u).sum()) for ub in per_block]
+
+    return run
+
+
+def control_variate_values(model: nn.Module, batch: tuple, layout: Layout, n: int, seed: int, kind: str) -> tuple:
+    """Per block, ``z_k,B^T (G z_k)_B`` for the same ``n`` probes as :func:`probe_values`, and ``tr(G_BB)`` exactly."""
+    shapes = [p.shape for p in layout.params]
+    probes = rademacher(shapes, n, torch.float32, batch[0].device, torch.Generator().manual_seed(10_000 + seed))
+    z = torch.cat([v.reshape(n, -1) for v in probes], dim=1)  # [n, P], probe k of probe_values
+    del probes
+    spans = {b: [layout.offsets[i] for i in idx] for b, idx in layout.index.items()}
+    quad = {b: torch.zeros(n, dtype=torch.float64) for b in spans}
+    trace = {b: 0.0 for b in spans}
+    size = batch[0].shape[0]
+    for piece in control_variate_factors(model, batch, layout, kind):
+        u = (piece @ z.T).double()  # [M_j, n]
+        for b, span in spans.items():
+            ub = sum(piece[:, a:c] @ z[:, a:c].T for a, c in span).double()
+            quad[b] += (ub * u).sum(0).cpu() / size
+            trace[b] += sum(float(piece[:, a:c].double().pow(2).sum()) for a, c in span) / size
+    return {b: q.tolist() for b, q in quad.items()}, trace
+
+
+def block_pair_values(model: nn.Module, batch: tuple, layout: Layout, n: int, seed: int) -> dict[str, dict]:
+    """``[b][c]``: per probe, ``z_b^T (H z_c)_b`` with ``z_c`` the probe restricted to block ``c`` (one product per
+    block per probe; the first ``n`` probes of :func:`probe_values`). ``b == c``: the block-only value, of variance
+    ``2 ||offdiag H_bb||_F^2``; ``b != c``: mean zero, mean square ``||H_bc||_F^2``. A full-space probe's variance
+    is their sum, ``2 ||offdiag H_bb||_F^2 + sum_c ||H_bc||_F^2``."""
+    out: dict[str, dict[str, list[float]]] = {b: {c: [] for c in layout.index} for b in layout.index}
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    with HessianOperator(model, loss_fn, [batch], layout.names) as op:
+        for _ in range(n):
+            z = rademacher(op.param_shapes, 1, op.dtype, op.device, generator)
+            for c, idx in layout.index.items():
+                inside = set(idx)
+                hz = op.matmat([v if i in inside else torch.zeros_like(v) for i, v in enumerate(z)])
+                for b, idx_b in layout.index.items():
+                    out[b][c].append(math.fsum(float((z[i].double() * hz[i].double()).sum()) for i in idx_b))
+    return out
+
+
+def best_sign_design(pairs: dict, full_var: dict, needed: dict, targets: list[str], groups: int) -> dict:
+    """The best assignment of blocks to ``groups`` sign groups for a shared-probe design, chosen on the data
+    (optimistic: selection on the same probes).
+
+    ``groups`` products ``H (sum_g s_kg z_g)`` with orthogonal ``+-1`` patterns ``s`` over the groups, sharing one
+    probe ``z``, give per block ``z_b^T H_bb z_b + sum_{c in b's group} z_b^T H_bc z_c``: the coupling to other
+    groups cancels exactly. Per product its variance is ``groups * (var_only_b + sum_same-group ||H_bc||^2)`` against
+    ``var_full_b`` for plain Hutchinson. Returned: the best assignment for the worst target block and, separately,
+    for the median one, with their products to target over plain Hutchinson's."""
+    import itertools
+
+    blocks = list(pairs)
+    var_only = {b: statistics.variance(pairs[b][b]) for b in blocks}
+    mass = {b: {c: statistics.fmean(v * v for v in pairs[b][c]) for c in blocks if c != b} for b in blocks}
+    best: dict[str, tuple] = {}
+    for tail in itertools.product(range(groups), repeat=len(blocks) - 1):
+        group = dict(zip(blocks, (0, *tail)))
+        ratio = {
+            b: groups * (var_only[b] + sum(m for c, m in mass[b].items() if group[c] == group[b])) / full_var[b]
+            for b in blocks
+        }
+        scores = {
+            "worst": max(needed[b] * ratio[b] for b in targets) / max(needed[b] for b in targets),
+            "median": statistics.median(needed[b] * ratio[b] for b in targets)
+            / statistics.median(needed[b] for b in targets),
+        }
+        for key, score in scores.items():
+            if key not in best or score < best[key][0]:
+                best[key] = (score, group, ratio)
+    return {
+        "products_to_target_over_plain": best["worst"][0],
+        "groups_for_worst_block": best["worst"][1],
+        "variance_per_product_over_plain_per_block": best["worst"][2],
+        "products_to_target_median_block_over_plain": best["median"][0],
+        "groups_for_median_block": best["median"][1],
+    }
+
+
+def lagging_block_model(record: dict) -> dict:
+    """Modelled (not run) products to 10 % RSE when, once every residual block but the hardest has converged, the
+    probes are restricted to the hardest block: plain probes until the second-hardest block needs no more, then
+    block-only probes (variance measured under ``block_only``) until the stratified standard error of the hardest
+    block's mean reaches 10 %. Returned over plain Hutchinson's products for that block."""
+    need = record["probes_needed_per_block"]
+    targets = sorted((b for b in need if b.startswith("blocks.")), key=lambda b: need[b])
+    worst = targets[-1]
+    n1 = math.ceil(need[targets[-2]])
+    full = record["block_stats"][worst]["std_plain"] ** 2
+    only = record["block_only"]["variance_block_only_over_full_space_per_block"][worst] * full
+    goal = (TARGET_RSE * record["block_stats"][worst]["pooled_mean"]) ** 2
+    lo, hi = 0, 10**12
+    while lo < hi:  # smallest n2 with (n1 full + n2 only) / (n1 + n2)^2 <= goal
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if (n1 * full + mid * only) <= goal * (n1 + mid) ** 2 else (mid + 1, hi)
+    return {
+        "block": worst,
+        "plain_probes": n1,
+        "restricted_probes": lo,
+        "products_over_plain": (n1 + lo) / math.ceil(need[worst]),
+    }
+
+
+def antithetic_holdout(args: argparse.Namespace) -> None:
+    """Held-out check of the best 2-group sign designs stored in ``args.antithetic_holdout`` (a curvature.json).
+
+    The splits were chosen on the stored block-pair probes; here fresh probes (another generator stream) are
+    used in antithetic pairs ``z`` and ``z'`` (``z`` with the signs of one group flipped), each pair's value is the
+    mean of its two probes' values, and the products to 10 % RSE (two per pair) are compared with plain
+    Hutchinson's from the stored run (same model, batch and pooled mean)."""
+    stored = json.loads(args.antithetic_holdout.read_text())
+    out: dict = {"source": str(args.antithetic_holdout), "pairs": args.holdout_pairs, "shapes": {}}
+    for shape, result in stored["shapes"].items():
+        rows = []
+        for record in result["seeds"]:
+            seed = record["seed"]
+            model = make_model(shape, seed, args.device)
+            batch = make_batch(args.batch_size, seed, args.device)
+            layout = Layout(model)
+            pooled = {b: s["pooled_mean"] for b, s in record["block_stats"].items()}
+            needed = record["probes_needed_per_block"]
+            targets = layout.targets
+            row: dict = {"seed": seed}
+            for criterion in ("worst", "median"):
+                groups = record["block_only"]["best_2_group_design"][f"groups_for_{criterion}_block"]
+                flip = {i for b, idx in layout.index.items() if groups[b] == 1 for i in idx}
+                generator = torch.Generator().manual_seed(30_000 + seed)
+                pair_values: dict[str, list[float]] = {b: [] for b in layout.index}
+                with HessianOperator(model, loss_fn, [batch], layout.names) as op:
+                    for _ in range(args.holdout_pairs):
+                        z = rademacher(op.param_shapes, 1, op.dtype, op.device, generator)
+                        z2 = [-v if i in flip else v for i, v in enumerate(z)]
+                        values = []
+                        for probe in (z, z2):
+                            hz = op.matmat(probe)
+                            values.append(
+                                {
+                                    b: math.fsum(float((probe[i].double() * hz[i].double()).sum()) for i in idx)
+                                    for b, idx in layout.index.items()
+                                }
+                            )
+                        for b in layout.index:
+                            pair_values[b].append(0.5 * (values[0][b] + values[1][b]))
+                products = {b: 2 * probes_needed(pair_values[b], pooled[b]) for b in layout.index}
+                row[criterion] = {
+                    "groups": groups,
+                    "products_to_target_over_plain": max(products[b] for b in targets)
+                    / max(needed[b] for b in targets),
+                    "products_to_target_median_block_over_plain": statistics.median(products[b] for b in targets)
+                    / statistics.median(needed[b] for b in targets),
+                    "variance_per_product_over_plain_per_block": {
+                        b: 2 * statistics.variance(pair_values[b]) / record["block_stats"][b]["std_plain"] ** 2
+                        for b in layout.index
+                    },
+                }
+            row["lagging_block_model"] = lagging_block_model(record)
+            rows.append(row)
+            print(
+                f"[{shape} seed {seed}] held-out antithetic pairs, products to target / plain: split for the worst "
+                f"block {row['worst']['products_to_target_over_plain']:.2f}, split for the median block (median) "
+                f"{row['median']['products_to_target_median_block_over_plain']:.2f}"
+            )
+        out["shapes"][shape] = {
+            "seeds": rows,
+            "summary": {
+                "products_to_target_over_plain[split for the worst block]": mean_std(
+                    [r["worst"]["products_to_target_over_plain"] for r in rows]
+                ),
+                "products_to_target_median_block_over_plain[split for the median block]": mean_std(
+                    [r["median"]["products_to_target_median_block_over_plain"] for r in rows]
+                ),
+                "products_to_target_over_plain[modelled: restricted probes for the lagging block]": mean_std(
+                    [r["lagging_block_model"]["products_over_plain"] for r in rows]
+                ),
+            },
+        }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.output}")
+
+
+def controlled(values: list[float], cv: list[float], trace: float, coefficient: str) -> list[float]:
+    """``h_k - c (g_k - tr G)``: unbiased for ``tr H`` when ``c`` does not depend on probe ``k``. ``coefficient``:
+    ``"one"`` (c = 1), ``"loo"`` (c = the regression coefficient of h on g over the *other* probes)."""
+    if coefficient == "one":
+        return [h - (g - trace) for h, g in zip(values, cv)]
+    out = []
+    for k in range(len(values)):
+        h = values[:k] + values[k + 1 :]
+        g = cv[:k] + cv[k + 1 :]
+        var_g = statistics.variance(g)
+        c = statistics.covariance(h, g) / var_g if var_g > 0 else 0.0
+        out.append(values[k] - c * (cv[k] - trace))
+    return out
+
+
 def proc_status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -357,6 +641,12 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict:
             "ours_empirical_fisher": fisher_fn(model, batch),
             "deflation_projection_per_probe": projection_fn(layout, max(1, args.deflation_rank), args.device),
         }
+        batched_ok: dict[int, bool] = {}
+        for chunk in args.batched_chunks:
+            fns[f"ours_batched_{chunk}"] = batched_fn(model, batch, layout, k, chunk, batched_ok)
+        for kind in args.control_variates:
+            fns[f"cv_setup_{kind}"] = control_variate_setup_fn(model, batch, layout, kind)
+        fns["cv_overhead_per_probe_32_rows"] = control_variate_overhead_fn(layout, args.batch_size, args.device)
         seconds = timed_interleaved(fns, args.device, args.repeats)
         pyh_cleanup()
         values = probe_values(model, batch, layout, args.cv_probes, seed)
@@ -449,6 +739,91 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict:
                 (record["block_stats"][b]["std_deflated"] / record["block_stats"][b]["std_plain"]) ** 2
                 for b in layout.targets
             )
+        # Lever: several probes per reverse-over-reverse call (is_grads_batched), against one probe per call.
+        record["batched_probes"] = {
+            str(chunk): {
+                "vmapped_path_ran": batched_ok.get(chunk, False),
+                "per_probe_over_looped": (seconds[f"ours_batched_{chunk}"] - seconds["ours_graph_build"])
+                / k
+                / per_probe["ours_default"],
+            }
+            for chunk in args.batched_chunks
+        }
+        for chunk in args.batched_chunks:
+            record["ratios"][f"per_probe_batched_{chunk}_over_looped"] = record["batched_probes"][str(chunk)][
+                "per_probe_over_looped"
+            ]
+        # Lever: control variates z_B^T (G z)_B - tr(G_BB) from a low-rank G (empirical Fisher / exact GGN).
+        record["control_variates"] = {}
+        for kind in args.control_variates:
+            cv, cv_trace = control_variate_values(model, batch, layout, args.cv_probes, seed, kind)
+            rows = args.batch_size * (1 if kind == "ef" else 10)
+            overhead = seconds["cv_overhead_per_probe_32_rows"] * rows / args.batch_size  # linear in the rows
+            p_cv = per_probe["ours_default"] + overhead
+            setup_cv = seconds["ours_graph_build"] + seconds[f"cv_setup_{kind}"]
+            entry: dict = {"rows": rows, "per_probe_overhead_s": overhead, "setup_s": seconds[f"cv_setup_{kind}"]}
+            for coefficient in ("one", "loo"):
+                res = {b: controlled(values[b], cv[b], cv_trace[b], coefficient) for b in values}
+                need = {b: probes_needed(res[b], pooled[b]) for b in values}
+                n_c = max(math.ceil(need[b]) for b in layout.targets)
+                n_c_median = math.ceil(statistics.median(need[b] for b in layout.targets))
+                ratio = {b: statistics.variance(res[b]) / statistics.variance(values[b]) for b in values}
+                entry[coefficient] = {
+                    "variance_over_plain_per_block": ratio,
+                    "probes_to_target": n_c,
+                    "probes_to_target_median_block": n_c_median,
+                }
+                name = f"{kind}_c_{coefficient}"
+                record["ratios"][f"variance_cv_over_plain[{name}, median over residual blocks]"] = statistics.median(
+                    ratio[b] for b in layout.targets
+                )
+                record["ratios"][f"time_to_target_over_pyhessian[ours_cv_{name}]"] = (
+                    setup_cv + n_c * p_cv
+                ) / to_target["pyhessian"]
+                record["ratios"][f"time_to_target_median_block_over_pyhessian[ours_cv_{name}]"] = (
+                    setup_cv + n_c_median * p_cv
+                ) / median_pyh
+            entry["correlation_per_block"] = {b: statistics.correlation(values[b], cv[b]) for b in values}
+            entry["trace_G_per_block"] = cv_trace
+            record["control_variates"][kind] = entry
+        # Why no cheap lever reaches 0.5: the share of a probe's variance that is cross-block coupling. Removing it
+        # exactly (orthogonal sign patterns over blocks sharing one probe) costs one product per block.
+        if args.block_only_probes > 1:
+            pairs = block_pair_values(model, batch, layout, args.block_only_probes, seed)
+            full_var = {b: statistics.variance(values[b]) for b in values}
+            share = {b: statistics.variance(pairs[b][b]) / full_var[b] for b in values}
+            # Consistency: block-only variance + cross-block mean squares should rebuild the full-space variance.
+            rebuilt = {
+                b: (
+                    statistics.variance(pairs[b][b])
+                    + sum(statistics.fmean(v * v for v in pairs[b][c]) for c in values if c != b)
+                )
+                / full_var[b]
+                for b in values
+            }
+            record["block_only"] = {
+                "probes": args.block_only_probes,
+                "variance_block_only_over_full_space_per_block": share,
+                "rebuilt_variance_over_measured_per_block": rebuilt,
+                "cross_block_mean_square": {
+                    b: {c: statistics.fmean(v * v for v in pairs[b][c]) for c in values if c != b} for b in values
+                },
+                "products_per_block_only_sample": len(layout.index),
+            }
+            med = statistics.median(share[b] for b in layout.targets)
+            record["ratios"]["variance_block_only_over_full_space[median over residual blocks]"] = med
+            record["ratios"]["variance_per_product_block_only_over_plain[median over residual blocks]"] = med * len(
+                layout.index
+            )
+            for g in (2, 4):
+                design = best_sign_design(pairs, full_var, needed, layout.targets, g)
+                record["block_only"][f"best_{g}_group_design"] = design
+                record["ratios"][f"products_to_target_best_{g}_group_sign_design_over_plain"] = design[
+                    "products_to_target_over_plain"
+                ]
+                record["ratios"][f"products_to_target_median_block_best_{g}_group_sign_design_over_plain"] = design[
+                    "products_to_target_median_block_over_plain"
+                ]
         per_seed.append(record)
         print(f"[{shape} seed {seed}] probes to 10% RSE on every residual block: {n} (median block {n_median})")
         for key, value in record["ratios"].items():
@@ -593,6 +968,26 @@ def main() -> None:
     parser.add_argument("--cv-probes", type=int, default=48, help="probes to measure each block's variance")
     parser.add_argument("--deflation-rank", type=int, default=16, help="0 skips the deflation lever")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--batched-chunks",
+        type=lambda t: [int(c) for c in t.split(",") if c],
+        default=[4, 8],
+        help="probes per batched reverse-over-reverse call to time against one per call ('' skips)",
+    )
+    parser.add_argument(
+        "--control-variates",
+        type=lambda t: [c for c in t.split(",") if c],
+        default=["ef", "ggn"],
+        help="control variates to measure: ef (empirical Fisher), ggn (exact Gauss-Newton); '' skips",
+    )
+    parser.add_argument(
+        "--block-only-probes", type=int, default=12, help="probes (x blocks products) for the cross-block share"
+    )
+    parser.add_argument(
+        "--antithetic-holdout", type=Path, help="held-out check of the sign designs stored in this curvature.json"
+    )
+    parser.add_argument("--holdout-pairs", type=int, default=24, help="antithetic probe pairs per split")
+    parser.add_argument("--no-eigen", action="store_true", help="skip the top-eigenvalue part")
     parser.add_argument("--eigen-seeds", type=int, default=40)
     parser.add_argument("--memory-worker", choices=["train", "estimate"], help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -603,6 +998,9 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     torch.set_num_threads(1) if args.device == "cpu" else None
+    if args.antithetic_holdout:
+        antithetic_holdout(args)
+        return
     import curvlinops  # noqa: F401  (fail early when the bench extra is missing)
     import pyhessian  # noqa: F401
 
@@ -626,7 +1024,8 @@ def main() -> None:
     }
     for shape in filter(None, args.shapes.split(",")):
         report["shapes"][shape] = bench_shape(shape, args)
-    report["eigen"] = bench_eigen([0.84, 0.9], args.eigen_seeds)
+    if not args.no_eigen:
+        report["eigen"] = bench_eigen([0.84, 0.9], args.eigen_seeds)
     report["wall_s"] = time.perf_counter() - start
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
