@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_ze
 
 from ..adapters.registry import UnsupportedModelError, require_block_stacks
 from ..events import ArchitectureEvent, apply_event
-from ..growth import BlockCost, Budget, BudgetMetric, BudgetMode, Placement, Schedule, StackLayout
+from ..growth import BlockCost, Budget, BudgetMetric, BudgetMode, FractionSchedule, Placement, Schedule, StackLayout
 from ..growth.depth import PLACEMENTS, fits_any_insertion, plan_depth, stack_layouts
 from ..measure import block_costs, count_flops, count_parameters, first_sample
 from ..surgery.growth import (
@@ -48,10 +49,14 @@ OPERATORS = ("zero_init", "copy", "stack")
 class DepthGrowth(GrowthCallback):
     """Insert function-preserving residual blocks during training until a parameter/FLOP budget is reached.
 
-    Growth happens right after the optimizer step of the last training batch of a growth epoch, i.e. before
-    that epoch's validation and checkpoint, so a checkpoint always holds the architecture its weights
-    belong to. Each growth step adds up to ``blocks_per_step`` blocks (or as many as fit ``step_budget``),
-    never more than ``max_per_stack`` per block stack, and never beyond ``final_budget``.
+    *When*: with ``at=[f, ...]``, right after the optimizer step at each fraction ``f`` of the training's optimizer
+    steps (``Trainer.estimated_stepping_batches``: ``max_steps``, or ``max_epochs`` x optimizer steps per epoch;
+    :class:`~lightning_depthgrow.growth.FractionSchedule`), mid-epoch if that is where it falls; otherwise (the
+    epoch preset, :class:`~lightning_depthgrow.growth.Schedule`) right after the optimizer step of the last training
+    batch of a growth epoch. Either way growth comes before that step's validation and checkpoints, so a checkpoint
+    always holds the architecture its weights belong to. Each growth step adds up to ``blocks_per_step`` blocks (or
+    as many as fit ``step_budget``), never more than ``max_per_stack`` per block stack, and never beyond
+    ``final_budget``; with ``operator="stack"`` it makes every growable stack ``factor`` times deeper.
 
     Args:
         final_budget: the size at which growth stops: a multiple of the starting model's size
@@ -62,10 +67,12 @@ class DepthGrowth(GrowthCallback):
         budget_mode: how ``final_budget`` and ``step_budget`` are read: ``"relative"`` to the starting size,
             or ``"absolute"`` counts.
         warmup_epochs: epochs trained before the first growth step (the first growth happens at the end of
-            epoch ``warmup_epochs``; ``0`` is the same as ``1``).
-        grow_every: after warm-up, grow at the end of every ``grow_every``-th epoch.
+            epoch ``warmup_epochs``; ``0`` is the same as ``1``). Default ``1``; not with ``at``.
+        grow_every: after warm-up, grow at the end of every ``grow_every``-th epoch. Default ``1``; not with ``at``.
         blocks_per_step: the most blocks added per growth step (``None``: no count limit, only
-            ``step_budget``).
+            ``step_budget``). One block per insertion position (after each growable block) and at most
+            ``max_per_stack`` per stack: a value above what the starting model can take in one step is refused in
+            setup (use ``operator="stack"`` with ``factor`` to multiply depth in one step, or more growth steps).
         step_budget: the most size added per growth step (relative or absolute like ``final_budget``);
             ``None``: no size limit per step.
         scale_by_lr: scale ``step_budget`` by the current lr / the initial lr of the first param group
@@ -103,6 +110,12 @@ class DepthGrowth(GrowthCallback):
             once per optimizer step (gradient accumulation respected) and are folded by a ``fold_ramps`` event
             when they end. ``0``: no ramp; copies then change the function (what the duplicated network
             computes). Must be ``0`` with ``"zero_init"`` (already function-preserving).
+        at: grow after the optimizer steps at these fractions of training (increasing, each in ``(0, 1)``; e.g.
+            ``[0.1, 0.25]``; G_stack grows once, early: ``[0.33]``). ``None``: the epoch schedule
+            (``warmup_epochs``, ``grow_every``).
+        factor: with ``operator="stack"``, how many times deeper one growth step makes a stack (``2``: the stack
+            is duplicated, ``[b0, b1] -> [b0, b1, b0', b1']``; ``3``: 2 -> 6 blocks in one step). Default ``2``;
+            only with ``"stack"``.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -112,6 +125,9 @@ class DepthGrowth(GrowthCallback):
         >>> stacking = DepthGrowth(final_budget=2.0, operator="stack", ramp_steps=50, warmup_epochs=2)
         >>> stacking.operator, stacking.ramp_steps
         ('stack', 50)
+        >>> g_stack = DepthGrowth(final_budget=3.0, operator="stack", factor=3, ramp_steps=180, at=[1 / 3])
+        >>> g_stack.at, g_stack.factor, g_stack.warmup_epochs
+        ((0.3333333333333333,), 3, None)
     """
 
     def __init__(
@@ -119,8 +135,8 @@ class DepthGrowth(GrowthCallback):
         final_budget: float = 2.0,
         budget_metric: BudgetMetric = "params",
         budget_mode: BudgetMode = "relative",
-        warmup_epochs: int = 1,
-        grow_every: int = 1,
+        warmup_epochs: int | None = None,
+        grow_every: int | None = None,
         blocks_per_step: int | None = 1,
         step_budget: float | None = None,
         scale_by_lr: bool = False,
@@ -132,15 +148,24 @@ class DepthGrowth(GrowthCallback):
         monitor: CurvatureMonitor | None = None,
         operator: str = "zero_init",
         ramp_steps: int = 0,
+        at: Sequence[float] | None = None,
+        factor: int | None = None,
     ) -> None:
         if final_budget is None:
             raise TypeError(
                 "`final_budget` must be a positive number (a multiple of the start, or absolute), got None."
             )
-        super().__init__(
-            Budget(final_budget, step_budget, budget_metric, budget_mode, scale_by_lr),
-            Schedule(warmup_epochs, grow_every),
+        if at is not None and (warmup_epochs is not None or grow_every is not None):
+            raise ValueError(
+                f"Give either at={at!r} (growth at fractions of training) or warmup_epochs/grow_every (growth by "
+                "epoch), not both."
+            )
+        schedule: Schedule | FractionSchedule = (
+            FractionSchedule(at)
+            if at is not None
+            else Schedule(1 if warmup_epochs is None else warmup_epochs, 1 if grow_every is None else grow_every)
         )
+        super().__init__(Budget(final_budget, step_budget, budget_metric, budget_mode, scale_by_lr), schedule)
         if not isinstance(operator, str):
             raise TypeError(f"`operator` must be one of {', '.join(map(repr, OPERATORS))}, got {operator!r}.")
         self.operator = check_choice("operator", operator, OPERATORS)
@@ -150,6 +175,12 @@ class DepthGrowth(GrowthCallback):
                 f"`ramp_steps` must be 0 with operator='zero_init' (zero-init blocks are already the identity at "
                 f"birth), got {ramp_steps}. Use operator='copy' or 'stack' to ramp blocks in."
             )
+        if factor is not None and (not isinstance(operator, str) or operator != "stack"):
+            raise ValueError(
+                f"`factor`={factor!r} is how many times deeper operator='stack' makes a stack per step; with "
+                f"operator={operator!r} a step adds up to blocks_per_step blocks. Use operator='stack' or drop factor."
+            )
+        self.factor = check_int("factor", 2 if factor is None else factor, minimum=2)
         self.blocks_per_step = check_optional(blocks_per_step, check_int, "blocks_per_step", minimum=1)
         self.max_per_stack = check_optional(max_per_stack, check_int, "max_per_stack", minimum=1)
         if blocks_per_step is None and step_budget is None and self.operator != "stack":
@@ -218,6 +249,7 @@ class DepthGrowth(GrowthCallback):
             self._check_some_stack_fits(pl_module, layouts)
         else:
             self._check_some_block_fits(pl_module, layouts)
+            self._check_blocks_per_step_fits(layouts)
         if self.placement == "curvature" and self.operator != "stack":
             self._setup_monitor(trainer, pl_module)
 
@@ -226,8 +258,18 @@ class DepthGrowth(GrowthCallback):
             _check_groups_not_per_block(trainer, pl_module, self.name, self._layouts(pl_module))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # A resumed run starts from the checkpoint's step: ramps (restored with the weights) advance from there.
         self._ramp_step = trainer.global_step
+        if isinstance(self.schedule, FractionSchedule) and self.ramp_steps:
+            steps = self.schedule.steps(trainer.estimated_stepping_batches)
+            close = [(a, b) for a, b in itertools.pairwise(steps) if b - a < self.ramp_steps]
+            if close:
+                rank_zero_warn(
+                    f"{self.name}: growth steps {close} are closer than ramp_steps={self.ramp_steps}: a step whose "
+                    "blocks are still ramping in is skipped (a ramping block cannot be copied). Space the fractions "
+                    "in `at` further apart or shorten the ramp."
+                )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -318,7 +360,8 @@ class DepthGrowth(GrowthCallback):
         reason = event.reason
         if event.kind == "stack_blocks":
             return (
-                f"stacked {event.spec['stack']!r} ({reason['depth']} -> {reason['depth'] * 2} blocks, ramp "
+                f"stacked {event.spec['stack']!r} ({reason['depth']} -> {reason['depth'] * event.spec['factor']} "
+                f"blocks, ramp "
                 f"{self.ramp_steps} steps); {reason['budget_metric']} {reason['budget_after']:,.0f} / "
                 f"{reason['budget_limit']:,.0f}"
             )
@@ -450,13 +493,33 @@ class DepthGrowth(GrowthCallback):
                 f"Raise the budget ({need}, and step_budget to at least that block's size if set)."
             )
 
+    def _check_blocks_per_step_fits(self, layouts: list[StackLayout]) -> None:
+        """Refuse a ``blocks_per_step`` no step can add: one block per insertion position, ``max_per_stack`` per
+        stack (the planner would silently add fewer)."""
+        if self.blocks_per_step is None:
+            return
+        per_stack = [
+            len(layout.growable) if self.max_per_stack is None else min(len(layout.growable), self.max_per_stack)
+            for layout in layouts
+        ]
+        if self.blocks_per_step > sum(per_stack):
+            raise ValueError(
+                f"{self.name}: blocks_per_step={self.blocks_per_step}, but one growth step adds at most one block per "
+                f"insertion position (after each growable block) and at most max_per_stack={self.max_per_stack} per "
+                f"stack: {sum(per_stack)} block(s) for the stacks "
+                f"{[(layout.path, len(layout.growable)) for layout in layouts]} (path, positions). Lower "
+                "blocks_per_step, raise max_per_stack, grow in more steps (at=[...] or grow_every), or use "
+                "operator='stack' with factor=k to make a stack k times deeper in one step."
+            )
+
     def _stack_costs(self, pl_module: pl.LightningModule, layouts: list[StackLayout]) -> dict[str, float]:
-        """``{stack_path: cost of duplicating the whole stack}`` in ``budget_metric``, for stacks whose blocks are
-        all shape-preserving (only those can be stacked)."""
+        """``{stack_path: cost of one stacking step (factor - 1 copies of the whole stack)}`` in ``budget_metric``,
+        for stacks whose blocks are all shape-preserving (only those can be stacked)."""
         costs = self._block_costs(pl_module, layouts)
         metric = self.budget.metric
         return {
             layout.path: float(sum(costs[layout.block_name(i)].of(metric) for i in range(layout.depth)))
+            * (self.factor - 1)
             for layout in layouts
             if len(layout.templates) == layout.depth
         }
@@ -477,12 +540,14 @@ class DepthGrowth(GrowthCallback):
             need = f"{(start + size) / start:.4g}" if self.budget.mode == "relative" else f"{start + size:,.0f}"
             raise ValueError(
                 f"{self.name}(operator='stack'): the budget leaves room for {room:,.0f} {self.budget.metric} of "
-                f"growth, but duplicating the smallest stack ({path!r}) costs {size:,.0f}: nothing would ever grow. "
+                f"growth, but stacking the smallest stack ({path!r}) {self.factor} times deep (duplicating it) costs "
+                f"{size:,.0f}: nothing would ever grow. "
                 f"Raise final_budget to >= {need} (and step_budget to at least that cost if set)."
             )
 
     def _plan_stack(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
-        """One ``stack_blocks`` event per growable stack whose whole duplication still fits the budget."""
+        """One ``stack_blocks`` event per growable stack whose stacking (``factor`` times deeper) still fits the
+        budget."""
         layouts = self._layouts(pl_module, self.events_so_far(pl_module))
         stack_costs = self._stack_costs(pl_module, layouts)
         start, current, lr = float(self.start_size or 0.0), self.measure(pl_module), plumbing.lr_scale(trainer)
@@ -494,7 +559,7 @@ class DepthGrowth(GrowthCallback):
                 continue
             room -= cost
             current += cost
-            spec = {"stack": layout.path, "factor": 2, "order": "stack", "ramp_steps": self.ramp_steps}
+            spec = {"stack": layout.path, "factor": self.factor, "order": "stack", "ramp_steps": self.ramp_steps}
             reason = {
                 "depth": layout.depth,
                 "budget_metric": self.budget.metric,

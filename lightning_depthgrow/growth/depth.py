@@ -175,6 +175,9 @@ def plan_depth(
         chosen.append(cand)
         per_stack[cand.stack.path] = per_stack.get(cand.stack.path, 0) + 1
         step_used += cost
+    # Deepest position first inside a stack: an insertion never shifts the indices before it. The running budget
+    # figures follow this apply order, so the log lines of one step show the size rising.
+    chosen.sort(key=lambda c: (c.stack.path, -c.after))
     plans, added = [], 0.0
     for cand in chosen:
         cost = cand.cost.of(budget.metric)
@@ -205,8 +208,7 @@ def plan_depth(
                 key_prefix=cand.stack.key_prefix,
             )
         )
-    # Deepest position first inside a stack: an insertion never shifts the indices before it.
-    return sorted(plans, key=lambda p: (p.stack, -p.after))
+    return plans
 
 
 def _ranked(
