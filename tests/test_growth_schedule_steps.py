@@ -144,7 +144,7 @@ def test_stack_factor_that_does_not_fit_the_budget_is_refused_before_training() 
     growth = DepthGrowth(final_budget=_params(5), budget_mode="absolute", operator="stack", factor=3, at=[0.5])
     module = make_module(depth=2)
     start = tensor_hash(module)
-    with pytest.raises(ValueError, match=r"3 times deep.*final_budget"):
+    with pytest.raises(ValueError, match=r"duplicating the smallest stack.*factor=3.*final_budget"):
         quiet_trainer(max_epochs=2, callbacks=[growth]).fit(module, random_loader())
     assert tensor_hash(module) == start
 

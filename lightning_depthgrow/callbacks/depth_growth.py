@@ -540,8 +540,8 @@ class DepthGrowth(GrowthCallback):
             need = f"{(start + size) / start:.4g}" if self.budget.mode == "relative" else f"{start + size:,.0f}"
             raise ValueError(
                 f"{self.name}(operator='stack'): the budget leaves room for {room:,.0f} {self.budget.metric} of "
-                f"growth, but stacking the smallest stack ({path!r}) {self.factor} times deep (duplicating it) costs "
-                f"{size:,.0f}: nothing would ever grow. "
+                f"growth, but duplicating the smallest stack ({path!r}) to {self.factor} times its depth (factor="
+                f"{self.factor}) costs {size:,.0f}: nothing would ever grow. "
                 f"Raise final_budget to >= {need} (and step_budget to at least that cost if set)."
             )
 
