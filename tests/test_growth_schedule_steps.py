@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_depthgrow import load_grown
-from lightning_depthgrow.callbacks import DepthGrowth
+from lightning_depthgrow.callbacks import DepthGrowth, DifferentiableModelScaling
 from lightning_depthgrow.events import event_log
 from lightning_depthgrow.growth import BlockCost, Budget, FractionSchedule, StackLayout, plan_depth
 from lightning_depthgrow.measure import count_parameters
@@ -235,3 +235,13 @@ def test_resume_after_a_step_triggered_growth_is_bitwise_and_load_grown_matches(
     with torch.no_grad():
         assert torch.equal(final(PROBE), full(PROBE))
     assert ramped_blocks(final) == {}
+
+
+def test_fractions_next_to_a_dms_search_are_refused_at_setup() -> None:
+    # Where a fraction falls is only known once the data is, so it could land inside the search: refused.
+    dms = DifferentiableModelScaling(target=0.6, search_epochs=2)
+    module = make_module(depth=2)
+    start = tensor_hash(module)
+    with pytest.raises(RuntimeError, match=r"fractions of training.*DifferentiableModelScaling.*warmup_epochs >= 3"):
+        quiet_trainer(max_epochs=3, callbacks=[dms, DepthGrowth(at=[0.5])]).fit(module, random_loader())
+    assert tensor_hash(module) == start
