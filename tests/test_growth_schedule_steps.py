@@ -245,3 +245,31 @@ def test_fractions_next_to_a_dms_search_are_refused_at_setup() -> None:
     with pytest.raises(RuntimeError, match=r"fractions of training.*DifferentiableModelScaling.*warmup_epochs >= 3"):
         quiet_trainer(max_epochs=3, callbacks=[dms, DepthGrowth(at=[0.5])]).fit(module, random_loader())
     assert tensor_hash(module) == start
+
+
+class _RankRecord(Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+
+        events = [{k: e.to_dict()[k] for k in ("kind", "spec", "step")} for e in event_log(pl_module)]
+        record = {"hash": tensor_hash(pl_module), "events": events, "ramped": ramped_blocks(pl_module)}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_a_step_triggered_stacking_under_ddp_keeps_ranks_identical(tmp_path: Path) -> None:
+    import json
+
+    # Per rank 32 samples / batch 8 = 4 steps per epoch, 3 epochs = 12 steps: at=0.45 -> after step 5 (mid-epoch).
+    growth = DepthGrowth(
+        final_budget=_params(6), budget_mode="absolute", operator="stack", factor=3, ramp_steps=2, at=[0.45]
+    )
+    trainer = quiet_trainer(max_epochs=3, devices=2, strategy="ddp_spawn", callbacks=[growth, _RankRecord(tmp_path)])
+    trainer.fit(make_module(depth=2, max_epochs=3), random_loader(n=64, batch_size=8))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert [(e["kind"], e["step"]) for e in ranks[0]["events"]] == [("stack_blocks", 5), ("fold_ramps", 7)]
+    assert ranks[0]["events"][0]["spec"]["factor"] == 3 and ranks[0]["ramped"] == {}
