@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_depthgrow import load_grown
 from lightning_depthgrow.callbacks import DepthGrowth, DifferentiableModelScaling
-from lightning_depthgrow.events import event_log
-from lightning_depthgrow.growth import BlockCost, Budget, FractionSchedule, StackLayout, plan_depth
+from lightning_depthgrow.callbacks.base import ArchitectureCallback
+from lightning_depthgrow.events import ArchitectureEvent, event_log
+from lightning_depthgrow.growth import BlockCost, Budget, FractionSchedule, StackLayout, plan_depth, stack_layouts
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery.ramp import ramped_blocks
 from tests._helpers import make_module, quiet_trainer, random_loader, tensor_hash
@@ -273,3 +274,30 @@ def test_a_step_triggered_stacking_under_ddp_keeps_ranks_identical(tmp_path: Pat
     assert ranks[0] == ranks[1]
     assert [(e["kind"], e["step"]) for e in ranks[0]["events"]] == [("stack_blocks", 5), ("fold_ramps", 7)]
     assert ranks[0]["events"][0]["spec"]["factor"] == 3 and ranks[0]["ramped"] == {}
+
+
+class _AppendAfterStep(ArchitectureCallback):
+    """A custom callback on the optimizer-step trigger: one identity block after optimizer step 3."""
+
+    change_at = "optimizer_step"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int] = []
+
+    def is_due(self, trainer: pl.Trainer) -> bool:
+        self.asked.append(trainer.global_step)
+        return trainer.global_step == 3
+
+    def propose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
+        layout = stack_layouts(pl_module)[0]
+        spec = {"stack": layout.path, "index": layout.depth - 1, "template": layout.templates[-1], "seed": 0}
+        return [ArchitectureEvent("insert_block", spec, step=trainer.global_step)]
+
+
+def test_a_custom_callback_on_the_optimizer_step_trigger_is_asked_once_per_optimizer_step() -> None:
+    custom, depths = _AppendAfterStep(), Depths()
+    module = make_module(depth=2, max_epochs=2)
+    quiet_trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[custom, depths]).fit(module, random_loader())
+    assert custom.asked == [1, 2, 3, 4]  # 8 batches, 4 optimizer steps: never asked on a gradient-only batch
+    assert depths.grew_at() == [(1, 1, 3, 3)] and [e.step for e in event_log(module)] == [3]
