@@ -2,8 +2,10 @@
 
 FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on one forward pass (a
 multiply-add counts as 2 FLOPs; element-wise ops, norms and activations are not counted). The pass
-runs in eval mode under ``no_grad`` with the math attention kernel, because the fused CPU attention
-kernels have no FLOP formula and would silently count as 0.
+runs in eval mode under ``no_grad`` with the math attention kernel and without ``nn.MultiheadAttention``'s
+fast path, because the fused CPU attention kernels (and ``torch._native_multi_head_attention``, which
+eval-mode ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` call) have no FLOP formula and would
+silently count as 0.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopReport:
         120
     """
     counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+    with _eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _mha_fastpath_off(), counter:
         _call(model, example_input)
     root = type(model).__name__
     per_module: dict[str, int] = {}
@@ -138,6 +140,17 @@ def _call(model: nn.Module, example_input: ExampleInput) -> Any:
     if isinstance(example_input, (tuple, list)):
         return model(*example_input)
     return model(example_input)
+
+
+@contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """``nn.MultiheadAttention`` on its Python path (projections and SDPA, which the counter sees)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @contextmanager

@@ -527,20 +527,20 @@ class PairNet(nn.Module):
         return x
 
 
-def tiny_gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
-    return GPT2LMHeadModel(config)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    return BertForMaskedLM(config)
 
 
-@pytest.mark.parametrize("case", ["hf_gpt2", "tuple_block"])
+@pytest.mark.parametrize("case", ["hf_bert", "tuple_block"])
 def test_a_model_the_core_refuses_is_refused_before_any_gate_is_attached(case):
     from lightning_depthgrow.adapters.registry import register_block, unregister_block
 
-    if case == "hf_gpt2":
-        net, example = tiny_gpt2(), torch.randint(0, 64, (2, 16))
+    if case == "hf_bert":  # DMS gates GPT-2 and Llama-style decoders (tests/test_dms_hf.py), not BERT
+        net, example = tiny_bert(), torch.randint(0, 64, (2, 16))
         data = TensorDataset(torch.randint(0, 64, (8, 16)))
         match, way_out = "Hugging Face transformers", "scale the Hugging Face config by hand"
     else:

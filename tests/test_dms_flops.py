@@ -1,4 +1,5 @@
-"""DMS's FLOP model against torch's FlopCounterMode, per family; Hugging Face models refused clearly."""
+"""DMS's FLOP model against torch's FlopCounterMode, per family; Hugging Face models other than GPT-2 and
+Llama-style decoders refused clearly."""
 
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def test_eva_heads_are_refused_with_a_message_and_nothing_attached():
     assert find_gates(model) is None
 
 
-def test_counts_cover_hf_gpt2_conv1d_and_llama_and_dms_refuses_them():
+def test_counts_cover_hf_gpt2_conv1d_and_llama_and_dms_refuses_bert():
     transformers = pytest.importorskip("transformers")
     ids = {"input_ids": torch.randint(0, 64, (2, 16))}
     gpt2 = transformers.GPT2LMHeadModel(
@@ -124,16 +125,16 @@ def test_counts_cover_hf_gpt2_conv1d_and_llama_and_dms_refuses_them():
         res = ResourceModel.build(model, ids)  # no gates: the whole model is one constant term
         assert res.full_flops == count_flops(model, ids).total  # GPT-2's Conv1D counted (was 7% before)
         assert res.full_params == count_parameters(model)  # tied embeddings once
-        with pytest.raises(UnsupportedModelError, match=r"Hugging Face.*layer_idx"):
-            attach_gates(model)
-        assert find_gates(model) is None
-    layer = type(llama.model.layers[0])
-    register_block(layer, zero_init=["mlp.down_proj", "self_attn.o_proj"])
-    try:
-        with pytest.raises(UnsupportedModelError, match="Hugging Face"):
-            attach_gates(llama, width=False, heads=False)  # depth only: still refused (config, KV cache)
-    finally:
-        unregister_block(layer)
+    # DMS on GPT-2 and Llama: tests/test_dms_hf.py. Other transformers models are refused, nothing attached.
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=64
+        )
+    )
+    for flags in ({}, {"width": False, "heads": False}):
+        with pytest.raises(UnsupportedModelError, match=r"Hugging Face.*Bert(Model|Layer).*GPT-2"):
+            attach_gates(bert, **flags)
+        assert find_gates(bert) is None
 
 
 class Wrapper(nn.Module):

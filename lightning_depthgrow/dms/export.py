@@ -1,5 +1,8 @@
 """Export a gated model: slice every layer to its hard mask, drop pruned blocks, remove the gates.
 
+Blocks are dropped with :func:`~lightning_depthgrow.surgery.remove_block`, so each family's bookkeeping follows
+(container keys renumbered in place, Hugging Face config depth and ``layer_idx``, timm ``feature_info``).
+
 The whole new state (sliced parameters and buffers, rebuilt block containers) is computed and checked
 first; only then is the model mutated, so a failing export leaves the model as it was. The returned
 :class:`~lightning_depthgrow.events.AppliedChange` lists each sliced parameter with its kept indices
@@ -9,10 +12,13 @@ first; only then is the model mutated, so a failing export leaves the model as i
 
 from __future__ import annotations
 
+import copy
+
 from torch import Tensor, nn
 
 from ..adapters.registry import UnsupportedModelError
 from ..events import AppliedChange
+from ..surgery.growth import remove_block
 from .gates import DMSGates, find_gates, remove_gates
 from .sites import family_for_site
 
@@ -73,20 +79,16 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
     _validate_keep(gates, keep)
 
     removed_blocks: set[int] = set()
-    new_stacks: list[tuple[nn.Module, str, nn.Module]] = []
+    drops: list[tuple[str, list[int]]] = []  # (stack path, indices of the blocks it loses)
     for s in gates.specs:
         if s["site"] != "depth":
             continue
         stack = model.get_submodule(s["stack"])
-        dropped = {s["blocks"][j] for j in range(s["n"]) if j not in set(keep[s["name"]])}
-        if not dropped:
-            continue
-        removed_blocks.update(id(stack[i]) for i in dropped)
-        kept_blocks = [b for i, b in enumerate(stack) if i not in dropped]
-        parent_path, _, attr = s["stack"].rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        rebuilt = nn.Sequential(*kept_blocks) if isinstance(stack, nn.Sequential) else nn.ModuleList(kept_blocks)
-        new_stacks.append((parent, attr, rebuilt))
+        kept = set(keep[s["name"]])
+        dropped = sorted(s["blocks"][j] for j in range(s["n"]) if j not in kept)
+        if dropped:
+            removed_blocks.update(id(stack[i]) for i in dropped)
+            drops.append((s["stack"], dropped))
 
     slices = _Slices()
     for s in gates.specs:
@@ -108,7 +110,9 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
             value = value.index_select(d, kept.to(value.device))
         new_tensors.append((module, name, value.clone(), index))
 
-    # Everything is checked: only assignments from here on.
+    _check_removals(model, drops)
+
+    # Everything is checked: only assignments (and block removals checked above) from here on.
     change = AppliedChange()
     for module, name, value, index in new_tensors:
         old = getattr(module, name)
@@ -120,13 +124,32 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
             module._buffers[name] = value
     for module, name, value in slices.attrs:
         setattr(module, name, value)
-    for parent, attr, container in new_stacks:
-        old = getattr(parent, attr)
-        change.removed.extend(p for b in old if id(b) in removed_blocks for p in b.parameters())
-        setattr(parent, attr, container)
+    for path, dropped in drops:
+        stack = model.get_submodule(path)
+        change.removed.extend(p for i in dropped for p in stack[i].parameters())
+        for i in reversed(dropped):
+            remove_block(model, path, i)
     change.removed.extend(gates.arch_parameters())
     remove_gates(model)
     return change
+
+
+def _check_removals(model: nn.Module, drops: list[tuple[str, list[int]]]) -> None:
+    """Remove the blocks from a copy of ``model`` that shares its tensors, so a refusal (a config depth out of step
+    with its layer list, a stack whose keys cannot be renumbered) comes before the model is touched."""
+    if not drops:
+        return
+    shared: dict[int, object] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    trainer = getattr(model, "_trainer", None)  # a LightningModule's hooks may reach its Trainer: share it too
+    if trainer is not None:
+        shared[id(trainer)] = trainer
+    try:
+        trial = copy.deepcopy(model, shared)
+    except Exception:  # not copyable: each removal still checks before it changes anything
+        return
+    for path, dropped in drops:
+        for i in reversed(dropped):
+            remove_block(trial, path, i)
 
 
 def _inside(model: nn.Module, path: str, removed_blocks: set[int]) -> bool:

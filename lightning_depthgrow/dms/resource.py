@@ -153,7 +153,8 @@ def _ratios_at_max(gates: DMSGates) -> Iterator[None]:
     try:
         with torch.no_grad():
             for g in gates.gates.values():
-                g.importance.copy_(torch.arange(g.n, dtype=g.importance.dtype, device=g.importance.device))
+                # ranked from 1: an importance of 0 leaves a one-element gate unranked (kept whatever its ratio)
+                g.importance.copy_(torch.arange(1, g.n + 1, dtype=g.importance.dtype, device=g.importance.device))
                 g.ratio.fill_(g.max_ratio)
         yield
     finally:
@@ -169,8 +170,9 @@ def _factor_maps(model: nn.Module, specs: list[dict]) -> tuple[dict[str, dict[st
     block_elem: dict[str, Factor] = {}
     for s in specs:
         if s["site"] == "depth":
+            keys = list(model.get_submodule(s["stack"])._modules)  # "3", or "encoder_layer_3" (torchvision)
             for j, i in enumerate(s["blocks"]):
-                block_elem[f"{s['stack']}.{i}"] = ("elem", s["name"], j)
+                block_elem[f"{s['stack']}.{keys[i]}"] = ("elem", s["name"], j)
             continue
         for role, path in family_for_site(s["site"]).resource_roles(model, s):
             if role not in ROLES:

@@ -186,6 +186,22 @@ def slice_linear_hidden(slices: Any, producers: list[nn.Module], consumer: nn.Mo
     slices.attr(consumer, "in_features", len(keep))
 
 
+def slice_conv_hidden(
+    slices: Any, producer: nn.Module, norm: nn.Module | None, consumer: nn.Module, keep: list[int]
+) -> None:
+    """Export plan of inner channels between a convolution ``producer`` (output channels), the per-channel
+    ``norm`` after it (BatchNorm: weight, bias, running statistics) and a convolution ``consumer`` (input channels)."""
+    idx = torch.tensor(keep, dtype=torch.long)
+    slices.add(producer, ["weight", "bias"], 0, idx)
+    slices.attr(producer, "out_channels", len(keep))
+    if norm is not None:
+        slices.add(norm, ["weight", "bias", "running_mean", "running_var"], 0, idx)
+        if hasattr(norm, "num_features"):
+            slices.attr(norm, "num_features", len(keep))
+    slices.add(consumer, ["weight"], 1, idx)
+    slices.attr(consumer, "in_channels", len(keep))
+
+
 def describe_model(model: nn.Module) -> str:
     """What a model holds, for the error raised when nothing can be gated."""
     kinds: dict[str, int] = {}

@@ -4,8 +4,8 @@
   into the branches' last Linear).
 - :mod:`.timm_resnet`: timm ResNet ``BasicBlock``/``Bottleneck`` (inner channels, depth on the branch).
 
-- :mod:`.transformers_hf`: Hugging Face transformers models are refused with a message (no gates for
-  GPT-2's ``Conv1D`` or grouped-query attention; export would leave config depth and ``layer_idx`` stale).
+- :mod:`.hf_decoders`: Hugging Face GPT-2 blocks and Llama/Mistral/Qwen2/Qwen3 decoder layers (MLP hidden
+  units, heads or key/value-head groups); :mod:`.transformers_hf` refuses other transformers models.
 
 Any other stack of registered blocks gets generic depth gates.
 """
@@ -13,13 +13,16 @@ Any other stack of registered blocks gets generic depth gates.
 from __future__ import annotations
 
 from ..sites import DMSFamily, GateSpec, describe_model, discover_gates, gate_name
+from .torchvision_models import TorchvisionResNetFamily, TorchvisionViTFamily  # never imports torchvision
 
 
 def register_builtin_families(registry: list[DMSFamily]) -> None:
     """Append the built-in families to ``registry`` (after any user registration); skip absent libraries."""
+    registry.extend([TorchvisionResNetFamily(), TorchvisionViTFamily()])
+    from .hf_decoders import HFDecoderFamily, HFGPT2Family
     from .transformers_hf import TransformersRefusal
 
-    registry.append(TransformersRefusal())
+    registry.extend([HFGPT2Family(), HFDecoderFamily(), TransformersRefusal()])
     try:
         from .timm_resnet import TimmResNetFamily
         from .timm_vit import TimmViTFamily

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from ...adapters.registry import BlockAdapter
 from ..hooks import InputMask, OutputScale
-from ..sites import DMSFamily, GateSpec, Hook, gate_name, tied
+from ..sites import DMSFamily, GateSpec, Hook, gate_name, slice_conv_hidden, tied
 from ..topk import WIDTH
 
 BLOCKS = (BasicBlock, Bottleneck)
@@ -91,16 +90,8 @@ class TimmResNetFamily(DMSFamily):
         return [(block.get_submodule(branch_end(block)), "post", OutputScale(gates, index, element))]
 
     def plan_export(self, model: nn.Module, spec: GateSpec, keep: list[int], slices: Any) -> None:
-        idx = torch.tensor(keep, dtype=torch.long)
-        block = model.get_submodule(spec["block"])
-        producer, norm = block.get_submodule(spec["producer"]), block.get_submodule(spec["norm"])
-        consumer = block.get_submodule(spec["consumer"])
-        slices.add(producer, ["weight", "bias"], 0, idx)
-        slices.add(norm, ["weight", "bias", "running_mean", "running_var"], 0, idx)
-        slices.add(consumer, ["weight"], 1, idx)
-        slices.attr(producer, "out_channels", len(keep))
-        slices.attr(norm, "num_features", len(keep))
-        slices.attr(consumer, "in_channels", len(keep))
+        get = model.get_submodule(spec["block"]).get_submodule
+        slice_conv_hidden(slices, get(spec["producer"]), get(spec["norm"]), get(spec["consumer"]), keep)
 
     def resource_roles(self, model: nn.Module, spec: GateSpec) -> list[tuple[str, str]]:
         b = spec["block"]

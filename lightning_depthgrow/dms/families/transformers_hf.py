@@ -1,9 +1,9 @@
-"""Hugging Face transformers models: refused, with a message that says why.
+"""Hugging Face transformers models DMS does not gate: refused, with a message that says why.
 
-DMS has no gates for them yet (GPT-2's ``Conv1D`` stores its weight transposed; Llama-style attention
-groups query heads over shared key/value heads), and dropping a decoder layer would leave the
-config's depth (``num_hidden_layers``, ``n_layer``) and the layers' ``layer_idx`` (the KV cache) stale:
-a silently wrong ``generate()``. Recognised by the class's module, so ``transformers`` is never imported.
+DMS gates GPT-2 blocks and Llama-style decoder layers (:mod:`.hf_decoders`). Any other transformers model (BERT
+and other post-LayerNorm encoders, HF ``ViTModel``, T5, ...) is refused when discovery reaches it: its layers
+would need their own slicing (module names, head bookkeeping) and dropping one the family's config bookkeeping.
+Recognised by the class's module, so ``transformers`` is never imported.
 """
 
 from __future__ import annotations
@@ -12,30 +12,38 @@ from torch import nn
 
 from ...adapters.registry import BlockAdapter, UnsupportedModelError
 from ..sites import DMSFamily, GateSpec
+from .hf_decoders import supported_block
 
 
 def _is_hf(module: nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.")
 
 
-def refusal(module: nn.Module, path: str) -> UnsupportedModelError:
+def _is_hf_model(module: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (the outermost module of a Hugging Face model)."""
+    return _is_hf(module) and any(
+        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(module).__mro__
+    )
+
+
+def refusal(module: nn.Module, where: str) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"DMS does not support Hugging Face transformers models ({type(module).__name__} at "
-        f"{path or '<root>'}): it has no width or head gates for them (GPT-2's Conv1D, grouped-query "
-        "attention), and dropping a decoder layer would leave the config's depth and the layers' layer_idx "
-        "(KV cache) stale. Search a timm model, or scale the Hugging Face config by hand."
+        f"DMS does not support this Hugging Face transformers model ({type(module).__name__} {where}): "
+        "it gates GPT-2 (GPT2Block) and Llama, Mistral, Qwen2 and Qwen3 decoder layers only; other layers would need "
+        "their own slicing of widths and heads, and their config's bookkeeping when a layer is dropped. Search one "
+        "of those models or a timm model, or scale the Hugging Face config by hand."
     )
 
 
 class TransformersRefusal(DMSFamily):
-    name = "Hugging Face transformers (refused)"
+    name = "Hugging Face transformers (other than GPT-2 and Llama-style decoders: refused)"
 
     def block_specs(self, path: str, block: nn.Module, width: bool, heads: bool) -> list[GateSpec] | None:
-        if _is_hf(block):
-            raise refusal(block, path)
+        if _is_hf_model(block) and not any(supported_block(m) for m in block.modules()):
+            raise refusal(block, f"at {path or '<root>'}")
         return None
 
     def identity_skip(self, adapter: BlockAdapter, block: nn.Module) -> bool | None:
-        if _is_hf(block):
-            raise refusal(block, "a registered block stack")
+        if _is_hf(block) and not supported_block(block):
+            raise refusal(block, "in a stack of registered blocks")
         return None
