@@ -26,6 +26,7 @@ from ..growth.depth import PLACEMENTS, fits_any_insertion, plan_depth, stack_lay
 from ..measure import block_costs, count_flops, count_parameters, first_sample
 from ..surgery.growth import (
     DEFAULT_TOLERANCE,
+    RAMP_REMEDY,
     FunctionNotPreservedError,
     _Check,
     _find_stack,
@@ -419,21 +420,26 @@ class DepthGrowth(GrowthCallback):
     def _check_growable(self, pl_module: pl.LightningModule) -> set[str]:
         """Paths of the stacks that can grow (:func:`~lightning_depthgrow.surgery.check_growable`); raise if none.
 
-        The structural checks (the adapters' refusals: post-LayerNorm blocks, a non-ReLU activation after the
-        residual add, no shape-preserving block, ...) run first; with an example input, one verified trial
-        insertion per stack follows (undone again).
+        The structural checks run first; with an example input, a verified trial follows on every stack. For
+        zero-initialised blocks (``ramp_steps=0``) the structural checks include the adapters' refusals
+        (post-LayerNorm blocks, a non-ReLU activation after the residual add) and the trial is one insertion per
+        stack, undone again. For ramped copies (``ramp_steps >= 1``) those refusals do not apply (a ramp is the
+        identity at birth for any shape-preserving block): the trial inserts ramped copies into a deep copy of the
+        module, checks the outputs at birth and that every block runs, then ends and folds the ramps and checks
+        the fold changed nothing and left plain blocks.
         """
         try:
-            verdicts = check_growable(pl_module)
+            verdicts = check_growable(pl_module, ramp_steps=self.ramp_steps)
         except UnsupportedModelError as err:
             raise UnsupportedModelError(f"{self.name}: {err}") from err
         example = self._verification_input(pl_module)
         if example is not None:
             try:
-                verdicts = check_growable(pl_module, example)
+                verdicts = check_growable(pl_module, example, ramp_steps=self.ramp_steps)
             except UnsupportedModelError as err:
+                trial = "ramped copies" if self.ramp_steps else "insertion"
                 raise FunctionNotPreservedError(
-                    f"{self.name}: a trial insertion on the example input failed for every stack, the module is "
+                    f"{self.name}: a trial {trial} on the example input failed for every stack, the module is "
                     f"unchanged. {err}"
                 ) from err
         refused = {path: reason for path, reason in verdicts.items() if reason is not None}
@@ -446,7 +452,7 @@ class DepthGrowth(GrowthCallback):
 
     def _layouts(self, pl_module: pl.LightningModule, events: Any = ()) -> list[StackLayout]:
         """The layouts of the stacks that may grow (those ``setup`` found growable)."""
-        layouts = stack_layouts(pl_module, events)
+        layouts = stack_layouts(pl_module, events, ramped=bool(self.ramp_steps))
         if self._growable is None:
             return layouts
         return [layout for layout in layouts if layout.path in self._growable]
@@ -597,7 +603,9 @@ class DepthGrowth(GrowthCallback):
         for path in stacks:
             what = f"the {events[0].kind} step on {path!r} (ramp {self.ramp_steps})"
             try:
-                _verify(probe, _find_stack(probe, path), _Check(example, DEFAULT_TOLERANCE), before[path], what)
+                _verify(
+                    probe, _find_stack(probe, path), _Check(example, DEFAULT_TOLERANCE), before[path], what, RAMP_REMEDY
+                )
             except RuntimeError as err:  # the ramp hook refuses blocks that do not map a tensor to a tensor
                 raise FunctionNotPreservedError(
                     f"{self.name}: {what} failed on a trial copy of the module, which is unchanged. {err}"
