@@ -437,7 +437,7 @@ class DepthGrowth(GrowthCallback):
             try:
                 verdicts = check_growable(pl_module, example, ramp_steps=self.ramp_steps)
             except UnsupportedModelError as err:
-                trial = "ramped copies" if self.ramp_steps else "insertion"
+                trial = "of ramped copies" if self.ramp_steps else "insertion"
                 raise FunctionNotPreservedError(
                     f"{self.name}: a trial {trial} on the example input failed for every stack, the module is "
                     f"unchanged. {err}"
