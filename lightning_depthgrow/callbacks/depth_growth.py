@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_zero_warn
 
-from ..adapters.registry import UnsupportedModelError, require_block_stacks
+from ..adapters.registry import UnsupportedModelError, find_block_stacks, require_block_stacks
 from ..events import ArchitectureEvent, apply_event
 from ..growth import BlockCost, Budget, BudgetMetric, BudgetMode, FractionSchedule, Placement, Schedule, StackLayout
 from ..growth.depth import PLACEMENTS, fits_any_insertion, plan_depth, stack_layouts
@@ -523,11 +523,17 @@ class DepthGrowth(GrowthCallback):
         for stacks whose blocks are all shape-preserving (only those can be stacked)."""
         costs = self._block_costs(pl_module, layouts)
         metric = self.budget.metric
+        # A layout has a template per growable *position*; whether every block keeps the shape is the adapter's call.
+        stackable = {
+            stack.path
+            for stack in find_block_stacks(pl_module)
+            if all(stack.adapter.shape_preserving(block) for block in stack.blocks)
+        }
         return {
             layout.path: float(sum(costs[layout.block_name(i)].of(metric) for i in range(layout.depth)))
             * (self.factor - 1)
             for layout in layouts
-            if len(layout.templates) == layout.depth
+            if layout.path in stackable
         }
 
     def _check_some_stack_fits(self, pl_module: pl.LightningModule, layouts: list[StackLayout]) -> None:

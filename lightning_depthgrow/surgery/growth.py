@@ -295,7 +295,7 @@ def _trial_ramped_copies(
     for position in range(len(blocks)):
         template = blocks[stack.template_index(near=position)]
         trials[type(template)] = (position, template)
-    what = f"ramped copies (ramp_steps={ramp_steps}) of {sorted(t.__name__ for t in trials)}"
+    what = f"a ramped copy (ramp_steps={ramp_steps}) of each block type {sorted(t.__name__ for t in trials)}"
     copies: list[nn.Module] = []
     try:
         before = _run_checked(probe, stack, example_input)
@@ -397,7 +397,7 @@ def _verify(
             worst = math.inf
     if not worst <= check.tolerance * scale:
         raise FunctionNotPreservedError(
-            f"{what.capitalize()} of stack {stack.path!r} ({stack.adapter.name}) is not an identity: "
+            f"{what[:1].upper()}{what[1:]} of stack {stack.path!r} ({stack.adapter.name}) is not an identity: "
             f"{type(model).__name__}'s outputs moved by up to {worst:.3g} (allowed {check.tolerance:g} x "
             f"{scale:.3g}) on the example input, in eval mode; the insertion was undone. "
             + (remedy if remedy is not None else _zero_init_remedy(stack))
