@@ -55,10 +55,11 @@ def _ramp_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
         raise RuntimeError(
             f"A ramped {type(module).__name__} must map one tensor to a tensor of the same shape; got {got} and "
             f"output {getattr(output, 'shape', type(output).__name__)}. A ramp blends the block's output with its "
-            "positional input (x + a * (block(x) - x)), so a block that returns a tuple (as the Hugging Face layers "
-            "of older transformers releases do), changes the shape or takes its input by keyword cannot be ramped: "
-            "grow it with zero-initialised blocks (DepthGrowth(operator='zero_init')) where its adapter allows, or "
-            "wrap it so it maps one tensor to one tensor."
+            "positional input (x + a * (block(x) - x)), so only shape-preserving blocks that take their input "
+            "positionally and return one tensor can be ramped (not a tuple, as the Hugging Face layers of older "
+            "transformers releases return): grow such a block with zero-initialised blocks "
+            "(DepthGrowth(operator='zero_init')) where its adapter allows, or wrap it so it maps one tensor to one "
+            "tensor."
         )
     # step / steps in float64 first: the weight is the exact fraction rounded once to the output's dtype.
     weight = (state[0].double() / state[1]).clamp(max=1.0).to(output.dtype)
