@@ -318,3 +318,34 @@ def test_what_a_ramp_cannot_fix_is_refused_at_setup_with_the_module_untouched(
         assert len(net.blocks) == 2 and ramp_traces(module) == []
     finally:
         unregister_block(block)
+
+
+class PostNorm(nn.Module):
+    """A user's post-LayerNorm block ``LN(x + fc(x))``."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.fc, self.norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.fc(x))
+
+
+def test_a_user_refuse_reason_bars_zero_init_but_not_ramped_copies() -> None:
+    from lightning_depthgrow.growth import stack_layouts
+
+    register_block(PostNorm, zero_init=["fc"], refuse=lambda block: "a zeroed copy computes LN(x), not x.")
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(PostNorm(), PostNorm())
+        x = torch.randn(2, 4)
+        with pytest.raises(UnsupportedModelError, match=r"computes LN\(x\), not x"):
+            check_growable(net, x)
+        assert stack_layouts(net) == []
+        start = tensor_hash(net)
+        assert check_growable(net, x, ramp_steps=3) == {"": None}
+        assert tensor_hash(net) == start and len(net) == 2 and ramp_traces(net) == []  # tried on a deep copy
+        (layout,) = stack_layouts(net, ramped=True)
+        assert (layout.growable, layout.templates) == ((0, 1), (0, 1))
+    finally:
+        unregister_block(PostNorm)
