@@ -88,8 +88,9 @@ class DepthGrowth(GrowthCallback):
             this callback feeds it batches and saves its state (e.g. ``CurvatureMonitor(num_probes=4, log=False)``
             for cheaper estimates). Only used with ``placement="curvature"``.
         example_input: input for FLOP counting and for verifying insertions; default
-            ``pl_module.example_input_array``. With an example input, setup makes one verified trial insertion per
-            stack (:func:`~lightning_depthgrow.surgery.check_growable`, undone again) and every growth step is
+            ``pl_module.example_input_array``. With an example input, setup makes a verified trial per stack
+            (:func:`~lightning_depthgrow.surgery.check_growable`: one insertion, undone again, or, with
+            ``ramp_steps >= 1``, ramped copies in a deep copy of the module) and every growth step is
             verified on it (:func:`~lightning_depthgrow.surgery.verify_insertions`): a step whose insertions would
             change the model's outputs, or leave a block that does not run, is refused with
             :class:`~lightning_depthgrow.surgery.FunctionNotPreservedError` and the module and optimizers are left
@@ -110,7 +111,11 @@ class DepthGrowth(GrowthCallback):
             (``x + a * (block(x) - x)``, ``a`` from 0 to 1; :mod:`lightning_depthgrow.surgery.ramp`); ramps advance
             once per optimizer step (gradient accumulation respected) and are folded by a ``fold_ramps`` event
             when they end. ``0``: no ramp; copies then change the function (what the duplicated network
-            computes). Must be ``0`` with ``"zero_init"`` (already function-preserving).
+            computes). Must be ``0`` with ``"zero_init"`` (already function-preserving). With ``ramp_steps >= 1``
+            the zero-init refusals (post-LayerNorm blocks, a non-ReLU activation after the residual add) do not
+            apply: setup tries ramped copies on a deep copy of the module instead (outputs at birth, every block
+            runs, an exact fold; ``check_growable(..., ramp_steps=...)``), so HF BERT, post-LayerNorm
+            ``nn.TransformerEncoder`` or a timm ResNet with SiLU grow this way.
         at: grow after the optimizer steps at these fractions of training (increasing, each in ``(0, 1)``; e.g.
             ``[0.1, 0.25]``; G_stack grows once, early: ``[0.33]``). ``None``: the epoch schedule
             (``warmup_epochs``, ``grow_every``).
