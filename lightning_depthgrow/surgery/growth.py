@@ -407,9 +407,9 @@ def _verify(
 def _zero_init_remedy(stack: BlockStack) -> str:
     return (
         f"Zeroing {stack.adapter.zero_names(stack.container[0])} does not silence the block. Register the block "
-        "with zero_init naming the last operation of every residual branch, or grow it through a residual "
-        "ramp (lightning_depthgrow.surgery.ramp; the growth operators' ramp_steps >= 1), which preserves the "
-        "function for any block."
+        "with zero_init naming the last operation of every residual branch, or grow it with ramped copies, "
+        "DepthGrowth(operator='copy' or 'stack', ramp_steps >= 1) (lightning_depthgrow.surgery.ramp), which "
+        "preserve the function for any shape-preserving block."
     )
 
 
