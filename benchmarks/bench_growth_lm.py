@@ -6,10 +6,12 @@ Variants, per seed, all with the same data order and schedule length unless said
 
 - ``fixed_<d>``: a fixed model of ``d`` blocks (the small start model, the final size, sizes in between);
 - grown ``2 -> 6`` in one step at ``--grow-at`` of training (G_stack grows once, early), by operator:
-  ``zero_interleave`` (today's identity blocks: two zero-initialised blocks after each block),
-  ``copy_interleave_ramp`` (two copies of each trained block right after it, ramped in over ``--ramp-steps``),
-  ``stack_ramp`` (G_stack: the trained stack duplicated twice in order, ramped in),
-  ``stack_noramp`` (G_stack without a ramp: plain copies, not function-preserving);
+  ``stack_ramp`` (G_stack: the trained stack duplicated twice in order, ramped in over ``--ramp-steps``),
+  ``stack_noramp`` (G_stack without a ramp: plain copies, not function-preserving), both through the library's
+  callback, ``DepthGrowth(at=[grow_at], operator="stack", factor=3, ramp_steps=...)``;
+  ``zero_interleave`` (identity blocks: two zero-initialised blocks after each block) and
+  ``copy_interleave_ramp`` (two copies of each trained block right after it, ramped in), which ``DepthGrowth``
+  cannot express in one step (one block per insertion position), applied as events by :class:`ScheduledGrowth`;
 - ``fixed_6_equal``: the final-size model trained for as many steps as fit the grown runs' FLOPs, with its own
   full warm-up + cosine schedule (the fixed model at equal compute).
 
@@ -20,7 +22,9 @@ per block of the final model its residual-update ratio and the loss increase whe
 
     OMP_NUM_THREADS=1 python benchmarks/bench_growth_lm.py --seeds 0 1 2
 
-Writes ``benchmarks/results/growth_lm.json``. ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
+``--driver events`` grows the G_stack variants with :class:`ScheduledGrowth` too (the reference the library
+callback is checked against: same events, same steps). Writes ``benchmarks/results/growth_lm.json``.
+``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
 variants already in FILE (another invocation with the identical configuration: training is deterministic on one
 CPU thread) instead of training them again, and ``--merge FILE...`` combines result files of one configuration.
 """
@@ -42,13 +46,26 @@ from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.tasks import LMConfig, block_diagnostics, mean_std, stdlib_corpus, train_lm, train_step_flops
-from lightning_depthgrow.events import ArchitectureEvent, apply_event
+from benchmarks.tasks import (
+    ByteLM,
+    LMConfig,
+    block_diagnostics,
+    make_gpt,
+    mean_std,
+    stdlib_corpus,
+    train_lm,
+    train_step_flops,
+)
+from lightning_depthgrow.callbacks import DepthGrowth
+from lightning_depthgrow.events import ArchitectureEvent, apply_event, event_log
+from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery import operators as _operators  # noqa: F401  (registers stack_blocks, fold_ramps)
 from lightning_depthgrow.surgery import sync_schedulers, update_optimizer
 from lightning_depthgrow.surgery.ramp import advance_ramps, ramped_blocks
 
 GROWN = ("zero_interleave", "copy_interleave_ramp", "stack_ramp", "stack_noramp")
+#: The grown variants the library's DepthGrowth expresses (the others are applied as events by ScheduledGrowth).
+BY_DEPTH_GROWTH = ("stack_ramp", "stack_noramp")
 
 
 def growth_events(operator: str, depth: int, factor: int, ramp_steps: int, seed: int) -> list[ArchitectureEvent]:
@@ -97,22 +114,49 @@ class ScheduledGrowth(Callback):
                 self._apply(trainer, pl_module, event)
 
 
+class EventLog(Callback):
+    """Keeps the module's architecture event log (as dicts) at the end of ``fit``."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.events = [event.to_dict() for event in event_log(pl_module)]
+
+
+def depth_growth(name: str, config: LMConfig, args: argparse.Namespace) -> DepthGrowth:
+    """The library callback for a G_stack variant: once, after the optimizer step at ``grow_at`` of training, the
+    stack ``factor`` times deeper, within a budget of exactly the final-size model's parameters."""
+    final = count_parameters(ByteLM(make_gpt(config, args.start_depth * args.factor), config))
+    return DepthGrowth(
+        final_budget=final,
+        budget_mode="absolute",
+        operator="stack",
+        factor=args.factor,
+        ramp_steps=0 if name == "stack_noramp" else args.ramp_steps,
+        at=[args.grow_at],
+    )
+
+
 def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train one variant for one seed and add block diagnostics and the event log to its result."""
     callbacks: list[Callback] = []
-    growth = None
+    growth: ScheduledGrowth | EventLog | None = None
+    driver = None
     if name in GROWN:
-        at_step = round(args.grow_at * config.steps)
-        events = growth_events(name, args.start_depth, args.factor, args.ramp_steps, seed=1000 + seed)
-        growth = ScheduledGrowth(at_step, events)
-        callbacks.append(growth)
         config = replace(config, depth=args.start_depth)
+        if name in BY_DEPTH_GROWTH and args.driver == "library":
+            growth, driver = EventLog(), "DepthGrowth"
+            callbacks += [depth_growth(name, config, args), growth]
+        else:
+            at_step = round(args.grow_at * config.steps)
+            events = growth_events(name, args.start_depth, args.factor, args.ramp_steps, seed=1000 + seed)
+            growth, driver = ScheduledGrowth(at_step, events), "ScheduledGrowth"
+            callbacks.append(growth)
     elif name == "fixed_final_equal":
         config = replace(config, depth=args.start_depth * args.factor, steps=equal_compute_steps(config, args))
     else:
         config = replace(config, depth=int(name.split("_")[1]))
-    from benchmarks.tasks import make_gpt
-
     pl.seed_everything(seed, verbose=False)
     model = make_gpt(config)
     result = train_lm(config, seed, callbacks=callbacks, model=model)
@@ -121,6 +165,7 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     result["ramped_at_end"] = ramped_blocks(model)
     if growth is not None:
         result["events"] = growth.events
+        result["driver"] = driver
     return result
 
 
@@ -225,6 +270,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--grow-at", type=float, default=1 / 3, help="fraction of the steps after which to grow")
     parser.add_argument("--ramp-steps", type=int, default=60)
     parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument(
+        "--driver",
+        choices=("library", "events"),
+        default="library",
+        help="grow the G_stack variants with DepthGrowth (library) or ScheduledGrowth (events, the reference)",
+    )
     parser.add_argument("--reuse", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")

@@ -499,8 +499,15 @@ def observe_curvature(module: LitModel, family: Family) -> dict[str, str]:
 def observe_depth_growth(module: LitModel, family: Family, **operator: Any) -> dict[str, str]:
     """DepthGrowth: setup's check (structure, a verified trial insertion), then one growth step, checked here."""
     trainer = _trainer()
+    # One block per stack (max_per_stack=1), as many stacks as fit: no count limit per step, only the size limit.
     growth = DepthGrowth(
-        final_budget=8.0, placement="uniform", blocks_per_step=100, max_per_stack=1, warmup_epochs=1, **operator
+        final_budget=8.0,
+        placement="uniform",
+        blocks_per_step=None,
+        step_budget=7.0,
+        max_per_stack=1,
+        warmup_epochs=1,
+        **operator,
     )
     before_state = _fingerprint(module)
     with warnings.catch_warnings(record=True) as caught:

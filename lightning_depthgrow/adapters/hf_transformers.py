@@ -11,8 +11,9 @@ zeroing the last projection of every residual branch:
 * **Init.** A new block is re-initialised as ``PreTrainedModel._init_weights`` does (normal with the config's
   ``initializer_range`` for ``Linear`` and GPT-2's ``Conv1D``, which has no ``reset_parameters``; norms to
   weight 1, bias 0), with torch's own init functions (HF's skip tensors flagged as loaded).
-* **Post-LayerNorm encoders** (BERT, RoBERTa) are found, so curvature is reported per layer, but growth is
-  refused: ``LN(x + f(x))`` with ``f`` zeroed is ``LN(x)``, not ``x``.
+* **Post-LayerNorm encoders** (BERT, RoBERTa) are found, so curvature is reported per layer, but zero-init growth
+  is refused: ``LN(x + f(x))`` with ``f`` zeroed is ``LN(x)``, not ``x``. Ramped copies
+  (``DepthGrowth(operator="copy" | "stack", ramp_steps >= 1)``) grow them.
 """
 
 from __future__ import annotations

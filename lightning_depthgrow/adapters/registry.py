@@ -65,7 +65,8 @@ class BlockAdapter:
         refuse: ``block -> reason or None``: why a zero-initialised copy of this block, or a copy inserted
             right after it, would not compute the identity (post-LayerNorm, an activation after the residual
             add that is not ReLU). Checked on the template and on the block the new one follows; a reason
-            refuses the insertion before anything is modified.
+            refuses the insertion before anything is modified. Not consulted for ramped copies
+            (``ramp_steps >= 1``): a ramp is the identity at birth for any shape-preserving block.
         reinit: re-initialises a whole new block in place (replaces ``reset_parameters()`` + ``init_fn``),
             for families whose init needs more than one sub-module at a time (Hugging Face: the config's
             ``initializer_range``).

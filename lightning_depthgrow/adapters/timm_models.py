@@ -1,6 +1,6 @@
 """timm families: ViT/DeiT ``Block``, ResNet ``BasicBlock``/``Bottleneck``, ``ConvNeXtBlock``, Eva ``EvaBlock``
-(``EvaBlockPostNorm`` refused), Swin ``SwinTransformerBlock``, EfficientNet/MobileNetV3 ``InvertedResidual``/
-``DepthwiseSeparableConv``."""
+(``EvaBlockPostNorm``: zero-init refused, ramped copies grow it), Swin ``SwinTransformerBlock``,
+EfficientNet/MobileNetV3 ``InvertedResidual``/``DepthwiseSeparableConv``."""
 
 from __future__ import annotations
 
@@ -58,8 +58,10 @@ def relu_after_add_refusal(act: nn.Module, family: str) -> str | None:
     return (
         f"the {family} block applies {type(act).__name__} after its residual add, so a copy with its branch "
         f"zeroed computes {type(act).__name__}(x), not x (only ReLU of a ReLU output is the identity). Grow "
-        "it through a residual ramp (lightning_depthgrow.surgery.ramp: out = x + a * (block(x) - x), a = 0 at "
-        "birth; the growth operators' ramp_steps >= 1), or build the model with act_layer='relu'."
+        "it with ramped copies instead, DepthGrowth(operator='copy' or 'stack', ramp_steps >= 1): each new block "
+        "enters through a residual ramp (lightning_depthgrow.surgery.ramp: out = x + a * (block(x) - x), a = 0 at "
+        "birth), which preserves the function for any shape-preserving block; or build the model with "
+        "act_layer='relu'."
     )
 
 

@@ -2,7 +2,8 @@
 
 Pre-LayerNorm layers (``norm_first=True``) grow with their attention output projections and ``linear2``
 zeroed. Post-LayerNorm layers (the default, ``norm_first=False``) compute ``LN(x + f(x))``, which is
-``LN(x)`` and not ``x`` when ``f`` is zeroed: they are found for curvature but their growth is refused.
+``LN(x)`` and not ``x`` when ``f`` is zeroed: they are found for curvature, their zero-init growth is refused, and
+they grow by ramped copies (``DepthGrowth(operator="copy" | "stack", ramp_steps >= 1)``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from .registry import BlockAdapter, BlockStack, StackChange, UnsupportedModelErr
 
 POST_LN_REFUSAL = (
     "it is a post-LayerNorm block (LN(x + f(x))): with its residual branches zeroed it computes LN(x), not x, "
-    "so no zero-initialised copy is an identity. Grow it through a residual ramp "
-    "(lightning_depthgrow.surgery.ramp: out = x + a * (block(x) - x), a = 0 at birth; the growth operators' "
-    "ramp_steps >= 1), which preserves the function for any block, or use a pre-LayerNorm variant{hint}."
+    "so no zero-initialised copy is an identity. Grow it with ramped copies instead, "
+    "DepthGrowth(operator='copy' or 'stack', ramp_steps >= 1): each new block enters through a residual ramp "
+    "(lightning_depthgrow.surgery.ramp: out = x + a * (block(x) - x), a = 0 at birth), which preserves the "
+    "function for any shape-preserving block; or use a pre-LayerNorm variant{hint}."
 )
 
 

@@ -1,8 +1,9 @@
 """The base of every callback that changes a model's architecture while it trains.
 
 A subclass says *what* to change (:meth:`ArchitectureCallback.propose`, a list of
-:class:`~lightning_depthgrow.ArchitectureEvent`) and *when* (a :class:`~lightning_depthgrow.growth.Schedule`, or
-its own :meth:`~ArchitectureCallback.is_due`); the base owns everything else, once: preflight checks, replaying a
+:class:`~lightning_depthgrow.ArchitectureEvent`) and *when* (a :class:`~lightning_depthgrow.growth.Schedule` by
+epoch, a :class:`~lightning_depthgrow.growth.FractionSchedule` by fraction of the optimizer steps, or its own
+:meth:`~ArchitectureCallback.is_due`); the base owns everything else, once: preflight checks, replaying a
 checkpoint's architecture on resume, the starting size, rank 0's proposal broadcast to every rank, applying each
 event with optimizers, LR schedulers and DDP brought in line, timing, the checkpoint's event log, resumable
 counters and teardown (nothing stays on the user's module).
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ..events import ArchitectureEvent, event_log, save_event_log
-from ..growth import Budget, Schedule
+from ..growth import Budget, FractionSchedule, Schedule
 from . import plumbing
 
 
@@ -37,8 +38,15 @@ class ArchitectureCallback(Callback):
     :meth:`is_due` names instead (after the previous epoch's validation and checkpoints). Subclasses may call
     :meth:`change_now` from any other hook.
 
+    With a :class:`~lightning_depthgrow.growth.FractionSchedule` (or ``change_at = "optimizer_step"``) the step
+    runs at the end of the training batch whose optimizer step is due (after that step; batches that only
+    accumulate gradients never change anything), before any checkpoint of that step is saved.
+
     Args:
-        schedule: when to change; ``None``: only when the subclass calls :meth:`change_now` itself.
+        schedule: when to change: a :class:`~lightning_depthgrow.growth.Schedule` (by epoch), a
+            :class:`~lightning_depthgrow.growth.FractionSchedule` (after the optimizer steps at fractions of
+            training) or ``None`` (only when the subclass calls :meth:`change_now` itself, or its own
+            :meth:`is_due` says so).
 
     Example: a callback that appends one identity block to every stack at the end of epoch 2::
 
@@ -60,7 +68,9 @@ class ArchitectureCallback(Callback):
     #: When a due change runs: ``"epoch_end"`` (default: at the end of the last training batch of every epoch
     #: :meth:`is_due` names, after its optimizer step, before validation and checkpointing) or ``"epoch_start"``
     #: (in ``on_train_epoch_start`` of every epoch :meth:`is_due` names, i.e. after the previous epoch's validation
-    #: and checkpointing; the finite-loss check then has no loss to look at).
+    #: and checkpointing; the finite-loss check then has no loss to look at) or ``"optimizer_step"`` (at the end
+    #: of every training batch that made an optimizer step :meth:`is_due` names). A
+    #: :class:`~lightning_depthgrow.growth.FractionSchedule` always runs after optimizer steps.
     change_at: ClassVar[str] = "epoch_end"
 
     #: Whether this callback must refuse to run while a DMS search has gates on the module (growth callbacks:
@@ -69,15 +79,26 @@ class ArchitectureCallback(Callback):
 
     def __init__(self, schedule: Schedule | None = None) -> None:
         super().__init__()
-        if self.change_at not in ("epoch_end", "epoch_start"):
-            raise ValueError(f"{self.name}.change_at must be 'epoch_end' or 'epoch_start', got {self.change_at!r}.")
-        if schedule is not None and not isinstance(schedule, Schedule):
-            raise TypeError(f"`schedule` must be a lightning_depthgrow.growth.Schedule or None, got {schedule!r}.")
+        if self.change_at not in ("epoch_end", "epoch_start", "optimizer_step"):
+            raise ValueError(
+                f"{self.name}.change_at must be 'epoch_end' or 'epoch_start' (or 'optimizer_step'), got "
+                f"{self.change_at!r}."
+            )
+        if schedule is not None and not isinstance(schedule, (Schedule, FractionSchedule)):
+            raise TypeError(
+                "`schedule` must be a lightning_depthgrow.growth.Schedule, a FractionSchedule or None, got "
+                f"{schedule!r}."
+            )
         self.schedule = schedule
         # Resumable: the starting size (the base of relative budgets) and how many changes were made when.
         self.start_size: float | None = None
         self.growth_steps = 0
         self.last_growth_epoch = -1
+        self.last_growth_step = -1
+        # trainer.global_step at the previous training batch end (from on_train_start): an optimizer step happened
+        # on a batch iff global_step moved since; not saved, a resumed run starts from the checkpoint's step.
+        self._seen_step: int | None = None
+        self._previous_step = -1  # global_step before the optimizer step(s) of the current batch
 
     @property
     def name(self) -> str:
@@ -120,11 +141,22 @@ class ArchitectureCallback(Callback):
         """One line for the log when :meth:`propose` returned no event."""
         return "nothing to change"
 
+    @property
+    def trigger(self) -> str:
+        """When :meth:`is_due` is asked: ``"optimizer_step"`` with a
+        :class:`~lightning_depthgrow.growth.FractionSchedule`, else :attr:`change_at`."""
+        return "optimizer_step" if isinstance(self.schedule, FractionSchedule) else self.change_at
+
     def is_due(self, trainer: pl.Trainer) -> bool:
-        """Whether the current epoch changes (default: the schedule says so); asked once per epoch, at its last
-        training batch (``change_at = "epoch_end"``) or at its start (``change_at = "epoch_start"``)."""
+        """Whether to change now (default: the schedule says so). Asked once per epoch, at its last training batch
+        (``change_at = "epoch_end"``) or at its start (``"epoch_start"``), or at the end of every training batch
+        that made an optimizer step (:attr:`trigger` ``"optimizer_step"``; the optimizer steps made on this batch
+        are ``(self._previous_step, trainer.global_step]``)."""
         if self.schedule is None:
             return False
+        if isinstance(self.schedule, FractionSchedule):
+            total = trainer.estimated_stepping_batches
+            return self.schedule.is_due(self._previous_step, trainer.global_step, total)
         return self.schedule.is_due(trainer.current_epoch, trainer.max_epochs, self.last_growth_epoch)
 
     def verify_events(
@@ -158,19 +190,36 @@ class ArchitectureCallback(Callback):
         self.check(trainer, pl_module)
         self.on_setup_fit(trainer, pl_module)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen_step = trainer.global_step
+        if isinstance(self.schedule, FractionSchedule):
+            # Refuse a run without a known length before its first step; say which fractions cannot grow.
+            total = self.schedule.check_total(trainer.estimated_stepping_batches)
+            dropped = self.schedule.dropped(total)
+            if dropped:
+                rank_zero_warn(
+                    f"{self.name}: this run has {total} optimizer steps, so fraction(s) {dropped} of at="
+                    f"{list(self.schedule.at)} fall before step 1, on the last step or on an earlier fraction's "
+                    f"step, and add no growth step; growth happens after steps {list(self.schedule.steps(total))}."
+                )
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.change_at == "epoch_start" and self.is_due(trainer):
+        if self.trigger == "epoch_start" and self.is_due(trainer):
             self.change_now(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        stepped = self._seen_step is None or trainer.global_step != self._seen_step
+        self._previous_step = trainer.global_step - 1 if self._seen_step is None else self._seen_step
+        self._seen_step = trainer.global_step
         self.observe_batch(trainer, pl_module, outputs, batch, batch_idx)
-        if (
-            self.change_at == "epoch_end"
-            and plumbing.is_last_training_batch(trainer, batch_idx)
-            and self.is_due(trainer)
-        ):
+        if self.trigger == "optimizer_step":
+            due = stepped and self.is_due(trainer)
+        else:
+            due = self.trigger == "epoch_end" and plumbing.is_last_training_batch(trainer, batch_idx)
+            due = due and self.is_due(trainer)
+        if due:
             self.change_now(trainer, pl_module, outputs)
 
     def change_now(
@@ -182,6 +231,7 @@ class ArchitectureCallback(Callback):
         any rank stops the step with a warning (a diverged model is not grown).
         """
         self.last_growth_epoch = trainer.current_epoch
+        self.last_growth_step = trainer.global_step
         loss = _finite_check(trainer, outputs)
         if not math.isfinite(loss):
             rank_zero_warn(
@@ -192,14 +242,14 @@ class ArchitectureCallback(Callback):
             return []
         events = plumbing.broadcast(trainer, self.propose(trainer, pl_module))
         if not events:
-            rank_zero_info(f"{self.name}: epoch {trainer.current_epoch}: {self.describe_nothing(trainer, pl_module)}")
+            rank_zero_info(f"{self.name}: {_when(trainer)}: {self.describe_nothing(trainer, pl_module)}")
             return []
         self.verify_events(trainer, pl_module, events)
         for event in events:
             start = time.perf_counter()
             plumbing.apply_and_sync(trainer, pl_module, event)
             event.cost["seconds"] = time.perf_counter() - start
-            rank_zero_info(f"{self.name}: epoch {trainer.current_epoch}: {self.describe(event)}")
+            rank_zero_info(f"{self.name}: {_when(trainer)}: {self.describe(event)}")
         self.growth_steps += 1
         return events
 
@@ -221,6 +271,7 @@ class ArchitectureCallback(Callback):
             "start_size": self.start_size,
             "growth_steps": self.growth_steps,
             "last_growth_epoch": self.last_growth_epoch,
+            "last_growth_step": self.last_growth_step,
             **self.extra_state(),
         }
 
@@ -231,6 +282,7 @@ class ArchitectureCallback(Callback):
         self.start_size = None if start is None else float(start)
         self.growth_steps = int(state_dict.get("growth_steps", 0))
         self.last_growth_epoch = int(state_dict.get("last_growth_epoch", -1))
+        self.last_growth_step = int(state_dict.get("last_growth_step", -1))
         self.load_extra_state(state_dict)
 
     # ------------------------------------------------------------------ helpers for subclasses
@@ -254,8 +306,15 @@ class GrowthCallback(ArchitectureCallback):
     budget_metric = property(lambda self: self.budget.metric)
     budget_mode = property(lambda self: self.budget.mode)
     scale_by_lr = property(lambda self: self.budget.scale_by_lr)
-    warmup_epochs = property(lambda self: self.schedule.warmup_epochs)
-    grow_every = property(lambda self: self.schedule.every)
+    # ``None`` for a FractionSchedule (``at``), and ``at`` is ``None`` for an epoch Schedule.
+    warmup_epochs = property(lambda self: getattr(self.schedule, "warmup_epochs", None))
+    grow_every = property(lambda self: getattr(self.schedule, "every", None))
+    at = property(lambda self: getattr(self.schedule, "at", None))
+
+
+def _when(trainer: pl.Trainer) -> str:
+    """``"epoch E, step S"`` for log lines (S: optimizer steps made so far)."""
+    return f"epoch {trainer.current_epoch}, step {trainer.global_step}"
 
 
 def _finite_check(trainer: pl.Trainer, outputs: Any) -> float:

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_zero_warn
 
-from ..adapters.registry import UnsupportedModelError, require_block_stacks
+from ..adapters.registry import UnsupportedModelError, find_block_stacks, require_block_stacks
 from ..events import ArchitectureEvent, apply_event
-from ..growth import BlockCost, Budget, BudgetMetric, BudgetMode, Placement, Schedule, StackLayout
+from ..growth import BlockCost, Budget, BudgetMetric, BudgetMode, FractionSchedule, Placement, Schedule, StackLayout
 from ..growth.depth import PLACEMENTS, fits_any_insertion, plan_depth, stack_layouts
 from ..measure import block_costs, count_flops, count_parameters, first_sample
 from ..surgery.growth import (
     DEFAULT_TOLERANCE,
+    RAMP_REMEDY,
     FunctionNotPreservedError,
     _Check,
     _find_stack,
@@ -48,10 +50,14 @@ OPERATORS = ("zero_init", "copy", "stack")
 class DepthGrowth(GrowthCallback):
     """Insert function-preserving residual blocks during training until a parameter/FLOP budget is reached.
 
-    Growth happens right after the optimizer step of the last training batch of a growth epoch, i.e. before
-    that epoch's validation and checkpoint, so a checkpoint always holds the architecture its weights
-    belong to. Each growth step adds up to ``blocks_per_step`` blocks (or as many as fit ``step_budget``),
-    never more than ``max_per_stack`` per block stack, and never beyond ``final_budget``.
+    *When*: with ``at=[f, ...]``, right after the optimizer step at each fraction ``f`` of the training's optimizer
+    steps (``Trainer.estimated_stepping_batches``: ``max_steps``, or ``max_epochs`` x optimizer steps per epoch;
+    :class:`~lightning_depthgrow.growth.FractionSchedule`), mid-epoch if that is where it falls; otherwise (the
+    epoch preset, :class:`~lightning_depthgrow.growth.Schedule`) right after the optimizer step of the last training
+    batch of a growth epoch. Either way growth comes before that step's validation and checkpoints, so a checkpoint
+    always holds the architecture its weights belong to. Each growth step adds up to ``blocks_per_step`` blocks (or
+    as many as fit ``step_budget``), never more than ``max_per_stack`` per block stack, and never beyond
+    ``final_budget``; with ``operator="stack"`` it makes every growable stack ``factor`` times deeper.
 
     Args:
         final_budget: the size at which growth stops: a multiple of the starting model's size
@@ -62,10 +68,12 @@ class DepthGrowth(GrowthCallback):
         budget_mode: how ``final_budget`` and ``step_budget`` are read: ``"relative"`` to the starting size,
             or ``"absolute"`` counts.
         warmup_epochs: epochs trained before the first growth step (the first growth happens at the end of
-            epoch ``warmup_epochs``; ``0`` is the same as ``1``).
-        grow_every: after warm-up, grow at the end of every ``grow_every``-th epoch.
+            epoch ``warmup_epochs``; ``0`` is the same as ``1``). Default ``1``; not with ``at``.
+        grow_every: after warm-up, grow at the end of every ``grow_every``-th epoch. Default ``1``; not with ``at``.
         blocks_per_step: the most blocks added per growth step (``None``: no count limit, only
-            ``step_budget``).
+            ``step_budget``). One block per insertion position (after each growable block) and at most
+            ``max_per_stack`` per stack: a value above what the starting model can take in one step is refused in
+            setup (use ``operator="stack"`` with ``factor`` to multiply depth in one step, or more growth steps).
         step_budget: the most size added per growth step (relative or absolute like ``final_budget``);
             ``None``: no size limit per step.
         scale_by_lr: scale ``step_budget`` by the current lr / the initial lr of the first param group
@@ -80,8 +88,9 @@ class DepthGrowth(GrowthCallback):
             this callback feeds it batches and saves its state (e.g. ``CurvatureMonitor(num_probes=4, log=False)``
             for cheaper estimates). Only used with ``placement="curvature"``.
         example_input: input for FLOP counting and for verifying insertions; default
-            ``pl_module.example_input_array``. With an example input, setup makes one verified trial insertion per
-            stack (:func:`~lightning_depthgrow.surgery.check_growable`, undone again) and every growth step is
+            ``pl_module.example_input_array``. With an example input, setup makes a verified trial per stack
+            (:func:`~lightning_depthgrow.surgery.check_growable`: one insertion, undone again, or, with
+            ``ramp_steps >= 1``, ramped copies in a deep copy of the module) and every growth step is
             verified on it (:func:`~lightning_depthgrow.surgery.verify_insertions`): a step whose insertions would
             change the model's outputs, or leave a block that does not run, is refused with
             :class:`~lightning_depthgrow.surgery.FunctionNotPreservedError` and the module and optimizers are left
@@ -102,7 +111,17 @@ class DepthGrowth(GrowthCallback):
             (``x + a * (block(x) - x)``, ``a`` from 0 to 1; :mod:`lightning_depthgrow.surgery.ramp`); ramps advance
             once per optimizer step (gradient accumulation respected) and are folded by a ``fold_ramps`` event
             when they end. ``0``: no ramp; copies then change the function (what the duplicated network
-            computes). Must be ``0`` with ``"zero_init"`` (already function-preserving).
+            computes). Must be ``0`` with ``"zero_init"`` (already function-preserving). With ``ramp_steps >= 1``
+            the zero-init refusals (post-LayerNorm blocks, a non-ReLU activation after the residual add) do not
+            apply: setup tries ramped copies on a deep copy of the module instead (outputs at birth, every block
+            runs, an exact fold; ``check_growable(..., ramp_steps=...)``), so HF BERT, post-LayerNorm
+            ``nn.TransformerEncoder`` or a timm ResNet with SiLU grow this way.
+        at: grow after the optimizer steps at these fractions of training (increasing, each in ``(0, 1)``; e.g.
+            ``[0.1, 0.25]``; G_stack grows once, early: ``[0.33]``). ``None``: the epoch schedule
+            (``warmup_epochs``, ``grow_every``).
+        factor: with ``operator="stack"``, how many times deeper one growth step makes a stack (``2``: the stack
+            is duplicated, ``[b0, b1] -> [b0, b1, b0', b1']``; ``3``: 2 -> 6 blocks in one step). Default ``2``;
+            only with ``"stack"``.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -112,6 +131,9 @@ class DepthGrowth(GrowthCallback):
         >>> stacking = DepthGrowth(final_budget=2.0, operator="stack", ramp_steps=50, warmup_epochs=2)
         >>> stacking.operator, stacking.ramp_steps
         ('stack', 50)
+        >>> g_stack = DepthGrowth(final_budget=3.0, operator="stack", factor=3, ramp_steps=180, at=[1 / 3])
+        >>> g_stack.at, g_stack.factor, g_stack.warmup_epochs
+        ((0.3333333333333333,), 3, None)
     """
 
     def __init__(
@@ -119,8 +141,8 @@ class DepthGrowth(GrowthCallback):
         final_budget: float = 2.0,
         budget_metric: BudgetMetric = "params",
         budget_mode: BudgetMode = "relative",
-        warmup_epochs: int = 1,
-        grow_every: int = 1,
+        warmup_epochs: int | None = None,
+        grow_every: int | None = None,
         blocks_per_step: int | None = 1,
         step_budget: float | None = None,
         scale_by_lr: bool = False,
@@ -132,15 +154,24 @@ class DepthGrowth(GrowthCallback):
         monitor: CurvatureMonitor | None = None,
         operator: str = "zero_init",
         ramp_steps: int = 0,
+        at: Sequence[float] | None = None,
+        factor: int | None = None,
     ) -> None:
         if final_budget is None:
             raise TypeError(
                 "`final_budget` must be a positive number (a multiple of the start, or absolute), got None."
             )
-        super().__init__(
-            Budget(final_budget, step_budget, budget_metric, budget_mode, scale_by_lr),
-            Schedule(warmup_epochs, grow_every),
+        if at is not None and (warmup_epochs is not None or grow_every is not None):
+            raise ValueError(
+                f"Give either at={at!r} (growth at fractions of training) or warmup_epochs/grow_every (growth by "
+                "epoch), not both."
+            )
+        schedule: Schedule | FractionSchedule = (
+            FractionSchedule(at)
+            if at is not None
+            else Schedule(1 if warmup_epochs is None else warmup_epochs, 1 if grow_every is None else grow_every)
         )
+        super().__init__(Budget(final_budget, step_budget, budget_metric, budget_mode, scale_by_lr), schedule)
         if not isinstance(operator, str):
             raise TypeError(f"`operator` must be one of {', '.join(map(repr, OPERATORS))}, got {operator!r}.")
         self.operator = check_choice("operator", operator, OPERATORS)
@@ -150,6 +181,12 @@ class DepthGrowth(GrowthCallback):
                 f"`ramp_steps` must be 0 with operator='zero_init' (zero-init blocks are already the identity at "
                 f"birth), got {ramp_steps}. Use operator='copy' or 'stack' to ramp blocks in."
             )
+        if factor is not None and (not isinstance(operator, str) or operator != "stack"):
+            raise ValueError(
+                f"`factor`={factor!r} is how many times deeper operator='stack' makes a stack per step; with "
+                f"operator={operator!r} a step adds up to blocks_per_step blocks. Use operator='stack' or drop factor."
+            )
+        self.factor = check_int("factor", 2 if factor is None else factor, minimum=2)
         self.blocks_per_step = check_optional(blocks_per_step, check_int, "blocks_per_step", minimum=1)
         self.max_per_stack = check_optional(max_per_stack, check_int, "max_per_stack", minimum=1)
         if blocks_per_step is None and step_budget is None and self.operator != "stack":
@@ -218,6 +255,7 @@ class DepthGrowth(GrowthCallback):
             self._check_some_stack_fits(pl_module, layouts)
         else:
             self._check_some_block_fits(pl_module, layouts)
+            self._check_blocks_per_step_fits(layouts)
         if self.placement == "curvature" and self.operator != "stack":
             self._setup_monitor(trainer, pl_module)
 
@@ -226,8 +264,18 @@ class DepthGrowth(GrowthCallback):
             _check_groups_not_per_block(trainer, pl_module, self.name, self._layouts(pl_module))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # A resumed run starts from the checkpoint's step: ramps (restored with the weights) advance from there.
         self._ramp_step = trainer.global_step
+        if isinstance(self.schedule, FractionSchedule) and self.ramp_steps:
+            steps = self.schedule.steps(trainer.estimated_stepping_batches)
+            close = [(a, b) for a, b in itertools.pairwise(steps) if b - a < self.ramp_steps]
+            if close:
+                rank_zero_warn(
+                    f"{self.name}: growth steps {close} are closer than ramp_steps={self.ramp_steps}: a step whose "
+                    "blocks are still ramping in is skipped (a ramping block cannot be copied). Space the fractions "
+                    "in `at` further apart or shorten the ramp."
+                )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -318,7 +366,8 @@ class DepthGrowth(GrowthCallback):
         reason = event.reason
         if event.kind == "stack_blocks":
             return (
-                f"stacked {event.spec['stack']!r} ({reason['depth']} -> {reason['depth'] * 2} blocks, ramp "
+                f"stacked {event.spec['stack']!r} ({reason['depth']} -> {reason['depth'] * event.spec['factor']} "
+                f"blocks, ramp "
                 f"{self.ramp_steps} steps); {reason['budget_metric']} {reason['budget_after']:,.0f} / "
                 f"{reason['budget_limit']:,.0f}"
             )
@@ -376,21 +425,26 @@ class DepthGrowth(GrowthCallback):
     def _check_growable(self, pl_module: pl.LightningModule) -> set[str]:
         """Paths of the stacks that can grow (:func:`~lightning_depthgrow.surgery.check_growable`); raise if none.
 
-        The structural checks (the adapters' refusals: post-LayerNorm blocks, a non-ReLU activation after the
-        residual add, no shape-preserving block, ...) run first; with an example input, one verified trial
-        insertion per stack follows (undone again).
+        The structural checks run first; with an example input, a verified trial follows on every stack. For
+        zero-initialised blocks (``ramp_steps=0``) the structural checks include the adapters' refusals
+        (post-LayerNorm blocks, a non-ReLU activation after the residual add) and the trial is one insertion per
+        stack, undone again. For ramped copies (``ramp_steps >= 1``) those refusals do not apply (a ramp is the
+        identity at birth for any shape-preserving block): the trial inserts ramped copies into a deep copy of the
+        module, checks the outputs at birth and that every block runs, then ends and folds the ramps and checks
+        the fold changed nothing and left plain blocks.
         """
         try:
-            verdicts = check_growable(pl_module)
+            verdicts = check_growable(pl_module, ramp_steps=self.ramp_steps)
         except UnsupportedModelError as err:
             raise UnsupportedModelError(f"{self.name}: {err}") from err
         example = self._verification_input(pl_module)
         if example is not None:
             try:
-                verdicts = check_growable(pl_module, example)
+                verdicts = check_growable(pl_module, example, ramp_steps=self.ramp_steps)
             except UnsupportedModelError as err:
+                trial = "of ramped copies" if self.ramp_steps else "insertion"
                 raise FunctionNotPreservedError(
-                    f"{self.name}: a trial insertion on the example input failed for every stack, the module is "
+                    f"{self.name}: a trial {trial} on the example input failed for every stack, the module is "
                     f"unchanged. {err}"
                 ) from err
         refused = {path: reason for path, reason in verdicts.items() if reason is not None}
@@ -403,7 +457,7 @@ class DepthGrowth(GrowthCallback):
 
     def _layouts(self, pl_module: pl.LightningModule, events: Any = ()) -> list[StackLayout]:
         """The layouts of the stacks that may grow (those ``setup`` found growable)."""
-        layouts = stack_layouts(pl_module, events)
+        layouts = stack_layouts(pl_module, events, ramped=bool(self.ramp_steps))
         if self._growable is None:
             return layouts
         return [layout for layout in layouts if layout.path in self._growable]
@@ -450,15 +504,41 @@ class DepthGrowth(GrowthCallback):
                 f"Raise the budget ({need}, and step_budget to at least that block's size if set)."
             )
 
+    def _check_blocks_per_step_fits(self, layouts: list[StackLayout]) -> None:
+        """Refuse a ``blocks_per_step`` no step can add: one block per insertion position, ``max_per_stack`` per
+        stack (the planner would silently add fewer)."""
+        if self.blocks_per_step is None:
+            return
+        per_stack = [
+            len(layout.growable) if self.max_per_stack is None else min(len(layout.growable), self.max_per_stack)
+            for layout in layouts
+        ]
+        if self.blocks_per_step > sum(per_stack):
+            raise ValueError(
+                f"{self.name}: blocks_per_step={self.blocks_per_step}, but one growth step adds at most one block per "
+                f"insertion position (after each growable block) and at most max_per_stack={self.max_per_stack} per "
+                f"stack: {sum(per_stack)} block(s) for the stacks "
+                f"{[(layout.path, len(layout.growable)) for layout in layouts]} (path, positions). Lower "
+                "blocks_per_step, raise max_per_stack, grow in more steps (at=[...] or grow_every), or use "
+                "operator='stack' with factor=k to make a stack k times deeper in one step."
+            )
+
     def _stack_costs(self, pl_module: pl.LightningModule, layouts: list[StackLayout]) -> dict[str, float]:
-        """``{stack_path: cost of duplicating the whole stack}`` in ``budget_metric``, for stacks whose blocks are
-        all shape-preserving (only those can be stacked)."""
+        """``{stack_path: cost of one stacking step (factor - 1 copies of the whole stack)}`` in ``budget_metric``,
+        for stacks whose blocks are all shape-preserving (only those can be stacked)."""
         costs = self._block_costs(pl_module, layouts)
         metric = self.budget.metric
+        # A layout has a template per growable *position*; whether every block keeps the shape is the adapter's call.
+        stackable = {
+            stack.path
+            for stack in find_block_stacks(pl_module)
+            if all(stack.adapter.shape_preserving(block) for block in stack.blocks)
+        }
         return {
             layout.path: float(sum(costs[layout.block_name(i)].of(metric) for i in range(layout.depth)))
+            * (self.factor - 1)
             for layout in layouts
-            if len(layout.templates) == layout.depth
+            if layout.path in stackable
         }
 
     def _check_some_stack_fits(self, pl_module: pl.LightningModule, layouts: list[StackLayout]) -> None:
@@ -477,12 +557,14 @@ class DepthGrowth(GrowthCallback):
             need = f"{(start + size) / start:.4g}" if self.budget.mode == "relative" else f"{start + size:,.0f}"
             raise ValueError(
                 f"{self.name}(operator='stack'): the budget leaves room for {room:,.0f} {self.budget.metric} of "
-                f"growth, but duplicating the smallest stack ({path!r}) costs {size:,.0f}: nothing would ever grow. "
+                f"growth, but duplicating the smallest stack ({path!r}) to {self.factor} times its depth (factor="
+                f"{self.factor}) costs {size:,.0f}: nothing would ever grow. "
                 f"Raise final_budget to >= {need} (and step_budget to at least that cost if set)."
             )
 
     def _plan_stack(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
-        """One ``stack_blocks`` event per growable stack whose whole duplication still fits the budget."""
+        """One ``stack_blocks`` event per growable stack whose stacking (``factor`` times deeper) still fits the
+        budget."""
         layouts = self._layouts(pl_module, self.events_so_far(pl_module))
         stack_costs = self._stack_costs(pl_module, layouts)
         start, current, lr = float(self.start_size or 0.0), self.measure(pl_module), plumbing.lr_scale(trainer)
@@ -494,7 +576,7 @@ class DepthGrowth(GrowthCallback):
                 continue
             room -= cost
             current += cost
-            spec = {"stack": layout.path, "factor": 2, "order": "stack", "ramp_steps": self.ramp_steps}
+            spec = {"stack": layout.path, "factor": self.factor, "order": "stack", "ramp_steps": self.ramp_steps}
             reason = {
                 "depth": layout.depth,
                 "budget_metric": self.budget.metric,
@@ -532,7 +614,9 @@ class DepthGrowth(GrowthCallback):
         for path in stacks:
             what = f"the {events[0].kind} step on {path!r} (ramp {self.ramp_steps})"
             try:
-                _verify(probe, _find_stack(probe, path), _Check(example, DEFAULT_TOLERANCE), before[path], what)
+                _verify(
+                    probe, _find_stack(probe, path), _Check(example, DEFAULT_TOLERANCE), before[path], what, RAMP_REMEDY
+                )
             except RuntimeError as err:  # the ramp hook refuses blocks that do not map a tensor to a tensor
                 raise FunctionNotPreservedError(
                     f"{self.name}: {what} failed on a trial copy of the module, which is unchanged. {err}"

@@ -273,6 +273,13 @@ def check_no_dms_search(trainer: pl.Trainer, pl_module: pl.LightningModule, grow
     dms = [cb for cb in trainer.callbacks if isinstance(cb, DifferentiableModelScaling)]
     first = grower.schedule.first_epoch() if grower.schedule is not None else 0
     name = type(grower).__name__
+    if dms and EXPORT not in kinds and first is None:
+        raise RuntimeError(
+            f"{name} grows at fractions of training (at={list(grower.schedule.at)}), which may fall inside "
+            f"DifferentiableModelScaling's search (epochs 0-{dms[0].search_epochs - 1}). DMS tracks its gates by "
+            "position, so growth during the search would be sliced by the wrong masks. Grow by epoch after the "
+            f"export (warmup_epochs >= {dms[0].search_epochs + 1} instead of at=...), or grow in a separate fit."
+        )
     if dms and EXPORT not in kinds and first < dms[0].search_epochs:
         raise RuntimeError(
             f"{name} would first grow at the end of epoch {first}, during DifferentiableModelScaling's search "

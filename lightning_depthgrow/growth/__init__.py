@@ -26,13 +26,14 @@ from .depth import (
     starting_blocks,
 )
 from .neurons import NeuronBranch, plan_neurons
-from .schedule import Schedule
+from .schedule import FractionSchedule, Schedule
 
 __all__ = [
     "BlockCost",
     "Budget",
     "BudgetMetric",
     "BudgetMode",
+    "FractionSchedule",
     "Insertion",
     "NeuronBranch",
     "Placement",

@@ -175,6 +175,9 @@ def plan_depth(
         chosen.append(cand)
         per_stack[cand.stack.path] = per_stack.get(cand.stack.path, 0) + 1
         step_used += cost
+    # Deepest position first inside a stack: an insertion never shifts the indices before it. The running budget
+    # figures follow this apply order, so the log lines of one step show the size rising.
+    chosen.sort(key=lambda c: (c.stack.path, -c.after))
     plans, added = [], 0.0
     for cand in chosen:
         cost = cand.cost.of(budget.metric)
@@ -205,8 +208,7 @@ def plan_depth(
                 key_prefix=cand.stack.key_prefix,
             )
         )
-    # Deepest position first inside a stack: an insertion never shifts the indices before it.
-    return sorted(plans, key=lambda p: (p.stack, -p.after))
+    return plans
 
 
 def _ranked(
@@ -269,12 +271,32 @@ def starting_blocks(depth: int, insertions: Iterable[int]) -> tuple[bool, ...]:
     return tuple(row) if len(row) == depth else (True,) * depth
 
 
-def stack_layouts(model: nn.Module, events: Iterable[ArchitectureEvent] = ()) -> list[StackLayout]:
-    """The layout of every stack of ``model`` that has a growable position; ``events`` is its event log."""
+def stack_layouts(
+    model: nn.Module, events: Iterable[ArchitectureEvent] = (), ramped: bool = False
+) -> list[StackLayout]:
+    """The layout of every stack of ``model`` that has a growable position; ``events`` is its event log.
+
+    ``ramped=False`` (zero-initialised blocks): the positions the adapters accept
+    (:meth:`~lightning_depthgrow.adapters.BlockStack.growable_positions`: a post-LayerNorm block or a ResNet block
+    with a non-ReLU activation after its add has none). ``ramped=True`` (copies entering through a residual ramp,
+    the identity at birth for any shape-preserving block): the adapters' zero-init refusals do not apply, so every
+    block of a stack whose keys are ``0..n-1`` and that has a shape-preserving block to copy is a position.
+
+    Example:
+        >>> from torch import nn
+        >>> layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)  # post-LayerNorm: zero-init refused
+        >>> encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        >>> stack_layouts(encoder), [(s.path, s.growable) for s in stack_layouts(encoder, ramped=True)]
+        ([], [('layers', (0, 1))])
+    """
     inserts = [e for e in events if e.kind == INSERT_BLOCK]
     layouts = []
     for stack in find_block_stacks(model):
-        growable = tuple(stack.growable_positions())
+        if ramped:
+            structural = stack.key_prefix is not None and stack.template_index() is not None
+            growable = tuple(range(len(stack))) if structural else ()
+        else:
+            growable = tuple(stack.growable_positions())
         if not growable:
             continue
         templates = tuple(int(stack.template_index(near=i)) for i in growable)

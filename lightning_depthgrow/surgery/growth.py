@@ -35,6 +35,8 @@ from torch import nn
 
 from ..adapters.registry import BlockStack, StackChange, UnsupportedModelError, key_prefix, require_block_stacks
 from ..events import AppliedChange, register_event_kind
+from ..validation import check_int
+from .ramp import advance_ramps, fold_ramps, ramp_traces
 
 DEFAULT_TOLERANCE = 1e-5
 
@@ -193,14 +195,26 @@ def remove_block(model: nn.Module, stack_path: str, index: int) -> nn.Module:
 
 
 def check_growable(
-    model: nn.Module, example_input: Any = None, tolerance: float = DEFAULT_TOLERANCE
+    model: nn.Module, example_input: Any = None, tolerance: float = DEFAULT_TOLERANCE, ramp_steps: int = 0
 ) -> dict[str, str | None]:
     """Which block stacks of ``model`` can grow, checked before training; the model is left unchanged.
 
-    Every stack is checked for a structural refusal (its adapter's, no shape-preserving template, keys not
-    ``0..n-1``). With ``example_input``, one trial insertion per growable stack (after its last growable
-    block, seed 0) is verified as in :func:`insert_identity_block` (outputs equal within ``tolerance``,
-    every block of the stack runs) and then removed again.
+    ``ramp_steps=0`` (zero-initialised blocks, :func:`insert_identity_block`): every stack is checked for a
+    structural refusal (its adapter's, no shape-preserving template, keys not ``0..n-1``). With ``example_input``,
+    one trial insertion per growable stack (after its last growable block, seed 0) is verified as in
+    :func:`insert_identity_block` (outputs equal within ``tolerance``, every block of the stack runs) and then
+    removed again.
+
+    ``ramp_steps >= 1`` (ramped copies, :func:`~lightning_depthgrow.surgery.copy_block` and
+    :func:`~lightning_depthgrow.surgery.stack_blocks` with ``ramp_steps``): a ramp ``x + a * (block(x) - x)`` is
+    the identity at ``a = 0`` for *any* block that maps one tensor to a tensor of its shape, so the adapters'
+    zero-init refusals (post-LayerNorm blocks, a non-ReLU activation after the residual add) do not apply; a stack
+    still needs a shape-preserving block to copy and keys ``0..n-1``. With ``example_input`` the trial runs on a
+    deep copy of ``model``: a ramped copy of each kind of block the stack would copy (the last position that copies
+    it), verified at birth like a zero-init insertion (in eval mode: outputs within ``tolerance``, every block
+    runs); then the ramps run to their end and are folded, and the fold must leave the outputs bitwise unchanged
+    and the copies plain blocks (no ramp buffer or hook). A block that returns anything but one tensor of its
+    input's shape (a tuple, another shape) cannot be ramped and its stack is refused with the reason.
 
     Returns:
         ``{stack path: None if it can grow, else the reason}``, in module order.
@@ -214,10 +228,22 @@ def check_growable(
         >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
         >>> check_growable(vit, torch.randn(1, 3, 32, 32))
         {'blocks': None}
+        >>> layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)  # post-LayerNorm
+        >>> encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        >>> check_growable(encoder, torch.randn(2, 5, 16), ramp_steps=10)
+        {'layers': None}
     """
+    ramp_steps = check_int("ramp_steps", ramp_steps, minimum=0)
     stacks = require_block_stacks(model)
     result: dict[str, str | None] = {}
     for stack in stacks:
+        if ramp_steps:
+            # Only the structural reasons (keys, no shape-preserving template) hold for a ramp.
+            reason = stack.growth_refusal() if stack.key_prefix is None or stack.template_index() is None else None
+            if reason is None and example_input is not None:
+                reason = _trial_ramped_copies(model, stack.path, ramp_steps, example_input, tolerance)
+            result[stack.path] = reason
+            continue
         reason = stack.growth_refusal()
         positions = stack.growable_positions()
         if reason is None and not positions:
@@ -242,6 +268,59 @@ def _trial_insertion(model: nn.Module, path: str, after: int, example_input: Any
     except UnsupportedModelError as err:
         return str(err)
     remove_block(model, path, after + 1)
+    return None
+
+
+#: What to do when a ramped copy (the identity at ``a = 0`` by construction) still moved the outputs.
+RAMP_REMEDY = (
+    "A ramp returns the block's input exactly at a = 0, so what moved lies outside the blocks' outputs: a block "
+    "that modifies its input in place, or a model that reads its depth elsewhere (a config field, a scaling by "
+    "the number of layers). Make the block's forward out-of-place, or register an adapter whose on_depth_change "
+    "keeps that depth in step."
+)
+
+
+def _trial_ramped_copies(
+    model: nn.Module, path: str, ramp_steps: int, example_input: Any, tolerance: float
+) -> str | None:
+    """Why ramped copies cannot grow stack ``path`` (tried on a deep copy of ``model``), or ``None``."""
+    from .operators import copy_block  # operators builds on this module
+
+    probe = copy.deepcopy(model)
+    stack = _find_stack(probe, path)
+    blocks = stack.blocks
+    # One copy per kind of block the stack would copy, after the last position that copies it (as the zero-init
+    # trial inserts after the last growable block): (position, template block).
+    trials: dict[type, tuple[int, nn.Module]] = {}
+    for position in range(len(blocks)):
+        template = blocks[stack.template_index(near=position)]
+        trials[type(template)] = (position, template)
+    what = f"a ramped copy (ramp_steps={ramp_steps}) of each block type {sorted(t.__name__ for t in trials)}"
+    copies: list[nn.Module] = []
+    try:
+        before = _run_checked(probe, stack, example_input)
+        for position, template in sorted(trials.values(), key=lambda item: -item[0]):
+            source = next(i for i, block in enumerate(stack.blocks) if block is template)
+            copies.append(copy_block(probe, path, source, after_index=position, ramp_steps=ramp_steps)[0])
+        _verify(probe, stack, _Check(example_input, tolerance), before, what, remedy=RAMP_REMEDY)
+        advance_ramps(probe, ramp_steps)
+        ended, _ = _run(probe, stack, example_input)
+        fold_ramps(probe)
+        folded, _ = _run(probe, stack, example_input)
+    except UnsupportedModelError as err:
+        return f"stack {path!r} ({stack.adapter.name}): {err}"
+    except Exception as err:  # the forward of a copy: any failure is a reason, and there is nothing to undo
+        return (
+            f"stack {path!r} ({stack.adapter.name}): {what} failed in the forward pass of a trial copy of "
+            f"{type(model).__name__}: {type(err).__name__}: {err}"
+        )
+    positions = {id(block): i for i, block in enumerate(stack.blocks)}
+    left = [stack.block_name(positions[id(block)]) for block in copies if ramp_traces(block)]
+    if left or any(not torch.equal(a, b) for a, b in zip(ended, folded)):
+        return (
+            f"stack {path!r} ({stack.adapter.name}): folding the ended ramps of {what} changed the outputs or left "
+            f"ramps on {left}; the fold must be exact. Report this with the block type."
+        )
     return None
 
 
@@ -290,7 +369,11 @@ def _run_checked(model: nn.Module, stack: BlockStack, example_input: Any) -> lis
     return outputs
 
 
-def _verify(model: nn.Module, stack: BlockStack, check: _Check, before: list[torch.Tensor], what: str) -> None:
+def _verify(
+    model: nn.Module, stack: BlockStack, check: _Check, before: list[torch.Tensor], what: str, remedy: str | None = None
+) -> None:
+    """Refuse (:class:`FunctionNotPreservedError`) if a block of the stack did not run or the outputs moved;
+    ``remedy`` says what to do about moved outputs (default: the zero-init advice)."""
     after, missing = _run(model, stack, check.example_input)
     if missing:
         raise FunctionNotPreservedError(
@@ -314,14 +397,20 @@ def _verify(model: nn.Module, stack: BlockStack, check: _Check, before: list[tor
             worst = math.inf
     if not worst <= check.tolerance * scale:
         raise FunctionNotPreservedError(
-            f"{what.capitalize()} of stack {stack.path!r} ({stack.adapter.name}) is not an identity: "
+            f"{what[:1].upper()}{what[1:]} of stack {stack.path!r} ({stack.adapter.name}) is not an identity: "
             f"{type(model).__name__}'s outputs moved by up to {worst:.3g} (allowed {check.tolerance:g} x "
-            f"{scale:.3g}) on the example input, in eval mode; the insertion was undone. Zeroing "
-            f"{stack.adapter.zero_names(stack.container[0])} does not silence the block. Register the block "
-            "with zero_init naming the last operation of every residual branch, or grow it through a residual "
-            "ramp (lightning_depthgrow.surgery.ramp; the growth operators' ramp_steps >= 1), which preserves the "
-            "function for any block."
+            f"{scale:.3g}) on the example input, in eval mode; the insertion was undone. "
+            + (remedy if remedy is not None else _zero_init_remedy(stack))
         )
+
+
+def _zero_init_remedy(stack: BlockStack) -> str:
+    return (
+        f"Zeroing {stack.adapter.zero_names(stack.container[0])} does not silence the block. Register the block "
+        "with zero_init naming the last operation of every residual branch, or grow it with ramped copies, "
+        "DepthGrowth(operator='copy' or 'stack', ramp_steps >= 1) (lightning_depthgrow.surgery.ramp), which "
+        "preserve the function for any shape-preserving block."
+    )
 
 
 def _run(model: nn.Module, stack: BlockStack, example_input: Any) -> tuple[list[torch.Tensor], list[str]]:

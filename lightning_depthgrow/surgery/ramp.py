@@ -51,10 +51,15 @@ def _ramp_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
     state = module._buffers[RAMP_BUFFER]
     x = args[0] if args else None
     if not isinstance(output, Tensor) or not isinstance(x, Tensor) or output.shape != x.shape:
+        got = "no positional input" if x is None else f"input {getattr(x, 'shape', type(x).__name__)}"
         raise RuntimeError(
-            f"A ramped {type(module).__name__} must map one tensor to a tensor of the same shape; got input "
-            f"{getattr(x, 'shape', type(x).__name__)} and output {getattr(output, 'shape', type(output).__name__)}. "
-            "Ramp only shape-preserving residual blocks."
+            f"A ramped {type(module).__name__} must map one tensor to a tensor of the same shape; got {got} and "
+            f"output {getattr(output, 'shape', type(output).__name__)}. A ramp blends the block's output with its "
+            "positional input (x + a * (block(x) - x)), so only shape-preserving blocks that take their input "
+            "positionally and return one tensor can be ramped (not a tuple, as the Hugging Face layers of older "
+            "transformers releases return): grow such a block with zero-initialised blocks "
+            "(DepthGrowth(operator='zero_init')) where its adapter allows, or wrap it so it maps one tensor to one "
+            "tensor."
         )
     # step / steps in float64 first: the weight is the exact fraction rounded once to the output's dtype.
     weight = (state[0].double() / state[1]).clamp(max=1.0).to(output.dtype)
@@ -108,6 +113,22 @@ def ramp_weight(block: nn.Module) -> float:
 def ramped_blocks(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``{name: (step, steps)}`` of every ramped module in ``model`` (``""`` is ``model`` itself)."""
     return {name: ramp_state(m) for name, m in model.named_modules() if is_ramped(m)}
+
+
+def ramp_traces(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` that hold a ramp buffer or a ramp hook (``[]`` once every ramp is folded).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> attach_ramp(net[0], steps=1)
+        >>> ramp_traces(net), fold_ramps(net, ["0"]), ramp_traces(net)
+        (['0'], ['0'], [])
+    """
+    return [
+        name
+        for name, module in model.named_modules()
+        if is_ramped(module) or any(hook is _ramp_hook for hook in module._forward_hooks.values())
+    ]
 
 
 def advance_ramps(model: nn.Module, steps: int = 1) -> list[str]:
