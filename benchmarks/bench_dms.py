@@ -133,7 +133,7 @@ class StepClock:
     after every ``on_train_batch_end`` (:attr:`start` goes first in the callback list, :attr:`stop` last);
     data loading is outside."""
 
-    def __init__(self) -> None:
+    def __init__(self, profiler: Any = None) -> None:
         self.seconds: list[tuple[int, float]] = []  # (epoch, seconds)
         self.epochs: range = range(0)  # the epochs measured
         self._start = 0.0
@@ -141,11 +141,15 @@ class StepClock:
 
         class Start(Callback):
             def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+                if profiler is not None and clock.measuring(trainer):
+                    profiler.enable()
                 clock._start = time.process_time()
 
         class Stop(Callback):
             def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
                 clock.seconds.append((trainer.current_epoch, time.process_time() - clock._start))
+                if profiler is not None:
+                    profiler.disable()
 
         self.start, self.stop = Start(), Stop()
 
@@ -181,7 +185,12 @@ def step_cost_fit(variant: str, epochs: int, batches: int, profile: Path | None 
     """Median CPU seconds per step of one fit (``variant`` ``plain`` or ``dms``) over the search epochs after the
     first, and the DMS callback's own per-step hooks' CPU seconds per step."""
     callbacks = [] if variant == "plain" else [DifferentiableModelScaling(target=0.5, search_epochs=epochs - 1)]
-    clock = StepClock()
+    profiler = None
+    if profile is not None:
+        import cProfile
+
+        profiler = cProfile.Profile()
+    clock = StepClock(profiler)
     clock.epochs = range(1, epochs - 1)
     spent = _time_hooks(callbacks[0], clock) if callbacks else {}
     pl.seed_everything(0, verbose=False)
@@ -200,12 +209,9 @@ def step_cost_fit(variant: str, epochs: int, batches: int, profile: Path | None 
         num_sanity_val_steps=0,
     )
     data = MNIST1DDataModule(batch_size=128, seed=0)
-    if profile is not None:
-        import cProfile
-
-        cProfile.runctx("trainer.fit(model, data)", globals(), locals(), str(profile))
-    else:
-        trainer.fit(model, data)
+    trainer.fit(model, data)
+    if profiler is not None:
+        profiler.dump_stats(str(profile))
     measured = [t for epoch, t in clock.seconds if epoch in clock.epochs]
     hooks = {name: t / len(measured) for name, t in spent.items()}
     return {"step_s": statistics.median(measured), "hooks_s": sum(hooks.values()), **hooks}
@@ -657,7 +663,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="step-cost part: fits per variant")
     parser.add_argument("--batches", type=int, default=24, help="step-cost part: training steps per epoch")
     parser.add_argument("--before", type=Path, default=None, help="step-cost part: an earlier source tree")
-    parser.add_argument("--profile", type=Path, default=None, help="step-cost-one: cProfile the fit into this file")
+    parser.add_argument("--profile", type=Path, default=None, help="step-cost-one: cProfile the measured steps into this file")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--search-epochs", type=int, default=3)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
