@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="step-cost part: fits per variant")
     parser.add_argument("--batches", type=int, default=24, help="step-cost part: training steps per epoch")
     parser.add_argument("--before", type=Path, default=None, help="step-cost part: an earlier source tree")
-    parser.add_argument("--profile", type=Path, default=None, help="step-cost-one: cProfile the measured steps into this file")
+    parser.add_argument("--profile", type=Path, default=None, help="step-cost-one: cProfile the measured steps")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--search-epochs", type=int, default=3)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
