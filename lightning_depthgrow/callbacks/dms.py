@@ -41,6 +41,7 @@ from .base import ArchitectureCallback
 from .plumbing import all_reduce_mean, apply_and_sync, require_example_input
 
 _WHO = "DifferentiableModelScaling"
+_NO_STEP = 2**62  # "no non-finite loss yet" for the first bad step kept on the device (a minimum over steps)
 _ATTACH_SETTINGS = {"arch_lr": "lr", "width": "width", "heads": "heads", "depth": "depth"}  # argument: attach spec key
 _PLUMBING = "_depthgrow"  # prefix of what the shared callback plumbing stores on the module's __dict__
 
@@ -138,7 +139,8 @@ class DifferentiableModelScaling(ArchitectureCallback):
         self._checked = False
         self._keys_before: set[str] = set()
         self._resource_grads: list[torch.Tensor | None] | None = None
-        self._first_bad_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on device
+        self._first_bad_step: torch.Tensor | None = None  # first step with a non-finite loss (or _NO_STEP), on device
+        self._arch_options: tuple[tuple, dict[str, Any]] | None = None  # ((optimizer id, device), arch group options)
         self._frozen_done = False  # depth and head ratios frozen for the width-only phase (checked once)
         self._planned: tuple[ArchitectureEvent, ResourceModel | None, float] | None = None  # prepare -> on_setup_fit
         self._example_value: Any = None
@@ -161,6 +163,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
         if trainer.ckpt_path:
             self._check_resumed_target(trainer)
         self._resource_grads, self._first_bad_step, self._frozen_done = None, None, False
+        self._arch_options = None
         # Everything that can refuse (discovery, the FLOP count's forward through the gated model, the target
         # against what the gates can reach) runs before anything is put on the module: on a copy.
         self._planned = None
@@ -301,7 +304,8 @@ class DifferentiableModelScaling(ArchitectureCallback):
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         # Added even when empty (after export), so the groups line up with checkpoints taken during search.
-        optimizer.add_param_group({"params": arch, **arch_group_options(self.arch_lr, optimizer.defaults)})
+        options = self._arch_group_options(optimizer, arch[0].device if arch else None)
+        optimizer.add_param_group({"params": arch, **options})
         _extend_schedulers([cfg.scheduler for cfg in trainer.lr_scheduler_configs], optimizer, self.arch_lr)
 
     # ---------------------------------------------------------------- search
@@ -339,14 +343,13 @@ class DifferentiableModelScaling(ArchitectureCallback):
         with torch.enable_grad():
             r_c = self._resources.evaluate(gates, self.resource) / self._resources.full(self.resource)
             res_loss = self.lambda_res * torch.relu(torch.log(r_c / r_t))
-            ratios = gates.arch_parameters()
+            ratios = gates.bank.ratios()
             if res_loss.requires_grad:
-                grads = torch.autograd.grad(res_loss, ratios, retain_graph=True, allow_unused=True)
-                scale = 1.0 / max(1, trainer.accumulate_grad_batches)
+                accumulate = max(1, trainer.accumulate_grad_batches)
+                scaled = res_loss / accumulate if accumulate > 1 else res_loss
+                grads = torch.autograd.grad(scaled, ratios, retain_graph=True, allow_unused=True)
                 pending = self._resource_grads or [None] * len(ratios)
-                self._resource_grads = [
-                    p if g is None else g * scale if p is None else p + g * scale for p, g in zip(pending, grads)
-                ]
+                self._resource_grads = [p if g is None else g if p is None else p + g for p, g in zip(pending, grads)]
         if _logs_this_step(trainer):
             pl_module.log_dict(
                 {"dms/resource_ratio": r_c.detach(), "dms/target_ratio": r_t, "dms/resource_loss": res_loss.detach()},
@@ -356,11 +359,10 @@ class DifferentiableModelScaling(ArchitectureCallback):
 
     def _note_finite(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
         """Remember the first step whose loss was not finite (on the device: no synchronisation per step)."""
-        loss = loss.detach()
         if self._first_bad_step is None or self._first_bad_step.device != loss.device:
-            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        bad = ~torch.isfinite(loss).all() & (self._first_bad_step < 0)
-        self._first_bad_step = torch.where(bad, trainer.global_step, self._first_bad_step)
+            self._first_bad_step = torch.full((), _NO_STEP, dtype=torch.long, device=loss.device)
+        finite = torch.isfinite(loss) if loss.dim() == 0 else torch.isfinite(loss).all()
+        self._first_bad_step = torch.minimum(self._first_bad_step, torch.where(finite, _NO_STEP, trainer.global_step))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -378,28 +380,42 @@ class DifferentiableModelScaling(ArchitectureCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        gates = find_gates(pl_module)
+        ratios = gates.bank.ratios() if gates is not None else []
+        options = self._arch_group_options(optimizer, ratios[0].device if ratios else None)
         for group in optimizer.param_groups:
             if group.get(ARCH_GROUP_KEY):
-                # constant lr, no momentum, no decay, whatever the user's scheduler did to all groups
-                group.update(arch_group_options(self.arch_lr, optimizer.defaults))
-        gates = find_gates(pl_module)
+                # Constant lr, no momentum, no decay, whatever the user's scheduler did to all groups. The fused or
+                # foreach choice stays as the group was made or loaded (a checkpoint's optimizer state matches it).
+                group.update((k, v) for k, v in options.items() if k not in ("fused", "foreach"))
         if gates is None:
             return
         pending, self._resource_grads = self._resource_grads, None
         if pending is not None:
             # Gradients are unscaled here (AMP) and synchronised (DDP); the resource gradient is the same on every
             # rank, so adding it after the all-reduce is adding it to the mean.
-            for p, g in zip(gates.arch_parameters(), pending):
-                if g is None:
-                    continue
-                if p.grad is None:
-                    p.grad = g.to(p.dtype)
-                else:
-                    p.grad.add_(g.to(p.grad.dtype))
+            if all(g is not None and p.grad is not None and g.dtype == p.grad.dtype for p, g in zip(ratios, pending)):
+                torch._foreach_add_([p.grad for p in ratios], pending)  # one op for all ratios (the usual case)
+            else:
+                for p, g in zip(ratios, pending):
+                    if g is None:
+                        continue
+                    if p.grad is None:
+                        p.grad = g.to(p.dtype)
+                    else:
+                        p.grad.add_(g.to(p.grad.dtype))
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
         # dL/dm is averaged over ranks like any gradient, so every rank holds identical importances.
-        update_importance(gates.bank, reduce=lambda t: all_reduce_mean(trainer, t), scale=scale)
+        reduce = (lambda t: all_reduce_mean(trainer, t)) if trainer.world_size > 1 else None
+        update_importance(gates.bank, reduce=reduce, scale=scale)
+
+    def _arch_group_options(self, optimizer: torch.optim.Optimizer, device: torch.device | None) -> dict[str, Any]:
+        """:func:`~lightning_depthgrow.dms.arch_group_options` for ``optimizer`` (worked out once per fit)."""
+        key = (id(optimizer), device)
+        if self._arch_options is None or self._arch_options[0] != key:
+            self._arch_options = (key, arch_group_options(self.arch_lr, optimizer.defaults, device))
+        return self._arch_options[1]
 
     def observe_batch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -414,7 +430,8 @@ class DifferentiableModelScaling(ArchitectureCallback):
 
     def _check_not_diverged(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse to go on searching (or export) once the loss stopped being finite and took the weights with it."""
-        bad_step = int(self._first_bad_step) if self._first_bad_step is not None else -1
+        bad_step = int(self._first_bad_step) if self._first_bad_step is not None else _NO_STEP
+        bad_step = -1 if bad_step == _NO_STEP else bad_step
         bad_param = next((n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())), None)
         if bad_param is None:
             if bad_step >= 0:
