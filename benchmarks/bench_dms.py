@@ -181,7 +181,9 @@ def _time_hooks(callback: Callback, clock: StepClock) -> dict[str, float]:
     return spent
 
 
-def step_cost_fit(variant: str, epochs: int, batches: int, profile: Path | None = None) -> dict[str, float]:
+def step_cost_fit(
+    variant: str, epochs: int, batches: int, supernet: dict[str, Any], profile: Path | None = None
+) -> dict[str, float]:
     """Median CPU seconds per step of one fit (``variant`` ``plain`` or ``dms``) over the search epochs after the
     first, and the DMS callback's own per-step hooks' CPU seconds per step."""
     callbacks = [] if variant == "plain" else [DifferentiableModelScaling(target=0.5, search_epochs=epochs - 1)]
@@ -194,7 +196,7 @@ def step_cost_fit(variant: str, epochs: int, batches: int, profile: Path | None 
     clock.epochs = range(1, epochs - 1)
     spent = _time_hooks(callbacks[0], clock) if callbacks else {}
     pl.seed_everything(0, verbose=False)
-    model = Classifier(make_vit(**SUPERNET))
+    model = Classifier(make_vit(**supernet))
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=[clock.start, *callbacks, clock.stop],
@@ -217,65 +219,120 @@ def step_cost_fit(variant: str, epochs: int, batches: int, profile: Path | None 
     return {"step_s": statistics.median(measured), "hooks_s": sum(hooks.values()), **hooks}
 
 
-def step_cost_part(repeats: int, epochs: int, batches: int, before: Path | None, threads: int) -> dict[str, Any]:
-    """CPU seconds per training step inside ``Trainer.fit``: plain vs DMS (this tree, and the ``before`` tree).
+SUPERNETS = {"tiny": SUPERNET, "large": LARGE_SUPERNET}
 
-    Every fit runs in its own child process, the variants interleaved and their order rotated between
-    repeats; each fit trains the same supernet (same seed, data and order), searches for ``epochs`` - 1
-    epochs (export at the last); its figure is the median CPU time of a step (first batch hook
-    to last) over epochs 1 .. ``epochs`` - 2 (the search epochs after the first), robust to load spikes on a
-    shared machine. ``before`` is another source tree of the package (e.g.
-    ``git archive main | tar -x -C /tmp/main``), run with the same benchmark code. The ratios are per repeat
-    (DMS / plain of the same repeat), then mean ± std.
+
+def step_cost_part(
+    repeats: int, epochs: int, batches: dict[str, int], before: Path | None, threads: int
+) -> dict[str, Any]:
+    """CPU seconds per training step inside ``Trainer.fit``: plain vs DMS, for each supernet in ``batches`` (its
+    training steps per epoch), with this tree and with the ``before`` tree.
+
+    Each (repeat, supernet, tree) runs one child process that fits the plain supernet and the DMS search on it
+    back to back (order alternating between repeats), so every DMS / plain ratio compares two fits of the same
+    process, close in time; trees and supernets are interleaved within a repeat, their order rotated. Each fit
+    trains the same supernet (same seed, data and order), searches for ``epochs`` - 1 epochs (export at the
+    last); its figure is the median CPU time of a step (first batch hook to last) over epochs 1 .. ``epochs`` - 2
+    (the search epochs after the first), robust to load spikes on a shared machine. ``before`` is another source
+    tree of the package (e.g. ``git archive main | tar -x -C /tmp/main``), run with this benchmark code. The
+    ratios are per repeat, then mean ± std; the ratio of the fastest steps is given too.
     """
     here = str(Path(__file__).resolve().parents[1])
-    trees = {"plain": here, "dms": here}
-    if before is not None:
-        trees = {"plain": here, "dms_before": str(before.resolve()), "dms": here}
+    trees = {"dms": here, **({"dms_before": str(before.resolve())} if before is not None else {})}
     names = list(trees)
-    per_step: dict[str, list[float]] = {n: [] for n in names}
-    hooks: dict[str, list[dict[str, float]]] = {n: [] for n in names if n != "plain"}
+    nets = list(batches)
+    per_step = {net: {name: {"plain": [], "dms": []} for name in names} for net in nets}
+    hooks: dict[str, dict[str, list[dict[str, float]]]] = {net: {name: [] for name in names} for net in nets}
     for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            variant = "plain" if name == "plain" else "dms"
-            env = {**os.environ, "DMS_BENCH_TREE": trees[name], "PYTHONPATH": trees[name], "OMP_NUM_THREADS": "1"}
-            args = [sys.executable, __file__, "--part", "step-cost-one", "--variant", variant]
-            args += ["--epochs", str(epochs), "--batches", str(batches), "--threads", str(threads)]
-            done = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
-            figures = json.loads(done.stdout.strip().splitlines()[-1])
-            per_step[name].append(figures.pop("step_s"))
-            if name in hooks:
-                hooks[name].append(figures)
-            print(f"repeat {r} {name}: {per_step[name][-1] * 1e3:.2f} ms/step {figures}", flush=True)
-    out: dict[str, Any] = {
-        "supernet": SUPERNET,
-        "batch_size": 128,
-        "repeats": repeats,
-        "epochs": epochs,
-        "batches_per_epoch": batches,
-        "measured_epochs": list(range(1, epochs - 1)),
-        "trees": trees,
-        "step_cpu_s": per_step,
-        "callback_hooks_cpu_s_per_step": hooks,
-        "callback_hooks_mean_std_ms": {n: _mean_std([1e3 * h["hooks_s"] for h in v]) for n, v in hooks.items()},
-    }
-    out.update(step_cost_ratios(per_step))
+        for k, net in enumerate(nets[r % len(nets) :] + nets[: r % len(nets)]):
+            for name in names[(r + k) % len(names) :] + names[: (r + k) % len(names)]:
+                order = ["plain", "dms"] if r % 2 == 0 else ["dms", "plain"]
+                env = {**os.environ, "DMS_BENCH_TREE": trees[name], "PYTHONPATH": trees[name], "OMP_NUM_THREADS": "1"}
+                args = [sys.executable, __file__, "--part", "step-cost-one", "--fits", *order, "--supernet", net]
+                args += ["--epochs", str(epochs), "--batches", str(batches[net]), "--threads", str(threads)]
+                done = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+                figures = json.loads(done.stdout.strip().splitlines()[-1])
+                for variant in order:
+                    per_step[net][name][variant].append(figures[variant].pop("step_s"))
+                hooks[net][name].append(figures["dms"])
+                ratio = per_step[net][name]["dms"][-1] / per_step[net][name]["plain"][-1]
+                print(f"repeat {r} {net} {name}: dms/plain {ratio:.3f}, hooks {figures['dms']}", flush=True)
+    out: dict[str, Any] = {}
+    for net in nets:
+        out[net] = {
+            "supernet": SUPERNETS[net],
+            "batch_size": 128,
+            "repeats": repeats,
+            "epochs": epochs,
+            "batches_per_epoch": batches[net],
+            "measured_epochs": list(range(1, epochs - 1)),
+            "trees": trees,
+            "step_cpu_s": per_step[net],
+            "callback_hooks_cpu_s_per_step": hooks[net],
+            "callback_hooks_mean_std_ms": {
+                n: _mean_std([1e3 * h["hooks_s"] for h in v]) for n, v in hooks[net].items()
+            },
+            **step_cost_ratios(per_step[net]),
+        }
     return out
 
 
-def step_cost_ratios(per_step: dict[str, list[float]]) -> dict[str, Any]:
-    """Per variant: DMS / plain per repeat (mean ± std), and the ratio of the fastest repeats (load on a shared
+def step_cost_ratios(per_step: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """Per tree: DMS / plain per repeat (mean ± std, median), and the ratio of the fastest steps (load on a shared
     machine only ever adds time, so the minima are the least disturbed figures)."""
     out: dict[str, Any] = {}
-    for name in [n for n in per_step if n != "plain"]:
-        ratios = [s / p for s, p in zip(per_step[name], per_step["plain"])]
+    for name, fits in per_step.items():
+        ratios = [s / p for s, p in zip(fits["dms"], fits["plain"])]
         out[f"{name}_over_plain"] = {
             "per_repeat": ratios,
             "mean_std": _mean_std(ratios),
             "median": statistics.median(ratios),
-            "ratio_of_minima": min(per_step[name]) / min(per_step["plain"]),
+            "ratio_of_minima": min(fits["dms"]) / min(fits["plain"]),
         }
     return out
+
+
+STEP_COST_HEADING = "## Search step / plain step inside Lightning (CPU time, same process)"
+
+
+def step_cost_markdown(cost: dict[str, Any]) -> str:
+    """The step-cost section of ``dms.md`` from ``dms_step_cost.json``."""
+    lines = [
+        STEP_COST_HEADING,
+        "",
+        "From `python benchmarks/bench_dms.py --part step-cost` (`dms_step_cost.json`): per repeat, one process fits "
+        "the plain supernet and the DMS search back to back; median CPU time of a step over the search epochs after "
+        "the first. Target: <= 1.15.",
+        "",
+        "| supernet | tree | plain ms/step | DMS ms/step | DMS hooks ms/step | DMS / plain (mean ± std) | median "
+        "| ratio of fastest | repeats |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for net in [n for n in SUPERNETS if n in cost]:
+        c = cost[net]
+        for name, fits in c["step_cpu_s"].items():
+            r = c[f"{name}_over_plain"]
+            hooks = c["callback_hooks_mean_std_ms"][name]
+            lines.append(
+                f"| {net} {c['supernet']} | {name} | {1e3 * statistics.median(fits['plain']):.1f} "
+                f"| {1e3 * statistics.median(fits['dms']):.1f} | {hooks[0]:.2f} ± {hooks[1]:.2f} "
+                f"| {r['mean_std'][0]:.3f} ± {r['mean_std'][1]:.3f} | {r['median']:.3f} | {r['ratio_of_minima']:.3f} "
+                f"| {len(r['per_repeat'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_step_cost_section(md: Path, cost: dict[str, Any]) -> None:
+    """Put the step-cost section into ``md`` (replacing an earlier one; after the title if there is none)."""
+    text = md.read_text() if md.exists() else "# DMS benchmark (MNIST-1D, tiny timm ViT)\n"
+    section = step_cost_markdown(cost)
+    if STEP_COST_HEADING in text:
+        head, rest = text.split(STEP_COST_HEADING, 1)
+        tail = rest[rest.index("\n## ") + 1 :] if "\n## " in rest else ""
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    md.write_text(text)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -654,14 +711,26 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_markdown(out: Path, result: dict[str, Any]) -> None:
+    """``dms.md`` next to ``out``, keeping the step-cost section of ``dms_step_cost.json`` if there is one."""
+    md = out.with_suffix(".md")
+    md.write_text(markdown(result))
+    cost = out.with_name("dms_step_cost.json")
+    if cost.exists():
+        write_step_cost_section(md, json.loads(cost.read_text()))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--part", choices=["overhead", "main", "levers", "all", "report", "step-cost", "step-cost-one"], default="all"
     )
-    parser.add_argument("--variant", choices=["plain", "dms"], default="dms", help="step-cost-one: one fit")
+    parser.add_argument("--fits", nargs="+", choices=["plain", "dms"], default=["dms"], help="step-cost-one")
+    parser.add_argument("--supernet", choices=list(SUPERNETS), default="tiny", help="step-cost-one")
+    parser.add_argument("--supernets", nargs="+", choices=list(SUPERNETS), default=list(SUPERNETS), help="step-cost")
     parser.add_argument("--repeats", type=int, default=3, help="step-cost part: fits per variant")
-    parser.add_argument("--batches", type=int, default=24, help="step-cost part: training steps per epoch")
+    parser.add_argument("--batches", type=int, default=32, help="step-cost part: training steps per epoch (tiny)")
+    parser.add_argument("--batches-large", type=int, default=10, help="step-cost part: steps per epoch (large)")
     parser.add_argument("--before", type=Path, default=None, help="step-cost part: an earlier source tree")
     parser.add_argument("--profile", type=Path, default=None, help="step-cost-one: cProfile the measured steps")
     parser.add_argument("--epochs", type=int, default=10)
@@ -674,23 +743,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     mnist1d_tensors()
-    if args.part == "step-cost-one":
-        print(json.dumps(step_cost_fit(args.variant, args.epochs, args.batches, args.profile)))
+    if args.part == "step-cost-one":  # fits in this process, in the order given
+        net = SUPERNETS[args.supernet]
+        figures = {v: step_cost_fit(v, args.epochs, args.batches, net, args.profile) for v in args.fits}
+        print(json.dumps(figures))
         return {}
-    if args.part == "step-cost":  # its own JSON: benchmarks/results/dms_step_cost.json unless --out is given
+    if args.part == "step-cost":  # its own JSON (dms_step_cost.json unless --out is given) and section of dms.md
         out = args.out if args.out.name != "dms.json" else args.out.with_name("dms_step_cost.json")
-        cost = step_cost_part(args.repeats, args.epochs, args.batches, args.before, args.threads)
-        cost["config"] = {
+        batches = {"tiny": args.batches, "large": args.batches_large}
+        run = step_cost_part(
+            args.repeats, args.epochs, {n: batches[n] for n in args.supernets}, args.before, args.threads
+        )
+        config = {
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
             "torch": torch.__version__,
             "lightning": pl.__version__,
             "machine": platform.machine(),
         }
+        # supernets not run this time keep their earlier figures (and their config)
+        cost = json.loads(out.read_text()) if out.exists() else {}
+        cost = {k: v for k, v in cost.items() if k in SUPERNETS}
+        cost.update({net: {**figures, "config": config} for net, figures in run.items()})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(cost, indent=2))
-        for key in [k for k in cost if k.endswith("_over_plain")]:
-            m, sd = cost[key]["mean_std"]
-            print(f"{key}: {m:.3f} ± {sd:.3f}, ratio of minima {cost[key]['ratio_of_minima']:.3f} (target <= 1.15)")
+        write_step_cost_section(out.with_name("dms.md"), cost)
+        print(step_cost_markdown(cost))
         return cost
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     result = {k: v for k, v in result.items() if k in ("config", "overhead", "main", "levers")}
@@ -700,7 +777,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["main"]["paired"] = paired_differences(result["main"]["runs"])
             result["main"]["search_epoch_cpu_ratio"] = search_epoch_ratio(result["main"]["runs"], args.search_epochs)
         args.out.write_text(json.dumps(result, indent=2))
-        args.out.with_suffix(".md").write_text(markdown(result))
+        write_markdown(args.out, result)
         print(markdown(result))
         return result
     result["config"] = {**config, "supernet": SUPERNET, "torch": torch.__version__, "machine": platform.machine()}
@@ -731,7 +808,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["config"]["wall_s"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
+    write_markdown(args.out, result)
     print(markdown(result))
     return result
 

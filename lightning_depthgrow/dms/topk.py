@@ -212,7 +212,8 @@ class GateBank:
         self._layout_device: torch.device | None = None
         self._rank_cache: tuple[tuple, Tensor, Tensor, list[bool]] | None = None
         self._task_cache: tuple[tuple, list[Tensor], Tensor] | None = None
-        self._values: tuple[tuple, Tensor, Tensor | None] | None = None  # (state, clamped ratio per element, soft)
+        # (state, clamped ratio per element, soft mask, its sigmoid before the all-equal gates' ones), no gradient
+        self._values: tuple[tuple, Tensor, Tensor | None, Tensor | None] | None = None
         self._hard_parts: tuple[tuple, list[Tensor]] | None = None
         self._pending: tuple[Tensor, list[Tensor]] | None = None  # (flat dL/dm, the views the gates hold)
 
@@ -309,17 +310,16 @@ class GateBank:
         rank, equal, equal_gate = self.ranked()
         lay = self.layout()
         a = self.ratio_values()[lay["owner"]]
-        soft = torch.sigmoid(lay["temperature"] * (rank - a))
-        if any(equal_gate):
-            soft = torch.where(equal, 1.0 + (soft - soft.detach()), soft)
-        self._values = (state, a.detach(), soft.detach())
+        sigmoid = torch.sigmoid(lay["temperature"] * (rank - a))
+        soft = torch.where(equal, 1.0 + (sigmoid - sigmoid.detach()), sigmoid) if any(equal_gate) else sigmoid
+        self._values = (state, a.detach(), soft.detach(), sigmoid.detach())
         return soft
 
     def _clamped_ratios(self, state: tuple) -> Tensor:
         """The clamped ratio of each element's gate (no gradient), reused while ``state`` holds."""
         if self._values is None or self._values[0] != state:
             with torch.no_grad():
-                self._values = (state, self.ratio_values()[self.layout()["owner"]], None)
+                self._values = (state, self.ratio_values()[self.layout()["owner"]], None, None)
         return self._values[1]
 
     def hard(self) -> Tensor:
@@ -328,6 +328,35 @@ class GateBank:
             rank, equal, _ = self.ranked()
             a = self._clamped_ratios(self._state_key())
             return ((rank >= a) | equal).to(rank.dtype)
+
+    def _soft_values(self) -> tuple[Tensor, Tensor]:
+        """``(soft mask, sigmoid)`` values now (no gradient): the forward pass's own while nothing changed since."""
+        state = self._state_key()
+        if self._values is None or self._values[0] != state or self._values[2] is None:
+            with torch.no_grad():
+                self._soft(state)
+        return self._values[2], self._values[3]
+
+    def ratio_gradient(self, mask_grad: Tensor) -> Tensor:
+        """Gradient with respect to every gate's ratio of ``(mask_grad * soft).sum()``, in closed form.
+
+        What autograd gives through :meth:`soft` (or :meth:`straight_through`) and :meth:`ratio_values`:
+        ``d soft_i / d a = -lambda_i soft_i (1 - soft_i)`` (the all-equal gates' constant mask and the
+        clamp pass the same gradient), summed over each gate's elements; one vector in gate order.
+
+        Example:
+            >>> a, b = TopKGate(2, "width"), TopKGate(3, "depth")
+            >>> bank = GateBank([a, b])
+            >>> closed = bank.ratio_gradient(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+            >>> (bank.soft() * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])).sum().backward()
+            >>> torch.allclose(closed, torch.stack([a.ratio.grad, b.ratio.grad]))
+            True
+        """
+        sigmoid = self._soft_values()[1]
+        lay = self.layout()
+        per_element = mask_grad.to(sigmoid.dtype) * (1.0 - sigmoid) * sigmoid * lay["temperature"]
+        grad = torch.zeros(len(self.gates), dtype=sigmoid.dtype, device=sigmoid.device)
+        return grad.index_add_(0, lay["owner"], per_element).neg_()
 
     def straight_through(self) -> Tensor:
         """Flat forward value of the hard mask with the gradient of the (shared) soft mask."""
@@ -400,13 +429,7 @@ class GateBank:
         ``m`` is the current soft mask: the forward pass's own values while no importance or ratio changed
         since (the step's update, before the optimizer moves the ratios), else computed afresh.
         """
-        state = self._state_key()
-        if self._values is not None and self._values[0] == state and self._values[2] is not None:
-            m = self._values[2]
-        else:
-            rank, equal, _ = self.ranked()
-            m = torch.sigmoid(self.layout()["temperature"] * (rank - self._clamped_ratios(state)))
-            m = torch.where(equal, torch.ones_like(m), m)
+        m = self._soft_values()[0]
         lay = self.layout()
         imps = self.importances()
         imp = torch.cat(imps) if len(imps) > 1 else imps[0]
