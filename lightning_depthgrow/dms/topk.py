@@ -211,10 +211,10 @@ class GateBank:
         self._layout: dict[str, Tensor] = {}
         self._layout_device: torch.device | None = None
         self._rank_cache: tuple[tuple, Tensor, Tensor, list[bool]] | None = None
-        self._task_cache: tuple[tuple, list[Tensor], Tensor] | None = None
+        self._task_cache: tuple[tuple, list[Tensor], Tensor, Tensor] | None = None  # (key, parts, soft, task)
         # (state, clamped ratio per element, soft mask, its sigmoid before the all-equal gates' ones), no gradient
         self._values: tuple[tuple, Tensor, Tensor | None, Tensor | None] | None = None
-        self._hard_parts: tuple[tuple, list[Tensor]] | None = None
+        self._hard_parts: tuple[tuple, list[Tensor], Tensor] | None = None  # (state, parts, flat hard mask)
         self._pending: tuple[Tensor, list[Tensor]] | None = None  # (flat dL/dm, the views the gates hold)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -370,21 +370,29 @@ class GateBank:
         block); its hook fires once backward has summed all uses, and clears the cache. The hard masks
         are kept while no importance or ratio changes (every hook of an evaluation pass reads them).
         """
+        return self._current(training)[0]
+
+    def mask_vector(self, training: bool = True) -> Tensor:
+        """The flat tensor the :meth:`masks` are views of (the same object for every call of a forward pass)."""
+        return self._current(training)[1]
+
+    def _current(self, training: bool) -> tuple[list[Tensor], Tensor]:
         if not (training and torch.is_grad_enabled()):
             state = self._state_key()
             if self._hard_parts is None or self._hard_parts[0] != state:
-                self._hard_parts = (state, list(self.hard().split(self.sizes)))
-            return self._hard_parts[1]
+                hard = self.hard()
+                self._hard_parts = (state, list(hard.split(self.sizes)), hard)
+            return self._hard_parts[1], self._hard_parts[2]
         key = self._soft_key()
         if self._task_cache is not None and self._task_cache[0] == key:
-            return self._task_cache[1]
+            return self._task_cache[1], self._task_cache[3]
         soft = self._soft(key[0])
         # a view: its hook sees the task loss only, not the resource count that uses ``soft`` directly
         task = soft.view_as(soft) if soft.requires_grad else soft.detach().requires_grad_()
         task.register_hook(self._accumulate)
         parts = list(task.split(self.sizes))
-        self._task_cache = (key, parts, soft)
-        return parts
+        self._task_cache = (key, parts, soft, task)
+        return parts, task
 
     def _held_pending(self) -> Tensor | None:
         """The flat pending ``dL/dm`` if every gate still holds exactly this bank's view of it."""
