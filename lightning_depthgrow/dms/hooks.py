@@ -81,9 +81,9 @@ class MaskedLinear:
         weight, bias = self.module.weight, self.module.bias
         col, scale = self.fold.factors(self)
         if scale is not None and bias is not None:
-            bias = bias * scale.to(bias.dtype)
+            bias = bias * (scale if scale.dtype == bias.dtype else scale.to(bias.dtype))
         if col is not None:
-            weight = weight * col.to(weight.dtype)
+            weight = weight * (col if col.dtype == weight.dtype else col.to(weight.dtype))
         return F.linear(x, weight, bias)
 
 
