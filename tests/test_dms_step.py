@@ -197,6 +197,26 @@ def test_pending_sums_a_gate_used_alone_and_through_its_bank():
     assert torch.equal(b.importance, torch.zeros(2))
 
 
+def test_soft_mask_holds_no_denormal_values_and_keeps_its_gradient():
+    """Mask values too small to matter are 0 in the forward pass (no denormal arithmetic downstream), while the
+    ratio's gradient is still the sigmoid's."""
+    gate = TopKGate(768, "width").train()  # the paper's lambda = N: values below 1e-19 within 0.06 of a
+    with torch.no_grad():
+        gate.importance.copy_(torch.arange(768, dtype=torch.float32))
+        gate.ratio.fill_(0.3)
+    floor = torch.finfo(torch.float32).tiny ** 0.5
+    mask = gate.mask()
+    assert ((mask == 0) | (mask >= floor)).all() and (mask == 0).any() and (mask > 0.5).any()
+    weight = torch.linspace(-1.0, 1.0, 768)
+    (mask * weight).sum().backward()
+    rank = (torch.arange(768, dtype=torch.float32) + 0.5) / 768
+    ratio = gate.ratio.detach().clone().requires_grad_()
+    (torch.sigmoid(768 * (rank - ratio)) * weight).sum().backward()
+    torch.testing.assert_close(gate.ratio.grad, ratio.grad)
+    raw = torch.sigmoid(768 * (rank - 0.3))
+    torch.testing.assert_close(mask.detach(), torch.where(raw < floor, 0.0, raw), rtol=0, atol=0)
+
+
 if __name__ == "__main__":
     if "--write" not in sys.argv:
         sys.exit("usage: PYTHONPATH=$PWD python tests/test_dms_step.py --write  (rewrites the pinned records)")

@@ -311,7 +311,13 @@ class GateBank:
         lay = self.layout()
         a = self.ratio_values()[lay["owner"]]
         sigmoid = torch.sigmoid(lay["temperature"] * (rank - a))
-        soft = torch.where(equal, 1.0 + (sigmoid - sigmoid.detach()), sigmoid) if any(equal_gate) else sigmoid
+        # Mask values below sqrt(smallest normal) count for nothing next to the others, but their products with
+        # weights and gradients fall into the denormal range, where CPU arithmetic runs a hundred times slower
+        # (a 6-block DeiT-T-width search step took 4x a plain one): their forward value is 0, their gradient stays.
+        tiny = sigmoid.detach() < torch.finfo(sigmoid.dtype).tiny ** 0.5
+        soft = sigmoid - torch.where(tiny, sigmoid.detach(), 0.0)
+        if any(equal_gate):
+            soft = torch.where(equal, 1.0 + (sigmoid - sigmoid.detach()), soft)
         self._values = (state, a.detach(), soft.detach(), sigmoid.detach())
         return soft
 
