@@ -23,6 +23,12 @@ choices of the search, pipelines a and b at the first target). Each part updates
 
     python benchmarks/bench_dms.py --part main --epochs 10 --search-epochs 3 --targets 0.5 0.3
 
+``step-cost`` (search step / plain step inside ``Trainer.fit``, both supernets, lockstep; its own JSON
+``dms_step_cost.json`` and section of ``dms.md``; ``--before`` an earlier source tree to compare with):
+
+    python benchmarks/bench_dms.py --part step-cost --repeats 4 --epochs 3 --batches 32 --batches-large 10 \
+        --before /tmp/before  # git archive <commit> | tar -x -C /tmp/before
+
 Writes ``benchmarks/results/dms.json`` and ``benchmarks/results/dms.md``.
 """
 
