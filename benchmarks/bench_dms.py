@@ -368,7 +368,7 @@ def step_cost_markdown(cost: dict[str, Any]) -> str:
         "trains the plain supernet and the DMS search on it in lockstep (two threads taking turns one training step "
         "at a time, so both see the same load); CPU time of each step from the first batch hook to the last, over "
         "the search epochs after the first. Headline: the median of the step-by-step DMS / plain ratios, mean ± "
-        "std over repeats. `dms_before` is the tree before the step-cost work (e8862ce). Target: <= 1.15.",
+        "std over repeats. `dms`: this tree; `dms_before`: the `--before` source tree. Target: <= 1.15.",
         "",
         "| supernet | tree | plain ms/step | DMS ms/step | DMS hooks ms/step | DMS / plain, paired (mean ± std) "
         "| median | ratio of fastest | repeats |",
@@ -384,6 +384,8 @@ def step_cost_markdown(cost: dict[str, Any]) -> str:
                 f"{r['paired_mean_std'][1]:.3f} | {r['paired_median']:.3f} | {r['ratio_of_minima']:.3f} "
                 f"| {len(r['paired_per_repeat'])} |"
             )
+    trees = {name: path for net in SUPERNETS if net in cost for name, path in cost[net]["trees"].items()}
+    lines += ["", "Trees: " + ", ".join(f"`{name}` = `{path}`" for name, path in trees.items())]
     return "\n".join(lines) + "\n"
 
 
