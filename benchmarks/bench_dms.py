@@ -23,6 +23,12 @@ choices of the search, pipelines a and b at the first target). Each part updates
 
     python benchmarks/bench_dms.py --part main --epochs 10 --search-epochs 3 --targets 0.5 0.3
 
+``step-cost`` (search step / plain step inside ``Trainer.fit``, both supernets, lockstep; its own JSON
+``dms_step_cost.json`` and section of ``dms.md``; ``--before`` an earlier source tree to compare with):
+
+    python benchmarks/bench_dms.py --part step-cost --repeats 4 --epochs 3 --batches 32 --batches-large 10 \
+        --before /tmp/before  # git archive <commit> | tar -x -C /tmp/before
+
 Writes ``benchmarks/results/dms.json`` and ``benchmarks/results/dms.md``.
 """
 
@@ -36,6 +42,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -128,47 +135,88 @@ def step_overhead(supernet: dict[str, Any], steps: int = 10, repeats: int = 8) -
 
 
 # ----------------------------------------------------------------------------------------- step cost in Lightning
-class StepClock:
-    """Process CPU seconds of every training batch, from before every callback's ``on_train_batch_start`` to
-    after every ``on_train_batch_end`` (:attr:`start` goes first in the callback list, :attr:`stop` last);
-    data loading is outside."""
+class Lockstep:
+    """Two fits, each in its own thread, taking turns one training step at a time: only one thread runs at any
+    moment, and each step's CPU time (``time.thread_time``) is taken from before every callback's
+    ``on_train_batch_start`` to after every ``on_train_batch_end`` (data loading is outside), so the two fits'
+    steps alternate under the same load on a shared machine and pair up step by step.
+    """
 
-    def __init__(self) -> None:
-        self.seconds: list[tuple[int, float]] = []  # (epoch, seconds)
-        self.epochs: range = range(0)  # the epochs measured
-        self._start = 0.0
-        clock = self
-
-        class Start(Callback):
-            def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-                clock._start = time.process_time()
-
-        class Stop(Callback):
-            def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-                clock.seconds.append((trainer.current_epoch, time.process_time() - clock._start))
-
-        self.start, self.stop = Start(), Stop()
+    def __init__(self, names: list[str], epochs: range) -> None:
+        self.names, self.epochs = names, epochs
+        self.seconds: dict[str, list[tuple[int, float]]] = {n: [] for n in names}  # (epoch, seconds) per step
+        self._cond = threading.Condition()
+        self._turn = names[0]
+        self._ready: set[str] = set()
+        self._done: set[str] = set()
 
     def measuring(self, trainer: pl.Trainer) -> bool:
         return trainer.current_epoch in self.epochs
+
+    def _wait_turn(self, name: str) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == name)
+
+    def _pass_turn(self, name: str, done: bool = False) -> None:
+        with self._cond:
+            if done:
+                self._done.add(name)
+            waiting = [n for n in self.names if n != name and n not in self._done]
+            self._turn = waiting[0] if waiting else name
+            self._cond.notify_all()
+
+    def callbacks(self, name: str, profiler: Any = None) -> tuple[Callback, Callback]:
+        """``(first, last)``: to go first and last in the fit's callback list."""
+        clock, start = self, [0.0]
+
+        class First(Callback):
+            def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                with clock._cond:  # both fits set up (DMS counts FLOPs there) before either trains
+                    clock._ready.add(name)
+                    clock._cond.notify_all()
+                    clock._cond.wait_for(lambda: len(clock._ready) == len(clock.names))
+                clock._wait_turn(name)
+
+            def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+                if profiler is not None and clock.measuring(trainer):
+                    profiler.enable()
+                start[0] = time.thread_time()
+
+            def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                clock._pass_turn(name, done=True)
+
+            def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, err: BaseException) -> None:
+                with clock._cond:
+                    clock._ready.add(name)
+                clock._pass_turn(name, done=True)
+
+        class Last(Callback):
+            def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+                clock.seconds[name].append((trainer.current_epoch, time.thread_time() - start[0]))
+                if profiler is not None:
+                    profiler.disable()
+                clock._pass_turn(name)
+                clock._wait_turn(name)
+
+        return First(), Last()
 
 
 DMS_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
 
 
-def _time_hooks(callback: Callback, clock: StepClock) -> dict[str, float]:
+def _time_hooks(callback: Callback, measuring: Callable[[pl.Trainer], bool]) -> dict[str, float]:
     """Wrap the callback's per-step hooks (instance attributes, which Lightning calls) to sum their CPU seconds
-    over the measured epochs; returns the running sums."""
+    (of the calling thread) over the measured epochs; returns the running sums."""
     spent = dict.fromkeys(DMS_STEP_HOOKS, 0.0)
 
     def timed(name: str, hook: Callable[..., Any]) -> Callable[..., Any]:
         def call(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
-            start = time.process_time()
+            start = time.thread_time()
             try:
                 return hook(trainer, *args, **kwargs)
             finally:
-                if clock.measuring(trainer):
-                    spent[name] += time.process_time() - start
+                if measuring(trainer):
+                    spent[name] += time.thread_time() - start
 
         return call
 
@@ -177,99 +225,181 @@ def _time_hooks(callback: Callback, clock: StepClock) -> dict[str, float]:
     return spent
 
 
-def step_cost_fit(variant: str, epochs: int, batches: int, profile: Path | None = None) -> dict[str, float]:
-    """Median CPU seconds per step of one fit (``variant`` ``plain`` or ``dms``) over the search epochs after the
-    first, and the DMS callback's own per-step hooks' CPU seconds per step."""
-    callbacks = [] if variant == "plain" else [DifferentiableModelScaling(target=0.5, search_epochs=epochs - 1)]
-    clock = StepClock()
-    clock.epochs = range(1, epochs - 1)
-    spent = _time_hooks(callbacks[0], clock) if callbacks else {}
-    pl.seed_everything(0, verbose=False)
-    model = Classifier(make_vit(**SUPERNET))
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        callbacks=[clock.start, *callbacks, clock.stop],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        limit_train_batches=batches,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    data = MNIST1DDataModule(batch_size=128, seed=0)
+def step_cost_pair(epochs: int, batches: int, supernet: dict[str, Any], profile: Path | None = None) -> dict[str, Any]:
+    """One plain fit and one DMS search of the same supernet (same weights, data and order), in lockstep
+    (:class:`Lockstep`); per fit the median CPU seconds of a step over the search epochs after the first, for DMS
+    its callback's own per-step hooks' seconds per step, and the median of the step-by-step DMS / plain ratios.
+    ``profile``: cProfile the DMS fit's measured steps into this file."""
+    lockstep = Lockstep(["plain", "dms"], range(1, epochs - 1))
+    dms = DifferentiableModelScaling(target=0.5, search_epochs=epochs - 1)
+    spent = _time_hooks(dms, lockstep.measuring)
+    profiler = None
     if profile is not None:
         import cProfile
 
-        cProfile.runctx("trainer.fit(model, data)", globals(), locals(), str(profile))
-    else:
-        trainer.fit(model, data)
-    measured = [t for epoch, t in clock.seconds if epoch in clock.epochs]
-    hooks = {name: t / len(measured) for name, t in spent.items()}
-    return {"step_s": statistics.median(measured), "hooks_s": sum(hooks.values()), **hooks}
+        profiler = cProfile.Profile()
+    data = MNIST1DDataModule(batch_size=128, seed=0)
+    fits = {}
+    for name in lockstep.names:
+        pl.seed_everything(0, verbose=False)  # the same initial weights
+        first, last = lockstep.callbacks(name, profiler if name == "dms" else None)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            callbacks=[first, *([dms] if name == "dms" else []), last],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+            limit_train_batches=batches,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
+        fits[name] = (trainer, Classifier(make_vit(**supernet)))
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            trainer, model = fits[name]
+            trainer.fit(model, copy.deepcopy(data))
+        except BaseException as err:  # re-raised in the calling thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in lockstep.names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    if profiler is not None:
+        profiler.dump_stats(str(profile))
+    measured = {n: [t for epoch, t in lockstep.seconds[n] if epoch in lockstep.epochs] for n in lockstep.names}
+    out: dict[str, Any] = {n: {"step_s": statistics.median(measured[n])} for n in lockstep.names}
+    hooks = {name: t / len(measured["dms"]) for name, t in spent.items()}
+    out["dms"].update(hooks_s=sum(hooks.values()), **hooks)
+    out["paired_ratio_median"] = statistics.median(d / p for d, p in zip(measured["dms"], measured["plain"]))
+    out["steps"] = len(measured["dms"])
+    return out
 
 
-def step_cost_part(repeats: int, epochs: int, batches: int, before: Path | None, threads: int) -> dict[str, Any]:
-    """CPU seconds per training step inside ``Trainer.fit``: plain vs DMS (this tree, and the ``before`` tree).
+SUPERNETS = {"tiny": SUPERNET, "large": LARGE_SUPERNET}
 
-    Every fit runs in its own child process, the variants interleaved and their order rotated between
-    repeats; each fit trains the same supernet (same seed, data and order), searches for ``epochs`` - 1
-    epochs (export at the last); its figure is the median CPU time of a step (first batch hook
-    to last) over epochs 1 .. ``epochs`` - 2 (the search epochs after the first), robust to load spikes on a
-    shared machine. ``before`` is another source tree of the package (e.g.
-    ``git archive main | tar -x -C /tmp/main``), run with the same benchmark code. The ratios are per repeat
-    (DMS / plain of the same repeat), then mean ± std.
+
+def step_cost_part(
+    repeats: int, epochs: int, batches: dict[str, int], before: Path | None, threads: int
+) -> dict[str, Any]:
+    """CPU seconds per training step inside ``Trainer.fit``: plain vs DMS, for each supernet in ``batches`` (its
+    training steps per epoch), with this tree and with the ``before`` tree.
+
+    Each (repeat, supernet, tree) runs one child process that trains the plain supernet and the DMS search on it
+    in lockstep (:func:`step_cost_pair`: two threads taking turns one step at a time, so the two see the same
+    load on a shared machine); supernets and trees are interleaved within a repeat, their order rotated. Both
+    fits train the same supernet (same seed, data and order); the search runs ``epochs`` - 1 epochs (export at
+    the last), and the steps of epochs 1 .. ``epochs`` - 2 (the search epochs after the first) are measured.
+    Per child: the median of the step-by-step DMS / plain ratios (the headline), the medians of each fit's
+    steps, and the DMS callback's own per-step hook time. ``before`` is another source tree of the package
+    (e.g. ``git archive main | tar -x -C /tmp/main``), run with this benchmark code.
     """
     here = str(Path(__file__).resolve().parents[1])
-    trees = {"plain": here, "dms": here}
-    if before is not None:
-        trees = {"plain": here, "dms_before": str(before.resolve()), "dms": here}
+    trees = {"dms": here, **({"dms_before": str(before.resolve())} if before is not None else {})}
     names = list(trees)
-    per_step: dict[str, list[float]] = {n: [] for n in names}
-    hooks: dict[str, list[dict[str, float]]] = {n: [] for n in names if n != "plain"}
+    nets = list(batches)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {net: {name: [] for name in names} for net in nets}
     for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            variant = "plain" if name == "plain" else "dms"
-            env = {**os.environ, "DMS_BENCH_TREE": trees[name], "PYTHONPATH": trees[name], "OMP_NUM_THREADS": "1"}
-            args = [sys.executable, __file__, "--part", "step-cost-one", "--variant", variant]
-            args += ["--epochs", str(epochs), "--batches", str(batches), "--threads", str(threads)]
-            done = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
-            figures = json.loads(done.stdout.strip().splitlines()[-1])
-            per_step[name].append(figures.pop("step_s"))
-            if name in hooks:
-                hooks[name].append(figures)
-            print(f"repeat {r} {name}: {per_step[name][-1] * 1e3:.2f} ms/step {figures}", flush=True)
-    out: dict[str, Any] = {
-        "supernet": SUPERNET,
-        "batch_size": 128,
-        "repeats": repeats,
-        "epochs": epochs,
-        "batches_per_epoch": batches,
-        "measured_epochs": list(range(1, epochs - 1)),
-        "trees": trees,
-        "step_cpu_s": per_step,
-        "callback_hooks_cpu_s_per_step": hooks,
-        "callback_hooks_mean_std_ms": {n: _mean_std([1e3 * h["hooks_s"] for h in v]) for n, v in hooks.items()},
-    }
-    out.update(step_cost_ratios(per_step))
-    return out
-
-
-def step_cost_ratios(per_step: dict[str, list[float]]) -> dict[str, Any]:
-    """Per variant: DMS / plain per repeat (mean ± std), and the ratio of the fastest repeats (load on a shared
-    machine only ever adds time, so the minima are the least disturbed figures)."""
+        for k, net in enumerate(nets[r % len(nets) :] + nets[: r % len(nets)]):
+            for name in names[(r + k) % len(names) :] + names[: (r + k) % len(names)]:
+                env = {**os.environ, "DMS_BENCH_TREE": trees[name], "PYTHONPATH": trees[name], "OMP_NUM_THREADS": "1"}
+                args = [sys.executable, __file__, "--part", "step-cost-one", "--supernet", net]
+                args += ["--epochs", str(epochs), "--batches", str(batches[net]), "--threads", str(threads)]
+                done = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+                figures = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[net][name].append(figures)
+                print(
+                    f"repeat {r} {net} {name}: DMS / plain {figures['paired_ratio_median']:.3f} (step medians "
+                    f"{1e3 * figures['dms']['step_s']:.1f} / {1e3 * figures['plain']['step_s']:.1f} ms, DMS hooks "
+                    f"{1e3 * figures['dms']['hooks_s']:.2f} ms)",
+                    flush=True,
+                )
     out: dict[str, Any] = {}
-    for name in [n for n in per_step if n != "plain"]:
-        ratios = [s / p for s, p in zip(per_step[name], per_step["plain"])]
-        out[f"{name}_over_plain"] = {
-            "per_repeat": ratios,
-            "mean_std": _mean_std(ratios),
-            "median": statistics.median(ratios),
-            "ratio_of_minima": min(per_step[name]) / min(per_step["plain"]),
+    for net in nets:
+        out[net] = {
+            "supernet": SUPERNETS[net],
+            "batch_size": 128,
+            "repeats": repeats,
+            "epochs": epochs,
+            "batches_per_epoch": batches[net],
+            "measured_epochs": list(range(1, epochs - 1)),
+            "trees": trees,
+            "runs": runs[net],
+            **{f"{name}_over_plain": step_cost_ratios(runs[net][name]) for name in names},
         }
     return out
+
+
+def step_cost_ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over the repeats of one tree: the step-by-step DMS / plain medians (mean ± std, median), the ratio of the
+    fits' step medians, the ratio of the fastest repeats' step medians (load only ever adds time), the hooks."""
+    paired = [r["paired_ratio_median"] for r in runs]
+    plain, dms = [r["plain"]["step_s"] for r in runs], [r["dms"]["step_s"] for r in runs]
+    return {
+        "paired_per_repeat": paired,
+        "paired_mean_std": _mean_std(paired),
+        "paired_median": statistics.median(paired),
+        "ratio_of_step_medians": _mean_std([d / p for d, p in zip(dms, plain)]),
+        "ratio_of_minima": min(dms) / min(plain),
+        "plain_step_ms": 1e3 * statistics.median(plain),
+        "dms_step_ms": 1e3 * statistics.median(dms),
+        "hooks_ms": _mean_std([1e3 * r["dms"]["hooks_s"] for r in runs]),
+        "hooks_ms_by_hook": {h: statistics.fmean(1e3 * r["dms"][h] for r in runs) for h in DMS_STEP_HOOKS},
+    }
+
+
+STEP_COST_HEADING = "## Search step / plain step inside Lightning (CPU time, same process)"
+
+
+def step_cost_markdown(cost: dict[str, Any]) -> str:
+    """The step-cost section of ``dms.md`` from ``dms_step_cost.json``."""
+    lines = [
+        STEP_COST_HEADING,
+        "",
+        "From `python benchmarks/bench_dms.py --part step-cost` (`dms_step_cost.json`): per repeat, one process "
+        "trains the plain supernet and the DMS search on it in lockstep (two threads taking turns one training step "
+        "at a time, so both see the same load); CPU time of each step from the first batch hook to the last, over "
+        "the search epochs after the first. Headline: the median of the step-by-step DMS / plain ratios, mean ± "
+        "std over repeats. `dms`: this tree; `dms_before`: the `--before` source tree. Target: <= 1.15.",
+        "",
+        "| supernet | tree | plain ms/step | DMS ms/step | DMS hooks ms/step | DMS / plain, paired (mean ± std) "
+        "| median | ratio of fastest | repeats |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for net in [n for n in SUPERNETS if n in cost]:
+        c = cost[net]
+        for name in c["trees"]:
+            r = c[f"{name}_over_plain"]
+            lines.append(
+                f"| {net} {c['supernet']} | {name} | {r['plain_step_ms']:.1f} | {r['dms_step_ms']:.1f} "
+                f"| {r['hooks_ms'][0]:.2f} ± {r['hooks_ms'][1]:.2f} | {r['paired_mean_std'][0]:.3f} ± "
+                f"{r['paired_mean_std'][1]:.3f} | {r['paired_median']:.3f} | {r['ratio_of_minima']:.3f} "
+                f"| {len(r['paired_per_repeat'])} |"
+            )
+    trees = {name: path for net in SUPERNETS if net in cost for name, path in cost[net]["trees"].items()}
+    lines += ["", "Trees: " + ", ".join(f"`{name}` = `{path}`" for name, path in trees.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_step_cost_section(md: Path, cost: dict[str, Any]) -> None:
+    """Put the step-cost section into ``md`` (replacing an earlier one; after the title if there is none)."""
+    text = md.read_text() if md.exists() else "# DMS benchmark (MNIST-1D, tiny timm ViT)\n"
+    section = step_cost_markdown(cost)
+    if STEP_COST_HEADING in text:
+        head, rest = text.split(STEP_COST_HEADING, 1)
+        tail = rest[rest.index("\n## ") + 1 :] if "\n## " in rest else ""
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    md.write_text(text)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -648,16 +778,29 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_markdown(out: Path, result: dict[str, Any]) -> None:
+    """``dms.md`` next to ``out``, keeping the step-cost section of ``dms_step_cost.json`` if there is one."""
+    md = out.with_suffix(".md")
+    md.write_text(markdown(result))
+    cost = out.with_name("dms_step_cost.json")
+    if cost.exists():
+        write_step_cost_section(md, json.loads(cost.read_text()))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--part", choices=["overhead", "main", "levers", "all", "report", "step-cost", "step-cost-one"], default="all"
     )
-    parser.add_argument("--variant", choices=["plain", "dms"], default="dms", help="step-cost-one: one fit")
-    parser.add_argument("--repeats", type=int, default=3, help="step-cost part: fits per variant")
-    parser.add_argument("--batches", type=int, default=24, help="step-cost part: training steps per epoch")
+    parser.add_argument("--supernet", choices=list(SUPERNETS), default="tiny", help="step-cost-one")
+    parser.add_argument("--supernets", nargs="+", choices=list(SUPERNETS), default=list(SUPERNETS), help="step-cost")
+    parser.add_argument("--repeats", type=int, default=3, help="step-cost part: child processes per supernet and tree")
+    parser.add_argument("--batches", type=int, default=32, help="step-cost part: training steps per epoch (tiny)")
+    parser.add_argument("--batches-large", type=int, default=10, help="step-cost part: steps per epoch (large)")
     parser.add_argument("--before", type=Path, default=None, help="step-cost part: an earlier source tree")
-    parser.add_argument("--profile", type=Path, default=None, help="step-cost-one: cProfile the fit into this file")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="step-cost-one: cProfile the DMS fit's measured steps"
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--search-epochs", type=int, default=3)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
@@ -668,23 +811,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     mnist1d_tensors()
-    if args.part == "step-cost-one":
-        print(json.dumps(step_cost_fit(args.variant, args.epochs, args.batches, args.profile)))
+    if args.part == "step-cost-one":  # a plain fit and a DMS search in lockstep, in this process
+        print(json.dumps(step_cost_pair(args.epochs, args.batches, SUPERNETS[args.supernet], args.profile)))
         return {}
-    if args.part == "step-cost":  # its own JSON: benchmarks/results/dms_step_cost.json unless --out is given
+    if args.part == "step-cost":  # its own JSON (dms_step_cost.json unless --out is given) and section of dms.md
         out = args.out if args.out.name != "dms.json" else args.out.with_name("dms_step_cost.json")
-        cost = step_cost_part(args.repeats, args.epochs, args.batches, args.before, args.threads)
-        cost["config"] = {
+        batches = {"tiny": args.batches, "large": args.batches_large}
+        run = step_cost_part(
+            args.repeats, args.epochs, {n: batches[n] for n in args.supernets}, args.before, args.threads
+        )
+        config = {
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
             "torch": torch.__version__,
             "lightning": pl.__version__,
             "machine": platform.machine(),
         }
+        # supernets not run this time keep their earlier figures (and their config)
+        cost = json.loads(out.read_text()) if out.exists() else {}
+        cost = {k: v for k, v in cost.items() if k in SUPERNETS}
+        cost.update({net: {**figures, "config": config} for net, figures in run.items()})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(cost, indent=2))
-        for key in [k for k in cost if k.endswith("_over_plain")]:
-            m, sd = cost[key]["mean_std"]
-            print(f"{key}: {m:.3f} ± {sd:.3f}, ratio of minima {cost[key]['ratio_of_minima']:.3f} (target <= 1.15)")
+        write_step_cost_section(out.with_name("dms.md"), cost)
+        print(step_cost_markdown(cost))
         return cost
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     result = {k: v for k, v in result.items() if k in ("config", "overhead", "main", "levers")}
@@ -694,7 +843,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["main"]["paired"] = paired_differences(result["main"]["runs"])
             result["main"]["search_epoch_cpu_ratio"] = search_epoch_ratio(result["main"]["runs"], args.search_epochs)
         args.out.write_text(json.dumps(result, indent=2))
-        args.out.with_suffix(".md").write_text(markdown(result))
+        write_markdown(args.out, result)
         print(markdown(result))
         return result
     result["config"] = {**config, "supernet": SUPERNET, "torch": torch.__version__, "machine": platform.machine()}
@@ -725,7 +874,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["config"]["wall_s"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
+    write_markdown(args.out, result)
     print(markdown(result))
     return result
 

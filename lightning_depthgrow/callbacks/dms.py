@@ -41,6 +41,7 @@ from .base import ArchitectureCallback
 from .plumbing import all_reduce_mean, apply_and_sync, require_example_input
 
 _WHO = "DifferentiableModelScaling"
+_NO_STEP = 2**62  # "no non-finite loss yet" for the first bad step kept on the device (a minimum over steps)
 _ATTACH_SETTINGS = {"arch_lr": "lr", "width": "width", "heads": "heads", "depth": "depth"}  # argument: attach spec key
 _PLUMBING = "_depthgrow"  # prefix of what the shared callback plumbing stores on the module's __dict__
 
@@ -137,8 +138,9 @@ class DifferentiableModelScaling(ArchitectureCallback):
         self._target_hook: RemovableHandle | None = None  # checks a resumed search's target (during setup..fit)
         self._checked = False
         self._keys_before: set[str] = set()
-        self._resource_grads: list[torch.Tensor | None] | None = None
-        self._first_bad_step: torch.Tensor | None = None  # first step with a non-finite loss (-1: none), on device
+        self._resource_grad: torch.Tensor | None = None  # the resource loss's gradient of each ratio, this step
+        self._first_bad_step: torch.Tensor | None = None  # first step with a non-finite loss (or _NO_STEP), on device
+        self._arch_options: tuple[tuple, dict[str, Any]] | None = None  # ((optimizer id, device), arch group options)
         self._frozen_done = False  # depth and head ratios frozen for the width-only phase (checked once)
         self._planned: tuple[ArchitectureEvent, ResourceModel | None, float] | None = None  # prepare -> on_setup_fit
         self._example_value: Any = None
@@ -160,7 +162,8 @@ class DifferentiableModelScaling(ArchitectureCallback):
         self._remove_target_hook()
         if trainer.ckpt_path:
             self._check_resumed_target(trainer)
-        self._resource_grads, self._first_bad_step, self._frozen_done = None, None, False
+        self._resource_grad, self._first_bad_step, self._frozen_done = None, None, False
+        self._arch_options = None
         # Everything that can refuse (discovery, the FLOP count's forward through the gated model, the target
         # against what the gates can reach) runs before anything is put on the module: on a copy.
         self._planned = None
@@ -301,7 +304,8 @@ class DifferentiableModelScaling(ArchitectureCallback):
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         # Added even when empty (after export), so the groups line up with checkpoints taken during search.
-        optimizer.add_param_group({"params": arch, **arch_group_options(self.arch_lr, optimizer.defaults)})
+        options = self._arch_group_options(optimizer, arch[0].device if arch else None)
+        optimizer.add_param_group({"params": arch, **options})
         _extend_schedulers([cfg.scheduler for cfg in trainer.lr_scheduler_configs], optimizer, self.arch_lr)
 
     # ---------------------------------------------------------------- search
@@ -331,36 +335,39 @@ class DifferentiableModelScaling(ArchitectureCallback):
         if gates is None or self._resources is None:
             return
         self._note_finite(trainer, loss)
-        # The resource loss depends on the architecture ratios only; its gradient is taken here, where the soft
-        # masks of this forward pass are still alive (the resource count shares them), and added to the ratios'
-        # gradients in on_before_optimizer_step. That equals adding it to the loss training_step returned
-        # (divided by the accumulation, as Lightning divides that loss), without touching training_step.
+        # The resource loss depends on the architecture ratios only; its gradient is worked out here, from the soft
+        # masks of this forward pass, and added to the ratios' gradients in on_before_optimizer_step. That equals
+        # adding it to the loss training_step returned (divided by the accumulation, as Lightning divides that
+        # loss), without touching training_step. The count is a sum of products of mask factors, so the gradient is
+        # taken in closed form (count_and_mask_gradient, ratio_gradient): the same numbers as autograd through
+        # the straight-through count, at a tenth of the cost of a second backward pass per step.
         r_t = self.target_ratio_at(trainer.global_step)
-        with torch.enable_grad():
-            r_c = self._resources.evaluate(gates, self.resource) / self._resources.full(self.resource)
-            res_loss = self.lambda_res * torch.relu(torch.log(r_c / r_t))
-            ratios = gates.arch_parameters()
-            if res_loss.requires_grad:
-                grads = torch.autograd.grad(res_loss, ratios, retain_graph=True, allow_unused=True)
-                scale = 1.0 / max(1, trainer.accumulate_grad_batches)
-                pending = self._resource_grads or [None] * len(ratios)
-                self._resource_grads = [
-                    p if g is None else g * scale if p is None else p + g * scale for p, g in zip(pending, grads)
-                ]
+        full = self._resources.full(self.resource)
+        with torch.no_grad():
+            count, mask_grad = self._resources.count_and_mask_gradient(gates, self.resource)
+            r_c = count / full
+            over = r_c / r_t
+            log_over = torch.log(over)
+            res_loss = self.lambda_res * torch.relu(log_over)
+            if any(p.requires_grad for p in gates.bank.ratios()):
+                accumulate = max(1, trainer.accumulate_grad_batches)
+                # d res_loss / d count, chained in autograd's order (relu, log, / r_t, / full)
+                upstream = (log_over > 0) * (self.lambda_res / accumulate) / over / r_t / full
+                grad = gates.bank.ratio_gradient(mask_grad * upstream)
+                self._resource_grad = grad if self._resource_grad is None else self._resource_grad + grad
         if _logs_this_step(trainer):
             pl_module.log_dict(
-                {"dms/resource_ratio": r_c.detach(), "dms/target_ratio": r_t, "dms/resource_loss": res_loss.detach()},
+                {"dms/resource_ratio": r_c, "dms/target_ratio": r_t, "dms/resource_loss": res_loss},
                 on_step=True,
                 on_epoch=False,
             )
 
     def _note_finite(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
         """Remember the first step whose loss was not finite (on the device: no synchronisation per step)."""
-        loss = loss.detach()
         if self._first_bad_step is None or self._first_bad_step.device != loss.device:
-            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        bad = ~torch.isfinite(loss).all() & (self._first_bad_step < 0)
-        self._first_bad_step = torch.where(bad, trainer.global_step, self._first_bad_step)
+            self._first_bad_step = torch.full((), _NO_STEP, dtype=torch.long, device=loss.device)
+        finite = torch.isfinite(loss) if loss.dim() == 0 else torch.isfinite(loss).all()
+        self._first_bad_step = torch.minimum(self._first_bad_step, torch.where(finite, _NO_STEP, trainer.global_step))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -378,28 +385,41 @@ class DifferentiableModelScaling(ArchitectureCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        gates = find_gates(pl_module)
+        ratios = gates.bank.ratios() if gates is not None else []
+        options = self._arch_group_options(optimizer, ratios[0].device if ratios else None)
         for group in optimizer.param_groups:
             if group.get(ARCH_GROUP_KEY):
-                # constant lr, no momentum, no decay, whatever the user's scheduler did to all groups
-                group.update(arch_group_options(self.arch_lr, optimizer.defaults))
-        gates = find_gates(pl_module)
+                # Constant lr, no momentum, no decay, whatever the user's scheduler did to all groups. The fused or
+                # foreach choice stays as the group was made or loaded (a checkpoint's optimizer state matches it).
+                group.update((k, v) for k, v in options.items() if k not in ("fused", "foreach"))
         if gates is None:
             return
-        pending, self._resource_grads = self._resource_grads, None
+        pending, self._resource_grad = self._resource_grad, None
         if pending is not None:
             # Gradients are unscaled here (AMP) and synchronised (DDP); the resource gradient is the same on every
             # rank, so adding it after the all-reduce is adding it to the mean.
-            for p, g in zip(gates.arch_parameters(), pending):
-                if g is None:
-                    continue
-                if p.grad is None:
-                    p.grad = g.to(p.dtype)
-                else:
-                    p.grad.add_(g.to(p.grad.dtype))
+            grads = [p.grad for p in ratios]
+            if all(g is not None and g.dtype == pending.dtype for g in grads):
+                torch._foreach_add_(grads, list(pending.unbind()))  # one op for all ratios (the usual case)
+            else:
+                for p, g in zip(ratios, pending.unbind()):
+                    if p.grad is None:  # no task gradient reached it: the resource gradient alone
+                        p.grad = g.to(p.dtype).clone()
+                    else:
+                        p.grad.add_(g.to(p.grad.dtype))
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
         # dL/dm is averaged over ranks like any gradient, so every rank holds identical importances.
-        update_importance(gates.bank, reduce=lambda t: all_reduce_mean(trainer, t), scale=scale)
+        reduce = (lambda t: all_reduce_mean(trainer, t)) if trainer.world_size > 1 else None
+        update_importance(gates.bank, reduce=reduce, scale=scale)
+
+    def _arch_group_options(self, optimizer: torch.optim.Optimizer, device: torch.device | None) -> dict[str, Any]:
+        """:func:`~lightning_depthgrow.dms.arch_group_options` for ``optimizer`` (worked out once per fit)."""
+        key = (id(optimizer), device)
+        if self._arch_options is None or self._arch_options[0] != key:
+            self._arch_options = (key, arch_group_options(self.arch_lr, optimizer.defaults, device))
+        return self._arch_options[1]
 
     def observe_batch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -414,7 +434,8 @@ class DifferentiableModelScaling(ArchitectureCallback):
 
     def _check_not_diverged(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse to go on searching (or export) once the loss stopped being finite and took the weights with it."""
-        bad_step = int(self._first_bad_step) if self._first_bad_step is not None else -1
+        bad_step = int(self._first_bad_step) if self._first_bad_step is not None else _NO_STEP
+        bad_step = -1 if bad_step == _NO_STEP else bad_step
         bad_param = next((n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())), None)
         if bad_param is None:
             if bad_step >= 0:
@@ -574,7 +595,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
         if trainer.state.fn == "fit":
             self._detach(pl_module)
         super().on_exception(trainer, pl_module, exception)
-        self._resources, self._resource_grads = None, None
+        self._resources, self._resource_grad = None, None
         self._planned, self._example_value = None, None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -583,7 +604,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
         if stage != "fit":
             super().teardown(trainer, pl_module, stage)
             return
-        self._resources, self._resource_grads, self._first_bad_step = None, None, None
+        self._resources, self._resource_grad, self._first_bad_step = None, None, None
         if find_gates(pl_module) is not None:
             rank_zero_warn(
                 f"{_WHO}: training ended at epoch {trainer.current_epoch} before the export at epoch "

@@ -88,11 +88,11 @@ class DMSGates(nn.Module):
         The same as :meth:`TopKGate.project_` on every gate, in a few batched ops and without reading any
         value back to Python (no device synchronisation per gate).
         """
-        gates = self.gate_list()
-        ratios = [g.ratio for g in gates]
+        bank = self.bank
+        ratios = bank.ratios()
         a = torch.stack(ratios)
-        frozen = torch.stack([g.frozen_ratio for g in gates]).to(a.dtype)
-        free = torch.minimum(a.clamp(min=0.0), self.bank.layout()["max_ratio"].to(a.dtype))
+        frozen = torch.stack(bank.frozen_ratios()).to(a.dtype)
+        free = torch.minimum(a.clamp(min=0.0), bank.layout()["max_ratio"].to(a.dtype))
         new = torch.where(torch.isnan(frozen), free, frozen)
         torch._foreach_copy_(ratios, list(new.unbind()))
 

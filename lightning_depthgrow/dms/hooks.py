@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -65,32 +66,24 @@ class MaskedLinear:
     """Replaces an ``nn.Linear``'s ``forward`` with ``F.linear(x, W * col, b * s)``: masks folded into the weight.
 
     ``col`` is the product of the input-channel masks (MLP hidden units, heads repeated over their
-    dims) and ``s`` of the output scales (the block's depth mask). Mathematically the same as masking
+    dims) and of the output scales ``s`` (the block's depth mask). Mathematically the same as masking
     the input and scaling the output, with the same ``dL/dm``, but the multiplies touch the weight
-    (out x in) instead of activations (batch x tokens x in) in forward and backward.
+    (out x in) instead of activations (batch x tokens x in) in forward and backward. The factors of all
+    the Linears of one attach are gathered in one go per forward pass (:class:`Fold`).
     """
 
-    def __init__(self, gates: DMSGates, module: nn.Linear) -> None:
-        self.gates, self.module = gates, module
+    def __init__(self, gates: DMSGates, module: nn.Linear, fold: Fold) -> None:
+        self.gates, self.module, self.fold = gates, module, fold
         self.columns: list[tuple[int, int]] = []  # (gate index, channels per mask element)
         self.scales: list[tuple[int, int]] = []  # (gate index, element)
 
     def __call__(self, x: Tensor) -> Tensor:
-        masks = self.gates.masks()
         weight, bias = self.module.weight, self.module.bias
-        col: Tensor | None = None
-        for index, group in self.columns:
-            m = masks[index] if group == 1 else masks[index].repeat_interleave(group)
-            col = m if col is None else col * m
-        scale: Tensor | None = None
-        for index, element in self.scales:
-            m = masks[index][element]
-            scale = m if scale is None else scale * m
-        if scale is not None:
-            col = scale.expand(weight.shape[1]) if col is None else col * scale
-            bias = bias * scale.to(bias.dtype) if bias is not None else None
+        col, scale = self.fold.factors(self)
+        if scale is not None and bias is not None:
+            bias = bias * (scale if scale.dtype == bias.dtype else scale.to(bias.dtype))
         if col is not None:
-            weight = weight * col.to(weight.dtype)
+            weight = weight * (col if col.dtype == weight.dtype else col.to(weight.dtype))
         return F.linear(x, weight, bias)
 
 
@@ -98,11 +91,86 @@ HOOK_TYPES = (InputMask, OutputScale, ResidualScale)
 
 
 class Fold:
-    """The :class:`MaskedLinear` of each folded Linear of one attach, created on first use."""
+    """The :class:`MaskedLinear` of each folded Linear of one attach, created on first use.
+
+    Per forward pass it gathers every folded Linear's column factor (its input masks, repeated over their
+    channels, times its scales) and bias scale from the flat mask vector in a few indexing ops, so each
+    Linear adds only its two multiplies: per-Linear mask ops (a select, a ``repeat_interleave``, a product)
+    and their backward nodes were most of a search step's extra autograd work.
+    """
 
     def __init__(self, gates: DMSGates) -> None:
         self.gates = gates
         self.linears: dict[int, MaskedLinear] = {}
+        self._plan: dict[str, Any] | None = None  # index tables, built on first use (after every family's hooks)
+        self._factors: tuple[Tensor, list[Tensor | None], list[Tensor | None]] | None = None  # of one mask vector
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the factors hold a forward pass's graph, which neither deepcopy nor pickle accept
+        return {**self.__dict__, "_plan": None, "_factors": None}
 
     def __call__(self, linear: nn.Module) -> MaskedLinear:
-        return self.linears.setdefault(id(linear), MaskedLinear(self.gates, linear))
+        return self.linears.setdefault(id(linear), MaskedLinear(self.gates, linear, self))
+
+    def factors(self, masked: MaskedLinear) -> tuple[Tensor | None, Tensor | None]:
+        """``(column factor, bias scale)`` of ``masked`` for the current masks (``None`` where it has none)."""
+        bank = self.gates.bank
+        flat = bank.mask_vector(self.gates.training)
+        if self._factors is None or self._factors[0] is not flat:
+            self._factors = (flat, *self._gather(flat, bank.sizes))
+        slot = masked.__dict__["_slot"]
+        return self._factors[1][slot], self._factors[2][slot]
+
+    def _gather(self, flat: Tensor, sizes: list[int]) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        plan = self._plan
+        if plan is None or plan["device"] != flat.device:
+            plan = self._plan = self._make_plan(sizes, flat.device)
+        padded = torch.cat([flat, flat.new_ones(1)])  # the last slot: a constant 1 for short factor lists
+        columns, scales = None, None
+        for k in range(plan["columns"].shape[1]):
+            factor = padded[plan["columns"][:, k]]
+            columns = factor if columns is None else columns * factor
+        for k in range(plan["scales"].shape[1]):
+            factor = padded[plan["scales"][:, k]]
+            scales = factor if scales is None else scales * factor
+        cols = list(columns.split(plan["widths"])) if columns is not None else []
+        bias = list(scales.unbind()) if scales is not None else []
+        return (
+            [cols[i] if has else None for i, has in enumerate(plan["has_columns"])],
+            [bias[i] if has else None for i, has in enumerate(plan["has_scales"])],
+        )
+
+    def _make_plan(self, sizes: list[int], device: torch.device) -> dict[str, Any]:
+        """Per input column of every folded Linear, the flat mask indices whose product is its factor: the
+        column masks (element ``c // group``) first, then the scales, as :class:`MaskedLinear` multiplies."""
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        one = sum(sizes)
+        rows: list[list[int]] = []
+        scale_rows: list[list[int]] = []
+        widths: list[int] = []
+        has_columns: list[bool] = []
+        has_scales: list[bool] = []
+        for slot, masked in enumerate(self.linears.values()):
+            masked.__dict__["_slot"] = slot
+            n = masked.module.weight.shape[1]
+            scale_idx = [offsets[index] + element for index, element in masked.scales]
+            for c in range(n):
+                rows.append([offsets[index] + c // group for index, group in masked.columns] + scale_idx)
+            scale_rows.append(scale_idx)
+            widths.append(n)
+            has_columns.append(bool(masked.columns or masked.scales))
+            has_scales.append(bool(masked.scales))
+
+        def table(lists: list[list[int]]) -> Tensor:
+            width = max([len(r) for r in lists] + [0])
+            padded = [r + [one] * (width - len(r)) for r in lists]
+            return torch.tensor(padded, dtype=torch.long, device=device).view(len(lists), width)
+
+        return {
+            "device": device,
+            "columns": table(rows),
+            "scales": table(scale_rows),
+            "widths": widths,
+            "has_columns": has_columns,
+            "has_scales": has_scales,
+        }

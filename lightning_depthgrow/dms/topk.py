@@ -179,11 +179,18 @@ class GateBank:
     """The masks of several gates computed as one flat vector: a handful of tensor ops per step, whatever
     the number of gates (per-gate Python loops of tiny ops dominated the search overhead).
 
-    Two caches keep the hot path short: the normalised ranks are recomputed only when an importance
-    buffer changed (once per optimizer step), and the soft mask of a forward pass is kept until its
-    backward, so all hooks of that pass and the resource count share one soft mask. The task
-    loss sees it through a view that carries the single ``dL/dm`` hook; the resource count uses the
-    soft mask itself, so its gradient never enters the importances.
+    Caches keep the hot path short, each keyed on the identity and version counter of every importance
+    buffer and ratio parameter (an in-place update, a checkpoint load or a ``.to()`` invalidates it):
+
+    - the normalised ranks, recomputed only when an importance changed (once per optimizer step; the
+      importance update computes them right away from the new values);
+    - the soft mask of a forward pass, kept until its backward, so all hooks of that pass and the resource
+      count share one soft mask. The task loss sees it through a view that carries the single ``dL/dm``
+      hook; the resource count uses the soft mask itself, so its gradient never enters the importances;
+    - the soft mask's values and the clamped ratios per element, which the hard mask, the importance update
+      (the same step's ``m``) and evaluation reuse while nothing changed;
+    - ``dL/dm`` summed over the backward passes of a step as one flat vector (each gate's pending sum is a
+      view of it), so the importance update takes it without one copy per gate.
 
     Example:
         >>> a, b = TopKGate(2, "width"), TopKGate(3, "depth")
@@ -197,17 +204,47 @@ class GateBank:
             raise ValueError("a GateBank needs at least one gate")
         self.gates = list(gates)
         self.sizes = [g.n for g in self.gates]
+        # The gates' own parameter and buffer dicts: reading ``ratio`` and ``importance`` through them skips
+        # ``nn.Module.__getattr__``, which the cache checks of every hook call would otherwise pay per gate.
+        self._params = [g._parameters for g in self.gates]
+        self._buffers = [g._buffers for g in self.gates]
         self._layout: dict[str, Tensor] = {}
         self._layout_device: torch.device | None = None
         self._rank_cache: tuple[tuple, Tensor, Tensor, list[bool]] | None = None
-        self._task_cache: tuple[tuple, list[Tensor], Tensor] | None = None
+        self._task_cache: tuple[tuple, list[Tensor], Tensor, Tensor] | None = None  # (key, parts, soft, task)
+        # (state, clamped ratio per element, soft mask, its sigmoid before the all-equal gates' ones), no gradient
+        self._values: tuple[tuple, Tensor, Tensor | None, Tensor | None] | None = None
+        self._hard_parts: tuple[tuple, list[Tensor], Tensor] | None = None  # (state, parts, flat hard mask)
+        self._pending: tuple[Tensor, list[Tensor]] | None = None  # (flat dL/dm, the views the gates hold)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_rank_cache": None, "_task_cache": None}
+        caches = ("_rank_cache", "_task_cache", "_values", "_hard_parts", "_pending")
+        return {**self.__dict__, **dict.fromkeys(caches)}
+
+    def importances(self) -> list[Tensor]:
+        """The gates' importance buffers, in gate order."""
+        return [b["importance"] for b in self._buffers]
+
+    def ratios(self) -> list[Tensor]:
+        """The gates' ratio parameters, in gate order."""
+        return [p["ratio"] for p in self._params]
+
+    def frozen_ratios(self) -> list[Tensor]:
+        """The gates' ``frozen_ratio`` buffers (NaN while free), in gate order."""
+        return [b["frozen_ratio"] for b in self._buffers]
+
+    def _importance_key(self) -> tuple:
+        tensors = self.importances()
+        return (*map(id, tensors), *[t._version for t in tensors])
+
+    def _state_key(self) -> tuple:
+        """Identity and version of every importance and ratio: changes whenever a mask may change."""
+        tensors = self.importances() + self.ratios()
+        return (*map(id, tensors), *[t._version for t in tensors])
 
     def layout(self) -> dict[str, Tensor]:
         """Per-element constants (owner gate, offset, size, temperature, decay) on the gates' device."""
-        device = self.gates[0].importance.device
+        device = self._buffers[0]["importance"].device
         if self._layout_device != device:
             sizes = torch.tensor(self.sizes, device=device)
             owner = torch.repeat_interleave(torch.arange(len(self.gates), device=device), sizes)
@@ -221,46 +258,42 @@ class GateBank:
                 "temperature": temperature[owner],
                 "decay": decay[owner],
                 "max_ratio": torch.tensor([g.max_ratio for g in self.gates], device=device),
+                "single": torch.tensor([n == 1 for n in self.sizes], device=device),
             }
             self._layout_device = device
         return self._layout
-
-    def _importance_key(self) -> tuple:
-        return tuple((id(g.importance), g.importance._version) for g in self.gates)
 
     def ranked(self) -> tuple[Tensor, Tensor, list[bool]]:
         """``(normalised ranks, per-element all-equal flag, per-gate all-equal)``, cached on the importances."""
         key = self._importance_key()
         if self._rank_cache is None or self._rank_cache[0] != key:
-            lay = self.layout()
-            imp = torch.cat([g.importance for g in self.gates]) if len(self.gates) > 1 else self.gates[0].importance
-            # sort by importance, then (stably) by gate: ties keep index order, as normalised_rank does
-            order = torch.argsort(imp, stable=True)
-            order = order[torch.argsort(lay["owner"][order], stable=True)]
-            position = torch.empty_like(order)
-            position[order] = torch.arange(order.numel(), device=order.device)
-            rank = ((position - lay["offset"]).to(imp.dtype) + 0.5) / lay["size"].to(imp.dtype)
-            n_gates = len(self.gates)
-            high = imp.new_full((n_gates,), -torch.inf).scatter_reduce(0, lay["owner"], imp, "amax")
-            low = imp.new_full((n_gates,), torch.inf).scatter_reduce(0, lay["owner"], imp, "amin")
-            equal_gate = high == low
-            # a single element is "equal" (no ranking) until its importance moves off zero
-            single = torch.tensor([n == 1 for n in self.sizes], device=imp.device)
-            equal_gate = torch.where(single, high == 0, equal_gate)
-            self._rank_cache = (key, rank, equal_gate[lay["owner"]], equal_gate.tolist())
+            imps = self.importances()
+            self._rank_cache = self._rank(torch.cat(imps) if len(imps) > 1 else imps[0], key)
         return self._rank_cache[1], self._rank_cache[2], self._rank_cache[3]
+
+    def _rank(self, imp: Tensor, key: tuple) -> tuple[tuple, Tensor, Tensor, list[bool]]:
+        lay = self.layout()
+        # sort by importance, then (stably) by gate: ties keep index order, as normalised_rank does
+        order = torch.argsort(imp, stable=True)
+        order = order[torch.argsort(lay["owner"][order], stable=True)]
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel(), device=order.device)
+        rank = ((position - lay["offset"]).to(imp.dtype) + 0.5) / lay["size"].to(imp.dtype)
+        n_gates = len(self.gates)
+        high = imp.new_full((n_gates,), -torch.inf).scatter_reduce(0, lay["owner"], imp, "amax")
+        low = imp.new_full((n_gates,), torch.inf).scatter_reduce(0, lay["owner"], imp, "amin")
+        # a single element is "equal" (no ranking) until its importance moves off zero
+        equal_gate = torch.where(lay["single"], high == 0, high == low)
+        return key, rank, equal_gate[lay["owner"]], equal_gate.tolist()
 
     def ratio_values(self) -> Tensor:
         """Every gate's :meth:`TopKGate.ratio_value` as one vector (same straight-through clamp)."""
-        a = torch.stack([g.ratio for g in self.gates]) if len(self.gates) > 1 else self.gates[0].ratio.view(1)
+        ratios = self.ratios()
+        a = torch.stack(ratios) if len(ratios) > 1 else ratios[0].view(1)
         return a + (torch.minimum(a.clamp(min=0.0), self.layout()["max_ratio"]) - a).detach()
 
     def _soft_key(self) -> tuple:
-        return (
-            self._importance_key(),
-            tuple((id(g.ratio), g.ratio._version) for g in self.gates),
-            torch.is_grad_enabled(),
-        )
+        return self._state_key(), torch.is_grad_enabled()
 
     def soft(self) -> Tensor:
         """Flat soft mask ``sigmoid(lambda (c' - a))``; exactly 1 (with the same gradient) on all-equal gates.
@@ -268,21 +301,68 @@ class GateBank:
         Within a training step (after the forward pass's :meth:`masks`, before backward) this is the very
         tensor the masks view, so the resource count adds no second mask graph.
         """
-        if self._task_cache is not None and self._task_cache[0] == self._soft_key():
+        key = self._soft_key()
+        if self._task_cache is not None and self._task_cache[0] == key:
             return self._task_cache[2]
+        return self._soft(key[0])
+
+    def _soft(self, state: tuple) -> Tensor:
         rank, equal, equal_gate = self.ranked()
         lay = self.layout()
-        soft = torch.sigmoid(lay["temperature"] * (rank - self.ratio_values()[lay["owner"]]))
+        a = self.ratio_values()[lay["owner"]]
+        sigmoid = torch.sigmoid(lay["temperature"] * (rank - a))
+        # Mask values below sqrt(smallest normal) count for nothing next to the others, but their products with
+        # weights and gradients fall into the denormal range, where CPU arithmetic runs a hundred times slower
+        # (a 6-block DeiT-T-width search step took 4x a plain one): their forward value is 0, their gradient stays.
+        tiny = sigmoid.detach() < torch.finfo(sigmoid.dtype).tiny ** 0.5
+        soft = sigmoid - torch.where(tiny, sigmoid.detach(), 0.0)
         if any(equal_gate):
-            soft = torch.where(equal, 1.0 + (soft - soft.detach()), soft)
+            soft = torch.where(equal, 1.0 + (sigmoid - sigmoid.detach()), soft)
+        self._values = (state, a.detach(), soft.detach(), sigmoid.detach())
         return soft
+
+    def _clamped_ratios(self, state: tuple) -> Tensor:
+        """The clamped ratio of each element's gate (no gradient), reused while ``state`` holds."""
+        if self._values is None or self._values[0] != state:
+            with torch.no_grad():
+                self._values = (state, self.ratio_values()[self.layout()["owner"]], None, None)
+        return self._values[1]
 
     def hard(self) -> Tensor:
         """Flat 0/1 mask of the kept elements (no gradient)."""
         with torch.no_grad():
             rank, equal, _ = self.ranked()
-            a = self.ratio_values()[self.layout()["owner"]]
+            a = self._clamped_ratios(self._state_key())
             return ((rank >= a) | equal).to(rank.dtype)
+
+    def _soft_values(self) -> tuple[Tensor, Tensor]:
+        """``(soft mask, sigmoid)`` values now (no gradient): the forward pass's own while nothing changed since."""
+        state = self._state_key()
+        if self._values is None or self._values[0] != state or self._values[2] is None:
+            with torch.no_grad():
+                self._soft(state)
+        return self._values[2], self._values[3]
+
+    def ratio_gradient(self, mask_grad: Tensor) -> Tensor:
+        """Gradient with respect to every gate's ratio of ``(mask_grad * soft).sum()``, in closed form.
+
+        What autograd gives through :meth:`soft` (or :meth:`straight_through`) and :meth:`ratio_values`:
+        ``d soft_i / d a = -lambda_i soft_i (1 - soft_i)`` (the all-equal gates' constant mask and the
+        clamp pass the same gradient), summed over each gate's elements; one vector in gate order.
+
+        Example:
+            >>> a, b = TopKGate(2, "width"), TopKGate(3, "depth")
+            >>> bank = GateBank([a, b])
+            >>> closed = bank.ratio_gradient(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+            >>> (bank.soft() * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])).sum().backward()
+            >>> torch.allclose(closed, torch.stack([a.ratio.grad, b.ratio.grad]))
+            True
+        """
+        sigmoid = self._soft_values()[1]
+        lay = self.layout()
+        per_element = mask_grad.to(sigmoid.dtype) * (1.0 - sigmoid) * sigmoid * lay["temperature"]
+        grad = torch.zeros(len(self.gates), dtype=sigmoid.dtype, device=sigmoid.device)
+        return grad.index_add_(0, lay["owner"], per_element).neg_()
 
     def straight_through(self) -> Tensor:
         """Flat forward value of the hard mask with the gradient of the (shared) soft mask."""
@@ -293,37 +373,83 @@ class GateBank:
         """Per-gate masks for the model: soft ones recording ``dL/dm`` (training with autograd), hard otherwise.
 
         One mask tensor serves every use within a forward pass (a depth mask serves two branches per
-        block); its hook fires once backward has summed all uses, and clears the cache.
+        block); its hook fires once backward has summed all uses, and clears the cache. The hard masks
+        are kept while no importance or ratio changes (every hook of an evaluation pass reads them).
         """
+        return self._current(training)[0]
+
+    def mask_vector(self, training: bool = True) -> Tensor:
+        """The flat tensor the :meth:`masks` are views of (the same object for every call of a forward pass)."""
+        return self._current(training)[1]
+
+    def _current(self, training: bool) -> tuple[list[Tensor], Tensor]:
         if not (training and torch.is_grad_enabled()):
-            return list(self.hard().split(self.sizes))
+            state = self._state_key()
+            if self._hard_parts is None or self._hard_parts[0] != state:
+                hard = self.hard()
+                self._hard_parts = (state, list(hard.split(self.sizes)), hard)
+            return self._hard_parts[1], self._hard_parts[2]
         key = self._soft_key()
         if self._task_cache is not None and self._task_cache[0] == key:
-            return self._task_cache[1]
-        soft = self.soft()
+            return self._task_cache[1], self._task_cache[3]
+        soft = self._soft(key[0])
         # a view: its hook sees the task loss only, not the resource count that uses ``soft`` directly
         task = soft.view_as(soft) if soft.requires_grad else soft.detach().requires_grad_()
         task.register_hook(self._accumulate)
         parts = list(task.split(self.sizes))
-        self._task_cache = (key, parts, soft)
-        return parts
+        self._task_cache = (key, parts, soft, task)
+        return parts, task
+
+    def _held_pending(self) -> Tensor | None:
+        """The flat pending ``dL/dm`` if every gate still holds exactly this bank's view of it."""
+        if self._pending is None:
+            return None
+        flat, views = self._pending
+        if all(g.__dict__.get("_pending") is v for g, v in zip(self.gates, views)):
+            return flat
+        return None
+
+    def _hold_pending(self, flat: Tensor | None) -> None:
+        views = list(flat.split(self.sizes)) if flat is not None else [None] * len(self.gates)
+        self._pending = (flat, views) if flat is not None else None
+        for gate, view in zip(self.gates, views):
+            gate.__dict__["_pending"] = view
 
     def _accumulate(self, grad: Tensor) -> None:
         self._task_cache = None
-        for gate, part in zip(self.gates, grad.detach().split(self.sizes)):
-            gate._pending = part.clone() if gate._pending is None else gate._pending + part
+        grad = grad.detach()
+        held = self._held_pending()
+        if held is not None:
+            flat = held + grad
+        elif all(g.__dict__.get("_pending") is None for g in self.gates):
+            flat = grad.clone()
+        else:  # some gate holds a sum from elsewhere (used on its own): add to each
+            flat = torch.cat([g.take_pending() for g in self.gates]) + grad
+        self._hold_pending(flat)
+
+    def take_pending(self) -> Tensor:
+        """Every gate's summed ``dL/dm`` since the last call (zeros where none), flat in gate order; resets them."""
+        flat = self._held_pending()
+        dtype = self._buffers[0]["importance"].dtype
+        if flat is None:
+            flat = torch.cat([g.take_pending() for g in self.gates])
+        self._hold_pending(None)
+        return flat.to(dtype)
 
     @torch.no_grad()
     def apply_importance(self, grad: Tensor) -> None:
-        """``c <- decay c + (1 - decay) (m * grad)^2`` for every gate, ``grad`` flat in gate order."""
-        rank, equal, _ = self.ranked()
+        """``c <- decay c + (1 - decay) (m * grad)^2`` for every gate, ``grad`` flat in gate order.
+
+        ``m`` is the current soft mask: the forward pass's own values while no importance or ratio changed
+        since (the step's update, before the optimizer moves the ratios), else computed afresh.
+        """
+        m = self._soft_values()[0]
         lay = self.layout()
-        m = torch.sigmoid(lay["temperature"] * (rank - self.ratio_values()[lay["owner"]]))
-        m = torch.where(equal, torch.ones_like(m), m)
-        imp = torch.cat([g.importance for g in self.gates]) if len(self.gates) > 1 else self.gates[0].importance
+        imps = self.importances()
+        imp = torch.cat(imps) if len(imps) > 1 else imps[0]
         new = imp * lay["decay"] + (1.0 - lay["decay"]) * (m * grad.to(imp.dtype)) ** 2
-        for gate, value in zip(self.gates, new.split(self.sizes)):
-            gate.importance.copy_(value)
+        torch._foreach_copy_(imps, list(new.split(self.sizes)))
+        self._rank_cache = self._rank(new, self._importance_key())
 
 
 def update_importance(
@@ -348,7 +474,9 @@ def update_importance(
     bank = gates if isinstance(gates, GateBank) else GateBank(list(gates)) if gates else None
     if bank is None:
         return False
-    flat = torch.cat([g.take_pending() for g in bank.gates]) / scale
+    flat = bank.take_pending()
+    if scale != 1.0:
+        flat = flat / scale
     if reduce is not None:
         flat = reduce(flat)
     if not bool(torch.isfinite(flat).all()):
