@@ -12,6 +12,9 @@ Variants, per seed, all with the same data order and schedule length unless said
   ``zero_interleave`` (identity blocks: two zero-initialised blocks after each block) and
   ``copy_interleave_ramp`` (two copies of each trained block right after it, ramped in), which ``DepthGrowth``
   cannot express in one step (one block per insertion position), applied as events by :class:`ScheduledGrowth`;
+- ``copy_ramp_curvature`` / ``copy_ramp_uniform`` (placement, issue 14 item 3): ``2 -> 6`` by four single ramped
+  copies (``--copy-ramp-steps``), one after each fraction in ``--copy-at``, placed by curvature or uniformly
+  (``DepthGrowth(operator="copy", blocks_per_step=1, at=...)``); not in the default variant list;
 - ``fixed_6_equal``: the final-size model trained for as many steps as fit the grown runs' FLOPs, with its own
   full warm-up + cosine schedule (the fixed model at equal compute).
 
