@@ -12,6 +12,9 @@ Variants, per seed, all with the same data order and schedule length unless said
   ``zero_interleave`` (identity blocks: two zero-initialised blocks after each block) and
   ``copy_interleave_ramp`` (two copies of each trained block right after it, ramped in), which ``DepthGrowth``
   cannot express in one step (one block per insertion position), applied as events by :class:`ScheduledGrowth`;
+- ``copy_ramp_curvature`` / ``copy_ramp_uniform`` (placement, issue 14 item 3): ``2 -> 6`` by four single ramped
+  copies (``--copy-ramp-steps``), one after each fraction in ``--copy-at``, placed by curvature or uniformly
+  (``DepthGrowth(operator="copy", blocks_per_step=1, at=...)``); not in the default variant list;
 - ``fixed_6_equal``: the final-size model trained for as many steps as fit the grown runs' FLOPs, with its own
   full warm-up + cosine schedule (the fixed model at equal compute).
 
@@ -63,9 +66,11 @@ from lightning_depthgrow.surgery import operators as _operators  # noqa: F401  (
 from lightning_depthgrow.surgery import sync_schedulers, update_optimizer
 from lightning_depthgrow.surgery.ramp import advance_ramps, ramped_blocks
 
-GROWN = ("zero_interleave", "copy_interleave_ramp", "stack_ramp", "stack_noramp")
+#: Placement (issue 14 item 3): 2 -> 6 by four single ramped copies at ``--copy-at``, placed by curvature or uniformly.
+COPY_PLACEMENT = ("copy_ramp_curvature", "copy_ramp_uniform")
+GROWN = ("zero_interleave", "copy_interleave_ramp", "stack_ramp", "stack_noramp", *COPY_PLACEMENT)
 #: The grown variants the library's DepthGrowth expresses (the others are applied as events by ScheduledGrowth).
-BY_DEPTH_GROWTH = ("stack_ramp", "stack_noramp")
+BY_DEPTH_GROWTH = ("stack_ramp", "stack_noramp", *COPY_PLACEMENT)
 
 
 def growth_events(operator: str, depth: int, factor: int, ramp_steps: int, seed: int) -> list[ArchitectureEvent]:
@@ -125,9 +130,23 @@ class EventLog(Callback):
 
 
 def depth_growth(name: str, config: LMConfig, args: argparse.Namespace) -> DepthGrowth:
-    """The library callback for a G_stack variant: once, after the optimizer step at ``grow_at`` of training, the
-    stack ``factor`` times deeper, within a budget of exactly the final-size model's parameters."""
+    """The library callback of a grown variant, within a budget of exactly the final-size model's parameters.
+
+    G_stack: once, after the optimizer step at ``grow_at`` of training, the stack ``factor`` times deeper. Copy
+    placement: one ramped copy after each fraction in ``copy_at``, placed by curvature or uniformly.
+    """
     final = count_parameters(ByteLM(make_gpt(config, args.start_depth * args.factor), config))
+    if name in COPY_PLACEMENT:
+        return DepthGrowth(
+            final_budget=final,
+            budget_mode="absolute",
+            operator="copy",
+            ramp_steps=args.copy_ramp_steps,
+            placement=name.rsplit("_", 1)[1],
+            blocks_per_step=1,
+            max_per_stack=1,
+            at=args.copy_at,
+        )
     return DepthGrowth(
         final_budget=final,
         budget_mode="absolute",
@@ -145,7 +164,7 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     driver = None
     if name in GROWN:
         config = replace(config, depth=args.start_depth)
-        if name in BY_DEPTH_GROWTH and args.driver == "library":
+        if name in COPY_PLACEMENT or (name in BY_DEPTH_GROWTH and args.driver == "library"):
             growth, driver = EventLog(), "DepthGrowth"
             callbacks += [depth_growth(name, config, args), growth]
         else:
@@ -166,6 +185,8 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     if growth is not None:
         result["events"] = growth.events
         result["driver"] = driver
+    if name in COPY_PLACEMENT:
+        result["growth"] = {"at": args.copy_at, "ramp_steps": args.copy_ramp_steps}
     return result
 
 
@@ -270,6 +291,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--grow-at", type=float, default=1 / 3, help="fraction of the steps after which to grow")
     parser.add_argument("--ramp-steps", type=int, default=60)
     parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument(
+        "--copy-at",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.3, 0.35, 0.4],
+        help="fractions of training after which the copy-placement variants add one ramped copy each",
+    )
+    parser.add_argument("--copy-ramp-steps", type=int, default=60)
     parser.add_argument(
         "--driver",
         choices=("library", "events"),

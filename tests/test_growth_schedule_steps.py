@@ -16,7 +16,16 @@ from lightning_depthgrow import load_grown
 from lightning_depthgrow.callbacks import DepthGrowth, DifferentiableModelScaling
 from lightning_depthgrow.callbacks.base import ArchitectureCallback
 from lightning_depthgrow.events import ArchitectureEvent, event_log
-from lightning_depthgrow.growth import BlockCost, Budget, FractionSchedule, StackLayout, plan_depth, stack_layouts
+from lightning_depthgrow.growth import (
+    BlockCost,
+    Budget,
+    FractionSchedule,
+    StackLayout,
+    plan_depth,
+    stack_layouts,
+    starting_blocks,
+)
+from lightning_depthgrow.growth.depth import inserted_after
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery.ramp import ramped_blocks
 from tests._helpers import make_module, quiet_trainer, random_loader, tensor_hash
@@ -301,3 +310,18 @@ def test_a_custom_callback_on_the_optimizer_step_trigger_is_asked_once_per_optim
     quiet_trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[custom, depths]).fit(module, random_loader())
     assert custom.asked == [1, 2, 3, 4]  # 8 batches, 4 optimizer steps: never asked on a gradient-only batch
     assert depths.grew_at() == [(1, 1, 3, 3)] and [e.step for e in event_log(module)] == [3]
+
+
+def test_uniform_placement_counts_copies_and_stacked_blocks_as_inserted() -> None:
+    # Only insert_block events used to mark inserted blocks: after a copy every block counted as a starting block
+    # and uniform placement put every copy after block 0.
+    copy = ArchitectureEvent("copy_block", {"stack": "blocks", "source": 0, "index": 0, "ramp_steps": 4})
+    original = starting_blocks(3, inserted_after([copy], "blocks", 3))
+    assert original == (True, False, True)
+    stack = StackLayout("blocks", growable=(0, 1, 2), templates=(0, 1, 2), original=original)
+    costs = {f"blocks.{i}": BlockCost(params=10, flops=0) for i in range(3)}
+    (plan,) = plan_depth([stack], costs, Budget(final=2.0), start=100, current=100, placement="uniform")
+    assert plan.after == 2  # after the starting block that has no copy yet
+    stacked = ArchitectureEvent("stack_blocks", {"stack": "blocks", "factor": 3, "order": "stack", "ramp_steps": 0})
+    assert starting_blocks(6, inserted_after([stacked], "blocks", 6)) == (True, True, False, False, False, False)
+    assert inserted_after([stacked], "blocks", 5) == [-1]  # does not add up: starting_blocks then counts all

@@ -271,6 +271,46 @@ def starting_blocks(depth: int, insertions: Iterable[int]) -> tuple[bool, ...]:
     return tuple(row) if len(row) == depth else (True,) * depth
 
 
+#: Event kinds that insert one block after ``spec["index"]`` (``copy_block`` without an index: after its source).
+_ONE_BLOCK = (INSERT_BLOCK, "copy_block", "insert_random_block")
+
+
+def inserted_after(events: Iterable[ArchitectureEvent], path: str, depth: int) -> list[int]:
+    """The ``after`` index of every block inserted into stack ``path`` (now ``depth`` blocks deep), in order, from
+    its ``insert_block`` / ``copy_block`` / ``insert_random_block`` / ``stack_blocks`` events; ``[-1]`` (a history
+    :func:`starting_blocks` rejects) when a stacking does not add up.
+
+    Example:
+        >>> from lightning_depthgrow.events import ArchitectureEvent
+        >>> stack = ArchitectureEvent("stack_blocks", {"stack": "blocks", "factor": 3, "order": "stack"})
+        >>> inserted_after([stack], "blocks", depth=6)  # [b0, b1] -> [b0, b1, b0', b1', b0'', b1'']
+        [1, 2, 3, 4]
+    """
+    mine = [e for e in events if e.spec.get("stack") == path and (e.kind in _ONE_BLOCK or e.kind == "stack_blocks")]
+    before = []  # the stack's depth before each event, walking back from the current depth
+    for event in reversed(mine):
+        if event.kind == "stack_blocks":
+            factor = int(event.spec.get("factor", 2))
+            if depth % factor:
+                return [-1]
+            depth //= factor
+        else:
+            depth -= 1
+        before.append(depth)
+    after: list[int] = []
+    for event, d in zip(mine, reversed(before)):
+        if event.kind != "stack_blocks":
+            index = event.spec.get("index")
+            after.append(int(event.spec["source"] if index is None else index))
+            continue
+        factor = int(event.spec.get("factor", 2))
+        if event.spec.get("order", "stack") == "stack":
+            after += [d * (k + 1) + i - 1 for k in range(factor - 1) for i in range(d)]
+        else:
+            after += [i * factor + k for i in range(d) for k in range(factor - 1)]
+    return after
+
+
 def stack_layouts(
     model: nn.Module, events: Iterable[ArchitectureEvent] = (), ramped: bool = False
 ) -> list[StackLayout]:
@@ -280,7 +320,8 @@ def stack_layouts(
     (:meth:`~lightning_depthgrow.adapters.BlockStack.growable_positions`: a post-LayerNorm block or a ResNet block
     with a non-ReLU activation after its add has none). ``ramped=True`` (copies entering through a residual ramp,
     the identity at birth for any shape-preserving block): the adapters' zero-init refusals do not apply, so every
-    block of a stack whose keys are ``0..n-1`` and that has a shape-preserving block to copy is a position.
+    block of a stack whose keys are ``0..n-1`` and that has a shape-preserving block to copy is a position. Block
+    insertions by any operator in ``events`` mark which blocks are not starting blocks.
 
     Example:
         >>> from torch import nn
@@ -289,7 +330,7 @@ def stack_layouts(
         >>> stack_layouts(encoder), [(s.path, s.growable) for s in stack_layouts(encoder, ramped=True)]
         ([], [('layers', (0, 1))])
     """
-    inserts = [e for e in events if e.kind == INSERT_BLOCK]
+    events = list(events)
     layouts = []
     for stack in find_block_stacks(model):
         if ramped:
@@ -300,6 +341,6 @@ def stack_layouts(
         if not growable:
             continue
         templates = tuple(int(stack.template_index(near=i)) for i in growable)
-        original = starting_blocks(len(stack), [e.spec["index"] for e in inserts if e.spec.get("stack") == stack.path])
+        original = starting_blocks(len(stack), inserted_after(events, stack.path, len(stack)))
         layouts.append(StackLayout(stack.path, growable, templates, original, stack.key_prefix or ""))
     return layouts
