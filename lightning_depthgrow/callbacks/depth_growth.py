@@ -78,9 +78,11 @@ class DepthGrowth(GrowthCallback):
             ``None``: no size limit per step.
         scale_by_lr: scale ``step_budget`` by the current lr / the initial lr of the first param group
             (the paper's rule: growth shrinks along the learning-rate schedule). Needs ``step_budget``.
-        placement: ``"curvature"`` inserts after the blocks with the highest Hessian trace per parameter;
-            ``"uniform"`` keeps depth as even as possible (across stacks and between the starting blocks);
-            ``"last"`` appends at the end of each stack. The latter two are baselines.
+        placement: ``"uniform"`` (the default) keeps depth as even as possible (across stacks and between the
+            starting blocks); ``"curvature"`` inserts after the blocks with the highest Hessian trace per parameter;
+            ``"last"`` appends at the end of each stack. Uniform is the default because curvature placement did not
+            beat it in either benchmark (``docs/growth.md``: MNIST-1D, and ramped copies on the byte-level LM, where
+            curvature put every copy after block 0).
         max_per_stack: the most blocks added to one stack in one growth step (``None``: no limit).
         curvature_monitor: the :class:`~lightning_depthgrow.callbacks.curvature_monitor.CurvatureMonitor` to
             estimate curvature with. ``None``: the one in ``trainer.callbacks`` if any, else one built by this
@@ -146,7 +148,7 @@ class DepthGrowth(GrowthCallback):
         blocks_per_step: int | None = 1,
         step_budget: float | None = None,
         scale_by_lr: bool = False,
-        placement: Placement = "curvature",
+        placement: Placement = "uniform",
         max_per_stack: int | None = 1,
         curvature_monitor: CurvatureMonitor | None = None,
         example_input: torch.Tensor | None = None,
