@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -156,7 +157,12 @@ def test_no_curvature_estimate_once_the_budget_is_used():
     start, per_block = count_parameters(module), block_params(module)
     monitor = CurvatureMonitor(every_n_epochs=100, num_batches=1, num_probes=2, log=False)
     # Room for one block: growth epochs 0, 1 and 2, but only the first one can add anything.
-    growth = DepthGrowth(final_budget=(start + 1.5 * per_block) / start, warmup_epochs=1, curvature_monitor=monitor)
+    growth = DepthGrowth(
+        final_budget=(start + 1.5 * per_block) / start,
+        warmup_epochs=1,
+        curvature_monitor=monitor,
+        placement="curvature",
+    )
     trainer(4, [monitor, growth]).fit(module, loader())
     assert [e.epoch for e in event_log(module)] == [0]
     # The later growth epochs skip the estimate (several training steps' worth of compute each).
@@ -358,7 +364,7 @@ def test_a_monitor_in_the_trainer_estimates_once_per_growth_epoch():
     # uses in the next epoch; no second estimate in a growth epoch.
     module = tiny_module(max_epochs=4)
     monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False)  # estimates at every epoch end
-    trainer(4, [monitor, DepthGrowth(final_budget=3.0, warmup_epochs=2)]).fit(module, loader())
+    trainer(4, [monitor, DepthGrowth(final_budget=3.0, warmup_epochs=2, placement="curvature")]).fit(module, loader())
     events = event_log(module)
     assert [e.epoch for e in events] == [1, 2]
     assert [h["epoch"] for h in monitor.history] == [0, 1, 2, 3]
@@ -373,8 +379,17 @@ def test_a_growth_at_the_first_epoch_end_shares_the_monitors_estimate():
     # the monitor's epoch-end hook, at the same step, takes that estimate instead of computing a second one.
     module = tiny_module(max_epochs=2)
     monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False)
-    trainer(2, [monitor, DepthGrowth(final_budget=3.0, warmup_epochs=1)]).fit(module, loader())
+    trainer(2, [monitor, DepthGrowth(final_budget=3.0, warmup_epochs=1, placement="curvature")]).fit(module, loader())
     (event,) = event_log(module)
     assert event.epoch == 0
     assert [h["epoch"] for h in monitor.history] == [0, 1]
     assert monitor.history[0]["trace_per_param"][event.reason["block"]] == pytest.approx(event.reason["score"])
+
+
+def test_placement_defaults_to_uniform_and_a_monitor_without_curvature_placement_is_named():
+    assert DepthGrowth().placement == "uniform"
+    with pytest.warns(UserWarning, match="only used by placement='curvature'"):
+        DepthGrowth(curvature_monitor=CurvatureMonitor(log=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DepthGrowth(curvature_monitor=CurvatureMonitor(log=False), placement="curvature")

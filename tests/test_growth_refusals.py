@@ -139,7 +139,12 @@ def _loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:
 
 def test_manual_optimization_is_refused_at_setup_naming_the_callback_and_loss_fn():
     torch.manual_seed(0)
-    _refused(Manual(make_vit()), [DepthGrowth()], RuntimeError, r"DepthGrowth\(placement='curvature'\).*loss_fn")
+    _refused(
+        Manual(make_vit()),
+        [DepthGrowth(placement="curvature")],
+        RuntimeError,
+        r"DepthGrowth\(placement='curvature'\).*loss_fn",
+    )
     _refused(Manual(make_vit()), [NeuronGrowth()], RuntimeError, r"NeuronGrowth.*loss_fn")
 
 
@@ -148,7 +153,7 @@ def test_manual_optimization_grows_with_a_loss_fn():
     torch.manual_seed(0)
     module = Manual(make_vit())
     monitor = CurvatureMonitor(loss_fn=_loss, log=False, num_probes=2)
-    _fit(module, [DepthGrowth(final_budget=3.0, curvature_monitor=monitor)], epochs=2)
+    _fit(module, [DepthGrowth(final_budget=3.0, curvature_monitor=monitor, placement="curvature")], epochs=2)
     assert [e.kind for e in event_log(module)] == ["insert_block"]
 
 

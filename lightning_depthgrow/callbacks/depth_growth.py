@@ -206,6 +206,12 @@ class DepthGrowth(GrowthCallback):
             raise TypeError(
                 f"`curvature_monitor` must be a CurvatureMonitor or None, got {type(curvature_monitor).__name__}."
             )
+        if curvature_monitor is not None and self.placement != "curvature":
+            rank_zero_warn(
+                f"DepthGrowth(curvature_monitor=...) is only used by placement='curvature', and placement is "
+                f"{self.placement!r} (the default is 'uniform' since 0.3): pass placement='curvature' to place blocks "
+                "by curvature."
+            )
         self.example_input = example_input
         self.seed = check_int("seed", seed)
         self._given_monitor = curvature_monitor
