@@ -16,9 +16,9 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from ...adapters.registry import BlockAdapter
-from ..hooks import InputMask, OutputScale
-from ..sites import DMSFamily, GateSpec, Hook, gate_name, slice_conv_hidden, tied
-from ..topk import WIDTH
+from ..hooks import OutputScale
+from ..sites import GateSpec, Hook, tied
+from .conv_hidden import ConvHiddenFamily
 
 BLOCKS = (BasicBlock, Bottleneck)
 
@@ -38,7 +38,7 @@ def branch_end(block: nn.Module) -> str:
     return "bn3" if hasattr(block, "conv3") else "bn2"
 
 
-class TimmResNetFamily(DMSFamily):
+class TimmResNetFamily(ConvHiddenFamily):
     name = "timm ResNet block"
     sites = ("conv_width",)
     depth_styles = ("resnet",)
@@ -60,19 +60,7 @@ class TimmResNetFamily(DMSFamily):
                 raise tied(path, f"the channels between {producer} and {consumer} (grouped convolution)")
             if not _channel_agnostic(between):
                 raise tied(path, f"the channels between {producer} and {consumer} ({type(between).__name__})")
-            specs.append(
-                {
-                    "name": gate_name(path, producer),
-                    "kind": WIDTH,
-                    "site": "conv_width",
-                    "block": path,
-                    "producer": producer,
-                    "norm": norm,
-                    "consumer": consumer,
-                    "n": prod.out_channels,
-                    "min_keep": 1,
-                }
-            )
+            specs.append(self.conv_hidden_spec(path, block, producer, norm, consumer))
         return specs
 
     def depth_style(self, block: nn.Module) -> str | None:
@@ -83,16 +71,5 @@ class TimmResNetFamily(DMSFamily):
             return None
         return block.downsample is None and adapter.shape_preserving(block)
 
-    def mask_hooks(self, model: nn.Module, spec: GateSpec, gates: Any, index: int, fold: Any) -> list[Hook]:
-        return [(model.get_submodule(f"{spec['block']}.{spec['consumer']}"), "pre", InputMask(gates, index, 1))]
-
     def depth_hooks(self, block: nn.Module, style: str, gates: Any, index: int, element: int, fold: Any) -> list[Hook]:
         return [(block.get_submodule(branch_end(block)), "post", OutputScale(gates, index, element))]
-
-    def plan_export(self, model: nn.Module, spec: GateSpec, keep: list[int], slices: Any) -> None:
-        get = model.get_submodule(spec["block"]).get_submodule
-        slice_conv_hidden(slices, get(spec["producer"]), get(spec["norm"]), get(spec["consumer"]), keep)
-
-    def resource_roles(self, model: nn.Module, spec: GateSpec) -> list[tuple[str, str]]:
-        b = spec["block"]
-        return [("out", f"{b}.{spec['producer']}"), ("norm", f"{b}.{spec['norm']}"), ("in", f"{b}.{spec['consumer']}")]

@@ -43,9 +43,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...adapters.registry import lazy_class
-from ..hooks import InputMask, OutputScale
-from ..sites import DMSFamily, GateSpec, Hook, gate_name, slice_conv_hidden, slice_linear_hidden, tied
+from ..hooks import OutputScale
+from ..sites import DMSFamily, GateSpec, Hook, gate_name, slice_linear_hidden, tied
 from ..topk import WIDTH
+from .conv_hidden import ConvHiddenFamily
 
 _RESNET = "torchvision.models.resnet"
 _VIT = "torchvision.models.vision_transformer"
@@ -87,7 +88,7 @@ def _mlp_linears(block: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
     return first, last
 
 
-class TorchvisionResNetFamily(DMSFamily):
+class TorchvisionResNetFamily(ConvHiddenFamily):
     """Inner channels of torchvision ``BasicBlock``/``Bottleneck`` (depth: the generic gate)."""
 
     name = "torchvision ResNet block"
@@ -113,31 +114,8 @@ class TorchvisionResNetFamily(DMSFamily):
                     f"the channels between {producer} and {consumer} ({norm} is a "
                     f"{type(block.get_submodule(norm)).__name__}, not a per-channel BatchNorm)",
                 )
-            specs.append(
-                {
-                    "name": gate_name(path, producer),
-                    "kind": WIDTH,
-                    "site": "torchvision_conv_width",
-                    "block": path,
-                    "producer": producer,
-                    "norm": norm,
-                    "consumer": consumer,
-                    "n": prod.out_channels,
-                    "min_keep": 1,
-                }
-            )
+            specs.append(self.conv_hidden_spec(path, block, producer, norm, consumer))
         return specs
-
-    def mask_hooks(self, model: nn.Module, spec: GateSpec, gates: Any, index: int, fold: Any) -> list[Hook]:
-        return [(model.get_submodule(f"{spec['block']}.{spec['consumer']}"), "pre", InputMask(gates, index, 1))]
-
-    def plan_export(self, model: nn.Module, spec: GateSpec, keep: list[int], slices: Any) -> None:
-        get = model.get_submodule(spec["block"]).get_submodule
-        slice_conv_hidden(slices, get(spec["producer"]), get(spec["norm"]), get(spec["consumer"]), keep)
-
-    def resource_roles(self, model: nn.Module, spec: GateSpec) -> list[tuple[str, str]]:
-        b = spec["block"]
-        return [("out", f"{b}.{spec['producer']}"), ("norm", f"{b}.{spec['norm']}"), ("in", f"{b}.{spec['consumer']}")]
 
 
 class TorchvisionViTFamily(DMSFamily):
