@@ -8,17 +8,22 @@ from here directly.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import timm
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_depthgrow import register_block
+from lightning_depthgrow.events import event_log
+from lightning_depthgrow.surgery.ramp import ramped_blocks
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
@@ -191,3 +196,21 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class RankRecord(Callback):
+    """At the end of training, writes each rank's parameter hash, event log and ramps to ``out/rank<r>.json``
+    (multi-process tests compare the ranks with :func:`rank_records`)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        events = [{k: e.to_dict()[k] for k in ("kind", "spec", "step")} for e in event_log(pl_module)]
+        record = {"hash": tensor_hash(pl_module), "events": events, "ramped": ramped_blocks(pl_module)}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def rank_records(out: Path, world_size: int = 2) -> list[dict[str, Any]]:
+    """The records :class:`RankRecord` wrote, by rank."""
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]

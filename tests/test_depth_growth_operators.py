@@ -15,7 +15,7 @@ from lightning_depthgrow.callbacks import DepthGrowth
 from lightning_depthgrow.events import event_log
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery.ramp import ramped_blocks
-from tests._helpers import make_module, quiet_trainer, random_loader, tensor_hash
+from tests._helpers import RankRecord, make_module, quiet_trainer, random_loader, rank_records, tensor_hash
 
 PROBE = torch.randn(8, 1, 1, 40, generator=torch.Generator().manual_seed(5))
 
@@ -207,30 +207,16 @@ def test_operators_keep_hf_config_depth_layer_idx_and_layer_types_in_step(order:
         assert torch.isfinite(model(input_ids=ids).logits).all()  # every layer runs with the grown config
 
 
-class _RankRecord(Callback):
-    def __init__(self, out: Path) -> None:
-        self.out = out
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import json
-
-        events = [{k: e.to_dict()[k] for k in ("kind", "spec", "step")} for e in event_log(pl_module)]
-        record = {"hash": tensor_hash(pl_module), "events": events, "ramped": ramped_blocks(pl_module)}
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-
-
 @pytest.mark.slow
 def test_stack_with_ramp_under_ddp_keeps_ranks_identical_and_survives_the_fold(tmp_path: Path) -> None:
-    import json
-
     # timm's ViT has no buffers but the ramps: the fold removes the last ones, and DDP must be re-wrapped or its
     # next forward fails inside torch.
     growth = DepthGrowth(
         final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=2, warmup_epochs=1
     )
-    trainer = quiet_trainer(max_epochs=3, devices=2, strategy="ddp_spawn", callbacks=[growth, _RankRecord(tmp_path)])
+    trainer = quiet_trainer(max_epochs=3, devices=2, strategy="ddp_spawn", callbacks=[growth, RankRecord(tmp_path)])
     trainer.fit(make_module(depth=2, max_epochs=3), random_loader(n=64, batch_size=8))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = rank_records(tmp_path)
     assert ranks[0] == ranks[1]
     assert [(e["kind"], e["step"]) for e in ranks[0]["events"]] == [("stack_blocks", 4), ("fold_ramps", 6)]
     assert ranks[0]["ramped"] == {}

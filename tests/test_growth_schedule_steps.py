@@ -28,7 +28,7 @@ from lightning_depthgrow.growth import (
 from lightning_depthgrow.growth.depth import inserted_after
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery.ramp import ramped_blocks
-from tests._helpers import make_module, quiet_trainer, random_loader, tensor_hash
+from tests._helpers import RankRecord, make_module, quiet_trainer, random_loader, rank_records, tensor_hash
 
 PROBE = torch.randn(8, 1, 1, 40, generator=torch.Generator().manual_seed(5))
 
@@ -257,29 +257,15 @@ def test_fractions_next_to_a_dms_search_are_refused_at_setup() -> None:
     assert tensor_hash(module) == start
 
 
-class _RankRecord(Callback):
-    def __init__(self, out: Path) -> None:
-        self.out = out
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import json
-
-        events = [{k: e.to_dict()[k] for k in ("kind", "spec", "step")} for e in event_log(pl_module)]
-        record = {"hash": tensor_hash(pl_module), "events": events, "ramped": ramped_blocks(pl_module)}
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-
-
 @pytest.mark.slow
 def test_a_step_triggered_stacking_under_ddp_keeps_ranks_identical(tmp_path: Path) -> None:
-    import json
-
     # Per rank 32 samples / batch 8 = 4 steps per epoch, 3 epochs = 12 steps: at=0.45 -> after step 5 (mid-epoch).
     growth = DepthGrowth(
         final_budget=_params(6), budget_mode="absolute", operator="stack", factor=3, ramp_steps=2, at=[0.45]
     )
-    trainer = quiet_trainer(max_epochs=3, devices=2, strategy="ddp_spawn", callbacks=[growth, _RankRecord(tmp_path)])
+    trainer = quiet_trainer(max_epochs=3, devices=2, strategy="ddp_spawn", callbacks=[growth, RankRecord(tmp_path)])
     trainer.fit(make_module(depth=2, max_epochs=3), random_loader(n=64, batch_size=8))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = rank_records(tmp_path)
     assert ranks[0] == ranks[1]
     assert [(e["kind"], e["step"]) for e in ranks[0]["events"]] == [("stack_blocks", 5), ("fold_ramps", 7)]
     assert ranks[0]["events"][0]["spec"]["factor"] == 3 and ranks[0]["ramped"] == {}
