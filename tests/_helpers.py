@@ -214,3 +214,27 @@ class RankRecord(Callback):
 def rank_records(out: Path, world_size: int = 2) -> list[dict[str, Any]]:
     """The records :class:`RankRecord` wrote, by rank."""
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+class PairBlock(nn.Module):
+    """A residual block that returns ``(hidden, cache)``: the generic depth gate cannot scale it (DMS must refuse)."""
+
+    def __init__(self, width: int = 40) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return x + self.fc(x), None
+
+
+class PairNet(nn.Module):
+    """Two :class:`PairBlock` in ``blocks``, each block's hidden state fed to the next."""
+
+    def __init__(self, width: int = 40) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([PairBlock(width), PairBlock(width)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)[0]
+        return x

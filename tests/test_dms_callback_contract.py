@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import make_vit, quiet_trainer, tensor_hash
+from _helpers import PairBlock, PairNet, make_vit, quiet_trainer, tensor_hash
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -480,17 +480,6 @@ def test_search_checkpoint_into_a_bare_network_says_what_it_is(tmp_path):
 
 
 # ---------------------------------------------------------------- issue 9 item 7: refused before any gate is attached
-class PairBlock(nn.Module):
-    """A residual block that returns (hidden, cache): the generic depth gate cannot scale it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(40, 40)
-
-    def forward(self, x):
-        return x + self.fc(x), None
-
-
 class Recording(pl.LightningModule):
     """Records every sub-module added to this very instance (a deep copy records on itself, not here)."""
 
@@ -514,17 +503,6 @@ class Recording(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1e-2)
-
-
-class PairNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([PairBlock(), PairBlock()])
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)[0]
-        return x
 
 
 def tiny_bert() -> nn.Module:

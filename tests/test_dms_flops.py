@@ -8,6 +8,7 @@ import contextlib
 import pytest
 import timm
 import torch
+from _helpers import PairBlock, PairNet
 from timm.models.eva import Eva, EvaBlock
 from torch import nn
 
@@ -205,27 +206,9 @@ def test_a_family_registered_in_one_place_gets_gates_export_and_counts():
 
 
 def test_generic_depth_gate_refuses_a_block_that_returns_a_tuple():
-    class PairBlock(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return x + self.fc(x), None  # (hidden states, cache): scaling it would be a silent wrong model
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks = nn.ModuleList([PairBlock(), PairBlock()])
-
-        def forward(self, x):
-            for block in self.blocks:
-                x = block(x)[0]
-            return x
-
     register_block(PairBlock, zero_init=["fc"])
     try:
-        model = Net()
+        model = PairNet(width=8)
         attach_gates(model)
         with pytest.raises(TypeError, match=r"PairBlock to map one tensor.*depth=False"):
             ResourceModel.build(model, torch.zeros(2, 8))  # the first forward, at setup
