@@ -268,6 +268,12 @@ def summarise(runs: dict[str, list[dict[str, Any]]], final: str, start: str) -> 
             "min_update_ratio": [min(b["update_ratio"] for b in r["blocks"]) for r in results],
             "min_skip_loss_delta": [min(b["skip_loss_delta"] for b in r["blocks"]) for r in results],
         }
+        ratios = entry["reaches_final_loss_at_flops_ratio"]
+        reached = [x for x in ratios if x is not None]
+        # Mean +- std over the seeds only when every seed reached the loss (a run that never does has no ratio).
+        mean, std = mean_std(reached) if reached and len(reached) == len(ratios) else (None, None)
+        entry["reaches_final_loss_at_flops_ratio_mean"] = mean
+        entry["reaches_final_loss_at_flops_ratio_std"] = std
         summary[name] = entry
     return summary
 
@@ -292,12 +298,18 @@ def markdown_table(summary: dict[str, Any], final: str, start: str) -> str:
     lines = [
         f"| variant | blocks | val loss (nats/byte) | bits/byte | paired vs {final} | paired vs {start} (per seed) | "
         f"FLOPs / {final} | "
-        f"first reaches {final}'s final loss at (FLOPs / {final}, per seed) | min residual update | "
+        f"first reaches {final}'s final loss at (FLOPs / {final}, per seed; mean ± std) | min residual update | "
         "min loss rise when a block is skipped |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in summary.items():
         reach = ", ".join("never" if x is None else f"{x:.2f}" for x in e["reaches_final_loss_at_flops_ratio"])
+        reach_mean, reach_std = (
+            e.get("reaches_final_loss_at_flops_ratio_mean"),
+            e.get("reaches_final_loss_at_flops_ratio_std"),
+        )
+        if reach_mean is not None:
+            reach += f" ({reach_mean:.2f} ± {reach_std:.2f})"
         vs_start = ", ".join(f"{x:+.4f}" for x in e["paired_loss_minus_start"])
         lines.append(
             f"| {name} | {e['depth']} | {e['val_loss_mean']:.4f} ± {e['val_loss_std']:.4f} | "
