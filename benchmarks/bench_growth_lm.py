@@ -15,6 +15,9 @@ Variants, per seed, all with the same data order and schedule length unless said
 - ``copy_ramp_curvature`` / ``copy_ramp_uniform`` (placement, issue 14 item 3): ``2 -> 6`` by four single ramped
   copies (``--copy-ramp-steps``), one after each fraction in ``--copy-at``, placed by curvature or uniformly
   (``DepthGrowth(operator="copy", blocks_per_step=1, at=...)``); not in the default variant list;
+- ``copy_two_step_ramp`` (two-step growth ``2 -> 4 -> 6``): after each of the two fractions in ``--two-step-at``
+  two ramped copies (``--ramp-steps``) placed uniformly, ``DepthGrowth(operator="copy", blocks_per_step=2, at=...)``
+  (``2 -> 4``: one copy after each block; ``4 -> 6``: one more per starting block); not in the default list;
 - ``fixed_6_equal``: the final-size model trained for as many steps as fit the grown runs' FLOPs, with its own
   full warm-up + cosine schedule (the fixed model at equal compute).
 
@@ -30,6 +33,9 @@ callback is checked against: same events, same steps). Writes ``benchmarks/resul
 ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
 variants already in FILE (another invocation with the identical configuration: training is deterministic on one
 CPU thread) instead of training them again, and ``--merge FILE...`` combines result files of one configuration.
+The fixed-size runs (``fixed_<d>``) read no growth setting, so they are also taken from files made with other
+growth settings (``--grow-at``, ``--ramp-steps``, ...; same ``lm`` config); a seed already taken is not taken
+twice, and a second copy that differs from the first is an error.
 """
 
 from __future__ import annotations
@@ -68,9 +74,16 @@ from lightning_depthgrow.surgery.ramp import advance_ramps, ramped_blocks
 
 #: Placement (issue 14 item 3): 2 -> 6 by four single ramped copies at ``--copy-at``, placed by curvature or uniformly.
 COPY_PLACEMENT = ("copy_ramp_curvature", "copy_ramp_uniform")
-GROWN = ("zero_interleave", "copy_interleave_ramp", "stack_ramp", "stack_noramp", *COPY_PLACEMENT)
+#: Two-step growth 2 -> 4 -> 6: two ramped copies (one after each block) after each fraction in ``--two-step-at``.
+TWO_STEP = "copy_two_step_ramp"
+#: The variants whose growth schedule is not ``--grow-at`` (it is recorded in each run's ``growth`` entry).
+OWN_SCHEDULE = (*COPY_PLACEMENT, TWO_STEP)
+GROWN = ("zero_interleave", "copy_interleave_ramp", "stack_ramp", "stack_noramp", *OWN_SCHEDULE)
 #: The grown variants the library's DepthGrowth expresses (the others are applied as events by ScheduledGrowth).
-BY_DEPTH_GROWTH = ("stack_ramp", "stack_noramp", *COPY_PLACEMENT)
+BY_DEPTH_GROWTH = ("stack_ramp", "stack_noramp", *OWN_SCHEDULE)
+#: The setup entries a fixed-size run (``fixed_<d>``) reads: its runs can be reused from a file whose growth
+#: settings (``grow_at``, ``ramp_steps``, ...) differ.
+FIXED_SETUP_KEYS = ("lm", "train_step_flops")
 
 
 def growth_events(operator: str, depth: int, factor: int, ramp_steps: int, seed: int) -> list[ArchitectureEvent]:
@@ -133,9 +146,21 @@ def depth_growth(name: str, config: LMConfig, args: argparse.Namespace) -> Depth
     """The library callback of a grown variant, within a budget of exactly the final-size model's parameters.
 
     G_stack: once, after the optimizer step at ``grow_at`` of training, the stack ``factor`` times deeper. Copy
-    placement: one ramped copy after each fraction in ``copy_at``, placed by curvature or uniformly.
+    placement: one ramped copy after each fraction in ``copy_at``, placed by curvature or uniformly. Two-step:
+    after each fraction in ``two_step_at``, two ramped copies placed uniformly (2 -> 4: one after each block).
     """
     final = count_parameters(ByteLM(make_gpt(config, args.start_depth * args.factor), config))
+    if name == TWO_STEP:
+        return DepthGrowth(
+            final_budget=final,
+            budget_mode="absolute",
+            operator="copy",
+            ramp_steps=args.ramp_steps,
+            placement="uniform",
+            blocks_per_step=args.start_depth,
+            max_per_stack=args.start_depth,
+            at=args.two_step_at,
+        )
     if name in COPY_PLACEMENT:
         return DepthGrowth(
             final_budget=final,
@@ -164,7 +189,7 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     driver = None
     if name in GROWN:
         config = replace(config, depth=args.start_depth)
-        if name in COPY_PLACEMENT or (name in BY_DEPTH_GROWTH and args.driver == "library"):
+        if name in OWN_SCHEDULE or (name in BY_DEPTH_GROWTH and args.driver == "library"):
             growth, driver = EventLog(), "DepthGrowth"
             callbacks += [depth_growth(name, config, args), growth]
         else:
@@ -187,6 +212,8 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
         result["driver"] = driver
     if name in COPY_PLACEMENT:
         result["growth"] = {"at": args.copy_at, "ramp_steps": args.copy_ramp_steps}
+    if name == TWO_STEP:
+        result["growth"] = {"at": args.two_step_at, "ramp_steps": args.ramp_steps, "blocks_per_step": args.start_depth}
     return result
 
 
@@ -241,6 +268,12 @@ def summarise(runs: dict[str, list[dict[str, Any]]], final: str, start: str) -> 
             "min_update_ratio": [min(b["update_ratio"] for b in r["blocks"]) for r in results],
             "min_skip_loss_delta": [min(b["skip_loss_delta"] for b in r["blocks"]) for r in results],
         }
+        ratios = entry["reaches_final_loss_at_flops_ratio"]
+        reached = [x for x in ratios if x is not None]
+        # Mean +- std over the seeds only when every seed reached the loss (a run that never does has no ratio).
+        mean, std = mean_std(reached) if reached and len(reached) == len(ratios) else (None, None)
+        entry["reaches_final_loss_at_flops_ratio_mean"] = mean
+        entry["reaches_final_loss_at_flops_ratio_std"] = std
         summary[name] = entry
     return summary
 
@@ -265,12 +298,18 @@ def markdown_table(summary: dict[str, Any], final: str, start: str) -> str:
     lines = [
         f"| variant | blocks | val loss (nats/byte) | bits/byte | paired vs {final} | paired vs {start} (per seed) | "
         f"FLOPs / {final} | "
-        f"first reaches {final}'s final loss at (FLOPs / {final}, per seed) | min residual update | "
+        f"first reaches {final}'s final loss at (FLOPs / {final}, per seed; mean ± std) | min residual update | "
         "min loss rise when a block is skipped |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in summary.items():
         reach = ", ".join("never" if x is None else f"{x:.2f}" for x in e["reaches_final_loss_at_flops_ratio"])
+        reach_mean, reach_std = (
+            e.get("reaches_final_loss_at_flops_ratio_mean"),
+            e.get("reaches_final_loss_at_flops_ratio_std"),
+        )
+        if reach_mean is not None:
+            reach += f" ({reach_mean:.2f} ± {reach_std:.2f})"
         vs_start = ", ".join(f"{x:+.4f}" for x in e["paired_loss_minus_start"])
         lines.append(
             f"| {name} | {e['depth']} | {e['val_loss_mean']:.4f} ± {e['val_loss_std']:.4f} | "
@@ -299,6 +338,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="fractions of training after which the copy-placement variants add one ramped copy each",
     )
     parser.add_argument("--copy-ramp-steps", type=int, default=60)
+    parser.add_argument(
+        "--two-step-at",
+        type=float,
+        nargs=2,
+        default=[0.3, 0.6],
+        help=f"fractions of training after which {TWO_STEP} adds start-depth ramped copies each (2 -> 4 -> 6)",
+    )
     parser.add_argument(
         "--driver",
         choices=("library", "events"),
@@ -333,13 +379,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "equal_compute_steps": equal_compute_steps(config, args),
         "train_step_flops": {d: train_step_flops(config, d) for d in range(1, final_depth + 1)},
     }
+    if TWO_STEP in variants:
+        setup["two_step_at"] = args.two_step_at
     runs: dict[str, list[dict[str, Any]]] = {}
     for source in [*(args.merge or []), *([args.reuse] if args.reuse else [])]:
         previous = json.loads(source.read_text())
-        if previous["setup"] != json.loads(json.dumps(setup)):
+        same = previous["setup"] == json.loads(json.dumps(setup))
+        if not same and not _same_fixed_setup(previous["setup"], setup):
             raise ValueError(f"{source} was made with another configuration: {previous['setup']} != {setup}")
         for name, results in previous["runs"].items():
-            runs.setdefault(name, []).extend(r for r in results if r["seed"] in args.seeds)
+            if not same and not _is_fixed(name):
+                print(f"{source}: not taking {name} (made with other growth settings)")
+                continue
+            have = {r["seed"]: r for r in runs.setdefault(name, [])}
+            for result in results:
+                if result["seed"] not in args.seeds:
+                    continue
+                if result["seed"] not in have:
+                    runs[name].append(result)
+                elif have[result["seed"]]["val_loss"] != result["val_loss"]:
+                    raise ValueError(f"{source}: {name} seed {result['seed']} differs from the run already taken")
     if not args.merge:
         for seed in args.seeds:
             for name in variants:
@@ -372,6 +431,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.with_suffix(".md").write_text(markdown_table(summary, final, start))
     print(f"wrote {args.out}")
     return record
+
+
+def _is_fixed(name: str) -> bool:
+    """Whether ``name`` is a fixed-size variant of the full schedule (``fixed_<d>``): no growth setting changes it."""
+    return name.startswith("fixed_") and name.split("_", 1)[1].isdigit()
+
+
+def _same_fixed_setup(previous: dict[str, Any], setup: dict[str, Any]) -> bool:
+    """Whether a file made with ``previous`` has the same fixed-size runs as this configuration would train."""
+    current = json.loads(json.dumps(setup))
+    return all(previous.get(key) == current.get(key) for key in FIXED_SETUP_KEYS)
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:
