@@ -55,7 +55,8 @@ from benchmarks.tasks import LMConfig, make_gpt, mean_std, stdlib_corpus, train_
 from lightning_depthgrow.callbacks.neuron_growth import NeuronGrowth
 from lightning_depthgrow.events import ArchitectureEvent, apply_event, event_log
 
-VARIANTS = ("start", "grown", "uniform", "grown_arch_scratch", "wide")
+VARIANTS = ("start", "grown", "uniform", "grown_arch_scratch", "grown_early", "wide")
+GROWN = ("grown", "grown_early")
 #: The paper's schedule as fractions of training: warm-up 50 of 300 epochs, then every 30 epochs (last at 290).
 PAPER_AT = tuple(round((50 + 30 * k) / 300, 4) for k in range(9))
 
@@ -182,14 +183,14 @@ def run_variant(name: str, config: WidthConfig, seed: int, args: argparse.Namesp
     model = None
     growth: TimedNeuronGrowth | None = None
     run_config = config
-    if name == "grown":
+    if name in GROWN:
         growth = TimedNeuronGrowth(
             step_budget=args.step_budget,
             final_budget=args.final_budget,
             scale_by_lr=True,
             min_neurons=args.min_neurons,
             layers=mlp_layers(config.depth),
-            at=args.at,
+            at=args.at if name == "grown" else args.early_at,
             seed=seed,
             flops=flops,
         )
@@ -309,7 +310,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 diffs = [r["val_loss"] - peer[r["seed"]]["val_loss"] for r in results]
                 row[f"paired_vs_{other}"] = diffs
                 row[f"paired_vs_{other}_mean"], row[f"paired_vs_{other}_std"] = mean_std(diffs)
-        if name == "grown":
+        if name in GROWN:
             row["splitting_cpu_s_mean"] = mean_std([r["splitting_cpu_s"] for r in results])[0]
             row["splitting_flops_vs_training"] = mean_std(
                 [r["splitting_flops_estimate"] / r["flops"] for r in results]
@@ -339,7 +340,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
         hidden = sorted(set(row["mlp_hidden"]))
         lines.append(
             f"| {name} | {'/'.join(f'{p:,}' for p in params)} | {'/'.join(map(str, hidden))} "
-            f"{'(+ branches)' if name in ('grown', 'grown_arch_scratch') else ''} | "
+            f"{'(+ branches)' if name in (*GROWN, 'grown_arch_scratch') else ''} | "
             f"{row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} | {paired('start')} | {paired('uniform')} | "
             f"{row.get('flops_vs_start', float('nan')):.2f} |"
         )
@@ -357,7 +358,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--final-budget", type=float, default=1.25)
     parser.add_argument("--min-neurons", type=int, default=4)
     parser.add_argument("--at", type=float, nargs="+", default=list(PAPER_AT))
+    parser.add_argument(
+        "--early-at", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.25], help="grown_early's fractions"
+    )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:4]))
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[], help="result files of the same setup to merge")
     parser.add_argument("--train-bytes", type=int, default=None, help="smaller corpus (smoke runs)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "neuron_lm.json")
     args = parser.parse_args(argv)
@@ -375,18 +380,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "min_neurons": args.min_neurons,
         "at": args.at,
         "at_steps": [round(f * args.steps) for f in args.at],
+        "early_at": args.early_at,
         "wide_ratio": args.wide_ratio,
         "start_params": param_count(make_gpt(config)),
     }
     runs: dict[str, list[dict[str, Any]]] = {}
+    for source in args.reuse:
+        previous = json.loads(source.read_text())
+        if previous["setup"]["lm"] != json.loads(json.dumps(setup["lm"])):
+            raise ValueError(f"{source} was made with another LM configuration: {previous['setup']['lm']}")
+        for name, results in previous["runs"].items():
+            runs.setdefault(name, []).extend(r for r in results if r["seed"] in args.seeds)
+        setup.setdefault("merged_setups", []).append(previous["setup"])
     order = [v for v in VARIANTS if v in args.variants]
     for seed in args.seeds:
         for name in order:
+            if any(r["seed"] == seed for r in runs.get(name, [])):
+                continue
             result = run_variant(name, config, seed, args, runs)
             runs.setdefault(name, []).append(result)
             _write(args.out, {"setup": setup, "runs": runs})  # partial results survive a stop
             extra = ""
-            if name == "grown":
+            if name in GROWN:
                 extra = (
                     f" growth steps {sorted({e['step'] for e in result['events']})} splitting "
                     f"{result['splitting_cpu_s']:.1f} cpu s; loss rise without branches "
