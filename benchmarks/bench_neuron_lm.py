@@ -5,7 +5,8 @@ un-grown start model and a width-matched uniform model of equal parameters, 3 se
 
 The task (:mod:`benchmarks.tasks`): a byte-level TinyGPT (dim 32, 4 heads, context 128) on the Python stdlib,
 ``--steps`` AdamW steps (batch 32, warm-up + cosine), validated on held-out stdlib files. Variants, per seed, all
-with the same initial weights where shapes agree, the same data order and the same number of steps:
+with the same data order and number of steps (``start``, ``grown`` and ``grown_arch_scratch`` also share their
+initial weights; the wider models draw theirs from the same seed):
 
 - ``start``: the un-grown start model, ``--depth`` blocks with a narrow MLP (``--start-ratio`` x dim hidden units);
 - ``grown``: the same start model with ``NeuronGrowth`` (default splitting criterion: the most negative
