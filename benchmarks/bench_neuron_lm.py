@@ -324,9 +324,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def markdown_table(summary: dict[str, Any]) -> str:
     lines = [
-        "| variant | params | MLP hidden | val loss (nats/byte) | paired vs start | paired vs uniform "
+        "| variant | seeds | params | MLP hidden | val loss (nats/byte) | paired vs start | paired vs uniform "
         "| FLOPs / start |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in summary.items():
 
@@ -340,7 +340,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
         params = sorted(set(row["params"]))
         hidden = sorted(set(row["mlp_hidden"]))
         lines.append(
-            f"| {name} | {'/'.join(f'{p:,}' for p in params)} | {'/'.join(map(str, hidden))} "
+            f"| {name} | {','.join(map(str, row['seeds']))} | {'/'.join(f'{p:,}' for p in params)} | "
+            f"{'/'.join(map(str, hidden))} "
             f"{'(+ branches)' if name in (*GROWN, 'grown_arch_scratch') else ''} | "
             f"{row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} | {paired('start')} | {paired('uniform')} | "
             f"{row.get('flops_vs_start', float('nan')):.2f} |"
