@@ -167,13 +167,19 @@ class EvenWindows(Dataset):
 
 
 def make_gpt(config: LMConfig, depth: int | None = None) -> TinyGPT:
-    """The byte-level :class:`TinyGPT` of ``config`` (``depth`` overrides ``config.depth``)."""
+    """The byte-level :class:`TinyGPT` of ``config`` (``depth`` overrides ``config.depth``).
+
+    The MLP width is ``config.mlp_ratio`` when the config has one (a subclass such as
+    ``benchmarks.bench_neuron_lm.WidthConfig``), else TinyGPT's default 4.0; ``LMConfig`` itself carries no
+    ``mlp_ratio`` field so that the depth benchmark's recorded configurations (``--reuse``) stay as they were.
+    """
     return TinyGPT(
         vocab_size=256,
         context=config.context,
         dim=config.dim,
         depth=config.depth if depth is None else depth,
         num_heads=config.heads,
+        mlp_ratio=getattr(config, "mlp_ratio", 4.0),
     )
 
 

@@ -43,13 +43,17 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """``proj(act(fc(x)))`` with ``act = nn.GELU()``, a module (numerically ``F.gelu``) so that ``NeuronGrowth`` can
+    watch ``fc`` with ``layers={"...mlp.fc": "...mlp.act"}``."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
         self.proj = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(self.act(self.fc(x)))
 
 
 class GPTBlock(nn.Module):
@@ -70,17 +74,24 @@ class GPTBlock(nn.Module):
 class TinyGPT(nn.Module):
     """Token + position embeddings, a ``blocks`` ModuleList of :class:`GPTBlock`, final norm, LM head.
 
-    ``forward(idx)`` maps token ids ``[B, T]`` to next-token logits ``[B, T, vocab_size]``.
+    ``forward(idx)`` maps token ids ``[B, T]`` to next-token logits ``[B, T, vocab_size]``. Each block's MLP has
+    ``int(dim * mlp_ratio)`` hidden units.
     """
 
     def __init__(
-        self, vocab_size: int = 32, context: int = 16, dim: int = 32, depth: int = 2, num_heads: int = 2
+        self,
+        vocab_size: int = 32,
+        context: int = 16,
+        dim: int = 32,
+        depth: int = 2,
+        num_heads: int = 2,
+        mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
         self.context = context
         self.tok_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Parameter(torch.zeros(1, context, dim))
-        self.blocks = nn.ModuleList(GPTBlock(dim, num_heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(GPTBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.apply(gpt_init)

@@ -318,6 +318,85 @@ def test_invalid_arguments_are_rejected(kwargs, error, match):
         NeuronGrowth(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"at": [0.5], "warmup_epochs": 1}, ValueError, "Give either at="),
+        ({"at": [0.5], "grow_every": 2}, ValueError, "Give either at="),
+        ({"at": [1.5]}, ValueError, "at"),
+        ({"at": []}, ValueError, "at"),
+    ],
+)
+def test_at_is_refused_with_an_epoch_schedule_or_bad_fractions(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NeuronGrowth(**kwargs)
+
+
+# ------------------------------------------------------------------- the example GPT (byte-level LM benchmark)
+
+
+def test_example_gpt_mlp_act_module_is_bitwise_functional_gelu_and_mlp_ratio_sets_width():
+    from examples.gpt_blocks import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=16, context=8, dim=16, depth=2, num_heads=2)
+    assert [block.mlp.fc.out_features for block in model.blocks] == [64, 64]  # default mlp_ratio 4.0
+    assert all(type(block.mlp.act) is nn.GELU for block in model.blocks)
+    x = torch.randn(3, 8, 16)
+    mlp = model.blocks[0].mlp
+    assert torch.equal(mlp(x), mlp.proj(F.gelu(mlp.fc(x))))  # the former functional forward, bitwise
+    idx = torch.randint(0, 16, (2, 8))
+
+    def functional_forward(net: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        h = net.tok_emb(idx) + net.pos_emb[:, : idx.shape[1]]
+        for block in net.blocks:
+            h = h + block.attn(block.ln1(h))
+            h = h + block.mlp.proj(F.gelu(block.mlp.fc(block.ln2(h))))
+        return net.head(net.ln_f(h))
+
+    assert torch.equal(model(idx), functional_forward(model, idx))
+    narrow = TinyGPT(vocab_size=16, context=8, dim=16, depth=2, num_heads=2, mlp_ratio=1.5)
+    assert [block.mlp.fc.out_features for block in narrow.blocks] == [24, 24]
+    assert narrow.blocks[1].mlp.proj.in_features == 24
+
+
+class _KeepModule(pl.Callback):
+    def on_fit_end(self, trainer, pl_module):
+        self.module = pl_module
+
+
+def test_at_fractions_grow_the_byte_lm_gpt_after_those_optimizer_steps():
+    from benchmarks.tasks import CorpusConfig, LMConfig, make_gpt, train_lm
+
+    config = LMConfig(
+        dim=16,
+        heads=2,
+        context=16,
+        batch_size=4,
+        steps=8,
+        eval_every=4,
+        val_windows=8,
+        corpus=CorpusConfig(train_bytes=40_000, val_bytes=8_000),
+    )
+    layers = {f"model.blocks.{i}.mlp.fc": f"model.blocks.{i}.mlp.act" for i in range(2)}
+    growth = NeuronGrowth(step_budget=0.05, scale_by_lr=False, layers=layers, at=[0.25, 0.5])
+    torch.manual_seed(0)
+    model, keep = make_gpt(config), _KeepModule()
+    result = train_lm(config, seed=0, callbacks=[growth, keep], model=model)
+    log = event_log(keep.module)
+    assert log and {e.kind for e in log} == {"neuron_branch"}
+    assert sorted({e.step for e in log}) == [2, 4]  # right after optimizer steps 2 and 4 of 8 (one epoch)
+    start = growth.start_params
+    for step in (2, 4):
+        assert sum(e.cost["params"] for e in log if e.step == step) <= 0.05 * start
+    grown = {e.spec["linear"] for e in log}
+    assert grown <= set(layers) | {p for path in layers for p in neuron_branches(keep.module, path)}
+    assert result["params"] == start + sum(e.cost["params"] for e in log)
+    # The branches born at step 2 trained for 6 steps: no longer zero.
+    first = keep.module.get_submodule(log[0].spec["linear"]).branches[0].proj.weight
+    assert torch.count_nonzero(first) > 0
+
+
 # ---------------------------------------------------------------------------------------------- DDP
 
 

@@ -9,7 +9,7 @@ splitting-matrix eigenvalue get a zero-initialised residual sub-unit.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..curvature.splitting import splitting_eigenvalues
 from ..events import ArchitectureEvent
-from ..growth import Budget, BudgetMode, Schedule, plan_neurons
+from ..growth import Budget, BudgetMode, FractionSchedule, Schedule, plan_neurons
 from ..growth.neurons import NeuronBranch
 from ..measure import count_parameters
 from ..surgery.neuron_branch import BranchedLinear, neuron_branches
@@ -35,7 +35,8 @@ class NeuronGrowth(GrowthCallback):
     r"""Add residual sub-units ``u + gelu(u)`` to the neurons whose splitting matrix has the most negative eigenvalue.
 
     At the end of every ``grow_every``-th epoch after ``warmup_epochs`` (right after the epoch's last optimizer
-    step, before validation and checkpointing), the callback:
+    step, before validation and checkpointing), or with ``at=[f, ...]`` right after the optimizer step at each
+    fraction ``f`` of training (mid-epoch if that is where it falls: step-based runs of one long epoch), the callback:
 
     1. computes, for every output neuron of every watched Linear, ``lambda_min`` of its splitting matrix
        (:func:`lightning_depthgrow.curvature.splitting_eigenvalues`) on the last ``num_batches`` training batches,
@@ -60,8 +61,9 @@ class NeuronGrowth(GrowthCallback):
         budget_mode: how ``step_budget`` and ``final_budget`` are read: ``"relative"`` or ``"absolute"``.
         scale_by_lr: scale the step budget by current lr / initial lr of the first param group (the paper's rule:
             growth shrinks along the learning-rate schedule).
-        warmup_epochs: epochs trained before the first growth step (``0`` is the same as ``1``).
-        grow_every: after warm-up, grow at the end of every ``grow_every``-th epoch.
+        warmup_epochs: epochs trained before the first growth step (``0`` is the same as ``1``). Default ``1``;
+            not with ``at``.
+        grow_every: after warm-up, grow at the end of every ``grow_every``-th epoch. Default ``1``; not with ``at``.
         min_neurons: a layer is grown only if at least this many of its neurons are among the selected ones.
         layers: ``{linear_path: activation_path}`` (dotted names relative to the LightningModule) of the Linears
             to watch and the activation module applied to each one's output; ``None``: every timm ``Mlp.fc1``.
@@ -69,12 +71,19 @@ class NeuronGrowth(GrowthCallback):
         num_batches: how many of the most recent training batches the eigenvalues average over.
         loss_fn: ``loss_fn(pl_module, batch) -> scalar Tensor``; ``None`` uses ``training_step`` (logging muted).
         seed: base seed of the estimator's dropout masks and Lanczos start vectors.
+        at: grow after the optimizer steps at these fractions of training (increasing, each in ``(0, 1)``, e.g.
+            the paper's 50-of-300-epoch warm-up then every 30 epochs is ``[1/6, 4/15, 11/30, ...]``;
+            :class:`~lightning_depthgrow.growth.FractionSchedule`). ``None``: the epoch schedule
+            (``warmup_epochs``, ``grow_every``).
 
     Example:
         >>> import lightning.pytorch as pl
         >>> growth = NeuronGrowth(step_budget=0.02, warmup_epochs=50, grow_every=30, min_neurons=4)
         >>> trainer = pl.Trainer(max_epochs=300, callbacks=[growth])  # doctest: +SKIP
         >>> trainer.fit(module, datamodule)  # doctest: +SKIP
+        >>> by_step = NeuronGrowth(step_budget=0.05, final_budget=1.25, at=[0.1, 0.2, 0.3, 0.4, 0.5])
+        >>> by_step.at, by_step.warmup_epochs
+        ((0.1, 0.2, 0.3, 0.4, 0.5), None)
     """
 
     def __init__(
@@ -83,19 +92,28 @@ class NeuronGrowth(GrowthCallback):
         final_budget: float | None = None,
         budget_mode: BudgetMode = "relative",
         scale_by_lr: bool = True,
-        warmup_epochs: int = 1,
-        grow_every: int = 1,
+        warmup_epochs: int | None = None,
+        grow_every: int | None = None,
         min_neurons: int = 1,
         layers: Mapping[str, str] | None = None,
         nest: bool = True,
         num_batches: int = 1,
         loss_fn: LossFn | None = None,
         seed: int = 0,
+        at: Sequence[float] | None = None,
     ) -> None:
         check_float("step_budget", step_budget, low=0.0)
-        super().__init__(
-            Budget(final_budget, step_budget, "params", budget_mode, scale_by_lr), Schedule(warmup_epochs, grow_every)
+        if at is not None and (warmup_epochs is not None or grow_every is not None):
+            raise ValueError(
+                f"Give either at={at!r} (growth at fractions of training) or warmup_epochs/grow_every (growth by "
+                "epoch), not both."
+            )
+        schedule: Schedule | FractionSchedule = (
+            FractionSchedule(at)
+            if at is not None
+            else Schedule(1 if warmup_epochs is None else warmup_epochs, 1 if grow_every is None else grow_every)
         )
+        super().__init__(Budget(final_budget, step_budget, "params", budget_mode, scale_by_lr), schedule)
         self.min_neurons = check_int("min_neurons", min_neurons, minimum=1)
         self.num_batches = check_int("num_batches", num_batches, minimum=1)
         if layers is not None and (

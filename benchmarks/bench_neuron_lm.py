@@ -1,0 +1,441 @@
+"""Benchmark: does per-neuron growth (``NeuronGrowth``) pay on the byte-level LM? Issue 14's NeuronGrowth target.
+
+Target (the seed paper's claim shape, Guna, Chavan & Gupta 2024): the grown model is at least as good as both the
+un-grown start model and a width-matched uniform model of equal parameters, 3 seeds.
+
+The task (:mod:`benchmarks.tasks`): a byte-level TinyGPT (dim 32, 4 heads, context 128) on the Python stdlib,
+``--steps`` AdamW steps (batch 32, warm-up + cosine), validated on held-out stdlib files. Variants, per seed, all
+with the same data order and number of steps (``start``, ``grown`` and ``grown_arch_scratch`` also share their
+initial weights; the wider models draw theirs from the same seed):
+
+- ``start``: the un-grown start model, ``--depth`` blocks with a narrow MLP (``--start-ratio`` x dim hidden units);
+- ``grown``: the same start model with ``NeuronGrowth`` (default splitting criterion: the most negative
+  splitting-matrix eigenvalue per ``mlp.fc`` neuron, nested branches watched) growing at fractions ``--at`` of
+  training (the paper's 50-of-300-epoch warm-up, then every 30 epochs), ``--step-budget`` of the start's
+  parameters per step scaled by the learning rate (the paper's rule), capped at ``--final-budget`` x the start;
+- ``uniform``: a fixed model whose MLPs are all wider by the same number of hidden units, chosen per seed so its
+  parameter count matches that seed's grown model (the width-matched uniform model), trained from scratch;
+- ``grown_arch_scratch``: the grown run's final architecture (its event log replayed on the start model's initial
+  weights: branches zero at step 0) trained from scratch, i.e. the grown shape without growth during training;
+- ``wide``: a fixed model with ``--wide-ratio`` x dim hidden units (TinyGPT's default 4), optional.
+
+Compute: training FLOPs are counted per optimizer step for the architecture the step ran with
+(``FlopCounterMode`` on one forward + backward of a copy of the current model, math attention kernel, matrix
+products only). NeuronGrowth's splitting pass cannot run under ``FlopCounterMode`` (double autograd through the
+activation), so its cost is reported separately: measured wall/CPU seconds of every estimate, and an estimate in
+FLOPs (one forward + backward of the current model, counted, plus ``2 * tokens * out * in^2`` per watched layer for
+forming the explicit splitting matrices; the ``in x in`` eigendecompositions are negligible).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_neuron_lm.py --seeds 0 1 2
+
+Writes ``benchmarks/results/neuron_lm.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.tasks import LMConfig, make_gpt, mean_std, stdlib_corpus, train_lm
+from lightning_depthgrow.callbacks.neuron_growth import NeuronGrowth
+from lightning_depthgrow.events import ArchitectureEvent, apply_event, event_log
+
+VARIANTS = ("start", "grown", "uniform", "grown_arch_scratch", "grown_early", "wide")
+GROWN = ("grown", "grown_early")
+#: The paper's schedule as fractions of training: warm-up 50 of 300 epochs, then every 30 epochs (last at 290).
+PAPER_AT = tuple(round((50 + 30 * k) / 300, 4) for k in range(9))
+
+
+@dataclass(frozen=True)
+class WidthConfig(LMConfig):
+    """An :class:`~benchmarks.tasks.LMConfig` with the MLP width: ``int(dim * mlp_ratio)`` hidden units per block."""
+
+    mlp_ratio: float = 4.0
+
+
+def hidden_units(config: WidthConfig) -> int:
+    return int(config.dim * config.mlp_ratio)
+
+
+def with_hidden(config: WidthConfig, hidden: int) -> WidthConfig:
+    """``config`` with exactly ``hidden`` MLP units (``mlp_ratio = hidden / dim``, checked to round back)."""
+    out = replace(config, mlp_ratio=hidden / config.dim)
+    if hidden_units(out) != hidden:
+        raise ValueError(f"mlp_ratio {hidden}/{config.dim} does not give {hidden} hidden units")
+    return out
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def mlp_layers(depth: int) -> dict[str, str]:
+    """NeuronGrowth's ``layers``: every block's ``mlp.fc`` and the GELU module applied to its output."""
+    return {f"model.blocks.{i}.mlp.fc": f"model.blocks.{i}.mlp.act" for i in range(depth)}
+
+
+def count_step_flops(model: nn.Module, config: LMConfig) -> int:
+    """FLOPs of one training step (forward + backward on one batch) of ``model`` as it is now (on a copy)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = copy.deepcopy(model).train()
+    idx = torch.zeros(config.batch_size, config.context + 1, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with torch.random.fork_rng(), sdpa_kernel(SDPBackend.MATH), counter:
+        logits = net(idx[:, :-1])
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1)).backward()
+    return int(counter.get_total_flops())
+
+
+class ArchFlops(Callback):
+    """Counts each optimizer step's FLOPs for the architecture it ran with (cached per parameter count); keeps
+    the LightningModule for the event log and diagnostics after fit."""
+
+    def __init__(self, config: LMConfig) -> None:
+        self.config = config
+        self.per_arch: dict[int, int] = {}
+        self.cumulative: list[int] = []
+        self.module: pl.LightningModule | None = None
+
+    def step_flops(self, model: nn.Module) -> int:
+        key = param_count(model)
+        if key not in self.per_arch:
+            self.per_arch[key] = count_step_flops(model, self.config)
+        return self.per_arch[key]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        total = self.cumulative[-1] if self.cumulative else 0
+        self.cumulative.append(total + self.step_flops(pl_module.model))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.module = pl_module
+
+
+class TimedNeuronGrowth(NeuronGrowth):
+    """``NeuronGrowth`` that records the time of each splitting pass and an estimate of its FLOPs."""
+
+    def __init__(self, *args: Any, flops: ArchFlops, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.flops = flops
+        self.passes: list[dict[str, float]] = []
+
+    def estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[float]]:
+        watched = self.watched_layers(pl_module)
+        config = self.flops.config
+        tokens = config.batch_size * config.context * self.num_batches
+        matrices = sum(
+            2 * tokens * pl_module.get_submodule(p).out_features * pl_module.get_submodule(p).in_features ** 2
+            for p in watched
+        )
+        forward_backward = self.num_batches * self.flops.step_flops(pl_module.model)
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = super().estimate(trainer, pl_module)
+        self.passes.append(
+            {
+                "step": trainer.global_step,
+                "watched_layers": len(watched),
+                "wall_s": time.perf_counter() - wall,
+                "cpu_s": time.process_time() - cpu,
+                "flops_estimate": forward_backward + matrices,
+                "negative": sum(v < 0 for values in result.values() for v in values),
+                "neurons": sum(len(values) for values in result.values()),
+            }
+        )
+        return result
+
+
+class _Holder(nn.Module):
+    """``model`` under the name the LightningModule gives it, so event paths (``model.blocks...``) resolve."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+def replayed_start_model(config: WidthConfig, seed: int, events: list[dict[str, Any]]) -> nn.Module:
+    """The start model's initial weights (as ``train_lm`` draws them for ``seed``) with ``events`` applied."""
+    pl.seed_everything(seed, verbose=False)
+    holder = _Holder(make_gpt(config))
+    for event in events:
+        apply_event(holder, ArchitectureEvent(event["kind"], event["spec"]))
+    return holder.model
+
+
+def run_variant(name: str, config: WidthConfig, seed: int, args: argparse.Namespace, runs: dict) -> dict[str, Any]:
+    flops = ArchFlops(config)
+    callbacks: list[Callback] = [flops]
+    model = None
+    growth: TimedNeuronGrowth | None = None
+    run_config = config
+    if name in GROWN:
+        growth = TimedNeuronGrowth(
+            step_budget=args.step_budget,
+            final_budget=args.final_budget,
+            scale_by_lr=True,
+            min_neurons=args.min_neurons,
+            layers=mlp_layers(config.depth),
+            at=args.at if name == "grown" else args.early_at,
+            seed=seed,
+            flops=flops,
+        )
+        callbacks.insert(0, growth)
+    elif name in ("uniform", "grown_arch_scratch"):
+        grown = next((r for r in runs.get("grown", []) if r["seed"] == seed), None)
+        if grown is None:
+            raise ValueError(f"{name} needs the grown run of seed {seed} first")
+        if name == "uniform":
+            per_unit = config.depth * (2 * config.dim + 1)  # fc row + bias, proj column
+            extra = round((grown["params"] - grown["start_params"]) / per_unit)
+            run_config = with_hidden(config, hidden_units(config) + extra)
+        else:
+            model = replayed_start_model(config, seed, grown["events"])
+    elif name == "wide":
+        run_config = replace(config, mlp_ratio=args.wide_ratio)
+    start_params = param_count(make_gpt(config))
+    result = train_lm(run_config, seed, callbacks=callbacks, model=model)
+    for row in result["curve"]:
+        row["flops"] = flops.cumulative[row["step"] - 1]
+    result.update(
+        variant=name,
+        mlp_hidden=hidden_units(run_config),
+        start_params=start_params,
+        flops=flops.cumulative[-1],
+        flops_per_arch=flops.per_arch,
+    )
+    del result["block_steps"], result["depth_per_step"]
+    if growth is not None:
+        log = event_log(flops.module)
+        result["events"] = [
+            {
+                "kind": e.kind,
+                "spec": e.spec,
+                "step": e.step,
+                "params": e.cost["params"],
+                "min_eigenvalue": min(e.reason["eigenvalues"]),
+            }
+            for e in log
+        ]
+        result["splitting_passes"] = growth.passes
+        result["splitting_wall_s"] = sum(p["wall_s"] for p in growth.passes)
+        result["splitting_cpu_s"] = sum(p["cpu_s"] for p in growth.passes)
+        result["splitting_flops_estimate"] = sum(p["flops_estimate"] for p in growth.passes)
+        result["branch_usage"] = branch_usage(flops.module.model, config)
+    return result
+
+
+@torch.no_grad()
+def branch_usage(model: nn.Module, config: LMConfig) -> dict[str, Any]:
+    """How much the grown branches do at the end, on the fixed validation windows: the loss rise when every
+    branch is switched off, and per grown ``mlp.fc`` the norm of the branches' contribution relative to the
+    Linear's own output."""
+    from benchmarks.tasks import EvenWindows
+    from lightning_depthgrow.surgery.neuron_branch import BranchedLinear
+
+    _, val, _ = stdlib_corpus(config.corpus)
+    batch = torch.stack([w for w in EvenWindows(val, config.context, config.val_windows)])
+    was_training = model.training
+    model.eval()
+
+    def loss() -> float:
+        logits = model(batch[:, :-1])
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)))
+
+    layers = {n: m for n, m in model.named_modules() if type(m) is BranchedLinear}
+    outer = {n: m for n, m in layers.items() if ".branches." not in n}
+    ratios: dict[str, float] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            base = F.linear(args[0], module.weight, module.bias)
+            ratios[name] = float((output - base).norm() / base.norm())
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in outer.items()]
+    with_branches = loss()
+    for handle in handles:
+        handle.remove()
+    saved = {n: m.branches for n, m in outer.items()}
+    for m in outer.values():
+        m.branches = nn.ModuleList()
+    without = loss()
+    for n, m in outer.items():
+        m.branches = saved[n]
+    model.train(was_training)
+    return {
+        "val_loss": with_branches,
+        "val_loss_without_branches": without,
+        "loss_rise_without_branches": without - with_branches,
+        "branch_output_ratio": ratios,
+    }
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    start = {r["seed"]: r for r in runs.get("start", [])}
+    summary = {}
+    for name, results in runs.items():
+        loss, std = mean_std([r["val_loss"] for r in results])
+        row: dict[str, Any] = {
+            "seeds": [r["seed"] for r in results],
+            "val_loss_mean": loss,
+            "val_loss_std": std,
+            "val_bpb_mean": loss / math.log(2),
+            "val_loss_per_seed": [r["val_loss"] for r in results],
+            "params": [r["params"] for r in results],
+            "mlp_hidden": [r["mlp_hidden"] for r in results],
+            "flops_mean": mean_std([r["flops"] for r in results])[0],
+            "cpu_s_mean": mean_std([r["cpu_s"] for r in results])[0],
+        }
+        if start and all(r["seed"] in start for r in results):
+            row["flops_vs_start"] = row["flops_mean"] / mean_std([start[r["seed"]]["flops"] for r in results])[0]
+        for other in ("start", "uniform", "grown"):
+            peer = {r["seed"]: r for r in runs.get(other, [])}
+            if other != name and peer and all(r["seed"] in peer for r in results):
+                diffs = [r["val_loss"] - peer[r["seed"]]["val_loss"] for r in results]
+                row[f"paired_vs_{other}"] = diffs
+                row[f"paired_vs_{other}_mean"], row[f"paired_vs_{other}_std"] = mean_std(diffs)
+        if name in GROWN:
+            row["splitting_cpu_s_mean"] = mean_std([r["splitting_cpu_s"] for r in results])[0]
+            row["splitting_flops_vs_training"] = mean_std(
+                [r["splitting_flops_estimate"] / r["flops"] for r in results]
+            )[0]
+            row["growth_steps"] = [sorted({e["step"] for e in r["events"]}) for r in results]
+            row["loss_rise_without_branches"] = [r["branch_usage"]["loss_rise_without_branches"] for r in results]
+        summary[name] = row
+    return summary
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| variant | seeds | params | MLP hidden | val loss (nats/byte) | paired vs start | paired vs uniform "
+        "| FLOPs / start |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary.items():
+
+        def paired(other: str, row: dict[str, Any] = row) -> str:
+            key = f"paired_vs_{other}_mean"
+            if key not in row:
+                return ""
+            per_seed = ", ".join(f"{d:+.4f}" for d in row[f"paired_vs_{other}"])
+            return f"{row[key]:+.4f} ± {row[f'paired_vs_{other}_std']:.4f} ({per_seed})"
+
+        params = sorted(set(row["params"]))
+        hidden = sorted(set(row["mlp_hidden"]))
+        lines.append(
+            f"| {name} | {','.join(map(str, row['seeds']))} | {'/'.join(f'{p:,}' for p in params)} | "
+            f"{'/'.join(map(str, hidden))} "
+            f"{'(+ branches)' if name in (*GROWN, 'grown_arch_scratch') else ''} | "
+            f"{row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} | {paired('start')} | {paired('uniform')} | "
+            f"{row.get('flops_vs_start', float('nan')):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--start-ratio", type=float, default=2.0)
+    parser.add_argument("--wide-ratio", type=float, default=4.0)
+    parser.add_argument("--step-budget", type=float, default=0.0625)
+    parser.add_argument("--final-budget", type=float, default=1.25)
+    parser.add_argument("--min-neurons", type=int, default=4)
+    parser.add_argument("--at", type=float, nargs="+", default=list(PAPER_AT))
+    parser.add_argument(
+        "--early-at", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.25], help="grown_early's fractions"
+    )
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:4]))
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[], help="result files of the same setup to merge")
+    parser.add_argument("--train-bytes", type=int, default=None, help="smaller corpus (smoke runs)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "neuron_lm.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    config = WidthConfig(steps=args.steps, depth=args.depth, mlp_ratio=args.start_ratio)
+    if args.train_bytes is not None:
+        config = replace(
+            config, corpus=replace(config.corpus, train_bytes=args.train_bytes, val_bytes=args.train_bytes // 10)
+        )
+    setup = {
+        "lm": asdict(config),
+        "step_budget": args.step_budget,
+        "final_budget": args.final_budget,
+        "scale_by_lr": True,
+        "min_neurons": args.min_neurons,
+        "at": args.at,
+        "at_steps": [round(f * args.steps) for f in args.at],
+        "early_at": args.early_at,
+        "wide_ratio": args.wide_ratio,
+        "start_params": param_count(make_gpt(config)),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for source in args.reuse:
+        previous = json.loads(source.read_text())
+        if previous["setup"]["lm"] != json.loads(json.dumps(setup["lm"])):
+            raise ValueError(f"{source} was made with another LM configuration: {previous['setup']['lm']}")
+        for name, results in previous["runs"].items():
+            runs.setdefault(name, []).extend(r for r in results if r["seed"] in args.seeds)
+        setup.setdefault("merged_setups", []).append(previous["setup"])
+    order = [v for v in VARIANTS if v in args.variants]
+    for seed in args.seeds:
+        for name in order:
+            if any(r["seed"] == seed for r in runs.get(name, [])):
+                continue
+            result = run_variant(name, config, seed, args, runs)
+            runs.setdefault(name, []).append(result)
+            _write(args.out, {"setup": setup, "runs": runs})  # partial results survive a stop
+            extra = ""
+            if name in GROWN:
+                extra = (
+                    f" growth steps {sorted({e['step'] for e in result['events']})} splitting "
+                    f"{result['splitting_cpu_s']:.1f} cpu s; loss rise without branches "
+                    f"{result['branch_usage']['loss_rise_without_branches']:+.4f}"
+                )
+            print(
+                f"seed {seed} {name:20s} params {result['params']:,} hidden {result['mlp_hidden']} val_loss "
+                f"{result['val_loss']:.4f} flops {result['flops'] / 1e12:.3f}T cpu {result['cpu_s']:.1f}s "
+                f"wall {result['wall_s']:.1f}s{extra}",
+                flush=True,
+            )
+    summary = summarise(runs)
+    _, _, corpus = stdlib_corpus(config.corpus)
+    record = {
+        "setup": setup,
+        "corpus": corpus,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "summary": summary,
+        "runs": runs,
+    }
+    _write(args.out, record)
+    table = markdown_table(summary)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {args.out}")
+    return record
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
