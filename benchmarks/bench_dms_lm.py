@@ -132,11 +132,21 @@ def uniform_shape(supernet: dict[str, int], target_flops: float, context: int) -
 def architecture_of(net: GPT2Bytes) -> dict[str, Any]:
     """Per kept block: heads and MLP units (read from the layers' widths)."""
     blocks = net.gpt.transformer.h
+
+    def width(layer: nn.Module) -> int:  # output width of a Conv1D, a Linear or a SplitQKV (its q)
+        return (
+            layer.nf
+            if hasattr(layer, "nf")
+            else layer.q.out_features * 3
+            if hasattr(layer, "q")
+            else layer.out_features
+        )
+
     return {
-        "dim": net.gpt.config.n_embd,
+        "dim": net.gpt.transformer.wte.weight.shape[1],
         "layers": len(blocks),
-        "heads": [b.attn.c_attn.nf // 3 // b.attn.head_dim for b in blocks],
-        "inner": [b.mlp.c_fc.nf for b in blocks],
+        "heads": [width(b.attn.c_attn) // 3 // b.attn.head_dim for b in blocks],
+        "inner": [width(b.mlp.c_fc) for b in blocks],
     }
 
 
@@ -255,9 +265,10 @@ def fit(net: nn.Module, config: LMConfig, seed: int, epoch_steps: int, callbacks
 # ----------------------------------------------------------------------------------------- Torch-Pruning
 class TorchPruningAt(Callback):
     """Torch-Pruning (``GroupTaylorImportance``) at the start of epoch ``epoch``, to ``target_flops`` (forward, per
-    window), bisecting its pruning ratio on copies. GPT-2's ``Conv1D`` layers are first swapped for equivalent
-    ``nn.Linear`` layers (Torch-Pruning does not know ``Conv1D``); heads are pruned whole (``num_heads`` of
-    ``c_attn``), the embedding and the LM head are left alone."""
+    window), bisecting its pruning ratio on copies. GPT-2's ``Conv1D`` layers are first swapped for equal
+    ``nn.Linear`` layers (Torch-Pruning does not know ``Conv1D``) and ``c_attn`` for :class:`SplitQKV`. One ratio
+    for everything Torch-Pruning groups: the embedding width (the residual stream, with the tied LM head's input),
+    MLP units, and whole heads (``head_pruning_ratio``; head dims stay)."""
 
     def __init__(self, epoch: int, target_flops: float, context: int, batches: int = 4) -> None:
         self.epoch, self.target_flops, self.context, self.batches = epoch, target_flops, context, batches
@@ -267,27 +278,31 @@ class TorchPruningAt(Callback):
         import torch_pruning as tp
 
         conv1d_to_linear(net)
+        blocks = list(net.gpt.transformer.h)
+        for b in blocks:
+            if not isinstance(b.attn.c_attn, SplitQKV):
+                b.attn.c_attn = SplitQKV(b.attn.c_attn, b.attn.split_size)
         net.zero_grad()
         for batch in data:  # Taylor importance needs gradients
             logits = net(batch[:, :-1])
             F.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1)).backward()
-        blocks = list(net.gpt.transformer.h)
         pruner = tp.pruner.MetaPruner(
             net,
             torch.zeros(1, self.context, dtype=torch.long),
             importance=tp.importance.GroupTaylorImportance(),
             pruning_ratio=ratio,
-            ignored_layers=[net.gpt.lm_head, net.gpt.transformer.wte, net.gpt.transformer.wpe],
-            num_heads={b.attn.c_attn: b.attn.num_heads for b in blocks},
+            ignored_layers=[net.gpt.lm_head],
+            num_heads={m: b.attn.num_heads for b in blocks for m in b.attn.c_attn.projections()},
             prune_num_heads=True,
             prune_head_dims=False,
-            round_to=None,
+            head_pruning_ratio=ratio,
         )
         pruner.step()
         for b in blocks:
             attn = b.attn
-            attn.split_size = attn.c_attn.out_features // 3
+            attn.split_size = attn.c_attn.q.out_features
             attn.num_heads = attn.split_size // attn.head_dim
+        net.gpt.lm_head.weight = net.gpt.transformer.wte.weight  # Torch-Pruning sliced both alike; tie them again
         net.zero_grad(set_to_none=True)
         return net
 
@@ -320,6 +335,25 @@ class TorchPruningAt(Callback):
             "flops_before": before,
             "flops_after": forward_flops(pl_module.model, self.context),
         }
+
+
+class SplitQKV(nn.Module):
+    """GPT-2's packed ``c_attn`` (``q | k | v`` in one Linear) as three Linears whose outputs are concatenated: the
+    same function, in the form Torch-Pruning's head pruning knows (one projection per q, k, v)."""
+
+    def __init__(self, packed: nn.Linear, split: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(packed.in_features, split) for _ in range(3))
+        with torch.no_grad():
+            for i, proj in enumerate(self.projections()):
+                proj.weight.copy_(packed.weight[i * split : (i + 1) * split])
+                proj.bias.copy_(packed.bias[i * split : (i + 1) * split])
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return self.q, self.k, self.v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
 
 def conv1d_to_linear(net: nn.Module) -> None:
