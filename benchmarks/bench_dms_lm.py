@@ -33,7 +33,8 @@ nothing). CPU seconds (``time.process_time``) are recorded too.
 
 Writes ``benchmarks/results/dms_lm.json`` (after every run, so an interrupted invocation keeps what it did;
 ``--resume`` skips the runs already there with the same configuration) and ``benchmarks/results/dms_lm.md``.
-``--part report`` re-renders the markdown from the JSON.
+``--part report`` re-renders the markdown from the JSON, ``--merge A.json B.json`` first adds the runs of other
+invocations with the same settings (e.g. one process per seed, or Torch-Pruning run on its own).
 """
 
 from __future__ import annotations
@@ -617,12 +618,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=LMConfig.lr)
     parser.add_argument("--val-windows", type=int, default=512)
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], help="report: add the runs of these JSONs")
     parser.add_argument("--resume", action="store_true", help="skip runs already in --out with this configuration")
     parser.add_argument("--out", type=Path, default=RESULTS / "dms_lm.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.part == "report":
-        result = json.loads(args.out.read_text())
+        result = json.loads(args.out.read_text()) if args.out.exists() else None
+        for path in args.merge:  # runs of other invocations with the same settings (e.g. one process per seed)
+            other = json.loads(path.read_text())
+            if result is None:
+                result = other
+                continue
+            if other["config"]["settings"] != result["config"]["settings"]:
+                raise ValueError(f"{path} was run with other settings than {args.out}")
+            keys = {(r["target"], r["variant"], r["seed"]) for r in other["runs"]}
+            result["runs"] = [r for r in result["runs"] if (r["target"], r["variant"], r["seed"]) not in keys]
+            result["runs"] += other["runs"]
+            result["config"].setdefault("merged", []).append(path.name)
         result["summary"] = summarise(result["runs"])
         args.out.write_text(json.dumps(result, indent=2))
         args.out.with_suffix(".md").write_text(markdown(result))
