@@ -574,16 +574,18 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | {p['diff'][0]:+.4f} ± {p['diff'][1]:.4f} | {per} | {p['first_better']} | {p['n']} |")
     lines += [
         "",
-        "## Architectures",
+        "## Every run",
         "",
-        "| target | variant | seed | embed | blocks | heads per block | MLP per block |",
+        "| target | variant | seed | val loss | FLOPs / target | steps | CPU s | embed | blocks | heads per block "
+        "| MLP per block |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines.append("|---|---|---|---|---|---|---|")
     for r in sorted(result["runs"], key=lambda r: (-r["target"], r["variant"], r["seed"])):
         a = r.get("architecture")
         if a:
             lines.append(
-                f"| {r['target']} | {r['variant']} | {r['seed']} | {a['dim']} | {a['layers']} "
+                f"| {r['target']} | {r['variant']} | {r['seed']} | {r['val_loss']:.4f} | {r['flops_over_target']:.3f} "
+                f"| {r['steps']} | {r.get('total_cpu_s', r['cpu_s']):.0f} | {a['dim']} | {a['layers']} "
                 f"| {a['heads']} | {a['inner']} |"
             )
     errors = [r for r in result["runs"] if "error" in r]
