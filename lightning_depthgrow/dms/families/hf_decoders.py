@@ -374,9 +374,10 @@ def _plan_configs(
         block = model.get_submodule(s["block"])
         after = gated.setdefault(s["block"], counts(block))
         n = len(keep[s["name"]])
+        gpt2 = is_gpt2_block(block)
         if s["kind"] == WIDTH:
-            after[next(iter(after))] = n  # the first count is the MLP width
-        elif is_gpt2_block(block):
+            after["n_inner" if gpt2 else "intermediate_size"] = n
+        elif gpt2:
             after["n_head"] = n
         else:
             group = block.self_attn.num_key_value_groups
