@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -309,6 +310,106 @@ def test_export_slices_heads_units_and_layers_to_the_masked_supernet(name):
         assert len(set(kept_heads)) > 1  # layers keep different head counts
     check_layers_run_and_bookkeeping(net)
     check_generation(net)
+
+
+# ------------------------------------------------------------------------------------ the config after export
+def uniform_keep(gates, seed: int, heads: bool) -> dict[str, list[int]]:
+    """The same number of kept elements in every layer (different elements per layer), all layers but one; heads
+    (kv-head groups) kept whole unless ``heads``."""
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for name, gate in gates.gates.items():
+        k = {"depth": gate.n - 1, "width": gate.n // 3, "heads": gate.n // 2 if heads else gate.n}[gate.kind]
+        keep[name] = sorted(torch.randperm(gate.n, generator=g)[:k].tolist())
+    return keep
+
+
+def exported(name, keep_fn):
+    torch.manual_seed(0)
+    net = MODELS[name]()
+    gates = attach_gates(net)
+    keep = keep_fn(gates)
+    set_keep(gates, keep)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_model(net)
+    notes = [str(w.message) for w in caught if "cannot describe the exported model" in str(w.message)]
+    return net, keep, notes
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_uniform_export_updates_the_config_so_save_and_from_pretrained_round_trip(name, tmp_path):
+    # GPT-2 derives head_dim from n_embd / n_head, so only its MLP width can change in a config
+    net, _, notes = exported(name, lambda gates: uniform_keep(gates, seed=1, heads=name != "gpt2"))
+    assert notes == []
+    ids = tokens(seed=2)
+    expected = logits(net, ids)
+    layer = decoder_layers(net)[0]
+    config = net.config
+    if name == "gpt2":
+        assert config.n_inner == layer.mlp.c_fc.nf == 64 // 3 and config.n_head == 4
+    else:
+        attn = layer.self_attn
+        assert config.intermediate_size == layer.mlp.gate_proj.out_features == 64 // 3
+        assert config.num_key_value_heads * attn.head_dim == attn.k_proj.out_features
+        assert config.num_attention_heads * attn.head_dim == attn.q_proj.out_features
+        assert (
+            config.head_dim == attn.head_dim and config.num_key_value_heads < MODELS[name]().config.num_key_value_heads
+        )
+    assert getattr(config, "dms_layer_widths", None) is None
+    rebuilt = type(net)(copy.deepcopy(config))  # the model class from the config, then the weights
+    rebuilt.load_state_dict(net.state_dict())
+    assert torch.equal(logits(rebuilt, ids), expected)
+    net.save_pretrained(tmp_path)
+    loaded = type(net).from_pretrained(tmp_path)
+    assert torch.equal(logits(loaded, ids), expected)
+    check_layers_run_and_bookkeeping(loaded)
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [("gpt2", "heads"), ("gpt2", "mlp"), ("llama", "heads"), ("llama", "mlp")],
+)
+def test_an_export_a_config_cannot_describe_keeps_its_values_records_the_layers_and_warns(name, what, tmp_path):
+    """Per-layer MLP widths or kv-head groups (or GPT-2 heads of a size n_embd / n_head does not give): the config
+    keeps the supernet's counts, records the exported per-layer ones, a warning says how to reload; loading by
+    the config refuses the weights (size mismatch) instead of rebuilding a silently different model."""
+
+    def keep_fn(gates):
+        keep = uniform_keep(gates, seed=1, heads=name == "gpt2")  # GPT-2: uniform heads are already too much
+        depth = next(n for n, g in gates.gates.items() if g.kind == "depth")
+        keep[depth] = list(range(gates.gates[depth].n - 1))  # the first layer stays, the last goes
+        if what == "mlp" or name != "gpt2":
+            first = next(n for n, g in gates.gates.items() if g.kind == ("width" if what == "mlp" else "heads"))
+            keep[first] = keep[first][:1]  # the first layer keeps fewer than the others
+        if name == "gpt2" and what == "mlp":  # MLP widths differ, heads all kept
+            keep.update({n: list(range(g.n)) for n, g in gates.gates.items() if g.kind == "heads"})
+        return keep
+
+    supernet = MODELS[name]().config
+    net, _, notes = exported(name, keep_fn)
+    field = {("gpt2", "heads"): "n_head", ("gpt2", "mlp"): "n_inner"}.get((name, what))
+    field = field or {"heads": "num_key_value_heads", "mlp": "intermediate_size"}[what]
+    assert len(notes) == 1 and field in notes[0] and "load_grown" in notes[0] and "build_architecture" in notes[0]
+    assert getattr(net.config, field) == getattr(supernet, field)
+    per_layer = net.config.dms_layer_widths[field]
+    layers = decoder_layers(net)
+    if field == "n_head":
+        assert per_layer == [layer.attn.split_size // layer.attn.head_dim for layer in layers] == [2, 2, 2]
+    elif field == "n_inner":
+        assert per_layer == [layer.mlp.c_fc.nf for layer in layers] and len(set(per_layer)) == 2
+    elif field == "intermediate_size":
+        assert per_layer == [layer.mlp.gate_proj.out_features for layer in layers] and len(set(per_layer)) == 2
+    else:
+        kv = [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in layers]
+        assert per_layer == kv and len(set(kv)) == 2
+    if name == "gpt2" and what == "heads":
+        assert net.config.n_inner == layers[0].mlp.c_fc.nf == 64 // 3  # what the config can say is still said
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        type(net)(copy.deepcopy(net.config)).load_state_dict(net.state_dict())
+    net.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        type(net).from_pretrained(tmp_path)
 
 
 def test_export_refuses_a_config_out_of_step_before_touching_the_model():

@@ -13,6 +13,8 @@ first; only then is the model mutated, so a failing export leaves the model as i
 from __future__ import annotations
 
 import copy
+import warnings
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -28,7 +30,8 @@ class _Slices:
 
     def __init__(self) -> None:
         self.index: dict[tuple[int, str], tuple[nn.Module, dict[int, Tensor]]] = {}
-        self.attrs: list[tuple[nn.Module, str, int]] = []
+        self.attrs: list[tuple[Any, str, Any]] = []
+        self.notes: list[str] = []
 
     def add(self, module: nn.Module, names: list[str], dim: int, keep: Tensor) -> None:
         for name in names:
@@ -38,8 +41,13 @@ class _Slices:
             _, dims = self.index.setdefault((id(module), name), (module, {}))
             dims[dim] = keep
 
-    def attr(self, module: nn.Module, name: str, value: int) -> None:
+    def attr(self, module: Any, name: str, value: Any) -> None:
+        """Set ``module.name = value`` once everything is checked (a module's width, a config's count)."""
         self.attrs.append((module, name, value))
+
+    def note(self, text: str) -> None:
+        """A warning to give once the export is done (e.g. a config that cannot describe the exported model)."""
+        self.notes.append(text)
 
 
 def _validate_keep(gates: DMSGates, keep: dict[str, list[int]]) -> None:
@@ -91,10 +99,22 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
             drops.append((s["stack"], dropped))
 
     slices = _Slices()
-    for s in gates.specs:
-        if s["site"] == "depth" or _inside(model, s["block"], removed_blocks):
-            continue
+    alive = [s for s in gates.specs if s["site"] != "depth" and not _inside(model, s["block"], removed_blocks)]
+    for s in alive:
         family_for_site(s["site"]).plan_export(model, s, keep[s["name"]], slices)
+    families = []  # each family once, for what concerns the whole model (a Hugging Face config's widths)
+    for s in alive:
+        family = family_for_site(s["site"])
+        if all(family is not f for f in families):
+            families.append(family)
+    for family in families:
+        family.plan_config(
+            model,
+            [s for s in alive if s["site"] in family.sites],
+            keep,
+            slices,
+            lambda path: not _inside(model, path, removed_blocks),
+        )
 
     # Build and check every new tensor before touching the model, so a bad index leaves it intact.
     new_tensors: list[tuple[nn.Module, str, Tensor, tuple[Tensor | None, ...]]] = []
@@ -131,6 +151,8 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
             remove_block(model, path, i)
     change.removed.extend(gates.arch_parameters())
     remove_gates(model)
+    for text in slices.notes:
+        warnings.warn(text, UserWarning, stacklevel=2)
     return change
 
 

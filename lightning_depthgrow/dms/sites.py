@@ -97,6 +97,19 @@ class DMSFamily:
         how the layers of ``spec`` are cut to the kept elements ``keep``."""
         raise NotImplementedError
 
+    def plan_config(
+        self,
+        model: nn.Module,
+        specs: list[GateSpec],
+        keep: dict[str, list[int]],
+        slices: Any,
+        stays: Callable[[str], bool],
+    ) -> None:
+        """After every gate's :meth:`plan_export`: record what concerns the whole model (``slices.attr`` on a
+        config; ``slices.note`` for a warning given after the export). ``specs``: this family's gates on the
+        blocks that stay; ``keep``: every gate's kept indices; ``stays(path)``: whether the module at ``path``
+        is kept (not in a dropped block). Default: nothing."""
+
     def resource_roles(self, model: nn.Module, spec: GateSpec) -> list[tuple[str, str]]:
         """``(role, module path)`` pairs: which modules' FLOPs and parameters scale with the gate's kept fraction.
 

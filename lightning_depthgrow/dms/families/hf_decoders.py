@@ -16,25 +16,32 @@ model holding one of these blocks has imported its module already). Read from tr
   the ``num_key_value_groups`` query heads that share it (query heads ``j*g .. j*g+g-1``, ``repeat_kv``'s order).
   Gating whole groups keeps ``num_key_value_groups`` the same in every layer, so grouped-query attention stays
   valid (eager ``repeat_kv`` and SDPA alike). The forward reads only ``head_dim`` and ``num_key_value_groups``
-  (head counts come from the projections' widths), so layers may keep different numbers of heads; the config's
-  ``num_attention_heads``/``num_key_value_heads`` (and ``intermediate_size``, GPT-2's ``n_inner``) keep the
-  supernet's values, which no forward reads. Folded into ``o_proj``'s input columns, one element per group.
+  (head counts come from the projections' widths), so layers may keep different numbers of heads. Folded into
+  ``o_proj``'s input columns, one element per group.
 - depth: DMS's generic depth gate (``x + m (layer(x) - x)``); export removes layers through the block adapter,
   which keeps the config's depth, ``layer_types`` and every ``layer_idx`` (the KV cache) in step.
 
-A config cannot express per-layer widths, so an exported model does not round-trip through ``save_pretrained`` /
-``from_pretrained``; rebuild it with :func:`~lightning_depthgrow.load_grown` (the checkpoint's events) or
-:func:`~lightning_depthgrow.dms.build_architecture`.
+The config after export (``plan_config``): when every kept layer has the same MLP width, ``n_inner`` /
+``intermediate_size`` is set to it; when every kept Llama-style layer keeps the same key/value-head groups,
+``num_key_value_heads``, ``num_attention_heads`` and ``head_dim`` are set. ``save_pretrained`` then
+``from_pretrained`` (or the model class built from the config, then ``load_state_dict``) rebuild the exported model.
+A config cannot say that layers differ, nor hold GPT-2 heads other than ``n_embd / n_head`` (GPT-2 derives
+``head_dim`` from them): those fields keep the supernet's values, the exported per-layer counts go to
+``config.dms_layer_widths`` and a warning says to rebuild the model with :func:`~lightning_depthgrow.load_grown`
+(the checkpoint's events) or :func:`~lightning_depthgrow.dms.build_architecture`; loading by the config refuses
+the weights with a size mismatch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...adapters.hf_transformers import _DECODERS, _GPT2  # the block classes the adapters know (module, class)
+# the block classes the adapters know (module, class), and the configs on the way to a module
+from ...adapters.hf_transformers import _DECODERS, _GPT2, _configs_above
 from ...adapters.registry import lazy_class
 from ..hooks import InputMask
 from ..sites import DMSFamily, GateSpec, Hook, gate_name, slice_linear_hidden, tied
@@ -166,6 +173,37 @@ class HFGPT2Family(DMSFamily):
         slices.attr(attn, "split_size", width)
         slices.attr(attn, "num_heads", len(keep))
 
+    def plan_config(
+        self,
+        model: nn.Module,
+        specs: list[GateSpec],
+        keep: dict[str, list[int]],
+        slices: Any,
+        stays: Callable[[str], bool],
+    ) -> None:
+        """``n_inner`` follows the MLP width when every kept block has the same; a config cannot describe
+        anything else (per-layer widths, or heads other than ``n_embd / n_head``: GPT-2 derives ``head_dim``
+        from them), which is noted (:func:`_plan_configs`)."""
+
+        def counts(block: nn.Module) -> dict[str, int]:
+            return {"n_inner": block.mlp.c_fc.nf, "n_head": block.attn.split_size // block.attn.head_dim}
+
+        def fields(config: Any, per_layer: dict[str, list[int]]) -> tuple[dict[str, int], dict[str, str]]:
+            new, unsaid = {}, {}
+            inner = per_layer["n_inner"][0] if len(set(per_layer["n_inner"])) == 1 else None
+            current = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+            if inner is None:
+                unsaid["n_inner"] = "the layers keep different MLP widths"
+            elif inner != current:
+                new["n_inner"] = inner
+            if set(per_layer["n_head"]) != {config.n_head}:
+                unsaid["n_head"] = (
+                    "GPT-2 takes head_dim = n_embd / n_head, so its config cannot hold fewer heads of the same size"
+                )
+            return new, unsaid
+
+        _plan_configs(model, specs, keep, slices, stays, is_gpt2_block, counts, fields)
+
     def resource_roles(self, model: nn.Module, spec: GateSpec) -> list[tuple[str, str]]:
         b = spec["block"]
         if spec["site"] == "hf_gpt2_mlp":
@@ -243,6 +281,48 @@ class HFDecoderFamily(DMSFamily):
             if isinstance(getattr(attn, name, None), int):
                 slices.attr(attn, name, value)
 
+    def plan_config(
+        self,
+        model: nn.Module,
+        specs: list[GateSpec],
+        keep: dict[str, list[int]],
+        slices: Any,
+        stays: Callable[[str], bool],
+    ) -> None:
+        """``intermediate_size`` follows the MLP width, ``num_key_value_heads`` and ``num_attention_heads`` the
+        kept key/value-head groups (with ``head_dim`` set explicitly, as it no longer equals ``hidden_size /
+        num_attention_heads``), each when every kept layer has the same; per-layer counts are noted
+        (:func:`_plan_configs`)."""
+
+        def counts(layer: nn.Module) -> dict[str, int]:
+            attn = layer.self_attn
+            return {
+                "intermediate_size": layer.mlp.gate_proj.out_features,
+                "num_key_value_heads": attn.k_proj.out_features // attn.head_dim,
+                "num_attention_heads": attn.q_proj.out_features // attn.head_dim,
+                "head_dim": attn.head_dim,
+            }
+
+        def fields(config: Any, per_layer: dict[str, list[int]]) -> tuple[dict[str, int], dict[str, str]]:
+            new, unsaid = {}, {}
+            if len(set(per_layer["intermediate_size"])) == 1:
+                if per_layer["intermediate_size"][0] != config.intermediate_size:
+                    new["intermediate_size"] = per_layer["intermediate_size"][0]
+            else:
+                unsaid["intermediate_size"] = "the layers keep different MLP widths"
+            kv = config.num_key_value_heads if config.num_key_value_heads is not None else config.num_attention_heads
+            heads = ("num_key_value_heads", "num_attention_heads", "head_dim")
+            if any(len(set(per_layer[f])) > 1 for f in heads):
+                for f in heads[:2]:
+                    unsaid[f] = "the layers keep different numbers of key/value-head groups"
+            elif per_layer["num_key_value_heads"][0] != kv or per_layer["num_attention_heads"][0] != (
+                config.num_attention_heads
+            ):
+                new.update({f: per_layer[f][0] for f in heads})
+            return new, unsaid
+
+        _plan_configs(model, specs, keep, slices, stays, is_decoder_layer, counts, fields)
+
     def resource_roles(self, model: nn.Module, spec: GateSpec) -> list[tuple[str, str]]:
         b = spec["block"]
         if spec["site"] == "hf_decoder_mlp":
@@ -266,3 +346,64 @@ def _kv_heads(path: str, attn: nn.Module) -> int:
     if o.in_features != q.out_features:
         raise tied(path, "the heads (o_proj's input is not the query heads' output)")
     return kv
+
+
+LAYER_WIDTHS = "dms_layer_widths"  # config attribute: the exported per-layer counts a config cannot describe
+
+
+def _plan_configs(
+    model: nn.Module,
+    specs: list[GateSpec],
+    keep: dict[str, list[int]],
+    slices: Any,
+    stays: Callable[[str], bool],
+    is_block: Callable[[nn.Module], bool],
+    counts: Callable[[nn.Module], dict[str, int]],
+    fields: Callable[[Any, dict[str, list[int]]], tuple[dict[str, int], dict[str, str]]],
+) -> None:
+    """Bring every Hugging Face config above the kept blocks in step with the exported widths.
+
+    Per config: the kept blocks' counts after export (``counts`` of the block, with each gated count replaced by
+    its kept elements), then ``fields(config, per_layer)`` -> ``(new values, {field: why it cannot be said})``.
+    The new values are set (``save_pretrained`` then ``from_pretrained`` rebuild the model); where a field
+    cannot be said it keeps the supernet's value, the per-layer counts are recorded in
+    ``config.dms_layer_widths`` (saved with it) and a warning says how to reload the model instead.
+    """
+    gated: dict[str, dict[str, int]] = {}
+    for s in specs:
+        block = model.get_submodule(s["block"])
+        after = gated.setdefault(s["block"], counts(block))
+        n = len(keep[s["name"]])
+        gpt2 = is_gpt2_block(block)
+        if s["kind"] == WIDTH:
+            after["n_inner" if gpt2 else "intermediate_size"] = n
+        elif gpt2:
+            after["n_head"] = n
+        else:
+            group = block.self_attn.num_key_value_groups
+            after.update(num_key_value_heads=n, num_attention_heads=n * group)
+    per_config: dict[int, tuple[Any, list[dict[str, int]]]] = {}
+    for path, module in model.named_modules():
+        if not is_block(module) or not stays(path):
+            continue
+        layer = gated.get(path) or counts(module)
+        for config in _configs_above(model, path):
+            per_config.setdefault(id(config), (config, []))[1].append(layer)
+    for config, layers in per_config.values():
+        per_layer = {k: [layer[k] for layer in layers] for k in layers[0]}
+        new, unsaid = fields(config, per_layer)
+        for name, value in new.items():
+            slices.attr(config, name, value)
+        if unsaid:
+            slices.attr(config, LAYER_WIDTHS, {k: per_layer[k] for k in unsaid})
+            reasons = "; ".join(f"{k}: {why}" for k, why in unsaid.items())
+            slices.note(
+                f"{type(config).__name__} cannot describe the exported model ({reasons}), so the config keeps "
+                f"the supernet's {', '.join(unsaid)} and the per-layer counts are in "
+                f"config.{LAYER_WIDTHS}. save_pretrained writes them, but from_pretrained (or the model class "
+                "built from this config, then load_state_dict) refuses the weights with a size mismatch. Reload "
+                "the exported model with lightning_depthgrow.load_grown(fresh_module, checkpoint) or "
+                "lightning_depthgrow.dms.build_architecture(fresh_supernet, architecture)."
+            )
+        elif getattr(config, LAYER_WIDTHS, None) is not None:
+            slices.attr(config, LAYER_WIDTHS, None)
