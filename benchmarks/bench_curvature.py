@@ -558,6 +558,208 @@ def antithetic_holdout(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def adaptive_schedule(
+    need: dict[str, float], fraction, check_every: int = 4, min_phase: int = 16
+) -> list[tuple[tuple[str, ...] | None, int]]:
+    """Replay of ``hutchinson_trace(..., rtol=0.1, adaptive=True)`` over the blocks of ``need`` with their true
+    variances: the phases it runs, as ``(support, probes)`` (support ``None``: full-space probes).
+
+    ``need[b]``: plain probes block ``b`` needs for 10 % (``var_full / (0.1 tr)^2``); ``fraction(b, S)``: the
+    variance of ``b``'s value under probes zero outside the blocks ``S``, over the full-space one. A block has
+    converged once its stratified error ``sum_k n_k var_k / N^2`` is below ``(0.1 tr)^2``, i.e.
+    ``N^2 >= need_b * sum_k n_k f_k``. Checks every ``check_every`` probes; a new phase (support = the lagging
+    blocks) starts at a check once the current one has ``min_phase`` probes, as in the library."""
+    blocks = list(need)
+    done = {b: [0.0, 0.0] for b in blocks}  # N_b and sum_k n_k f_k
+    lagging, support, phases, phase_n = set(blocks), None, [], 0
+
+    def probes_until_converged(b: str) -> int:
+        f, (n, a) = fraction(b, support), done[b]
+        # smallest x >= 0 with (n + x)^2 >= need (a + x f): x^2 + (2n - need f) x + n^2 - need a >= 0
+        q, c = 2 * n - need[b] * f, n * n - need[b] * a
+        x = 0.0 if c >= 0 and q >= 0 else (-q + math.sqrt(max(q * q - 4 * c, 0.0))) / 2
+        return max(check_every, math.ceil(x / check_every) * check_every)
+
+    while lagging:
+        step = min(probes_until_converged(b) for b in lagging)
+        if phase_n < min_phase:
+            step = min(step, math.ceil((min_phase - phase_n) / check_every) * check_every)
+        active = blocks if support is None else support
+        for b in active:
+            done[b][0] += step
+            done[b][1] += step * fraction(b, support)
+        phase_n += step
+        if phases and phases[-1][0] == (None if support is None else tuple(support)):
+            phases[-1] = (phases[-1][0], phases[-1][1] + step)
+        else:
+            phases.append((None if support is None else tuple(support), step))
+        lagging = {b for b in lagging if done[b][0] ** 2 < need[b] * done[b][1]}
+        if lagging and phase_n >= min_phase and len(lagging) < len(active):
+            support, phase_n = sorted(lagging), 0
+    return phases
+
+
+def replay_validation(seeds: int = 100) -> dict:
+    """The replay against the estimator itself, where both can run: a dense 60 x 60 matrix of four blocks shaped
+    like a ViT's at initialisation (a hub of large trace coupled to every block, small traces elsewhere; the
+    matrix of ``tests/test_curvature_adaptive.py``), exact variances for the replay, ``seeds`` real runs of
+    ``hutchinson_trace(..., adaptive=True)`` and of plain rtol, products counted."""
+    from lightning_depthgrow.curvature import DenseOperator
+
+    g = torch.Generator().manual_seed(0)
+    n, size = 60, 15
+    a = 0.15 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    a[:size, size:] += 0.6 * torch.randn(size, n - size, generator=g, dtype=torch.float64)
+    a = (a + a.T) / 2
+    a += torch.diag(torch.tensor([3.0] * size + [0.6] * size + [0.35] * size + [0.2] * size, dtype=torch.float64))
+    names = ["hub", "b1", "b2", "b3"]
+    part = {b: slice(size * i, size * (i + 1)) for i, b in enumerate(names)}
+    only = {
+        b: 2 * (a[part[b], part[b]] - torch.diag(a[part[b], part[b]].diagonal())).pow(2).sum().item() for b in names
+    }
+    mass = {b: {c: a[part[b], part[c]].pow(2).sum().item() for c in names if c != b} for b in names}
+    trace = {b: a[part[b], part[b]].trace().item() for b in names}
+    full = {b: only[b] + sum(mass[b].values()) for b in names}
+
+    def fraction(b: str, support) -> float:
+        return 1.0 if support is None else (only[b] + sum(m for c, m in mass[b].items() if c in support)) / full[b]
+
+    op = DenseOperator(a, [(size,)] * 4)
+    blocks = {b: [i] for i, b in enumerate(names)}
+    out = {}
+    for rtol in (0.1, 0.05):
+        need = {b: full[b] / (rtol * trace[b]) ** 2 for b in names}
+        replayed = sum(count for _, count in adaptive_schedule(need, fraction))
+        real = {}
+        for adaptive in (False, True):
+            used = []
+            for seed in range(seeds):
+                generator = torch.Generator().manual_seed(seed)
+                est = hutchinson_trace(
+                    op, blocks, 10**7, rtol=rtol, generator=generator, chunk_size=4, adaptive=adaptive
+                )
+                used.append(max(t.num_probes for t in est.values()))
+            real["adaptive" if adaptive else "plain"] = statistics.fmean(used)
+        out[str(rtol)] = {
+            "replayed_adaptive_products": replayed,
+            "run_adaptive_products_mean": real["adaptive"],
+            "replayed_plain_products": max(math.ceil(v / 4) * 4 for v in need.values()),
+            "run_plain_products_mean": real["plain"],
+            "seeds": seeds,
+        }
+        print(f"[replay check, rtol {rtol}] {out[str(rtol)]}")
+    return out
+
+
+def probe_fn(op: HessianOperator, index: dict, blocks: tuple[str, ...] | None, probes: int):
+    """What one probe of ``hutchinson_trace`` costs on support ``blocks`` (``None``: full space): the Rademacher draw,
+    the product (``matmat`` or ``matmat_subset``, i.e. ``grad(g_S . v_S, params_S)``) and the per-block dots."""
+    support = list(range(len(op.param_shapes))) if blocks is None else sorted({i for b in blocks for i in index[b]})
+    shapes = [op.param_shapes[i] for i in support]
+    read = list(index) if blocks is None else list(blocks)
+    row = {param: r for r, param in enumerate(support)}
+    generator = torch.Generator().manual_seed(0)
+
+    def run() -> None:
+        for _ in range(probes):
+            v = rademacher(shapes, 1, op.dtype, op.device, generator)
+            hv = op.matmat(v) if blocks is None else op.matmat_subset(v, support)
+            dots = torch.stack([(h.mul_(x)).sum(dtype=torch.float64) for x, h in zip(v, hv)])
+            [float(dots[[row[i] for i in index[b]]].sum()) for b in read]
+
+    return run
+
+
+def bench_adaptive(shape: str, args: argparse.Namespace) -> dict:
+    """Time to per-block traces at 10 % relative standard error on every residual block: PyHessian, ours plain and
+    ours adaptive (``hutchinson_trace(..., adaptive=True)``).
+
+    10 % needs 10^3-10^7 probes per block at initialisation (hours to days per seed on CPU), so no method is run to
+    it. Measured per seed: each block's full-space probe variance (``--cv-probes`` probes, as the main benchmark),
+    the share of it that each other block's coupling carries (``--block-only-probes`` probes x blocks, as the main
+    benchmark's ``block_only``), and, interleaved round by round in one process, the cost of a PyHessian probe, of
+    our full-space probe and of our probe on every support the adaptive schedule uses. The adaptive schedule is then
+    replayed with those variances (:func:`adaptive_schedule`: the library's rule, exact variances), and each time to
+    target is setup + probes x measured cost."""
+    per_seed = []
+    for seed in range(args.seeds):
+        model = make_model(shape, seed, args.device)
+        batch = make_batch(args.batch_size, seed, args.device)
+        layout = Layout(model)
+        values = probe_values(model, batch, layout, args.cv_probes, seed)
+        need = {b: probes_needed(values[b]) for b in layout.targets}
+        pairs = block_pair_values(model, batch, layout, args.block_only_probes, seed)
+        only = {b: statistics.variance(pairs[b][b]) for b in layout.targets}
+        mass = {b: {c: statistics.fmean(v * v for v in pairs[b][c]) for c in layout.index if c != b} for b in only}
+
+        def fraction(b: str, support, only=only, mass=mass) -> float:
+            if support is None:
+                return 1.0
+            return (only[b] + sum(m for c, m in mass[b].items() if c in support)) / (only[b] + sum(mass[b].values()))
+
+        phases = adaptive_schedule(need, fraction)
+        n_plain = max(math.ceil(need[b] / 4) * 4 for b in layout.targets)
+        pyh_setup, pyh_probes, _, pyh_cleanup = pyhessian_fns(model, batch, layout, args.probes)
+        pyh_setup()
+        op = HessianOperator(model, loss_fn, [batch], layout.names)
+        targets = {b: layout.index[b] for b in layout.targets}
+        fns = {
+            "ours_graph_build": graph_build_fn(model, batch, layout),
+            "pyhessian_setup": pyh_setup,
+            "pyhessian_probes": pyh_probes,
+            "ours_probes_full": probe_fn(op, layout.index, None, args.probes),
+        }
+        for support, _ in phases:
+            if support is not None:
+                fns[f"ours_probes[{','.join(support)}]"] = probe_fn(op, targets, support, args.probes)
+        seconds = timed_interleaved(fns, args.device, args.repeats)
+        op.close()
+        pyh_cleanup()
+        per_probe = {name: t / args.probes for name, t in seconds.items() if "probes" in name}
+        cost = {
+            None if support is None else support: per_probe[
+                "ours_probes_full" if support is None else f"ours_probes[{','.join(support)}]"
+            ]
+            for support, _ in phases
+        }
+        to_target = {
+            "pyhessian": seconds["pyhessian_setup"] + n_plain * per_probe["pyhessian_probes"],
+            "ours_plain": seconds["ours_graph_build"] + n_plain * per_probe["ours_probes_full"],
+            "ours_adaptive": seconds["ours_graph_build"] + sum(n * cost[support] for support, n in phases),
+        }
+        n_adaptive = sum(n for _, n in phases)
+        record = {
+            "seed": seed,
+            "probes_needed_plain_per_block": need,
+            "variance_fraction_of_last_phase_per_block": {
+                b: fraction(b, phases[-1][0]) for b in (phases[-1][0] or layout.targets)
+            },
+            "phases": [{"support": "full" if s is None else list(s), "probes": n} for s, n in phases],
+            "products_plain": n_plain,
+            "products_adaptive": n_adaptive,
+            "seconds": seconds,
+            "time_to_target_s": to_target,
+            "ratios": {
+                "time_to_target_over_pyhessian[ours_adaptive]": to_target["ours_adaptive"] / to_target["pyhessian"],
+                "time_to_target_over_pyhessian[ours_plain]": to_target["ours_plain"] / to_target["pyhessian"],
+                "products_adaptive_over_plain": n_adaptive / n_plain,
+                "time_adaptive_over_plain": to_target["ours_adaptive"] / to_target["ours_plain"],
+                "probe_full_over_pyhessian_probe": per_probe["ours_probes_full"] / per_probe["pyhessian_probes"],
+                "restricted_probe_over_full[last phase]": cost[phases[-1][0]] / per_probe["ours_probes_full"],
+            },
+        }
+        per_seed.append(record)
+        print(
+            f"[adaptive {shape} seed {seed}] plain {n_plain} probes; adaptive phases "
+            + ", ".join(f"{'full' if s is None else '+'.join(s)}: {n}" for s, n in phases)
+        )
+        for key, value in record["ratios"].items():
+            print(f"    {key:<62}{value:8.3f}")
+        del model
+    summary = {key: mean_std([r["ratios"][key] for r in per_seed]) for key in per_seed[0]["ratios"]}
+    return {"shape": SHAPES[shape], "summary": summary, "seeds": per_seed}
+
+
 def controlled(values: list[float], cv: list[float], trace: float, coefficient: str) -> list[float]:
     """``h_k - c (g_k - tr G)``: unbiased for ``tr H`` when ``c`` does not depend on probe ``k``. ``coefficient``:
     ``"one"`` (c = 1), ``"loo"`` (c = the regression coefficient of h on g over the *other* probes)."""
@@ -987,6 +1189,11 @@ def main() -> None:
         "--antithetic-holdout", type=Path, help="held-out check of the sign designs stored in this curvature.json"
     )
     parser.add_argument("--holdout-pairs", type=int, default=24, help="antithetic probe pairs per split")
+    parser.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="only the time to 10%% RSE of PyHessian, ours plain and ours adaptive (curvature_adaptive.json)",
+    )
     parser.add_argument("--no-eigen", action="store_true", help="skip the top-eigenvalue part")
     parser.add_argument("--eigen-seeds", type=int, default=40)
     parser.add_argument("--memory-worker", choices=["train", "estimate"], help=argparse.SUPPRESS)
@@ -1000,6 +1207,31 @@ def main() -> None:
     torch.set_num_threads(1) if args.device == "cpu" else None
     if args.antithetic_holdout:
         antithetic_holdout(args)
+        return
+    if args.adaptive:
+        start = time.perf_counter()
+        out = {
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "seeds": args.seeds,
+            "cv_probes": args.cv_probes,
+            "block_only_probes": args.block_only_probes,
+            "probes_per_timed_call": args.probes,
+            "repeats": args.repeats,
+            "torch_threads": torch.get_num_threads(),
+            "target": {"time_to_target_over_pyhessian[ours_adaptive]": 0.5},
+            "replay_validation": replay_validation(),
+            "shapes": {shape: bench_adaptive(shape, args) for shape in filter(None, args.shapes.split(","))},
+        }
+        out["wall_s"] = time.perf_counter() - start
+        output = RESULTS.with_name("curvature_adaptive.json") if args.output == RESULTS else args.output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(out, indent=2))
+        for shape, result in out["shapes"].items():
+            print(f"== adaptive, {shape}: mean ± std over {args.seeds} seeds")
+            for key, value in result["summary"].items():
+                print(f"    {key:<62}{value['mean']:8.3f} ± {value['std']:.3f}")
+        print(f"wrote {output} in {out['wall_s']:.0f} s")
         return
     import curvlinops  # noqa: F401  (fail early when the bench extra is missing)
     import pyhessian  # noqa: F401

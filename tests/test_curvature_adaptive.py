@@ -218,6 +218,7 @@ def test_adaptive_estimate_on_models_within_four_standard_errors_of_exact(kind: 
         assert est.to_dict()["traces"][b]["phase_probes"] == [c for *_, c in est.traces[b].phases]
 
 
+@pytest.mark.slow  # 2 x 80 estimates to a stopping rule: ~20 s on one core
 def test_adaptive_standard_error_honest_on_a_tiny_model() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
