@@ -314,3 +314,35 @@ def test_adaptive_uses_fewer_products_than_plain_on_a_coupled_spectrum() -> None
             )
             used[mode].append(sum(k for _, k in op.supports))
     assert statistics.fmean(used["adaptive"]) < 0.6 * statistics.fmean(used["plain"]), used
+
+
+# ---------------------------------------------------------------- CurvatureMonitor(adaptive=True)
+
+
+def test_monitor_adaptive_in_a_fit_and_its_arguments() -> None:
+    from lightning_depthgrow.callbacks.curvature_monitor import CurvatureMonitor
+    from tests.test_curvature_monitor import _classifier, _loader, _trainer
+
+    monitor = CurvatureMonitor(num_probes=48, rtol=0.5, adaptive=True, log=False)
+    trainer = _trainer(1, [monitor], limit_train_batches=2)
+    trainer.fit(_classifier(max_epochs=1), _loader())
+    traces = monitor.history[-1]["traces"]
+    assert monitor.latest.valid and all(sum(t["phase_probes"]) == t["num_probes"] for t in traces.values())
+    for kwargs in (
+        {"adaptive": True},
+        {"adaptive": 1, "rtol": 0.1},
+        {"adaptive": True, "rtol": 0.1, "quantity": "empirical_fisher"},
+    ):
+        with pytest.raises(ValueError, match="adaptive"):
+            CurvatureMonitor(**kwargs)
+
+
+@pytest.mark.slow
+def test_monitor_adaptive_is_refused_under_two_process_ddp_before_training() -> None:
+    from lightning_depthgrow.callbacks.curvature_monitor import CurvatureMonitor
+    from tests.test_curvature_monitor import _classifier, _loader, _trainer
+
+    trainer = _trainer(1, [CurvatureMonitor(num_probes=8, rtol=0.1, adaptive=True)], devices=2, strategy="ddp_spawn")
+    with pytest.raises(Exception, match="adaptive=False under DDP"):
+        trainer.fit(_classifier(max_epochs=1), _loader())
+    assert trainer.global_step == 0
