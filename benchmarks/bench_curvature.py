@@ -60,6 +60,15 @@ relative change < 1e-3), our old default (power iteration, 20 iterations), and c
 ``scipy.sparse.linalg.eigsh(k=1, which="LM", tol=1e-3)``. Counted: seeds within 1 % of the exact value, and
 Hessian-vector products used.
 
+Adaptive restricted probes (``--adaptive``: a replay with measured variances and probe costs, because 10 % at
+initialisation needs thousands to millions of probes; ``--adaptive-direct``: real runs, no replay). The direct mode
+trains each seed's model ``--train-steps`` AdamW steps on a learnable synthetic task (class patterns plus noise) so
+that the traces are away from zero, then, on one held-out batch, in one process and in an order rotated per seed,
+runs to ``--direct-rtol`` relative standard error on every residual block: real PyHessian (its ``hessian(...)``
+constructor, its own Rademacher draw, ``hessian_vector_product`` and per-block ``group_product``, the library's
+stopping rule checked every 4 probes), ours plain ``hutchinson_trace(..., rtol)`` and ours ``adaptive=True``; each
+timed from graph build to estimate, at most ``--direct-cap`` probes (reported when hit).
+
 Only ratios measured in the same run are meaningful (the machine is shared). Usage::
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_curvature.py            # CPU, ~10 min
@@ -71,6 +80,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -85,6 +95,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_depthgrow.curvature import (
     HessianOperator,
+    TraceEstimate,
     discover_blocks,
     empirical_fisher_trace,
     estimate_curvature,
@@ -760,6 +771,177 @@ def bench_adaptive(shape: str, args: argparse.Namespace) -> dict:
     return {"shape": SHAPES[shape], "summary": summary, "seeds": per_seed}
 
 
+def make_task(seed: int, device: str, signal: float = 0.3):
+    """A learnable synthetic image task: class ``y`` images are ``signal * mu_y`` plus unit noise, with fixed
+    random patterns ``mu`` (seeded). ``draw(generator, n)`` gives a batch ``(x, y)``."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    mu = torch.randn(10, 3, 32, 32, generator=g)
+
+    def draw(generator: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 10, (n,), generator=generator)
+        x = signal * mu[y] + torch.randn(n, 3, 32, 32, generator=generator)
+        return x.to(device), y.to(device)
+
+    return draw
+
+
+def train_briefly(model: nn.Module, draw, steps: int, batch_size: int, seed: int) -> list[float]:
+    """``steps`` AdamW steps (lr 1e-3) on a fixed stream of fresh batches; the loss every 50 steps."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(3000 + seed)
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, draw(generator, batch_size))
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            losses.append(float(loss.detach()))
+    model.zero_grad(set_to_none=True)
+    return losses
+
+
+def _below(values: list[float], rtol: float) -> bool:
+    """The library's stopping rule for one block (``hutchinson_trace``'s ``rtol`` check): ``stderr < rtol |mean|``."""
+    est = TraceEstimate.from_values(values)
+    return est.stderr == 0.0 or (math.isfinite(est.stderr) and est.stderr < rtol * abs(est.mean))
+
+
+def pyhessian_to_target(model: nn.Module, batch: tuple, targets: dict, rtol: float, cap: int, seed: int) -> dict:
+    """Real PyHessian run to ``rtol`` on every block of ``targets``: its ``hessian(...)`` constructor (the gradient
+    graph), then per probe its own Rademacher draw, ``hessian_vector_product`` and per-block ``group_product``
+    (``pyhessian.utils``), with the library's stopping rule checked every 4 probes (at most ``cap`` probes)."""
+    from pyhessian import hessian
+    from pyhessian.utils import group_product, hessian_vector_product
+
+    torch.manual_seed(50_000 + seed)  # PyHessian draws from the global generator
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    with sdpa_kernel(SDPBackend.MATH):
+        h = hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=batch[0].is_cuda)
+    values: dict[str, list[float]] = {b: [] for b in targets}
+    n = 0
+    while n < cap:
+        v = [torch.randint_like(p, high=2) for p in h.params]
+        for v_i in v:
+            v_i[v_i == 0] = -1
+        hv = hessian_vector_product(h.gradsH, h.params, v)
+        for b, idx in targets.items():
+            values[b].append(group_product([hv[i] for i in idx], [v[i] for i in idx]).item())
+        n += 1
+        if n % 4 == 0 and all(_below(values[b], rtol) for b in targets):
+            break
+    seconds = time.perf_counter() - start
+    del h
+    model.train()  # PyHessian switches to eval(); these models have no dropout, so it is the same function
+    model.zero_grad(set_to_none=True)  # PyHessian leaves graph-attached .grad behind
+    estimates = {b: TraceEstimate.from_values(v) for b, v in values.items()}
+    return {"seconds": seconds, "products": n, "estimates": estimates}
+
+
+def ours_to_target(
+    model: nn.Module, batch: tuple, layout: Layout, targets: dict, rtol: float, cap: int, seed: int, adaptive: bool
+) -> dict:
+    """``hutchinson_trace(HessianOperator(...), targets, cap, rtol=rtol, adaptive=adaptive)``, graph build included."""
+    generator = torch.Generator().manual_seed((40_000 if adaptive else 30_000) + seed)
+    start = time.perf_counter()
+    with HessianOperator(model, loss_fn, [batch], layout.names) as op:
+        estimates = hutchinson_trace(op, targets, cap, rtol=rtol, generator=generator, adaptive=adaptive)
+    seconds = time.perf_counter() - start
+    # Products: the block probed in every phase has them all (full-space phase 1, then nested supports).
+    return {"seconds": seconds, "products": max(e.num_probes for e in estimates.values()), "estimates": estimates}
+
+
+def bench_adaptive_direct(shape: str, args: argparse.Namespace) -> dict:
+    """Real runs to ``--direct-rtol`` on every residual block, no replay: PyHessian, ours plain, ours adaptive.
+
+    Per seed: the model (init seed) is trained ``--train-steps`` AdamW steps on a learnable synthetic task
+    (:func:`make_task`), so that the traces are away from zero and the target is reachable in hundreds of probes;
+    then the three methods run on one held-out batch of that task, in one process, in an order rotated per seed,
+    each timed from its graph build to its estimate (at most ``--direct-cap`` probes)."""
+    methods = ("pyhessian", "ours_plain", "ours_adaptive")
+    per_seed = []
+    for seed in range(args.seeds):
+        model = make_model(shape, seed, args.device)
+        draw = make_task(seed, args.device)
+        losses = train_briefly(model, draw, args.train_steps, args.batch_size, seed)
+        batch = draw(torch.Generator().manual_seed(4000 + seed), args.batch_size)
+        layout = Layout(model)
+        targets = {b: layout.index[b] for b in layout.targets}
+        order = [methods[(i + seed) % len(methods)] for i in range(len(methods))]
+        runs = {}
+        for name in order:
+            if name == "pyhessian":
+                runs[name] = pyhessian_to_target(model, batch, targets, args.direct_rtol, args.direct_cap, seed)
+            else:
+                adaptive = name == "ours_adaptive"
+                runs[name] = ours_to_target(
+                    model, batch, layout, targets, args.direct_rtol, args.direct_cap, seed, adaptive
+                )
+        record: dict = {"seed": seed, "order": order, "train_losses_every_50": losses, "methods": {}}
+        for name, run in runs.items():
+            est = run["estimates"]
+            rse = {b: e.stderr / abs(e.mean) if e.mean else math.inf for b, e in est.items()}
+            record["methods"][name] = {
+                "seconds": run["seconds"],
+                "products": run["products"],
+                "hit_cap": not all(r < args.direct_rtol or est[b].stderr == 0.0 for b, r in rse.items()),
+                "seconds_per_product": run["seconds"] / run["products"],
+                "per_block": {
+                    b: {
+                        "mean": e.mean,
+                        "stderr": e.stderr,
+                        "rse": rse[b],
+                        "probes": e.num_probes,
+                        "phase_probes": [int(p[2]) for p in e.phases] if e.phases else [e.num_probes],
+                    }
+                    for b, e in est.items()
+                },
+            }
+
+        def agreement(a: str, b: str, runs=runs) -> dict[str, float]:
+            """Per block ``(mean_a - mean_b) / sqrt(se_a^2 + se_b^2)`` (independent probes)."""
+            ea, eb = runs[a]["estimates"], runs[b]["estimates"]
+            return {k: (ea[k].mean - eb[k].mean) / math.hypot(ea[k].stderr, eb[k].stderr) for k in ea}
+
+        record["z_adaptive_vs_plain"] = agreement("ours_adaptive", "ours_plain")
+        record["z_pyhessian_vs_plain"] = agreement("pyhessian", "ours_plain")
+        pyh = runs["pyhessian"]
+        record["ratios"] = {
+            "time_to_target_over_pyhessian[ours_adaptive]": runs["ours_adaptive"]["seconds"] / pyh["seconds"],
+            "time_to_target_over_pyhessian[ours_plain]": runs["ours_plain"]["seconds"] / pyh["seconds"],
+            "time_adaptive_over_plain": runs["ours_adaptive"]["seconds"] / runs["ours_plain"]["seconds"],
+            "products_adaptive_over_plain": runs["ours_adaptive"]["products"] / runs["ours_plain"]["products"],
+            "products_plain_over_pyhessian": runs["ours_plain"]["products"] / pyh["products"],
+            "seconds_per_product_plain_over_pyhessian": record["methods"]["ours_plain"]["seconds_per_product"]
+            / record["methods"]["pyhessian"]["seconds_per_product"],
+        }
+        per_seed.append(record)
+        print(f"[direct {shape} seed {seed}] order {order}, train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        for name in methods:
+            m = record["methods"][name]
+            worst = max(m["per_block"].values(), key=lambda r: r["rse"])["rse"]
+            print(
+                f"    {name:<14}{m['seconds']:8.2f} s {m['products']:5d} products"
+                f"{' (cap)' if m['hit_cap'] else ''}, worst block RSE {worst:.3f}"
+            )
+        for key, value in record["ratios"].items():
+            print(f"    {key:<62}{value:8.3f}")
+        z = record["z_adaptive_vs_plain"]
+        print("    z adaptive vs plain: " + ", ".join(f"{b} {v:+.2f}" for b, v in z.items()))
+        del model
+    summary = {key: mean_std([r["ratios"][key] for r in per_seed]) for key in per_seed[0]["ratios"]}
+    capped = {name: sum(r["methods"][name]["hit_cap"] for r in per_seed) for name in methods}
+    z_all = [abs(v) for r in per_seed for v in r["z_adaptive_vs_plain"].values()]
+    return {
+        "shape": SHAPES[shape],
+        "summary": summary,
+        "seeds_hitting_cap": capped,
+        "max_abs_z_adaptive_vs_plain": max(z_all),
+        "seeds": per_seed,
+    }
+
+
 def controlled(values: list[float], cv: list[float], trace: float, coefficient: str) -> list[float]:
     """``h_k - c (g_k - tr G)``: unbiased for ``tr H`` when ``c`` does not depend on probe ``k``. ``coefficient``:
     ``"one"`` (c = 1), ``"loo"`` (c = the regression coefficient of h on g over the *other* probes)."""
@@ -1194,6 +1376,15 @@ def main() -> None:
         action="store_true",
         help="only the time to 10%% RSE of PyHessian, ours plain and ours adaptive (curvature_adaptive.json)",
     )
+    parser.add_argument(
+        "--adaptive-direct",
+        action="store_true",
+        help="real runs (no replay) to --direct-rtol on every residual block after --train-steps of training: "
+        "PyHessian, ours plain, ours adaptive (curvature_adaptive_direct.json)",
+    )
+    parser.add_argument("--direct-rtol", type=float, default=0.2, help="relative standard error target")
+    parser.add_argument("--direct-cap", type=int, default=400, help="most probes per method and seed")
+    parser.add_argument("--train-steps", type=int, default=400, help="AdamW steps before the direct runs")
     parser.add_argument("--no-eigen", action="store_true", help="skip the top-eigenvalue part")
     parser.add_argument("--eigen-seeds", type=int, default=40)
     parser.add_argument("--memory-worker", choices=["train", "estimate"], help=argparse.SUPPRESS)
@@ -1207,6 +1398,34 @@ def main() -> None:
     torch.set_num_threads(1) if args.device == "cpu" else None
     if args.antithetic_holdout:
         antithetic_holdout(args)
+        return
+    if args.adaptive_direct:
+        start = time.perf_counter()
+        out = {
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "seeds": args.seeds,
+            "rtol": args.direct_rtol,
+            "cap": args.direct_cap,
+            "train_steps": args.train_steps,
+            "torch_threads": torch.get_num_threads(),
+            "load_average_start": list(os.getloadavg()),
+            "target": {"time_to_target_over_pyhessian[ours_adaptive]": 0.5},
+            "shapes": {shape: bench_adaptive_direct(shape, args) for shape in filter(None, args.shapes.split(","))},
+        }
+        out["load_average_end"] = list(os.getloadavg())
+        out["wall_s"] = time.perf_counter() - start
+        output = RESULTS.with_name("curvature_adaptive_direct.json") if args.output == RESULTS else args.output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(out, indent=2))
+        for shape, result in out["shapes"].items():
+            print(
+                f"== adaptive direct, {shape}: mean ± std over {args.seeds} seeds; capped {result['seeds_hitting_cap']}"
+            )
+            for key, value in result["summary"].items():
+                print(f"    {key:<62}{value['mean']:8.3f} ± {value['std']:.3f}")
+            print(f"    max |z| adaptive vs plain {result['max_abs_z_adaptive_vs_plain']:.2f}")
+        print(f"wrote {output} in {out['wall_s']:.0f} s")
         return
     if args.adaptive:
         start = time.perf_counter()
