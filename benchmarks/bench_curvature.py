@@ -907,7 +907,7 @@ def bench_adaptive_direct(shape: str, args: argparse.Namespace) -> dict:
     with fresh probes (the time to target is a random stopping time: the per-seed ratios use the mean over
     streams). 100 steps (the default): the loss is 0.35-0.7 and the residual blocks' traces on the held-out batch
     are well away from zero; after 300-400 steps (loss ~0.1) some fall to within their noise of zero (one-probe
-    CV 9-176), out of reach of any method."""
+    CV of the worst block 15-176), out of reach of any method."""
     methods = ("pyhessian", "ours_plain", "ours_adaptive")
     per_seed = []
     for seed in range(args.seeds):
