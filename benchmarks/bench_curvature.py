@@ -60,6 +60,15 @@ relative change < 1e-3), our old default (power iteration, 20 iterations), and c
 ``scipy.sparse.linalg.eigsh(k=1, which="LM", tol=1e-3)``. Counted: seeds within 1 % of the exact value, and
 Hessian-vector products used.
 
+Adaptive restricted probes (``--adaptive``: a replay with measured variances and probe costs, because 10 % at
+initialisation needs thousands to millions of probes; ``--adaptive-direct``: real runs, no replay). The direct mode
+trains each seed's model ``--train-steps`` AdamW steps on a learnable synthetic task (class patterns plus noise) so
+that the traces are away from zero, then, on one held-out batch, in one process and in an order rotated per seed,
+runs to ``--direct-rtol`` relative standard error on every residual block: real PyHessian (its ``hessian(...)``
+constructor, its own Rademacher draw, ``hessian_vector_product`` and per-block ``group_product``, the library's
+stopping rule checked every 4 probes), ours plain ``hutchinson_trace(..., rtol)`` and ours ``adaptive=True``; each
+timed from graph build to estimate, at most ``--direct-cap`` probes (reported when hit).
+
 Only ratios measured in the same run are meaningful (the machine is shared). Usage::
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_curvature.py            # CPU, ~10 min
@@ -71,6 +80,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -85,6 +95,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_depthgrow.curvature import (
     HessianOperator,
+    TraceEstimate,
     discover_blocks,
     empirical_fisher_trace,
     estimate_curvature,
@@ -558,6 +569,402 @@ def antithetic_holdout(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def adaptive_schedule(
+    need: dict[str, float], fraction, check_every: int = 4, min_phase: int = 16
+) -> list[tuple[tuple[str, ...] | None, int]]:
+    """Replay of ``hutchinson_trace(..., rtol=0.1, adaptive=True)`` over the blocks of ``need`` with their true
+    variances: the phases it runs, as ``(support, probes)`` (support ``None``: full-space probes).
+
+    ``need[b]``: plain probes block ``b`` needs for 10 % (``var_full / (0.1 tr)^2``); ``fraction(b, S)``: the
+    variance of ``b``'s value under probes zero outside the blocks ``S``, over the full-space one. A block has
+    converged once its stratified error ``sum_k n_k var_k / N^2`` is below ``(0.1 tr)^2``, i.e.
+    ``N^2 >= need_b * sum_k n_k f_k``. Checks every ``check_every`` probes; a new phase (support = the lagging
+    blocks) starts at a check once the current one has ``min_phase`` probes, as in the library."""
+    blocks = list(need)
+    done = {b: [0.0, 0.0] for b in blocks}  # N_b and sum_k n_k f_k
+    lagging, support, phases, phase_n = set(blocks), None, [], 0
+
+    def probes_until_converged(b: str) -> int:
+        f, (n, a) = fraction(b, support), done[b]
+        # smallest x >= 0 with (n + x)^2 >= need (a + x f): x^2 + (2n - need f) x + n^2 - need a >= 0
+        q, c = 2 * n - need[b] * f, n * n - need[b] * a
+        x = 0.0 if c >= 0 and q >= 0 else (-q + math.sqrt(max(q * q - 4 * c, 0.0))) / 2
+        return max(check_every, math.ceil(x / check_every) * check_every)
+
+    while lagging:
+        step = min(probes_until_converged(b) for b in lagging)
+        if phase_n < min_phase:
+            step = min(step, math.ceil((min_phase - phase_n) / check_every) * check_every)
+        active = blocks if support is None else support
+        for b in active:
+            done[b][0] += step
+            done[b][1] += step * fraction(b, support)
+        phase_n += step
+        if phases and phases[-1][0] == (None if support is None else tuple(support)):
+            phases[-1] = (phases[-1][0], phases[-1][1] + step)
+        else:
+            phases.append((None if support is None else tuple(support), step))
+        lagging = {b for b in lagging if done[b][0] ** 2 < need[b] * done[b][1]}
+        if lagging and phase_n >= min_phase and len(lagging) < len(active):
+            support, phase_n = sorted(lagging), 0
+    return phases
+
+
+def replay_validation(seeds: int = 100) -> dict:
+    """The replay against the estimator itself, where both can run: a dense 60 x 60 matrix of four blocks shaped
+    like a ViT's at initialisation (a hub of large trace coupled to every block, small traces elsewhere; the
+    matrix of ``tests/test_curvature_adaptive.py``), exact variances for the replay, ``seeds`` real runs of
+    ``hutchinson_trace(..., adaptive=True)`` and of plain rtol, products counted."""
+    from lightning_depthgrow.curvature import DenseOperator
+
+    g = torch.Generator().manual_seed(0)
+    n, size = 60, 15
+    a = 0.15 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    a[:size, size:] += 0.6 * torch.randn(size, n - size, generator=g, dtype=torch.float64)
+    a = (a + a.T) / 2
+    a += torch.diag(torch.tensor([3.0] * size + [0.6] * size + [0.35] * size + [0.2] * size, dtype=torch.float64))
+    names = ["hub", "b1", "b2", "b3"]
+    part = {b: slice(size * i, size * (i + 1)) for i, b in enumerate(names)}
+    only = {
+        b: 2 * (a[part[b], part[b]] - torch.diag(a[part[b], part[b]].diagonal())).pow(2).sum().item() for b in names
+    }
+    mass = {b: {c: a[part[b], part[c]].pow(2).sum().item() for c in names if c != b} for b in names}
+    trace = {b: a[part[b], part[b]].trace().item() for b in names}
+    full = {b: only[b] + sum(mass[b].values()) for b in names}
+
+    def fraction(b: str, support) -> float:
+        return 1.0 if support is None else (only[b] + sum(m for c, m in mass[b].items() if c in support)) / full[b]
+
+    op = DenseOperator(a, [(size,)] * 4)
+    blocks = {b: [i] for i, b in enumerate(names)}
+    out = {}
+    for rtol in (0.1, 0.05):
+        need = {b: full[b] / (rtol * trace[b]) ** 2 for b in names}
+        replayed = sum(count for _, count in adaptive_schedule(need, fraction))
+        real = {}
+        for adaptive in (False, True):
+            used = []
+            for seed in range(seeds):
+                generator = torch.Generator().manual_seed(seed)
+                est = hutchinson_trace(
+                    op, blocks, 10**7, rtol=rtol, generator=generator, chunk_size=4, adaptive=adaptive
+                )
+                used.append(max(t.num_probes for t in est.values()))
+            real["adaptive" if adaptive else "plain"] = statistics.fmean(used)
+        out[str(rtol)] = {
+            "replayed_adaptive_products": replayed,
+            "run_adaptive_products_mean": real["adaptive"],
+            "replayed_plain_products": max(math.ceil(v / 4) * 4 for v in need.values()),
+            "run_plain_products_mean": real["plain"],
+            "seeds": seeds,
+        }
+        print(f"[replay check, rtol {rtol}] {out[str(rtol)]}")
+    return out
+
+
+def probe_fn(op: HessianOperator, index: dict, blocks: tuple[str, ...] | None, probes: int):
+    """What one probe of ``hutchinson_trace`` costs on support ``blocks`` (``None``: full space): the Rademacher draw,
+    the product (``matmat`` or ``matmat_subset``, i.e. ``grad(g_S . v_S, params_S)``) and the per-block dots."""
+    support = list(range(len(op.param_shapes))) if blocks is None else sorted({i for b in blocks for i in index[b]})
+    shapes = [op.param_shapes[i] for i in support]
+    read = list(index) if blocks is None else list(blocks)
+    row = {param: r for r, param in enumerate(support)}
+    generator = torch.Generator().manual_seed(0)
+
+    def run() -> None:
+        for _ in range(probes):
+            v = rademacher(shapes, 1, op.dtype, op.device, generator)
+            hv = op.matmat(v) if blocks is None else op.matmat_subset(v, support)
+            dots = torch.stack([(h.mul_(x)).sum(dtype=torch.float64) for x, h in zip(v, hv)])
+            [float(dots[[row[i] for i in index[b]]].sum()) for b in read]
+
+    return run
+
+
+def bench_adaptive(shape: str, args: argparse.Namespace) -> dict:
+    """Time to per-block traces at 10 % relative standard error on every residual block: PyHessian, ours plain and
+    ours adaptive (``hutchinson_trace(..., adaptive=True)``).
+
+    10 % needs 10^3-10^7 probes per block at initialisation (hours to days per seed on CPU), so no method is run to
+    it. Measured per seed: each block's full-space probe variance (``--cv-probes`` probes, as the main benchmark),
+    the share of it that each other block's coupling carries (``--block-only-probes`` probes x blocks, as the main
+    benchmark's ``block_only``), and, interleaved round by round in one process, the cost of a PyHessian probe, of
+    our full-space probe and of our probe on every support the adaptive schedule uses. The adaptive schedule is then
+    replayed with those variances (:func:`adaptive_schedule`: the library's rule, exact variances), and each time to
+    target is setup + probes x measured cost."""
+    per_seed = []
+    for seed in range(args.seeds):
+        model = make_model(shape, seed, args.device)
+        batch = make_batch(args.batch_size, seed, args.device)
+        layout = Layout(model)
+        values = probe_values(model, batch, layout, args.cv_probes, seed)
+        need = {b: probes_needed(values[b]) for b in layout.targets}
+        pairs = block_pair_values(model, batch, layout, args.block_only_probes, seed)
+        only = {b: statistics.variance(pairs[b][b]) for b in layout.targets}
+        mass = {b: {c: statistics.fmean(v * v for v in pairs[b][c]) for c in layout.index if c != b} for b in only}
+
+        def fraction(b: str, support, only=only, mass=mass) -> float:
+            if support is None:
+                return 1.0
+            return (only[b] + sum(m for c, m in mass[b].items() if c in support)) / (only[b] + sum(mass[b].values()))
+
+        phases = adaptive_schedule(need, fraction)
+        n_plain = max(math.ceil(need[b] / 4) * 4 for b in layout.targets)
+        pyh_setup, pyh_probes, _, pyh_cleanup = pyhessian_fns(model, batch, layout, args.probes)
+        pyh_setup()
+        op = HessianOperator(model, loss_fn, [batch], layout.names)
+        targets = {b: layout.index[b] for b in layout.targets}
+        fns = {
+            "ours_graph_build": graph_build_fn(model, batch, layout),
+            "pyhessian_setup": pyh_setup,
+            "pyhessian_probes": pyh_probes,
+            "ours_probes_full": probe_fn(op, layout.index, None, args.probes),
+        }
+        for support, _ in phases:
+            if support is not None:
+                fns[f"ours_probes[{','.join(support)}]"] = probe_fn(op, targets, support, args.probes)
+        seconds = timed_interleaved(fns, args.device, args.repeats)
+        op.close()
+        pyh_cleanup()
+        per_probe = {name: t / args.probes for name, t in seconds.items() if "probes" in name}
+        cost = {
+            None if support is None else support: per_probe[
+                "ours_probes_full" if support is None else f"ours_probes[{','.join(support)}]"
+            ]
+            for support, _ in phases
+        }
+        to_target = {
+            "pyhessian": seconds["pyhessian_setup"] + n_plain * per_probe["pyhessian_probes"],
+            "ours_plain": seconds["ours_graph_build"] + n_plain * per_probe["ours_probes_full"],
+            "ours_adaptive": seconds["ours_graph_build"] + sum(n * cost[support] for support, n in phases),
+        }
+        n_adaptive = sum(n for _, n in phases)
+        record = {
+            "seed": seed,
+            "probes_needed_plain_per_block": need,
+            "variance_fraction_of_last_phase_per_block": {
+                b: fraction(b, phases[-1][0]) for b in (phases[-1][0] or layout.targets)
+            },
+            "phases": [{"support": "full" if s is None else list(s), "probes": n} for s, n in phases],
+            "products_plain": n_plain,
+            "products_adaptive": n_adaptive,
+            "seconds": seconds,
+            "time_to_target_s": to_target,
+            "ratios": {
+                "time_to_target_over_pyhessian[ours_adaptive]": to_target["ours_adaptive"] / to_target["pyhessian"],
+                "time_to_target_over_pyhessian[ours_plain]": to_target["ours_plain"] / to_target["pyhessian"],
+                "products_adaptive_over_plain": n_adaptive / n_plain,
+                "time_adaptive_over_plain": to_target["ours_adaptive"] / to_target["ours_plain"],
+                "probe_full_over_pyhessian_probe": per_probe["ours_probes_full"] / per_probe["pyhessian_probes"],
+                "restricted_probe_over_full[last phase]": cost[phases[-1][0]] / per_probe["ours_probes_full"],
+            },
+        }
+        per_seed.append(record)
+        print(
+            f"[adaptive {shape} seed {seed}] plain {n_plain} probes; adaptive phases "
+            + ", ".join(f"{'full' if s is None else '+'.join(s)}: {n}" for s, n in phases)
+        )
+        for key, value in record["ratios"].items():
+            print(f"    {key:<62}{value:8.3f}")
+        del model
+    summary = {key: mean_std([r["ratios"][key] for r in per_seed]) for key in per_seed[0]["ratios"]}
+    return {"shape": SHAPES[shape], "summary": summary, "seeds": per_seed}
+
+
+def make_task(seed: int, device: str, signal: float = 0.3):
+    """A learnable synthetic image task: class ``y`` images are ``signal * mu_y`` plus unit noise, with fixed
+    random patterns ``mu`` (seeded). ``draw(generator, n)`` gives a batch ``(x, y)``."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    mu = torch.randn(10, 3, 32, 32, generator=g)
+
+    def draw(generator: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 10, (n,), generator=generator)
+        x = signal * mu[y] + torch.randn(n, 3, 32, 32, generator=generator)
+        return x.to(device), y.to(device)
+
+    return draw
+
+
+def train_briefly(model: nn.Module, draw, steps: int, batch_size: int, seed: int) -> list[float]:
+    """``steps`` AdamW steps (lr 1e-3) on a fixed stream of fresh batches; the loss every 50 steps."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(3000 + seed)
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, draw(generator, batch_size))
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            losses.append(float(loss.detach()))
+    model.zero_grad(set_to_none=True)
+    return losses
+
+
+def _below(values: list[float], rtol: float) -> bool:
+    """The library's stopping rule for one block (``hutchinson_trace``'s ``rtol`` check): ``stderr < rtol |mean|``."""
+    est = TraceEstimate.from_values(values)
+    return est.stderr == 0.0 or (math.isfinite(est.stderr) and est.stderr < rtol * abs(est.mean))
+
+
+def pyhessian_to_target(model: nn.Module, batch: tuple, targets: dict, rtol: float, cap: int, seed: int) -> dict:
+    """Real PyHessian run to ``rtol`` on every block of ``targets``: its ``hessian(...)`` constructor (the gradient
+    graph), then per probe its own Rademacher draw, ``hessian_vector_product`` and per-block ``group_product``
+    (``pyhessian.utils``), with the library's stopping rule checked every 4 probes (at most ``cap`` probes)."""
+    from pyhessian import hessian
+    from pyhessian.utils import group_product, hessian_vector_product
+
+    torch.manual_seed(50_000 + seed)  # PyHessian draws from the global generator
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    with sdpa_kernel(SDPBackend.MATH):
+        h = hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=batch[0].is_cuda)
+    values: dict[str, list[float]] = {b: [] for b in targets}
+    n = 0
+    while n < cap:
+        v = [torch.randint_like(p, high=2) for p in h.params]
+        for v_i in v:
+            v_i[v_i == 0] = -1
+        hv = hessian_vector_product(h.gradsH, h.params, v)
+        for b, idx in targets.items():
+            values[b].append(group_product([hv[i] for i in idx], [v[i] for i in idx]).item())
+        n += 1
+        if n % 4 == 0 and all(_below(values[b], rtol) for b in targets):
+            break
+    seconds = time.perf_counter() - start
+    del h
+    model.train()  # PyHessian switches to eval(); these models have no dropout, so it is the same function
+    model.zero_grad(set_to_none=True)  # PyHessian leaves graph-attached .grad behind
+    estimates = {b: TraceEstimate.from_values(v) for b, v in values.items()}
+    return {"seconds": seconds, "products": n, "estimates": estimates}
+
+
+def ours_to_target(
+    model: nn.Module, batch: tuple, layout: Layout, targets: dict, rtol: float, cap: int, seed: int, adaptive: bool
+) -> dict:
+    """``hutchinson_trace(HessianOperator(...), targets, cap, rtol=rtol, adaptive=adaptive)``, graph build included."""
+    generator = torch.Generator().manual_seed((40_000 if adaptive else 30_000) + seed)
+    start = time.perf_counter()
+    with HessianOperator(model, loss_fn, [batch], layout.names) as op:
+        estimates = hutchinson_trace(op, targets, cap, rtol=rtol, generator=generator, adaptive=adaptive)
+    seconds = time.perf_counter() - start
+    # Products: the block probed in every phase has them all (full-space phase 1, then nested supports).
+    return {"seconds": seconds, "products": max(e.num_probes for e in estimates.values()), "estimates": estimates}
+
+
+def direct_stream(
+    model: nn.Module, batch: tuple, layout: Layout, targets: dict, seed: int, stream: int, args: argparse.Namespace
+) -> dict:
+    """One run of each method to ``--direct-rtol`` (probe streams ``seed + 100 * stream``), in an order rotated by
+    ``seed + stream``: times, products, whether the cap was hit, per-block estimates, and the agreement of the
+    estimates, ``(mean_a - mean_b) / sqrt(se_a^2 + se_b^2)`` per block (independent probes)."""
+    methods = ("pyhessian", "ours_plain", "ours_adaptive")
+    order = [methods[(i + seed + stream) % len(methods)] for i in range(len(methods))]
+    rtol, cap, probe_seed = args.direct_rtol, args.direct_cap, seed + 100 * stream
+    runs = {}
+    for name in order:
+        if name == "pyhessian":
+            runs[name] = pyhessian_to_target(model, batch, targets, rtol, cap, probe_seed)
+        else:
+            runs[name] = ours_to_target(model, batch, layout, targets, rtol, cap, probe_seed, name == "ours_adaptive")
+    record: dict = {"stream": stream, "order": order, "methods": {}}
+    for name, run in runs.items():
+        est = run["estimates"]
+        rse = {b: e.stderr / abs(e.mean) if e.mean else math.inf for b, e in est.items()}
+        record["methods"][name] = {
+            "seconds": run["seconds"],
+            "products": run["products"],
+            "hit_cap": not all(r < rtol or est[b].stderr == 0.0 for b, r in rse.items()),
+            "seconds_per_product": run["seconds"] / run["products"],
+            "per_block": {
+                b: {
+                    "mean": e.mean,
+                    "stderr": e.stderr,
+                    "rse": rse[b],
+                    "probes": e.num_probes,
+                    "phase_probes": [int(p[2]) for p in e.phases] if e.phases else [e.num_probes],
+                }
+                for b, e in est.items()
+            },
+        }
+
+    def agreement(a: str, b: str) -> dict[str, float]:
+        ea, eb = runs[a]["estimates"], runs[b]["estimates"]
+        return {k: (ea[k].mean - eb[k].mean) / math.hypot(ea[k].stderr, eb[k].stderr) for k in ea}
+
+    record["z_adaptive_vs_plain"] = agreement("ours_adaptive", "ours_plain")
+    record["z_pyhessian_vs_plain"] = agreement("pyhessian", "ours_plain")
+    return record
+
+
+def bench_adaptive_direct(shape: str, args: argparse.Namespace) -> dict:
+    """Real runs to ``--direct-rtol`` on every residual block, no replay: PyHessian, ours plain, ours adaptive.
+
+    Per seed: the model (init seed) is trained ``--train-steps`` AdamW steps on a learnable synthetic task
+    (:func:`make_task`), so that the traces are away from zero and the target is reachable in hundreds of probes;
+    then the three methods run on one held-out batch of that task, in one process, in an order rotated per seed,
+    each timed from its graph build to its estimate (at most ``--direct-cap`` probes), ``--direct-streams`` times
+    with fresh probes (the time to target is a random stopping time: the per-seed ratios use the mean over
+    streams). 100 steps (the default): the loss is 0.35-0.7 and the residual blocks' traces on the held-out batch
+    are well away from zero; after 300-400 steps (loss ~0.1) some fall to within their noise of zero (one-probe
+    CV of the worst block 15-176), out of reach of any method."""
+    methods = ("pyhessian", "ours_plain", "ours_adaptive")
+    per_seed = []
+    for seed in range(args.seeds):
+        model = make_model(shape, seed, args.device)
+        draw = make_task(seed, args.device)
+        losses = train_briefly(model, draw, args.train_steps, args.batch_size, seed)
+        batch = draw(torch.Generator().manual_seed(4000 + seed), args.batch_size)
+        layout = Layout(model)
+        targets = {b: layout.index[b] for b in layout.targets}
+        streams = [
+            direct_stream(model, batch, layout, targets, seed, stream, args) for stream in range(args.direct_streams)
+        ]
+
+        def mean_of(name: str, key: str, streams=streams) -> float:
+            return statistics.fmean(st["methods"][name][key] for st in streams)
+
+        seconds = {name: mean_of(name, "seconds") for name in methods}
+        products = {name: mean_of(name, "products") for name in methods}
+        record: dict = {"seed": seed, "train_losses_every_50": losses, "streams": streams}
+        record["mean_seconds"], record["mean_products"] = seconds, products
+        record["ratios"] = {
+            "time_to_target_over_pyhessian[ours_adaptive]": seconds["ours_adaptive"] / seconds["pyhessian"],
+            "time_to_target_over_pyhessian[ours_plain]": seconds["ours_plain"] / seconds["pyhessian"],
+            "time_adaptive_over_plain": seconds["ours_adaptive"] / seconds["ours_plain"],
+            "products_adaptive_over_plain": products["ours_adaptive"] / products["ours_plain"],
+            "products_plain_over_pyhessian": products["ours_plain"] / products["pyhessian"],
+            "seconds_per_product_plain_over_pyhessian": (seconds["ours_plain"] / products["ours_plain"])
+            / (seconds["pyhessian"] / products["pyhessian"]),
+        }
+        per_seed.append(record)
+        print(f"[direct {shape} seed {seed}] train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        for st in streams:
+            print(f"  stream {st['stream']}, order {st['order']}")
+            for name in methods:
+                m = st["methods"][name]
+                worst = max(m["per_block"].values(), key=lambda r: r["rse"])["rse"]
+                print(
+                    f"    {name:<14}{m['seconds']:8.2f} s {m['products']:5d} products"
+                    f"{' (cap)' if m['hit_cap'] else ''}, worst block RSE {worst:.3f}"
+                )
+            z = st["z_adaptive_vs_plain"]
+            print("    z adaptive vs plain: " + ", ".join(f"{b} {v:+.2f}" for b, v in z.items()))
+        for key, value in record["ratios"].items():
+            print(f"    {key:<62}{value:8.3f}")
+        del model
+    summary = {key: mean_std([r["ratios"][key] for r in per_seed]) for key in per_seed[0]["ratios"]}
+    capped = {name: sum(st["methods"][name]["hit_cap"] for r in per_seed for st in r["streams"]) for name in methods}
+    z_all = [abs(v) for r in per_seed for st in r["streams"] for v in st["z_adaptive_vs_plain"].values()]
+    return {
+        "shape": SHAPES[shape],
+        "summary": summary,
+        "runs_hitting_cap": capped,
+        "max_abs_z_adaptive_vs_plain": max(z_all),
+        "seeds": per_seed,
+    }
+
+
 def controlled(values: list[float], cv: list[float], trace: float, coefficient: str) -> list[float]:
     """``h_k - c (g_k - tr G)``: unbiased for ``tr H`` when ``c`` does not depend on probe ``k``. ``coefficient``:
     ``"one"`` (c = 1), ``"loo"`` (c = the regression coefficient of h on g over the *other* probes)."""
@@ -987,6 +1394,21 @@ def main() -> None:
         "--antithetic-holdout", type=Path, help="held-out check of the sign designs stored in this curvature.json"
     )
     parser.add_argument("--holdout-pairs", type=int, default=24, help="antithetic probe pairs per split")
+    parser.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="only the time to 10%% RSE of PyHessian, ours plain and ours adaptive (curvature_adaptive.json)",
+    )
+    parser.add_argument(
+        "--adaptive-direct",
+        action="store_true",
+        help="real runs (no replay) to --direct-rtol on every residual block after --train-steps of training: "
+        "PyHessian, ours plain, ours adaptive (curvature_adaptive_direct.json)",
+    )
+    parser.add_argument("--direct-rtol", type=float, default=0.1, help="relative standard error target")
+    parser.add_argument("--direct-cap", type=int, default=400, help="most probes per method and seed")
+    parser.add_argument("--direct-streams", type=int, default=1, help="runs of each method per seed (own probes)")
+    parser.add_argument("--train-steps", type=int, default=100, help="AdamW steps before the direct runs")
     parser.add_argument("--no-eigen", action="store_true", help="skip the top-eigenvalue part")
     parser.add_argument("--eigen-seeds", type=int, default=40)
     parser.add_argument("--memory-worker", choices=["train", "estimate"], help=argparse.SUPPRESS)
@@ -1000,6 +1422,59 @@ def main() -> None:
     torch.set_num_threads(1) if args.device == "cpu" else None
     if args.antithetic_holdout:
         antithetic_holdout(args)
+        return
+    if args.adaptive_direct:
+        start = time.perf_counter()
+        out = {
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "seeds": args.seeds,
+            "rtol": args.direct_rtol,
+            "cap": args.direct_cap,
+            "streams_per_seed": args.direct_streams,
+            "train_steps": args.train_steps,
+            "torch_threads": torch.get_num_threads(),
+            "load_average_start": list(os.getloadavg()),
+            "target": {"time_to_target_over_pyhessian[ours_adaptive]": 0.5},
+            "shapes": {shape: bench_adaptive_direct(shape, args) for shape in filter(None, args.shapes.split(","))},
+        }
+        out["load_average_end"] = list(os.getloadavg())
+        out["wall_s"] = time.perf_counter() - start
+        output = RESULTS.with_name("curvature_adaptive_direct.json") if args.output == RESULTS else args.output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(out, indent=2))
+        for shape, result in out["shapes"].items():
+            capped = result["runs_hitting_cap"]
+            print(f"== adaptive direct, {shape}: mean ± std over {args.seeds} seeds; runs capped {capped}")
+            for key, value in result["summary"].items():
+                print(f"    {key:<62}{value['mean']:8.3f} ± {value['std']:.3f}")
+            print(f"    max |z| adaptive vs plain {result['max_abs_z_adaptive_vs_plain']:.2f}")
+        print(f"wrote {output} in {out['wall_s']:.0f} s")
+        return
+    if args.adaptive:
+        start = time.perf_counter()
+        out = {
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "seeds": args.seeds,
+            "cv_probes": args.cv_probes,
+            "block_only_probes": args.block_only_probes,
+            "probes_per_timed_call": args.probes,
+            "repeats": args.repeats,
+            "torch_threads": torch.get_num_threads(),
+            "target": {"time_to_target_over_pyhessian[ours_adaptive]": 0.5},
+            "replay_validation": replay_validation(),
+            "shapes": {shape: bench_adaptive(shape, args) for shape in filter(None, args.shapes.split(","))},
+        }
+        out["wall_s"] = time.perf_counter() - start
+        output = RESULTS.with_name("curvature_adaptive.json") if args.output == RESULTS else args.output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(out, indent=2))
+        for shape, result in out["shapes"].items():
+            print(f"== adaptive, {shape}: mean ± std over {args.seeds} seeds")
+            for key, value in result["summary"].items():
+                print(f"    {key:<62}{value['mean']:8.3f} ± {value['std']:.3f}")
+        print(f"wrote {output} in {out['wall_s']:.0f} s")
         return
     import curvlinops  # noqa: F401  (fail early when the bench extra is missing)
     import pyhessian  # noqa: F401

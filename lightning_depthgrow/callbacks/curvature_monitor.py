@@ -100,6 +100,10 @@ class CurvatureMonitor(Callback):
             backward pass (see :func:`~lightning_depthgrow.curvature.empirical_fisher_trace`; ``num_probes``,
             ``rtol``, ``top_eigen`` and ``backend`` do not apply; its ``stderr`` is over samples). Refused for
             models with BatchNorm in train mode.
+        adaptive: (opt-in, needs ``rtol``) once some blocks have reached ``rtol``, probe only the blocks that still
+            lag (see :func:`~lightning_depthgrow.curvature.hutchinson_trace`): in the benchmark, per-block traces
+            at 10 % relative standard error in 0.23-0.29 of PyHessian's time instead of 0.93-0.97. Refused in
+            ``setup`` under multi-process training (the ranks' phases cannot be pooled).
 
     Raises:
         ValueError: if an argument is out of its accepted range (``blocks`` names are checked against the
@@ -131,6 +135,7 @@ class CurvatureMonitor(Callback):
         log: bool = True,
         seed: int = 0,
         quantity: str = "hessian",
+        adaptive: bool = False,
     ) -> None:
         _check_positive_int("every_n_epochs", every_n_epochs)
         _check_positive_int("num_batches", num_batches)
@@ -147,7 +152,7 @@ class CurvatureMonitor(Callback):
             )
         if backend not in _BACKENDS:
             raise ValueError(f"`backend` must be one of {_BACKENDS}, got {backend!r}.")
-        for name, value in (("top_eigen", top_eigen), ("strict", strict), ("log", log)):
+        for name, value in (("top_eigen", top_eigen), ("strict", strict), ("log", log), ("adaptive", adaptive)):
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` must be a bool, got {value!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -164,6 +169,12 @@ class CurvatureMonitor(Callback):
             raise ValueError(
                 "`top_eigen=True` needs the Hessian: eigenvalues are not estimated for quantity='empirical_fisher'."
             )
+        if adaptive and (rtol is None or quantity != "hessian"):
+            raise ValueError(
+                "`adaptive=True` restricts Hutchinson probes to the blocks that have not reached `rtol`: it needs "
+                f"`rtol` and quantity='hessian', got rtol={rtol!r}, quantity={quantity!r}."
+            )
+        self.adaptive = adaptive
         self.quantity = quantity
         self.every_n_epochs = every_n_epochs
         self.num_batches = num_batches
@@ -201,6 +212,12 @@ class CurvatureMonitor(Callback):
         # Fail at the start of fit, not after a whole epoch: sharded parameters cannot be differentiated
         # block by block on one rank, and a wrong block name is a typo.
         check_strategy_supported(trainer, "CurvatureMonitor")
+        if self.adaptive and trainer.world_size > 1:
+            raise ValueError(
+                "CurvatureMonitor(adaptive=True) cannot run under multi-process training: each rank would choose its "
+                "own probe phases, whose different variances the ranks' single SUM all-reduce cannot combine. Use "
+                "adaptive=False under DDP (every rank's probes then pool)."
+            )
         # Also warns now, not after an epoch, when the model has no registered block structure.
         resolve_blocks(pl_module, self.blocks)
 
@@ -303,6 +320,7 @@ class CurvatureMonitor(Callback):
             blocks=self.blocks,
             num_probes=self.num_probes,
             rtol=self.rtol,
+            adaptive=self.adaptive,
             top_eigen=self.top_eigen,
             backend=self.backend,
             seed=seed,

@@ -82,11 +82,14 @@ class CurvatureEstimate:
         def num(x: float) -> float | None:
             return float(x) if math.isfinite(x) else None
 
+        def trace(t: TraceEstimate) -> dict[str, Any]:
+            out: dict[str, Any] = {"mean": num(t.mean), "stderr": num(t.stderr), "num_probes": t.num_probes}
+            if t.phases:  # adaptive estimates: probes per phase
+                out["phase_probes"] = [count for _, _, count in t.phases]
+            return out
+
         return {
-            "traces": {
-                b: {"mean": num(t.mean), "stderr": num(t.stderr), "num_probes": t.num_probes}
-                for b, t in self.traces.items()
-            },
+            "traces": {b: trace(t) for b, t in self.traces.items()},
             "trace_per_param": {b: num(v) for b, v in self.trace_per_param.items()},
             "num_params": dict(self.num_params),
             "top_eigenvalues": {k: num(v) for k, v in self.top_eigenvalues.items()},
@@ -127,7 +130,18 @@ class CurvatureEstimate:
 
         Layout: ``[invalid flag, seconds, (sum, sum of squares, count) per block in ``traces`` order,
         eigenvalues in ``top_eigenvalues`` order]``. Every rank must have estimated the same blocks.
+
+        Raises:
+            ValueError: for an adaptive estimate (``adaptive=True``): its probes come in phases of different
+                variances, chosen by each rank's own convergence checks, which one pooled sum cannot combine.
         """
+        if any(trace.phases for trace in self.traces.values()):
+            raise ValueError(
+                "an adaptive estimate (estimate_curvature(..., adaptive=True)) cannot be combined across ranks: "
+                "its probes come in phases of different variances chosen by this rank's own convergence checks, "
+                "which the pooled all-reduce of pack()/unpack() would mix. Under DDP use adaptive=False (every "
+                "rank's probes then pool), or estimate adaptively on one process."
+            )
         values: list[float] = [0.0 if self.valid else 1.0, self.seconds]
         for trace in self.traces.values():
             values.extend(trace.sums())
@@ -191,6 +205,7 @@ def estimate_curvature(
     eig_method: str = "lanczos",
     batch_labels: Sequence[Any] | None = None,
     deflation_rank: int = 0,
+    adaptive: bool = False,
 ) -> CurvatureEstimate:
     """Per-block Hessian traces of ``mean_b loss_fn(model, batches[b])``, leaving the model as it was.
 
@@ -229,6 +244,11 @@ def estimate_curvature(
         eig_method: ``"lanczos"`` or ``"power"`` (see :func:`top_eigenvalue`).
         deflation_rank: opt-in Hutch++-style variance reduction (see :func:`hutchinson_trace`): ``2 *
             deflation_rank`` extra products and ``deflation_rank`` parameter-sized vectors of memory.
+        adaptive: opt-in, needs ``rtol``: once some blocks have converged, later probes are zero outside the
+            blocks that still lag (see :func:`hutchinson_trace`), which removes their coupling to the others
+            from the variance and makes each product cheaper; each block's mean is that of all its probe values,
+            its standard error the stratified one over the phases. Not combinable across DDP ranks
+            (:meth:`CurvatureEstimate.pack` refuses it).
         batch_labels: how reports name the batches (default ``"batch <position in batches>"``);
             :class:`~lightning_depthgrow.callbacks.CurvatureMonitor` passes ``"training batch_idx <i>"``.
 
@@ -252,6 +272,12 @@ def estimate_curvature(
         raise ValueError(f"num_probes must be an int >= 2 (a standard error needs two probes), got {num_probes!r}")
     if eig_method not in EIGEN_METHODS:
         raise ValueError(f"eig_method must be one of {EIGEN_METHODS}, got {eig_method!r}")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
+    if adaptive and rtol is None:
+        raise ValueError("adaptive=True restricts probes to the blocks that have not reached rtol: pass rtol too")
+    if adaptive and deflation_rank:
+        raise ValueError("adaptive=True and deflation_rank > 0 cannot be combined; choose one")
     if not callable(loss_fn):
         raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> scalar Tensor")
     if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Iterable):
@@ -299,6 +325,7 @@ def estimate_curvature(
                     eig_method,
                     labels,
                     deflation_rank,
+                    adaptive,
                 )
                 break
             except LossFunctionError:
@@ -396,6 +423,7 @@ def _estimate(
     eig_method: str = "lanczos",
     labels: Sequence[Any] | None = None,
     deflation_rank: int = 0,
+    adaptive: bool = False,
 ) -> tuple[dict[str, TraceEstimate], dict[str, float], str]:
     generator = torch.Generator().manual_seed(seed)
     with HessianOperator(model, loss_fn, batches, names, backend, seed, probe_chunk) as op:
@@ -407,6 +435,7 @@ def _estimate(
             generator=generator,
             chunk_size=op.probe_chunk,
             deflation_rank=deflation_rank,
+            adaptive=adaptive,
         )
         eigen = top_eigenvalue(op, index, eig_iters, eig_tol, generator, method=eig_method) if top_eigen else {}
         bad = [b for b, t in traces.items() if not all(math.isfinite(v) for v in t.values)]

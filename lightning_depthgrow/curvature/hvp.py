@@ -91,6 +91,22 @@ class DenseOperator:
         out = flat @ self.matrix.T
         return [o.reshape(k, *s) for o, s in zip(out.split(self._sizes, dim=1), self.param_shapes)]
 
+    def matmat_subset(self, vectors: list[Tensor], indices: Sequence[int]) -> list[Tensor]:
+        """``(H V)_S`` for vectors zero outside the pieces ``S = indices``: ``vectors[j]`` is piece ``indices[j]``.
+
+        Example:
+            >>> op = DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]]), [(1,), (1,)])
+            >>> op.matmat_subset([torch.ones(1, 1)], [1])[0].tolist()  # H_11 * 1
+            [[3.0]]
+        """
+        k = vectors[0].shape[0]
+        offsets = [sum(self._sizes[:i]) for i in range(len(self._sizes))]
+        rows = torch.cat([torch.arange(offsets[i], offsets[i] + self._sizes[i]) for i in indices])
+        flat = torch.cat([v.reshape(k, -1) for v in vectors], dim=1)
+        out = flat @ self.matrix[rows][:, rows].T
+        sizes = [self._sizes[i] for i in indices]
+        return [o.reshape(k, *self.param_shapes[i]) for o, i in zip(out.split(sizes, dim=1), indices)]
+
 
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is an allocation failure (CUDA OOM or the CPU allocator's)."""
@@ -213,6 +229,23 @@ class HessianOperator:
 
     def matmat(self, vectors: list[Tensor]) -> list[Tensor]:
         """Apply the Hessian to K vectors; ``vectors[j]`` has shape ``[K, *param_shapes[j]]``."""
+        return self._apply(vectors, None)
+
+    def matmat_subset(self, vectors: list[Tensor], indices: Sequence[int]) -> list[Tensor]:
+        """``(H V)_S`` for K vectors that are zero outside the parameters ``S = indices``.
+
+        ``vectors[j]`` (shape ``[K, *param_shapes[indices[j]]]``) is the vector's piece on parameter
+        ``indices[j]``; the result has the same layout. With the double-backward backend the second backward is
+        ``torch.autograd.grad(g_S . v_S, params_S)``: autograd only walks the part of the graph between
+        ``params_S`` and their gradients, so a product restricted to late blocks costs less than a full one.
+        (Forward-over-reverse computes the full product of the zero-padded vector.)
+        """
+        indices = list(indices)
+        if len(indices) != len(vectors) or any(not 0 <= i < len(self.params) for i in indices):
+            raise ValueError(f"need one vector per index in 0..{len(self.params) - 1}, got indices {indices}")
+        return self._apply(vectors, indices)
+
+    def _apply(self, vectors: list[Tensor], indices: list[int] | None) -> list[Tensor]:
         k = vectors[0].shape[0]
         starts = range(0, k, self.probe_chunk)
         out: list[list[Tensor]] = []  # per chunk, per parameter
@@ -221,9 +254,15 @@ class HessianOperator:
                 for c, start in enumerate(starts):
                     chunk = [v[start : start + self.probe_chunk] for v in vectors]
                     if self.backend == "double_backward":
-                        products = self._double_backward(b, chunk)
-                    else:
+                        products = self._double_backward(b, chunk, indices)
+                    elif indices is None:
                         products = self._forward_over_reverse(b, chunk)
+                    else:  # the full product of the zero-padded vector, read on the subset
+                        full = [chunk[0].new_zeros(chunk[0].shape[0], *s) for s in self.param_shapes]
+                        for j, v in zip(indices, chunk):
+                            full[j] = v
+                        full_products = self._forward_over_reverse(b, full)
+                        products = [full_products[j] for j in indices]
                     products = [torch.zeros_like(v) if h is None else h.detach() for v, h in zip(chunk, products)]
                     if b == 0:
                         out.append(products)
@@ -265,8 +304,12 @@ class HessianOperator:
         self._graph = (b, list(grads))
         return self._graph[1]
 
-    def _double_backward(self, b: int, vectors: list[Tensor]) -> list[Tensor | None]:
+    def _double_backward(self, b: int, vectors: list[Tensor], indices: list[int] | None = None) -> list[Tensor | None]:
         grads = self._gradient_graph(b)
+        # indices: the vectors are zero outside these parameters, and only the product on them is wanted.
+        positions = list(range(len(self.params))) if indices is None else indices
+        grads = [grads[i] for i in positions]
+        inputs = [self.params[i] for i in positions]
         live = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
         if not live:  # the loss is at most linear in every parameter: H = 0
             return [None] * len(vectors)
@@ -280,7 +323,7 @@ class HessianOperator:
                     return list(
                         torch.autograd.grad(
                             outputs,
-                            self.params,
+                            inputs,
                             grad_outputs=[vectors[j] for j in live],
                             retain_graph=True,
                             allow_unused=True,
@@ -293,15 +336,14 @@ class HessianOperator:
                 self._batched_ok = False  # some op cannot be vmapped: one probe at a time from now on
         products = [
             torch.autograd.grad(
-                outputs, self.params, grad_outputs=[vectors[j][i] for j in live], retain_graph=True, allow_unused=True
+                outputs, inputs, grad_outputs=[vectors[j][i] for j in live], retain_graph=True, allow_unused=True
             )
             for i in range(k)
         ]
         if k == 1:  # the default: a view, not a copy
             return [None if h is None else h.unsqueeze(0) for h in products[0]]
         return [
-            None if products[0][p] is None else torch.stack([prod[p] for prod in products])
-            for p in range(len(self.params))
+            None if products[0][p] is None else torch.stack([prod[p] for prod in products]) for p in range(len(inputs))
         ]
 
     def _forward_over_reverse(self, b: int, vectors: list[Tensor]) -> list[Tensor | None]:
