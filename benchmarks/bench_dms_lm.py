@@ -380,13 +380,21 @@ def run_full(supernet: dict[str, int], config: LMConfig, seed: int, epoch_steps:
 
 
 def run_dms(
-    supernet: dict[str, int], config: LMConfig, seed: int, epoch_steps: int, target: float, search_epochs: int
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Pipeline b, then pipeline a on the architecture b's search found; returns (b, a, the architecture)."""
+    supernet: dict[str, int],
+    config: LMConfig,
+    seed: int,
+    epoch_steps: int,
+    target: float,
+    search_epochs: int,
+    depth: bool = True,
+    pipeline_a: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    """Pipeline b, then pipeline a on the architecture b's search found; returns (b, a, the architecture).
+    ``depth=False`` searches widths and heads only (no depth gates); ``pipeline_a=False`` skips a (``None``)."""
     full = forward_flops(make_gpt2(supernet, config.context), config.context)
     torch.manual_seed(seed)
     net = make_gpt2(supernet, config.context)
-    dms = DifferentiableModelScaling(target=target, search_epochs=search_epochs)
+    dms = DifferentiableModelScaling(target=target, search_epochs=search_epochs, depth=depth)
     out_b = fit(net, config, seed, epoch_steps, [dms])
     module = out_b["module"]
     log = event_log(module)
@@ -398,7 +406,10 @@ def run_dms(
         fit_changed_elements=export.reason.get("changed_elements"),
         search_steps=search_epochs * epoch_steps,
         search_flops=out_b["segments"][0][0] * out_b["segments"][0][1],
+        dms_depth=depth,
     )
+    if not pipeline_a:
+        return row_b, None, arch["summary"]
     torch.manual_seed(seed + 1000)  # a fresh supernet: new weights, the found architecture
     scratch = make_gpt2(supernet, config.context)
     build_architecture(scratch, arch)
@@ -415,6 +426,7 @@ def run_dms(
         search_fraction=search / (search + out_a["train_flops"]),
         search_cpu_s=search_cpu,
         total_cpu_s=search_cpu + out_a["cpu_s"],
+        dms_depth=depth,
     )
     return row_b, row_a, arch["summary"]
 
@@ -492,6 +504,10 @@ PAIRS = [
     ("dms_b", "uniform"),
     ("dms_b", "torch_pruning"),
     ("dms_a", "dms_b"),
+    ("dms_b_width", "uniform"),  # the depth-free search (``--no-depth``)
+    ("dms_a_width", "uniform"),
+    ("dms_b_width", "dms_b"),
+    ("dms_a_width", "dms_a"),
 ]
 
 
@@ -620,6 +636,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=LMConfig.lr)
     parser.add_argument("--val-windows", type=int, default=512)
+    parser.add_argument(
+        "--no-depth",
+        action="store_true",
+        help="DMS searches widths and heads only (no depth gates); its rows are dms_b_width / dms_a_width",
+    )
+    parser.add_argument("--no-pipeline-a", action="store_true", help="DMS: run pipeline b only")
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="report: add the runs of these JSONs")
     parser.add_argument("--resume", action="store_true", help="skip runs already in --out with this configuration")
     parser.add_argument("--out", type=Path, default=RESULTS / "dms_lm.json")
@@ -697,11 +719,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save({"seed": seed, "variant": "full", **run_full(supernet, config, seed, args.epoch_steps)})
         for target in args.targets:
             rows = {r["variant"]: r for r in result["runs"] if r["seed"] == seed and r["target"] == target}
-            if "dms" in args.variants and not {"dms_a", "dms_b"} <= set(rows):
-                row_b, row_a, _ = run_dms(supernet, config, seed, args.epoch_steps, target, args.search_epochs)
-                save({"seed": seed, "variant": "dms_b", **row_b})
-                save({"seed": seed, "variant": "dms_a", **row_a})
-                rows.update(dms_b=row_b, dms_a=row_a)
+            suffix = "_width" if args.no_depth else ""
+            wanted = {"dms_b" + suffix} | (set() if args.no_pipeline_a else {"dms_a" + suffix})
+            if "dms" in args.variants and not wanted <= set(rows):
+                row_b, row_a, _ = run_dms(
+                    supernet,
+                    config,
+                    seed,
+                    args.epoch_steps,
+                    target,
+                    args.search_epochs,
+                    depth=not args.no_depth,
+                    pipeline_a=not args.no_pipeline_a,
+                )
+                save({"seed": seed, "variant": "dms_b" + suffix, **row_b})
+                rows["dms_b" + suffix] = row_b
+                if row_a is not None:
+                    save({"seed": seed, "variant": "dms_a" + suffix, **row_a})
+                    rows["dms_a" + suffix] = row_a
             b = rows.get("dms_b")
             full_fwd = forward_flops(make_gpt2(supernet, config.context), config.context)
             flops_to = b["forward_flops"] if b else target * full_fwd
