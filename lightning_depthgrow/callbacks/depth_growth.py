@@ -21,8 +21,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_ze
 
 from ..adapters.registry import UnsupportedModelError, find_block_stacks, require_block_stacks
 from ..events import ArchitectureEvent, apply_event
-from ..growth import BlockCost, Budget, BudgetMetric, BudgetMode, FractionSchedule, Placement, Schedule, StackLayout
+from ..growth import BlockCost, Budget, BudgetMetric, BudgetMode, FractionSchedule, Placement, StackLayout
 from ..growth.depth import PLACEMENTS, fits_any_insertion, plan_depth, stack_layouts
+from ..growth.schedule import growth_schedule
 from ..measure import block_costs, count_flops, count_parameters, first_sample
 from ..surgery.growth import (
     DEFAULT_TOLERANCE,
@@ -163,16 +164,7 @@ class DepthGrowth(GrowthCallback):
             raise TypeError(
                 "`final_budget` must be a positive number (a multiple of the start, or absolute), got None."
             )
-        if at is not None and (warmup_epochs is not None or grow_every is not None):
-            raise ValueError(
-                f"Give either at={at!r} (growth at fractions of training) or warmup_epochs/grow_every (growth by "
-                "epoch), not both."
-            )
-        schedule: Schedule | FractionSchedule = (
-            FractionSchedule(at)
-            if at is not None
-            else Schedule(1 if warmup_epochs is None else warmup_epochs, 1 if grow_every is None else grow_every)
-        )
+        schedule = growth_schedule(at, warmup_epochs, grow_every)
         super().__init__(Budget(final_budget, step_budget, budget_metric, budget_mode, scale_by_lr), schedule)
         if not isinstance(operator, str):
             raise TypeError(f"`operator` must be one of {', '.join(map(repr, OPERATORS))}, got {operator!r}.")

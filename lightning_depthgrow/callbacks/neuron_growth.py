@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from ..curvature.splitting import splitting_eigenvalues
 from ..events import ArchitectureEvent
-from ..growth import Budget, BudgetMode, FractionSchedule, Schedule, plan_neurons
+from ..growth import Budget, BudgetMode, plan_neurons
 from ..growth.neurons import NeuronBranch
+from ..growth.schedule import growth_schedule
 from ..measure import count_parameters
 from ..surgery.neuron_branch import BranchedLinear, neuron_branches
 from ..validation import check_bool, check_float, check_int
@@ -103,16 +104,7 @@ class NeuronGrowth(GrowthCallback):
         at: Sequence[float] | None = None,
     ) -> None:
         check_float("step_budget", step_budget, low=0.0)
-        if at is not None and (warmup_epochs is not None or grow_every is not None):
-            raise ValueError(
-                f"Give either at={at!r} (growth at fractions of training) or warmup_epochs/grow_every (growth by "
-                "epoch), not both."
-            )
-        schedule: Schedule | FractionSchedule = (
-            FractionSchedule(at)
-            if at is not None
-            else Schedule(1 if warmup_epochs is None else warmup_epochs, 1 if grow_every is None else grow_every)
-        )
+        schedule = growth_schedule(at, warmup_epochs, grow_every)
         super().__init__(Budget(final_budget, step_budget, "params", budget_mode, scale_by_lr), schedule)
         self.min_neurons = check_int("min_neurons", min_neurons, minimum=1)
         self.num_batches = check_int("num_batches", num_batches, minimum=1)

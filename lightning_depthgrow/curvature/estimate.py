@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import resolve_blocks
-from .estimators import EIGEN_METHODS, MODEL_KEY, TraceEstimate, hutchinson_trace, top_eigenvalue
+from .estimators import EIGEN_METHODS, MODEL_KEY, TraceEstimate, check_adaptive, hutchinson_trace, top_eigenvalue
 from .hvp import BACKENDS, HessianOperator, LossFn, LossFunctionError, _clone_inference_tensors, is_out_of_memory
 from .state import estimation_mode, preserve_model_state
 
@@ -272,12 +272,7 @@ def estimate_curvature(
         raise ValueError(f"num_probes must be an int >= 2 (a standard error needs two probes), got {num_probes!r}")
     if eig_method not in EIGEN_METHODS:
         raise ValueError(f"eig_method must be one of {EIGEN_METHODS}, got {eig_method!r}")
-    if not isinstance(adaptive, bool):
-        raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
-    if adaptive and rtol is None:
-        raise ValueError("adaptive=True restricts probes to the blocks that have not reached rtol: pass rtol too")
-    if adaptive and deflation_rank:
-        raise ValueError("adaptive=True and deflation_rank > 0 cannot be combined; choose one")
+    check_adaptive(adaptive, rtol, deflation_rank)
     if not callable(loss_fn):
         raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> scalar Tensor")
     if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Iterable):

@@ -101,6 +101,16 @@ def _sums(values: Sequence[float]) -> tuple[float, float, int]:
     return math.fsum(values), math.fsum(v * v for v in values), len(values)
 
 
+def check_adaptive(adaptive: bool, rtol: float | None, deflation_rank: int) -> None:
+    """Refuse an ``adaptive`` setting the Hutchinson estimator cannot honour (shared by its callers' checks)."""
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
+    if adaptive and rtol is None:
+        raise ValueError("adaptive=True restricts probes to the blocks that have not reached rtol: pass rtol too")
+    if adaptive and deflation_rank:
+        raise ValueError("adaptive=True and deflation_rank > 0 cannot be combined; choose one")
+
+
 def _block_indices(operator: LinearOperator, blocks: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
     if blocks is None:
         return {MODEL_KEY: list(range(len(operator.param_shapes)))}
@@ -214,12 +224,7 @@ def hutchinson_trace(
         raise ValueError(f"chunk_size and check_every must be >= 1, got {chunk_size} and {check_every}")
     if isinstance(deflation_rank, bool) or not isinstance(deflation_rank, int) or deflation_rank < 0:
         raise ValueError(f"deflation_rank must be an int >= 0, got {deflation_rank!r}")
-    if not isinstance(adaptive, bool):
-        raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
-    if adaptive and rtol is None:
-        raise ValueError("adaptive=True restricts probes to the blocks that have not reached rtol: pass rtol too")
-    if adaptive and deflation_rank:
-        raise ValueError("adaptive=True and deflation_rank > 0 cannot be combined; choose one")
+    check_adaptive(adaptive, rtol, deflation_rank)
     if isinstance(min_phase_probes, bool) or not isinstance(min_phase_probes, int) or min_phase_probes < 2:
         raise ValueError(f"min_phase_probes must be an int >= 2, got {min_phase_probes!r}")
     index = _block_indices(hvp, blocks)

@@ -119,3 +119,24 @@ class FractionSchedule:
                 "(or Trainer(limit_train_batches=<int>))."
             )
         return int(total)
+
+
+def growth_schedule(
+    at: Sequence[float] | None, warmup_epochs: int | None, grow_every: int | None
+) -> Schedule | FractionSchedule:
+    """The schedule a growth callback's arguments ask for: growth at fractions of training (``at``) or by epoch
+    (``warmup_epochs``/``grow_every``, each ``None`` read as ``1``); both at once are refused.
+
+    >>> growth_schedule([0.5], None, None)
+    FractionSchedule(at=(0.5,))
+    >>> growth_schedule(None, 2, None)
+    Schedule(warmup_epochs=2, every=1)
+    """
+    if at is not None and (warmup_epochs is not None or grow_every is not None):
+        raise ValueError(
+            f"Give either at={at!r} (growth at fractions of training) or warmup_epochs/grow_every (growth by "
+            "epoch), not both."
+        )
+    if at is not None:
+        return FractionSchedule(at)
+    return Schedule(1 if warmup_epochs is None else warmup_epochs, 1 if grow_every is None else grow_every)
