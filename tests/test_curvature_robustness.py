@@ -5,6 +5,7 @@ top eigenvalues on close spectra. Each test failed on the main branch before the
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -25,6 +26,7 @@ from lightning_depthgrow.curvature import (
     estimate_curvature,
     top_eigenvalue,
 )
+from lightning_depthgrow.curvature.state import TwiceDifferentiable
 from lightning_depthgrow.events import event_log
 
 
@@ -110,10 +112,26 @@ def test_monitor_runs_on_a_module_with_a_learnable_temperature() -> None:
 # ---------------------------------------------------------------- item 10: ops without a second derivative
 
 
-def _mobilenet_module() -> Classifier:
+class _FunctionalHardsigmoid(nn.Module):
+    """``F.hardsigmoid`` outside an ``nn.Hardsigmoid``: the estimator does not rewrite it (it only rewrites models
+    holding an ``nn.Hardsigmoid``), so torch's missing second derivative remains: the fallback under test."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.hardsigmoid(x)
+
+
+def _functional_gates(net: nn.Module) -> nn.Module:
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Hardsigmoid):
+                setattr(module, name, _FunctionalHardsigmoid())
+    return net
+
+
+def _mobilenet_module(functional_gates: bool = True) -> Classifier:
     torch.manual_seed(0)
     net = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3, in_chans=1)
-    module = Classifier(net, max_epochs=1)
+    module = Classifier(_functional_gates(net) if functional_gates else net, max_epochs=1)
     module.example_input_array = torch.zeros(2, 1, 16, 16)
     return module
 
@@ -121,6 +139,18 @@ def _mobilenet_module() -> Classifier:
 def _mobilenet_loader() -> DataLoader:
     g = torch.Generator().manual_seed(0)
     return _loader(torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 3, (8,), generator=g), batch_size=4)
+
+
+class GateBlock(nn.Module):
+    """Squeeze-excitation-like: ``x * hardsigmoid(fc(x))``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.fc(x))
 
 
 def test_hardsigmoid_model_is_reported_invalid_naming_the_op_and_training_continues() -> None:
@@ -143,6 +173,55 @@ def test_hardsigmoid_model_raises_naming_the_op_when_strict() -> None:
         est = estimate_curvature(module, ce_loss, [batch], num_probes=2, top_eigen=True)
     assert not est.valid and all(math.isnan(t.mean) for t in est.traces.values())
     assert est.to_dict()["valid"] is False  # JSON-safe, as for NaN
+
+
+def test_hard_sigmoid_is_rewritten_bitwise_and_twice_differentiable() -> None:
+    x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)) * 4
+    for dtype in (torch.float32, torch.float64):
+        with TwiceDifferentiable():
+            rewritten = F.hardsigmoid(x.to(dtype))
+        assert torch.equal(rewritten, F.hardsigmoid(x.to(dtype)))  # the same values, not an approximation
+
+
+def test_mobilenetv3_gets_a_valid_estimate_matching_exact_traces() -> None:
+    # A real timm MobileNetV3 (hard-sigmoid squeeze-excitation gates, hard-swish) gets an estimate inside fit ...
+    module = _mobilenet_module(functional_gates=False)
+    monitor = CurvatureMonitor(num_probes=2)
+    quiet_trainer(max_epochs=1, callbacks=[monitor], limit_val_batches=0).fit(module, _mobilenet_loader())
+    assert monitor.latest.valid and all(math.isfinite(t.mean) for t in monitor.latest.traces.values())
+    import torchvision  # torchvision's MobileNetV3 gates with nn.Hardsigmoid too
+
+    torch.manual_seed(0)
+    tv_batch = (torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no registered block stack: top-level children as blocks, with a warning
+        tv = estimate_curvature(torchvision.models.mobilenet_v3_small(num_classes=3), ce_loss, [tv_batch], num_probes=2)
+    assert tv.valid and all(math.isfinite(t.mean) for t in tv.traces.values())
+    # ... and the traces through a hard-sigmoid gate are those of the exact float64 Hessian (within 4 SE).
+    torch.manual_seed(0)
+    gated = nn.Sequential(nn.Linear(6, 8), nn.Hardswish(), GateBlock(8), nn.Linear(8, 3)).double()
+    x = torch.randn(32, 6, dtype=torch.float64) * 2
+    y = torch.randint(0, 3, (32,))
+    est = estimate_curvature(gated, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(x, y)], num_probes=4000, seed=0)
+    params = dict(gated.named_parameters())
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        values, offset = {}, 0
+        for name, p in params.items():
+            values[name] = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        return F.cross_entropy(torch.func.functional_call(gated, values, (x,)), y)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    with TwiceDifferentiable():
+        exact = torch.autograd.functional.hessian(loss, flat).diagonal()
+    names = [name for name, p in params.items() for _ in range(p.numel())]
+    exact_gate = sum(v.item() for name, v in zip(names, exact) if name.startswith("2."))
+    (block,) = [b for b in est.traces if b.endswith("2")]
+    trace = est.traces[block]
+    assert est.num_params[block] == sum(p.numel() for name, p in params.items() if name.startswith("2."))
+    assert exact_gate > 8 * trace.stderr  # the gate block has curvature to find: a zero estimate would fail
+    assert abs(trace.mean - exact_gate) <= 4 * trace.stderr, (trace.mean, exact_gate, trace.stderr)
 
 
 # ---------------------------------------------------------------- item 14: inputs checked before backends

@@ -350,8 +350,8 @@ def estimate_curvature(
             )
         reason = (
             f"the model uses {', '.join(ops)}, which has no second derivative in torch (an activation such as "
-            "hardsigmoid/hardswish, or an op without double backward and forward-mode AD), so no Hessian-vector "
-            "product can be computed"
+            "F.hardsigmoid called outside an nn.Hardsigmoid module, or an op without double backward and forward-mode "
+            "AD), so no Hessian-vector product can be computed"
         )
         if strict:
             raise CurvatureEstimationError(

@@ -14,9 +14,39 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+
+class TwiceDifferentiable(TorchFunctionMode):
+    """Compute ``F.hardsigmoid`` as ``relu6(x + 3) / 6``: bitwise the same values, and twice differentiable.
+
+    torch implements no derivative for ``hardsigmoid_backward``, so a Hessian-vector product through a model with
+    a hard-sigmoid gate (MobileNetV3's squeeze-excitation, timm and torchvision alike) fails. The composition is the
+    same piecewise-linear function (its second derivative is zero wherever it exists, as for ReLU) and produces the
+    same float32/float64 values (checked on a million random inputs in the tests), so the curvature is that of the
+    user's own model. Entered by :func:`estimation_mode` only for models that hold an ``nn.Hardsigmoid``.
+
+    Example:
+        >>> x = torch.linspace(-5, 5, 11, requires_grad=True)
+        >>> with TwiceDifferentiable():
+        ...     y = F.hardsigmoid(x)
+        ...     (g,) = torch.autograd.grad((y * x).sum(), x, create_graph=True)
+        ...     (h,) = torch.autograd.grad(g.sum(), x)
+        >>> torch.equal(y, F.hardsigmoid(x)), h[5].item()
+        (True, 0.3333333432674408)
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            x = args[0]
+            out = F.relu6(x + 3) / 6
+            return x.copy_(out) if (kwargs.get("inplace") or (len(args) > 1 and args[1])) else out
+        return func(*args, **kwargs)
 
 
 @dataclass
@@ -104,6 +134,8 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
       off for the duration. torch.func rejects the in-place update anyway, and restoring buffers
       afterwards alone would not be enough for the forward-over-reverse backend.
     * Gradients are enabled even when called from ``torch.no_grad`` or ``torch.inference_mode``.
+    * A model with an ``nn.Hardsigmoid`` (no second derivative in torch) computes it as the bitwise-equal
+      ``relu6(x + 3) / 6`` (:class:`TwiceDifferentiable`).
     """
     batchnorms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
     for bn in batchnorms:
@@ -116,6 +148,8 @@ def estimation_mode(model: nn.Module) -> Iterator[None]:
             stack.enter_context(torch.autocast("cpu", enabled=False))
             if torch.cuda.is_available():
                 stack.enter_context(torch.autocast("cuda", enabled=False))
+            if any(isinstance(m, nn.Hardsigmoid) for m in model.modules()):
+                stack.enter_context(TwiceDifferentiable())
             yield
     finally:
         for bn in batchnorms:
