@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .hvp import LinearOperator
+from .hvp import LinearOperator, zero_padded
 
 MODEL_KEY = "model"
 # Row b holds the eight signs encoded by the bits of byte b (bit set: +1, clear: -1).
@@ -234,12 +234,12 @@ def hutchinson_trace(
     values: dict[str, list[list[float]]] = {name: [[]] for name in index}
     support = list(range(len(hvp.param_shapes)))  # parameters the probes span (phase 1: all)
     active = list(index)  # blocks that receive values in the current phase
+    rows = dict(index)  # per active block: its parameters' positions in `support`
     done, next_check, phase_done = 0, check_every, 0
     while done < num_probes:
         k = min(chunk_size, num_probes - done)
         restricted = len(support) < len(hvp.param_shapes)
-        shapes = [hvp.param_shapes[i] for i in support]
-        probes = rademacher(shapes, k, hvp.dtype, hvp.device, generator)
+        probes = rademacher([hvp.param_shapes[i] for i in support], k, hvp.dtype, hvp.device, generator)
         products = _apply_on(hvp, probes, support) if restricted else hvp.matmat(probes)
         if basis is not None:  # (I - Q Q^T) H v
             coefficients = sum(p.reshape(k, -1) @ q.reshape(q.shape[0], -1).T for p, q in zip(products, basis))
@@ -252,9 +252,8 @@ def hutchinson_trace(
         if exact is not None:
             dots = dots + exact.unsqueeze(1)
         del probes, products
-        row = {param: r for r, param in enumerate(support)}
         for name in active:
-            values[name][-1].extend(dots[[row[i] for i in index[name]]].sum(0).tolist())
+            values[name][-1].extend(dots[rows[name]].sum(0).tolist())
         done += k
         phase_done += k
         if rtol is not None and done >= next_check:
@@ -268,6 +267,8 @@ def hutchinson_trace(
                 narrower = sorted({i for name in lagging for i in index[name]})
                 if len(narrower) < len(support):
                     support, active, phase_done = narrower, lagging, 0
+                    position = {param: r for r, param in enumerate(support)}
+                    rows = {name: [position[i] for i in index[name]] for name in active}
                     for name in active:
                         values[name].append([])
     if not adaptive:
@@ -280,11 +281,7 @@ def _apply_on(hvp: LinearOperator, vectors: list[Tensor], support: list[int]) ->
     subset = getattr(hvp, "matmat_subset", None)
     if subset is not None:
         return subset(vectors, support)
-    k = vectors[0].shape[0]
-    full = [torch.zeros(k, *shape, dtype=hvp.dtype, device=hvp.device) for shape in hvp.param_shapes]
-    for i, v in zip(support, vectors):
-        full[i] = v
-    products = hvp.matmat(full)
+    products = hvp.matmat(zero_padded(vectors, support, hvp.param_shapes))
     return [products[i] for i in support]
 
 
@@ -321,7 +318,7 @@ def _deflation(
 
 
 def _converged(phases: list[list[float]], rtol: float) -> bool:
-    est = TraceEstimate.from_values(phases[0]) if len(phases) == 1 else TraceEstimate.from_phases(phases)
+    est = TraceEstimate.from_phases(phases)  # one phase: from_values
     if est.stderr == 0.0:
         return True
     return math.isfinite(est.stderr) and est.stderr < rtol * abs(est.mean)

@@ -108,6 +108,21 @@ class DenseOperator:
         return [o.reshape(k, *self.param_shapes[i]) for o, i in zip(out.split(sizes, dim=1), indices)]
 
 
+def zero_padded(vectors: list[Tensor], indices: Sequence[int], shapes: Sequence[Sequence[int]]) -> list[Tensor]:
+    """K vectors given on the parameters ``indices`` (``vectors[j]`` on parameter ``indices[j]``), as full vectors
+    over every parameter of ``shapes`` with zeros elsewhere.
+
+    Example:
+        >>> [v.tolist() for v in zero_padded([torch.ones(1, 2)], [1], [(1,), (2,)])]
+        [[[0.0]], [[1.0, 1.0]]]
+    """
+    k, like = vectors[0].shape[0], vectors[0]
+    full = [like.new_zeros(k, *shape) for shape in shapes]
+    for i, v in zip(indices, vectors):
+        full[i] = v
+    return full
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is an allocation failure (CUDA OOM or the CPU allocator's)."""
     if isinstance(err, torch.OutOfMemoryError):
@@ -258,10 +273,7 @@ class HessianOperator:
                     elif indices is None:
                         products = self._forward_over_reverse(b, chunk)
                     else:  # the full product of the zero-padded vector, read on the subset
-                        full = [chunk[0].new_zeros(chunk[0].shape[0], *s) for s in self.param_shapes]
-                        for j, v in zip(indices, chunk):
-                            full[j] = v
-                        full_products = self._forward_over_reverse(b, full)
+                        full_products = self._forward_over_reverse(b, zero_padded(chunk, indices, self.param_shapes))
                         products = [full_products[j] for j in indices]
                     products = [torch.zeros_like(v) if h is None else h.detach() for v, h in zip(chunk, products)]
                     if b == 0:

@@ -22,7 +22,7 @@ from ..adapters.registry import UnsupportedModelError
 from ..events import AppliedChange
 from ..surgery.growth import remove_block
 from .gates import DMSGates, find_gates, remove_gates
-from .sites import family_for_site
+from .sites import DMSFamily, family_for_site
 
 
 class _Slices:
@@ -100,14 +100,12 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
 
     slices = _Slices()
     alive = [s for s in gates.specs if s["site"] != "depth" and not _inside(model, s["block"], removed_blocks)]
-    for s in alive:
-        family_for_site(s["site"]).plan_export(model, s, keep[s["name"]], slices)
-    families = []  # each family once, for what concerns the whole model (a Hugging Face config's widths)
+    families: dict[int, DMSFamily] = {}  # each family once, for what concerns the whole model (a config's widths)
     for s in alive:
         family = family_for_site(s["site"])
-        if all(family is not f for f in families):
-            families.append(family)
-    for family in families:
+        family.plan_export(model, s, keep[s["name"]], slices)
+        families.setdefault(id(family), family)
+    for family in families.values():
         family.plan_config(
             model,
             [s for s in alive if s["site"] in family.sites],

@@ -202,7 +202,10 @@ class HFGPT2Family(DMSFamily):
                 )
             return new, unsaid
 
-        _plan_configs(model, specs, keep, slices, stays, is_gpt2_block, counts, fields)
+        def gated_counts(block: nn.Module, spec: GateSpec, n: int) -> dict[str, int]:
+            return {"n_inner": n} if spec["kind"] == WIDTH else {"n_head": n}
+
+        _plan_configs(model, specs, keep, slices, stays, is_gpt2_block, counts, gated_counts, fields)
 
     def resource_roles(self, model: nn.Module, spec: GateSpec) -> list[tuple[str, str]]:
         b = spec["block"]
@@ -321,7 +324,12 @@ class HFDecoderFamily(DMSFamily):
                 new.update({f: per_layer[f][0] for f in heads})
             return new, unsaid
 
-        _plan_configs(model, specs, keep, slices, stays, is_decoder_layer, counts, fields)
+        def gated_counts(layer: nn.Module, spec: GateSpec, n: int) -> dict[str, int]:
+            if spec["kind"] == WIDTH:
+                return {"intermediate_size": n}
+            return {"num_key_value_heads": n, "num_attention_heads": n * layer.self_attn.num_key_value_groups}
+
+        _plan_configs(model, specs, keep, slices, stays, is_decoder_layer, counts, gated_counts, fields)
 
     def resource_roles(self, model: nn.Module, spec: GateSpec) -> list[tuple[str, str]]:
         b = spec["block"]
@@ -359,12 +367,14 @@ def _plan_configs(
     stays: Callable[[str], bool],
     is_block: Callable[[nn.Module], bool],
     counts: Callable[[nn.Module], dict[str, int]],
+    gated_counts: Callable[[nn.Module, GateSpec, int], dict[str, int]],
     fields: Callable[[Any, dict[str, list[int]]], tuple[dict[str, int], dict[str, str]]],
 ) -> None:
     """Bring every Hugging Face config above the kept blocks in step with the exported widths.
 
-    Per config: the kept blocks' counts after export (``counts`` of the block, with each gated count replaced by
-    its kept elements), then ``fields(config, per_layer)`` -> ``(new values, {field: why it cannot be said})``.
+    Per config: the kept blocks' counts after export (``counts`` of the block, updated by
+    ``gated_counts(block, spec, kept elements)`` for each of its gates), then ``fields(config, per_layer)`` ->
+    ``(new values, {field: why it cannot be said})``.
     The new values are set (``save_pretrained`` then ``from_pretrained`` rebuild the model); where a field
     cannot be said it keeps the supernet's value, the per-layer counts are recorded in
     ``config.dms_layer_widths`` (saved with it) and a warning says how to reload the model instead.
@@ -373,15 +383,7 @@ def _plan_configs(
     for s in specs:
         block = model.get_submodule(s["block"])
         after = gated.setdefault(s["block"], counts(block))
-        n = len(keep[s["name"]])
-        gpt2 = is_gpt2_block(block)
-        if s["kind"] == WIDTH:
-            after["n_inner" if gpt2 else "intermediate_size"] = n
-        elif gpt2:
-            after["n_head"] = n
-        else:
-            group = block.self_attn.num_key_value_groups
-            after.update(num_key_value_heads=n, num_attention_heads=n * group)
+        after.update(gated_counts(block, s, len(keep[s["name"]])))
     per_config: dict[int, tuple[Any, list[dict[str, int]]]] = {}
     for path, module in model.named_modules():
         if not is_block(module) or not stays(path):
