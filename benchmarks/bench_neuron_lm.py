@@ -129,15 +129,28 @@ class ArchFlops(Callback):
 
 
 class TimedNeuronGrowth(NeuronGrowth):
-    """``NeuronGrowth`` that records the time of each splitting pass and an estimate of its FLOPs."""
+    """``NeuronGrowth`` that records the time of each splitting pass and an estimate of its FLOPs.
 
-    def __init__(self, *args: Any, flops: ArchFlops, **kwargs: Any) -> None:
+    ``selection="random"`` replaces the splitting eigenvalues by independent draws from ``-U(0, 1)`` per watched
+    neuron (seeded by the run's seed and the growth step): the same budget, ``min_neurons`` and nesting rules then
+    pick random neurons, the control for "does the splitting criterion choose better than chance at equal growth".
+    """
+
+    def __init__(self, *args: Any, flops: ArchFlops, selection: str = "splitting", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.flops = flops
+        self.selection = selection
         self.passes: list[dict[str, float]] = []
 
     def estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[float]]:
         watched = self.watched_layers(pl_module)
+        if self.selection == "random":
+            generator = torch.Generator().manual_seed(1000 * self.seed + self.growth_steps)
+            self.latest = {
+                path: (-torch.rand(pl_module.get_submodule(path).out_features, generator=generator)).tolist()
+                for path in watched
+            }
+            return self.latest
         config = self.flops.config
         tokens = config.batch_size * config.context * self.num_batches
         matrices = sum(
@@ -192,8 +205,10 @@ def run_variant(name: str, config: WidthConfig, seed: int, args: argparse.Namesp
             min_neurons=args.min_neurons,
             layers=mlp_layers(config.depth),
             at=args.at if name == "grown" else args.early_at,
+            nest=args.nest,
             seed=seed,
             flops=flops,
+            selection=args.selection,
         )
         callbacks.insert(0, growth)
     elif name in ("uniform", "grown_arch_scratch"):
@@ -363,8 +378,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--early-at", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.25], help="grown_early's fractions"
     )
+    parser.add_argument(
+        "--selection",
+        choices=("splitting", "random"),
+        default="splitting",
+        help="which neurons the grown variants branch: the splitting criterion or random ones (control)",
+    )
+    parser.add_argument("--nest", action=argparse.BooleanOptionalAction, default=True, help="NeuronGrowth(nest=)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:4]))
     parser.add_argument("--reuse", type=Path, nargs="+", default=[], help="result files of the same setup to merge")
+    parser.add_argument(
+        "--reuse-variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=None,
+        help="take only these variants from --reuse (e.g. start uniform, to compare a new growth setting)",
+    )
     parser.add_argument("--train-bytes", type=int, default=None, help="smaller corpus (smoke runs)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "neuron_lm.json")
     args = parser.parse_args(argv)
@@ -383,6 +412,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "at": args.at,
         "at_steps": [round(f * args.steps) for f in args.at],
         "early_at": args.early_at,
+        "selection": args.selection,
+        "nest": args.nest,
         "wide_ratio": args.wide_ratio,
         "start_params": param_count(make_gpt(config)),
     }
@@ -392,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if previous["setup"]["lm"] != json.loads(json.dumps(setup["lm"])):
             raise ValueError(f"{source} was made with another LM configuration: {previous['setup']['lm']}")
         for name, results in previous["runs"].items():
+            if args.reuse_variants is not None and name not in args.reuse_variants:
+                continue
             runs.setdefault(name, []).extend(r for r in results if r["seed"] in args.seeds)
         setup.setdefault("merged_setups", []).append(previous["setup"])
     order = [v for v in VARIANTS if v in args.variants]
