@@ -174,6 +174,23 @@ class TimedNeuronGrowth(NeuronGrowth):
         return result
 
 
+class BranchScale(Callback):
+    """Multiplies every neuron branch's output by ``scale`` (a forward hook added before the first step the branch
+    runs in). Under Adam this is the branch's learning rate times ``scale``: the update of ``W_A`` is normalised,
+    its effect on the neuron's pre-activation is scaled. A benchmark lever, not a library feature."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        from lightning_depthgrow.surgery.neuron_branch import NeuronBranch
+
+        for module in pl_module.modules():
+            if type(module) is NeuronBranch and not getattr(module, "_bench_scaled", False):
+                module.register_forward_hook(lambda m, args, out, s=self.scale: out * s)
+                module._bench_scaled = True
+
+
 class _Holder(nn.Module):
     """``model`` under the name the LightningModule gives it, so event paths (``model.blocks...``) resolve."""
 
@@ -211,6 +228,8 @@ def run_variant(name: str, config: WidthConfig, seed: int, args: argparse.Namesp
             selection=args.selection,
         )
         callbacks.insert(0, growth)
+        if args.branch_scale != 1.0:
+            callbacks.insert(1, BranchScale(args.branch_scale))
     elif name in ("uniform", "grown_arch_scratch"):
         grown = next((r for r in runs.get("grown", []) if r["seed"] == seed), None)
         if grown is None:
@@ -384,6 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="splitting",
         help="which neurons the grown variants branch: the splitting criterion or random ones (control)",
     )
+    parser.add_argument("--branch-scale", type=float, default=1.0, help="scale of every branch's output (lever)")
     parser.add_argument("--nest", action=argparse.BooleanOptionalAction, default=True, help="NeuronGrowth(nest=)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:4]))
     parser.add_argument("--reuse", type=Path, nargs="+", default=[], help="result files of the same setup to merge")
@@ -414,6 +434,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "early_at": args.early_at,
         "selection": args.selection,
         "nest": args.nest,
+        "branch_scale": args.branch_scale,
         "wide_ratio": args.wide_ratio,
         "start_params": param_count(make_gpt(config)),
     }
