@@ -52,7 +52,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.tasks import LMConfig, make_gpt, mean_std, stdlib_corpus, train_lm
+from benchmarks.tasks import LMConfig, lm_loss, make_gpt, mean_std, stdlib_corpus, train_lm, val_batch
 from lightning_depthgrow.callbacks.neuron_growth import NeuronGrowth
 from lightning_depthgrow.events import ArchitectureEvent, apply_event, event_log
 
@@ -279,17 +279,14 @@ def branch_usage(model: nn.Module, config: LMConfig) -> dict[str, Any]:
     """How much the grown branches do at the end, on the fixed validation windows: the loss rise when every
     branch is switched off, and per grown ``mlp.fc`` the norm of the branches' contribution relative to the
     Linear's own output."""
-    from benchmarks.tasks import EvenWindows
     from lightning_depthgrow.surgery.neuron_branch import BranchedLinear
 
-    _, val, _ = stdlib_corpus(config.corpus)
-    batch = torch.stack([w for w in EvenWindows(val, config.context, config.val_windows)])
+    batch = val_batch(config)
     was_training = model.training
     model.eval()
 
     def loss() -> float:
-        logits = model(batch[:, :-1])
-        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)))
+        return float(lm_loss(model, batch))
 
     layers = {n: m for n, m in model.named_modules() if type(m) is BranchedLinear}
     outer = {n: m for n, m in layers.items() if ".branches." not in n}
