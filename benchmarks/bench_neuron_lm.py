@@ -112,6 +112,8 @@ class ArchFlops(Callback):
         self.config = config
         self.per_arch: dict[int, int] = {}
         self.cumulative: list[int] = []
+        #: training loss of every optimizer step (the loss of the batch before the step), for birth effects
+        self.train_loss: list[float] = []
         self.module: pl.LightningModule | None = None
 
     def step_flops(self, model: nn.Module) -> int:
@@ -123,6 +125,11 @@ class ArchFlops(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         total = self.cumulative[-1] if self.cumulative else 0
         self.cumulative.append(total + self.step_flops(pl_module.model))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.train_loss.append(float(outputs["loss"]))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.module = pl_module
@@ -252,6 +259,7 @@ def run_variant(name: str, config: WidthConfig, seed: int, args: argparse.Namesp
         start_params=start_params,
         flops=flops.cumulative[-1],
         flops_per_arch=flops.per_arch,
+        train_loss=[round(v, 5) for v in flops.train_loss],
     )
     del result["block_steps"], result["depth_per_step"]
     if growth is not None:
@@ -318,6 +326,25 @@ def branch_usage(model: nn.Module, config: LMConfig) -> dict[str, Any]:
     }
 
 
+def birth_effects(run: dict[str, Any], start: dict[str, Any] | None, window: int = 25) -> list[dict[str, float]]:
+    """Per growth step ``g`` of a grown run: the mean training loss of the ``window`` steps after growth minus
+    the ``window`` steps before, as a difference to the start model on the same batches when its trace is
+    there (same seed: same data order, so batch-to-batch noise cancels), else raw."""
+    loss = run.get("train_loss")
+    if not loss:
+        return []
+    base = start.get("train_loss") if start else None
+    diff = [a - b for a, b in zip(loss, base)] if base else loss
+    out = []
+    for g in sorted({e["step"] for e in run["events"]}):
+        if g - window < 0 or g + window > len(diff):
+            continue
+        before = sum(diff[g - window : g]) / window
+        after = sum(diff[g : g + window]) / window
+        out.append({"step": g, "jump": after - before, "paired_with_start": bool(base)})
+    return out
+
+
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     start = {r["seed"]: r for r in runs.get("start", [])}
     summary = {}
@@ -349,6 +376,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             )[0]
             row["growth_steps"] = [sorted({e["step"] for e in r["events"]}) for r in results]
             row["loss_rise_without_branches"] = [r["branch_usage"]["loss_rise_without_branches"] for r in results]
+            row["birth_jumps"] = [birth_effects(r, start.get(r["seed"])) for r in results]
         summary[name] = row
     return summary
 
