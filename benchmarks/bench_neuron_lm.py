@@ -287,7 +287,7 @@ def branch_usage(model: nn.Module, config: LMConfig) -> dict[str, Any]:
     """How much the grown branches do at the end, on the fixed validation windows: the loss rise when every
     branch is switched off, and per grown ``mlp.fc`` the norm of the branches' contribution relative to the
     Linear's own output."""
-    from lightning_depthgrow.surgery.neuron_branch import BranchedLinear
+    from lightning_depthgrow.surgery.neuron_branch import BranchedLinear, ResidualGELU
 
     batch = val_batch(config)
     was_training = model.training
@@ -317,11 +317,34 @@ def branch_usage(model: nn.Module, config: LMConfig) -> dict[str, Any]:
     without = loss()
     for n, m in outer.items():
         m.branches = saved[n]
+    # Linearised: every branch activation u + gelu(u) replaced by its tangent at birth, 1.5 u. A branch whose
+    # u stays small is (nearly) linear: W x + 1.5 W_A x, a reparametrisation of the Linear's own rows that adds
+    # no function; the loss rise measures how much of what the branches do needs their nonlinearity.
+    acts = [m for m in model.modules() if type(m) is ResidualGELU]
+    u_sq, u_count = 0.0, 0
+
+    def pre(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        nonlocal u_sq, u_count
+        u_sq += float(args[0].double().pow(2).sum())
+        u_count += args[0].numel()
+
+    handles = [m.register_forward_pre_hook(pre) for m in acts]
+    loss()
+    for handle in handles:
+        handle.remove()
+    for m in acts:
+        m.forward = lambda u: 1.5 * u
+    linearised = loss()
+    for m in acts:
+        del m.forward
     model.train(was_training)
     return {
         "val_loss": with_branches,
         "val_loss_without_branches": without,
         "loss_rise_without_branches": without - with_branches,
+        "val_loss_linearised": linearised,
+        "loss_rise_linearised": linearised - with_branches,
+        "branch_u_rms": math.sqrt(u_sq / max(u_count, 1)),
         "branch_output_ratio": ratios,
     }
 
@@ -376,6 +399,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             )[0]
             row["growth_steps"] = [sorted({e["step"] for e in r["events"]}) for r in results]
             row["loss_rise_without_branches"] = [r["branch_usage"]["loss_rise_without_branches"] for r in results]
+            row["loss_rise_linearised"] = [r["branch_usage"].get("loss_rise_linearised") for r in results]
+            row["branch_u_rms"] = [r["branch_usage"].get("branch_u_rms") for r in results]
             row["birth_jumps"] = [birth_effects(r, start.get(r["seed"])) for r in results]
         summary[name] = row
     return summary
@@ -483,10 +508,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             _write(args.out, {"setup": setup, "runs": runs})  # partial results survive a stop
             extra = ""
             if name in GROWN:
+                usage = result["branch_usage"]
                 extra = (
                     f" growth steps {sorted({e['step'] for e in result['events']})} splitting "
                     f"{result['splitting_cpu_s']:.1f} cpu s; loss rise without branches "
-                    f"{result['branch_usage']['loss_rise_without_branches']:+.4f}"
+                    f"{usage['loss_rise_without_branches']:+.4f}, linearised {usage['loss_rise_linearised']:+.4f} "
+                    f"(u rms {usage['branch_u_rms']:.3f})"
                 )
             print(
                 f"seed {seed} {name:20s} params {result['params']:,} hidden {result['mlp_hidden']} val_loss "
