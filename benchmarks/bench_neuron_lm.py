@@ -466,7 +466,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--train-bytes", type=int, default=None, help="smaller corpus (smoke runs)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "neuron_lm.json")
+    parser.add_argument(
+        "--levers",
+        action="store_true",
+        help="only tabulate the levers (LEVERS) from the result files next to --out, paired per seed",
+    )
     args = parser.parse_args(argv)
+    if args.levers:
+        return lever_table(args.out.parent)
     torch.set_num_threads(1)
     config = WidthConfig(steps=args.steps, depth=args.depth, mlp_ratio=args.start_ratio)
     if args.train_bytes is not None:
@@ -535,6 +542,80 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {args.out}")
+    return record
+
+
+#: The levers tried on seeds 0-2 (issue 14): (label, result file, variant, reference file, reference variant).
+#: ``start`` and ``uniform`` come from ``neuron_lm.json`` (the uniform model matched to the paper-schedule run).
+LEVERS = (
+    ("paper schedule (at 250..1450), splitting", "neuron_lm.json", "grown", None, None),
+    ("early schedule (at 75..375), splitting", "neuron_lm.json", "grown_early", "neuron_lm.json", "grown"),
+    ("paper schedule, random neurons", "neuron_lm_lever_random.json", "grown", "neuron_lm.json", "grown"),
+    (
+        "early schedule, branch output x0.3",
+        "neuron_lm_lever_early_scale03.json",
+        "grown",
+        "neuron_lm.json",
+        "grown_early",
+    ),
+    ("grown shape trained from step 0", "neuron_lm.json", "grown_arch_scratch", "neuron_lm.json", "grown"),
+)
+
+
+def lever_table(results: Path) -> dict[str, Any]:
+    """Per-seed figures of every lever in :data:`LEVERS` (files under ``results``), paired with the start model,
+    the width-matched uniform model and the lever's reference; writes ``neuron_lm_levers.json`` and ``.md``."""
+    base = json.loads((results / "neuron_lm.json").read_text())["runs"]
+    start = {r["seed"]: r for r in base["start"]}
+    uniform = {r["seed"]: r for r in base["uniform"]}
+    rows = []
+    for label, file, variant, ref_file, ref_variant in LEVERS:
+        path = results / file
+        if not path.exists():
+            continue
+        runs = {r["seed"]: r for r in json.loads(path.read_text())["runs"].get(variant, [])}
+        ref = {}
+        if ref_file is not None:
+            ref = {r["seed"]: r for r in json.loads((results / ref_file).read_text())["runs"][ref_variant]}
+        seeds = sorted(runs)
+        row: dict[str, Any] = {
+            "lever": label,
+            "file": file,
+            "variant": variant,
+            "seeds": seeds,
+            "params": [runs[s]["params"] for s in seeds],
+            "val_loss": [runs[s]["val_loss"] for s in seeds],
+        }
+        row["val_loss_mean"], row["val_loss_std"] = mean_std(row["val_loss"])
+        for name, peer in (("start", start), ("uniform", uniform), ("reference", ref)):
+            if peer and all(s in peer for s in seeds):
+                diffs = [runs[s]["val_loss"] - peer[s]["val_loss"] for s in seeds]
+                row[f"vs_{name}"] = diffs
+                row[f"vs_{name}_mean"], row[f"vs_{name}_std"] = mean_std(diffs)
+        if ref_variant is not None:
+            row["reference"] = f"{ref_file}:{ref_variant}"
+        rows.append(row)
+
+    def paired(row: dict[str, Any], name: str) -> str:
+        if f"vs_{name}" not in row:
+            return ""
+        per_seed = ", ".join(f"{d:+.4f}" for d in row[f"vs_{name}"])
+        return f"{row[f'vs_{name}_mean']:+.4f} ± {row[f'vs_{name}_std']:.4f} ({per_seed})"
+
+    lines = [
+        "| lever | seeds | params | val loss (nats/byte) | vs start | vs uniform | vs reference | reference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['lever']} | {','.join(map(str, row['seeds']))} | {min(row['params']):,}-{max(row['params']):,} "
+            f"| {row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} | {paired(row, 'start')} "
+            f"| {paired(row, 'uniform')} | {paired(row, 'reference')} | {row.get('reference', '')} |"
+        )
+    record = {"levers": rows}
+    _write(results / "neuron_lm_levers.json", record)
+    (results / "neuron_lm_levers.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return record
 
 
