@@ -528,6 +528,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"wall {result['wall_s']:.1f}s{extra}",
                 flush=True,
             )
+    for results in runs.values():
+        results.sort(key=lambda r: r["seed"])
     summary = summarise(runs)
     _, _, corpus = stdlib_corpus(config.corpus)
     record = {
