@@ -560,6 +560,13 @@ LEVERS = (
         "neuron_lm.json",
         "grown_early",
     ),
+    (
+        "early schedule, branch output x3",
+        "neuron_lm_lever_early_scale3.json",
+        "grown",
+        "neuron_lm.json",
+        "grown_early",
+    ),
     ("grown shape trained from step 0", "neuron_lm.json", "grown_arch_scratch", "neuron_lm.json", "grown"),
 )
 
