@@ -52,7 +52,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.tasks import LMConfig, make_gpt, mean_std, stdlib_corpus, train_lm
+from benchmarks.tasks import LMConfig, lm_loss, make_gpt, mean_std, stdlib_corpus, train_lm, val_batch
 from lightning_depthgrow.callbacks.neuron_growth import NeuronGrowth
 from lightning_depthgrow.events import ArchitectureEvent, apply_event, event_log
 
@@ -112,6 +112,8 @@ class ArchFlops(Callback):
         self.config = config
         self.per_arch: dict[int, int] = {}
         self.cumulative: list[int] = []
+        #: training loss of every optimizer step (the loss of the batch before the step), for birth effects
+        self.train_loss: list[float] = []
         self.module: pl.LightningModule | None = None
 
     def step_flops(self, model: nn.Module) -> int:
@@ -124,20 +126,38 @@ class ArchFlops(Callback):
         total = self.cumulative[-1] if self.cumulative else 0
         self.cumulative.append(total + self.step_flops(pl_module.model))
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.train_loss.append(float(outputs["loss"]))
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.module = pl_module
 
 
 class TimedNeuronGrowth(NeuronGrowth):
-    """``NeuronGrowth`` that records the time of each splitting pass and an estimate of its FLOPs."""
+    """``NeuronGrowth`` that records the time of each splitting pass and an estimate of its FLOPs.
 
-    def __init__(self, *args: Any, flops: ArchFlops, **kwargs: Any) -> None:
+    ``selection="random"`` replaces the splitting eigenvalues by independent draws from ``-U(0, 1)`` per watched
+    neuron (seeded by the run's seed and the growth step): the same budget, ``min_neurons`` and nesting rules then
+    pick random neurons, the control for "does the splitting criterion choose better than chance at equal growth".
+    """
+
+    def __init__(self, *args: Any, flops: ArchFlops, selection: str = "splitting", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.flops = flops
+        self.selection = selection
         self.passes: list[dict[str, float]] = []
 
     def estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[float]]:
         watched = self.watched_layers(pl_module)
+        if self.selection == "random":
+            generator = torch.Generator().manual_seed(1000 * self.seed + self.growth_steps)
+            self.latest = {
+                path: (-torch.rand(pl_module.get_submodule(path).out_features, generator=generator)).tolist()
+                for path in watched
+            }
+            return self.latest
         config = self.flops.config
         tokens = config.batch_size * config.context * self.num_batches
         matrices = sum(
@@ -159,6 +179,23 @@ class TimedNeuronGrowth(NeuronGrowth):
             }
         )
         return result
+
+
+class BranchScale(Callback):
+    """Multiplies every neuron branch's output by ``scale`` (a forward hook added before the first step the branch
+    runs in). Under Adam this is the branch's learning rate times ``scale``: the update of ``W_A`` is normalised,
+    its effect on the neuron's pre-activation is scaled. A benchmark lever, not a library feature."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        from lightning_depthgrow.surgery.neuron_branch import NeuronBranch
+
+        for module in pl_module.modules():
+            if type(module) is NeuronBranch and not getattr(module, "_bench_scaled", False):
+                module.register_forward_hook(lambda m, args, out, s=self.scale: out * s)
+                module._bench_scaled = True
 
 
 class _Holder(nn.Module):
@@ -192,10 +229,14 @@ def run_variant(name: str, config: WidthConfig, seed: int, args: argparse.Namesp
             min_neurons=args.min_neurons,
             layers=mlp_layers(config.depth),
             at=args.at if name == "grown" else args.early_at,
+            nest=args.nest,
             seed=seed,
             flops=flops,
+            selection=args.selection,
         )
         callbacks.insert(0, growth)
+        if args.branch_scale != 1.0:
+            callbacks.insert(1, BranchScale(args.branch_scale))
     elif name in ("uniform", "grown_arch_scratch"):
         grown = next((r for r in runs.get("grown", []) if r["seed"] == seed), None)
         if grown is None:
@@ -218,6 +259,7 @@ def run_variant(name: str, config: WidthConfig, seed: int, args: argparse.Namesp
         start_params=start_params,
         flops=flops.cumulative[-1],
         flops_per_arch=flops.per_arch,
+        train_loss=[round(v, 5) for v in flops.train_loss],
     )
     del result["block_steps"], result["depth_per_step"]
     if growth is not None:
@@ -245,17 +287,14 @@ def branch_usage(model: nn.Module, config: LMConfig) -> dict[str, Any]:
     """How much the grown branches do at the end, on the fixed validation windows: the loss rise when every
     branch is switched off, and per grown ``mlp.fc`` the norm of the branches' contribution relative to the
     Linear's own output."""
-    from benchmarks.tasks import EvenWindows
-    from lightning_depthgrow.surgery.neuron_branch import BranchedLinear
+    from lightning_depthgrow.surgery.neuron_branch import BranchedLinear, ResidualGELU
 
-    _, val, _ = stdlib_corpus(config.corpus)
-    batch = torch.stack([w for w in EvenWindows(val, config.context, config.val_windows)])
+    batch = val_batch(config)
     was_training = model.training
     model.eval()
 
     def loss() -> float:
-        logits = model(batch[:, :-1])
-        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)))
+        return float(lm_loss(model, batch))
 
     layers = {n: m for n, m in model.named_modules() if type(m) is BranchedLinear}
     outer = {n: m for n, m in layers.items() if ".branches." not in n}
@@ -278,13 +317,55 @@ def branch_usage(model: nn.Module, config: LMConfig) -> dict[str, Any]:
     without = loss()
     for n, m in outer.items():
         m.branches = saved[n]
+    # Linearised: every branch activation u + gelu(u) replaced by its tangent at birth, 1.5 u. A branch whose
+    # u stays small is (nearly) linear: W x + 1.5 W_A x, a reparametrisation of the Linear's own rows that adds
+    # no function; the loss rise measures how much of what the branches do needs their nonlinearity.
+    acts = [m for m in model.modules() if type(m) is ResidualGELU]
+    u_sq, u_count = 0.0, 0
+
+    def pre(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        nonlocal u_sq, u_count
+        u_sq += float(args[0].double().pow(2).sum())
+        u_count += args[0].numel()
+
+    handles = [m.register_forward_pre_hook(pre) for m in acts]
+    loss()
+    for handle in handles:
+        handle.remove()
+    for m in acts:
+        m.forward = lambda u: 1.5 * u
+    linearised = loss()
+    for m in acts:
+        del m.forward
     model.train(was_training)
     return {
         "val_loss": with_branches,
         "val_loss_without_branches": without,
         "loss_rise_without_branches": without - with_branches,
+        "val_loss_linearised": linearised,
+        "loss_rise_linearised": linearised - with_branches,
+        "branch_u_rms": math.sqrt(u_sq / max(u_count, 1)),
         "branch_output_ratio": ratios,
     }
+
+
+def birth_effects(run: dict[str, Any], start: dict[str, Any] | None, window: int = 25) -> list[dict[str, float]]:
+    """Per growth step ``g`` of a grown run: the mean training loss of the ``window`` steps after growth minus
+    the ``window`` steps before, as a difference to the start model on the same batches when its trace is
+    there (same seed: same data order, so batch-to-batch noise cancels), else raw."""
+    loss = run.get("train_loss")
+    if not loss:
+        return []
+    base = start.get("train_loss") if start else None
+    diff = [a - b for a, b in zip(loss, base)] if base else loss
+    out = []
+    for g in sorted({e["step"] for e in run["events"]}):
+        if g - window < 0 or g + window > len(diff):
+            continue
+        before = sum(diff[g - window : g]) / window
+        after = sum(diff[g : g + window]) / window
+        out.append({"step": g, "jump": after - before, "paired_with_start": bool(base)})
+    return out
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -318,6 +399,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             )[0]
             row["growth_steps"] = [sorted({e["step"] for e in r["events"]}) for r in results]
             row["loss_rise_without_branches"] = [r["branch_usage"]["loss_rise_without_branches"] for r in results]
+            row["loss_rise_linearised"] = [r["branch_usage"].get("loss_rise_linearised") for r in results]
+            row["branch_u_rms"] = [r["branch_usage"].get("branch_u_rms") for r in results]
+            row["birth_jumps"] = [birth_effects(r, start.get(r["seed"])) for r in results]
         summary[name] = row
     return summary
 
@@ -363,11 +447,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--early-at", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.25], help="grown_early's fractions"
     )
+    parser.add_argument(
+        "--selection",
+        choices=("splitting", "random"),
+        default="splitting",
+        help="which neurons the grown variants branch: the splitting criterion or random ones (control)",
+    )
+    parser.add_argument("--branch-scale", type=float, default=1.0, help="scale of every branch's output (lever)")
+    parser.add_argument("--nest", action=argparse.BooleanOptionalAction, default=True, help="NeuronGrowth(nest=)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:4]))
     parser.add_argument("--reuse", type=Path, nargs="+", default=[], help="result files of the same setup to merge")
+    parser.add_argument(
+        "--reuse-variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=None,
+        help="take only these variants from --reuse (e.g. start uniform, to compare a new growth setting)",
+    )
     parser.add_argument("--train-bytes", type=int, default=None, help="smaller corpus (smoke runs)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "neuron_lm.json")
+    parser.add_argument(
+        "--levers",
+        action="store_true",
+        help="only tabulate the levers (LEVERS) from the result files next to --out, paired per seed",
+    )
     args = parser.parse_args(argv)
+    if args.levers:
+        return lever_table(args.out.parent)
     torch.set_num_threads(1)
     config = WidthConfig(steps=args.steps, depth=args.depth, mlp_ratio=args.start_ratio)
     if args.train_bytes is not None:
@@ -383,6 +489,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "at": args.at,
         "at_steps": [round(f * args.steps) for f in args.at],
         "early_at": args.early_at,
+        "selection": args.selection,
+        "nest": args.nest,
+        "branch_scale": args.branch_scale,
         "wide_ratio": args.wide_ratio,
         "start_params": param_count(make_gpt(config)),
     }
@@ -392,6 +501,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if previous["setup"]["lm"] != json.loads(json.dumps(setup["lm"])):
             raise ValueError(f"{source} was made with another LM configuration: {previous['setup']['lm']}")
         for name, results in previous["runs"].items():
+            if args.reuse_variants is not None and name not in args.reuse_variants:
+                continue
             runs.setdefault(name, []).extend(r for r in results if r["seed"] in args.seeds)
         setup.setdefault("merged_setups", []).append(previous["setup"])
     order = [v for v in VARIANTS if v in args.variants]
@@ -404,10 +515,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             _write(args.out, {"setup": setup, "runs": runs})  # partial results survive a stop
             extra = ""
             if name in GROWN:
+                usage = result["branch_usage"]
                 extra = (
                     f" growth steps {sorted({e['step'] for e in result['events']})} splitting "
                     f"{result['splitting_cpu_s']:.1f} cpu s; loss rise without branches "
-                    f"{result['branch_usage']['loss_rise_without_branches']:+.4f}"
+                    f"{usage['loss_rise_without_branches']:+.4f}, linearised {usage['loss_rise_linearised']:+.4f} "
+                    f"(u rms {usage['branch_u_rms']:.3f})"
                 )
             print(
                 f"seed {seed} {name:20s} params {result['params']:,} hidden {result['mlp_hidden']} val_loss "
@@ -415,6 +528,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"wall {result['wall_s']:.1f}s{extra}",
                 flush=True,
             )
+    for results in runs.values():
+        results.sort(key=lambda r: r["seed"])
     summary = summarise(runs)
     _, _, corpus = stdlib_corpus(config.corpus)
     record = {
@@ -429,6 +544,87 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {args.out}")
+    return record
+
+
+#: The levers tried on seeds 0-2 (issue 14): (label, result file, variant, reference file, reference variant).
+#: ``start`` and ``uniform`` come from ``neuron_lm.json`` (the uniform model matched to the paper-schedule run).
+LEVERS = (
+    ("paper schedule (at 250..1450), splitting", "neuron_lm.json", "grown", None, None),
+    ("early schedule (at 75..375), splitting", "neuron_lm.json", "grown_early", "neuron_lm.json", "grown"),
+    ("paper schedule, random neurons", "neuron_lm_lever_random.json", "grown", "neuron_lm.json", "grown"),
+    (
+        "early schedule, branch output x0.3",
+        "neuron_lm_lever_early_scale03.json",
+        "grown",
+        "neuron_lm.json",
+        "grown_early",
+    ),
+    (
+        "early schedule, branch output x3",
+        "neuron_lm_lever_early_scale3.json",
+        "grown",
+        "neuron_lm.json",
+        "grown_early",
+    ),
+    ("grown shape trained from step 0", "neuron_lm.json", "grown_arch_scratch", "neuron_lm.json", "grown"),
+)
+
+
+def lever_table(results: Path) -> dict[str, Any]:
+    """Per-seed figures of every lever in :data:`LEVERS` (files under ``results``), paired with the start model,
+    the width-matched uniform model and the lever's reference; writes ``neuron_lm_levers.json`` and ``.md``."""
+    base = json.loads((results / "neuron_lm.json").read_text())["runs"]
+    start = {r["seed"]: r for r in base["start"]}
+    uniform = {r["seed"]: r for r in base["uniform"]}
+    rows = []
+    for label, file, variant, ref_file, ref_variant in LEVERS:
+        path = results / file
+        if not path.exists():
+            continue
+        runs = {r["seed"]: r for r in json.loads(path.read_text())["runs"].get(variant, [])}
+        ref = {}
+        if ref_file is not None:
+            ref = {r["seed"]: r for r in json.loads((results / ref_file).read_text())["runs"][ref_variant]}
+        seeds = sorted(runs)
+        row: dict[str, Any] = {
+            "lever": label,
+            "file": file,
+            "variant": variant,
+            "seeds": seeds,
+            "params": [runs[s]["params"] for s in seeds],
+            "val_loss": [runs[s]["val_loss"] for s in seeds],
+        }
+        row["val_loss_mean"], row["val_loss_std"] = mean_std(row["val_loss"])
+        for name, peer in (("start", start), ("uniform", uniform), ("reference", ref)):
+            if peer and all(s in peer for s in seeds):
+                diffs = [runs[s]["val_loss"] - peer[s]["val_loss"] for s in seeds]
+                row[f"vs_{name}"] = diffs
+                row[f"vs_{name}_mean"], row[f"vs_{name}_std"] = mean_std(diffs)
+        if ref_variant is not None:
+            row["reference"] = f"{ref_file}:{ref_variant}"
+        rows.append(row)
+
+    def paired(row: dict[str, Any], name: str) -> str:
+        if f"vs_{name}" not in row:
+            return ""
+        per_seed = ", ".join(f"{d:+.4f}" for d in row[f"vs_{name}"])
+        return f"{row[f'vs_{name}_mean']:+.4f} ± {row[f'vs_{name}_std']:.4f} ({per_seed})"
+
+    lines = [
+        "| lever | seeds | params | val loss (nats/byte) | vs start | vs uniform | vs reference | reference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['lever']} | {','.join(map(str, row['seeds']))} | {min(row['params']):,}-{max(row['params']):,} "
+            f"| {row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} | {paired(row, 'start')} "
+            f"| {paired(row, 'uniform')} | {paired(row, 'reference')} | {row.get('reference', '')} |"
+        )
+    record = {"levers": rows}
+    _write(results / "neuron_lm_levers.json", record)
+    (results / "neuron_lm_levers.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return record
 
 

@@ -183,6 +183,33 @@ def make_gpt(config: LMConfig, depth: int | None = None) -> TinyGPT:
     )
 
 
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-byte cross-entropy (nats per byte, mean over every position) of ``model`` on windows ``batch``
+    (``[n, context + 1]`` bytes: the first ``context`` are the input, the last ``context`` the targets).
+
+    Example:
+        >>> config = LMConfig(depth=1, dim=8, heads=2, context=16, val_windows=4)
+        >>> loss = lm_loss(make_gpt(config), torch.zeros(2, 17, dtype=torch.long))
+        >>> loss.shape
+        torch.Size([])
+    """
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def val_batch(config: LMConfig) -> torch.Tensor:
+    """The ``config.val_windows`` fixed validation windows (:class:`EvenWindows` over the held-out bytes) as one
+    ``[val_windows, context + 1]`` batch: the windows ``train_lm`` validates on, for diagnostics after training.
+
+    Example:
+        >>> config = LMConfig(context=16, val_windows=4, corpus=CorpusConfig(train_bytes=1000, val_bytes=100))
+        >>> val_batch(config).shape
+        torch.Size([4, 17])
+    """
+    _, val, _ = stdlib_corpus(config.corpus)
+    return torch.stack([w for w in EvenWindows(val, config.context, config.val_windows)])
+
+
 class ByteLM(pl.LightningModule):
     """Next-byte prediction with AdamW and a warm-up + cosine schedule stepped per optimizer step.
 
@@ -198,8 +225,7 @@ class ByteLM(pl.LightningModule):
         return self.model(idx)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self.model(batch[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        return lm_loss(self.model, batch)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -375,14 +401,12 @@ def block_diagnostics(model: nn.Module, config: LMConfig) -> list[dict[str, floa
     nothing); ``skip_loss_delta``: validation loss with the block skipped minus the loss with it (near 0 = the
     model does not use it).
     """
-    _, val, _ = stdlib_corpus(config.corpus)
-    batch = torch.stack([w for w in EvenWindows(val, config.context, config.val_windows)])
+    batch = val_batch(config)
     was_training = model.training
     model.eval()
 
     def loss() -> float:
-        logits = model(batch[:, :-1])
-        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)))
+        return float(lm_loss(model, batch))
 
     ratios: list[float] = []
 
