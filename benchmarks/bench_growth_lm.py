@@ -28,8 +28,10 @@ per block of the final model its residual-update ratio and the loss increase whe
 
     OMP_NUM_THREADS=1 python benchmarks/bench_growth_lm.py --seeds 0 1 2
 
-``--driver events`` grows the G_stack variants with :class:`ScheduledGrowth` too (the reference the library
-callback is checked against: same events, same steps). Writes ``benchmarks/results/growth_lm.json``.
+``--optimizer-state copy`` starts every copied block with its source block's optimizer state (Adam moments,
+``step``; ``DepthGrowth(optimizer_state="copy")``) instead of fresh state. ``--driver events`` grows the
+G_stack variants with :class:`ScheduledGrowth` too (the reference the library callback is checked against: same
+events, same steps). Writes ``benchmarks/results/growth_lm.json``.
 ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
 variants already in FILE (another invocation with the identical configuration: training is deterministic on one
 CPU thread) instead of training them again, and ``--merge FILE...`` combines result files of one configuration.
@@ -86,8 +88,11 @@ BY_DEPTH_GROWTH = ("stack_ramp", "stack_noramp", *OWN_SCHEDULE)
 FIXED_SETUP_KEYS = ("lm", "train_step_flops")
 
 
-def growth_events(operator: str, depth: int, factor: int, ramp_steps: int, seed: int) -> list[ArchitectureEvent]:
-    """The events that grow a ``depth``-block ``blocks`` stack ``factor`` times deeper with ``operator``."""
+def growth_events(
+    operator: str, depth: int, factor: int, ramp_steps: int, seed: int, optimizer_state: str = "fresh"
+) -> list[ArchitectureEvent]:
+    """The events that grow a ``depth``-block ``blocks`` stack ``factor`` times deeper with ``operator``
+    (copies start with their source's optimizer state with ``optimizer_state="copy"``)."""
     if operator == "zero_interleave":
         # Highest index first so earlier indices stay valid; each block gets factor - 1 identity blocks after it.
         return [
@@ -98,6 +103,8 @@ def growth_events(operator: str, depth: int, factor: int, ramp_steps: int, seed:
     order = "interleave" if operator == "copy_interleave_ramp" else "stack"
     ramp = 0 if operator == "stack_noramp" else ramp_steps
     spec = {"stack": "blocks", "factor": factor, "order": order, "ramp_steps": ramp}
+    if optimizer_state == "copy":
+        spec["optimizer_state"] = "copy"
     return [ArchitectureEvent("stack_blocks", spec)]
 
 
@@ -160,6 +167,7 @@ def depth_growth(name: str, config: LMConfig, args: argparse.Namespace) -> Depth
             blocks_per_step=args.start_depth,
             max_per_stack=args.start_depth,
             at=args.two_step_at,
+            optimizer_state=args.optimizer_state,
         )
     if name in COPY_PLACEMENT:
         return DepthGrowth(
@@ -171,6 +179,7 @@ def depth_growth(name: str, config: LMConfig, args: argparse.Namespace) -> Depth
             blocks_per_step=1,
             max_per_stack=1,
             at=args.copy_at,
+            optimizer_state=args.optimizer_state,
         )
     return DepthGrowth(
         final_budget=final,
@@ -179,6 +188,7 @@ def depth_growth(name: str, config: LMConfig, args: argparse.Namespace) -> Depth
         factor=args.factor,
         ramp_steps=0 if name == "stack_noramp" else args.ramp_steps,
         at=[args.grow_at],
+        optimizer_state=args.optimizer_state,
     )
 
 
@@ -194,7 +204,8 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
             callbacks += [depth_growth(name, config, args), growth]
         else:
             at_step = round(args.grow_at * config.steps)
-            events = growth_events(name, args.start_depth, args.factor, args.ramp_steps, seed=1000 + seed)
+            state = "fresh" if name == "zero_interleave" else args.optimizer_state
+            events = growth_events(name, args.start_depth, args.factor, args.ramp_steps, 1000 + seed, state)
             growth, driver = ScheduledGrowth(at_step, events), "ScheduledGrowth"
             callbacks.append(growth)
     elif name == "fixed_final_equal":
@@ -351,6 +362,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="library",
         help="grow the G_stack variants with DepthGrowth (library) or ScheduledGrowth (events, the reference)",
     )
+    parser.add_argument(
+        "--optimizer-state",
+        choices=("fresh", "copy"),
+        default="fresh",
+        help="optimizer state of copied blocks: fresh, or copied from the source block (Adam moments, step)",
+    )
     parser.add_argument("--reuse", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")
@@ -381,6 +398,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if TWO_STEP in variants:
         setup["two_step_at"] = args.two_step_at
+    if args.optimizer_state != "fresh":  # absent when fresh: files made before the option stay comparable
+        setup["optimizer_state"] = args.optimizer_state
     runs: dict[str, list[dict[str, Any]]] = {}
     for source in [*(args.merge or []), *([args.reuse] if args.reuse else [])]:
         previous = json.loads(source.read_text())

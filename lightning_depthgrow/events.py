@@ -93,6 +93,8 @@ class AppliedChange:
             with the group options to use.
         buffers_changed: whether buffers were added or removed (e.g. a residual ramp folded): DDP keeps a list
             of the module's buffers, so it is re-wrapped even when the parameter set did not change.
+        copy_state: whether each parameter in ``added`` starts with a copy of its twin's optimizer state (Adam
+            moments, ``step``) instead of fresh state (copies of trained blocks, ``optimizer_state="copy"``).
     """
 
     added: list[tuple[nn.Parameter, nn.Parameter | None]] = field(default_factory=list)
@@ -100,6 +102,7 @@ class AppliedChange:
     removed: list[nn.Parameter] = field(default_factory=list)
     new_group: tuple[list[nn.Parameter], dict[str, Any]] | None = None
     buffers_changed: bool = False
+    copy_state: bool = False
 
     @property
     def changes_parameter_set(self) -> bool:

@@ -13,7 +13,7 @@ import copy
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -37,7 +37,7 @@ from ..surgery.growth import (
     remove_block,
     verify_insertions,
 )
-from ..surgery.operators import STACK_ORDERS  # noqa: F401  (registers the operators' event kinds)
+from ..surgery.operators import OPTIMIZER_STATES  # (importing it registers the operators' event kinds)
 from ..surgery.ramp import advance_ramps, ramped_blocks
 from ..validation import check_choice, check_int, check_optional
 from . import plumbing
@@ -46,6 +46,8 @@ from .curvature_monitor import CurvatureMonitor
 
 #: The growth operators of :class:`DepthGrowth` (``operator=``).
 OPERATORS = ("zero_init", "copy", "stack")
+#: The optimizer state of copied blocks (``optimizer_state=``): fresh, or copied from the source block.
+OptimizerState = Literal["fresh", "copy"]
 
 
 class DepthGrowth(GrowthCallback):
@@ -125,6 +127,12 @@ class DepthGrowth(GrowthCallback):
         factor: with ``operator="stack"``, how many times deeper one growth step makes a stack (``2``: the stack
             is duplicated, ``[b0, b1] -> [b0, b1, b0', b1']``; ``3``: 2 -> 6 blocks in one step). Default ``2``;
             only with ``"stack"``.
+        optimizer_state: with ``"copy"``/``"stack"``, the optimizer state each copied block starts with:
+            ``"fresh"`` (default: no moments, ``step`` 0, as for any new parameter) or ``"copy"`` (a copy of its
+            source block's state: Adam moments and ``step``; issue 14). Recorded in the event
+            (``"optimizer_state": "copy"``) and applied where the optimizers are synced after the change, so every
+            DDP rank copies the same state; a resumed run loads it with the checkpoint's optimizer. Not with
+            ``"zero_init"``: a zero-initialised block is not a copy of a trained one.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -137,6 +145,9 @@ class DepthGrowth(GrowthCallback):
         >>> g_stack = DepthGrowth(final_budget=3.0, operator="stack", factor=3, ramp_steps=180, at=[1 / 3])
         >>> g_stack.at, g_stack.factor, g_stack.warmup_epochs
         ((0.3333333333333333,), 3, None)
+        >>> DepthGrowth(final_budget=3.0, operator="stack", factor=3, at=[0.3], optimizer_state="copy").optimizer_state
+        'copy'
+
     """
 
     def __init__(
@@ -159,6 +170,7 @@ class DepthGrowth(GrowthCallback):
         ramp_steps: int = 0,
         at: Sequence[float] | None = None,
         factor: int | None = None,
+        optimizer_state: OptimizerState = "fresh",
     ) -> None:
         if final_budget is None:
             raise TypeError(
@@ -181,6 +193,17 @@ class DepthGrowth(GrowthCallback):
                 f"operator={operator!r} a step adds up to blocks_per_step blocks. Use operator='stack' or drop factor."
             )
         self.factor = check_int("factor", 2 if factor is None else factor, minimum=2)
+        if not isinstance(optimizer_state, str):
+            raise TypeError(
+                f"`optimizer_state` must be one of {', '.join(map(repr, OPTIMIZER_STATES))}, got {optimizer_state!r}."
+            )
+        self.optimizer_state: OptimizerState = check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
+        if self.optimizer_state == "copy" and self.operator == "zero_init":
+            raise ValueError(
+                "`optimizer_state='copy'` gives each copied block its source block's optimizer state, but "
+                "operator='zero_init' makes zero-initialised blocks, not copies of trained ones. Use operator='copy' "
+                "or 'stack' to copy the state, or optimizer_state='fresh'."
+            )
         self.blocks_per_step = check_optional(blocks_per_step, check_int, "blocks_per_step", minimum=1)
         self.max_per_stack = check_optional(max_per_stack, check_int, "max_per_stack", minimum=1)
         if blocks_per_step is None and step_budget is None and self.operator != "stack":
@@ -353,7 +376,7 @@ class DepthGrowth(GrowthCallback):
                 spec = {"stack": insertion.stack, "source": insertion.template, "index": insertion.after}
                 event = ArchitectureEvent(
                     "copy_block",
-                    {**spec, "ramp_steps": self.ramp_steps},
+                    {**spec, "ramp_steps": self.ramp_steps, **self._state_spec()},
                     epoch=event.epoch,
                     step=event.step,
                     reason=event.reason,
@@ -367,9 +390,8 @@ class DepthGrowth(GrowthCallback):
         if event.kind == "stack_blocks":
             return (
                 f"stacked {event.spec['stack']!r} ({reason['depth']} -> {reason['depth'] * event.spec['factor']} "
-                f"blocks, ramp "
-                f"{self.ramp_steps} steps); {reason['budget_metric']} {reason['budget_after']:,.0f} / "
-                f"{reason['budget_limit']:,.0f}"
+                f"blocks, ramp {self.ramp_steps} steps, {self.optimizer_state} optimizer state); "
+                f"{reason['budget_metric']} {reason['budget_after']:,.0f} / {reason['budget_limit']:,.0f}"
             )
         if event.kind == "copy_block":
             what = f"a copy of block {event.spec['source']} (ramp {self.ramp_steps} steps)"
@@ -577,6 +599,7 @@ class DepthGrowth(GrowthCallback):
             room -= cost
             current += cost
             spec = {"stack": layout.path, "factor": self.factor, "order": "stack", "ramp_steps": self.ramp_steps}
+            spec.update(self._state_spec())
             reason = {
                 "depth": layout.depth,
                 "budget_metric": self.budget.metric,
@@ -594,6 +617,10 @@ class DepthGrowth(GrowthCallback):
                 )
             )
         return events
+
+    def _state_spec(self) -> dict[str, str]:
+        """The optimizer-state entry of a copy event's spec (none for fresh state: event logs stay as before)."""
+        return {"optimizer_state": "copy"} if self.optimizer_state == "copy" else {}
 
     def _still_ramping(self, pl_module: pl.LightningModule) -> dict[str, tuple[int, int]]:
         return {name: state for name, state in ramped_blocks(pl_module).items() if state[0] < state[1]}

@@ -28,6 +28,11 @@ kind                   spec
 ``fold_ramps``         ``{"blocks": [names]}``: remove ended ramps (recorded when they end)
 ====================== ================================================================================
 
+``copy_block`` and ``stack_blocks`` take ``"optimizer_state"``: ``"fresh"`` (default, also when absent) or
+``"copy"``: the change then carries ``copy_state``, and the optimizer sync
+(:func:`~lightning_depthgrow.surgery.update_optimizer`) gives each copy its source's optimizer state (Adam moments,
+``step``), on every rank alike. A resumed run loads that state with the checkpoint's optimizer.
+
 A ramp's progress is not part of the event: it is a buffer in the model's ``state_dict``, restored with the
 weights.
 """
@@ -44,9 +49,12 @@ from ..adapters.registry import BlockStack, StackChange, UnsupportedModelError
 from ..events import AppliedChange, register_event_kind
 from ..validation import check_choice, check_int
 from .growth import _check_container, _checked_index, _find_stack, _insert_child, _remove_child, _tensors
+from .optim import copy_twin_state
 from .ramp import attach_ramp, fold_ramps, is_ramped
 
 STACK_ORDERS = ("stack", "interleave")
+#: The optimizer state a copied block starts with (``"optimizer_state"`` of ``copy_block``/``stack_blocks`` events).
+OPTIMIZER_STATES = ("fresh", "copy")
 
 
 def copy_block(
@@ -189,16 +197,12 @@ def copy_optimizer_state(optimizer: torch.optim.Optimizer, change: AppliedChange
     """Give each new parameter a copy of its twin's optimizer state (Adam moments, ``step``); return how many.
 
     Call after :func:`~lightning_depthgrow.surgery.update_optimizer` put the new parameters in their groups.
-    Parameters whose twin has no state yet (or a different shape) keep fresh state.
+    Parameters whose twin has no state yet (or a different shape) keep fresh state. Inside a Trainer, put
+    ``"optimizer_state": "copy"`` in a ``copy_block``/``stack_blocks`` event's spec instead
+    (``DepthGrowth(optimizer_state="copy")``): the change then carries ``copy_state`` and the optimizer sync copies
+    the state itself.
     """
-    copied = 0
-    for new, twin in change.added:
-        state = optimizer.state.get(twin) if twin is not None else None
-        if not state or twin.shape != new.shape:
-            continue
-        optimizer.state[new] = {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in state.items()}
-        copied += 1
-    return copied
+    return copy_twin_state(optimizer, change.added)
 
 
 def _copy_of(block: nn.Module, ramp_steps: int) -> tuple[nn.Module, AppliedChange]:
@@ -256,14 +260,25 @@ def _check_copyable(stack: BlockStack, sources: list[int], after_index: int | No
         raise UnsupportedModelError(f"{stack.path!r} holds meta tensors; materialise the model before growing it.")
 
 
+def _copies_state(spec: dict[str, Any]) -> bool:
+    """Whether a copy event's new parameters take their source's optimizer state (checked before any surgery)."""
+    return check_choice("optimizer_state", spec.get("optimizer_state", "fresh"), OPTIMIZER_STATES) == "copy"
+
+
 def _apply_copy_block(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
-    return copy_block(model, spec["stack"], spec["source"], spec.get("index"), spec.get("ramp_steps", 0))[1]
+    copy_state = _copies_state(spec)
+    change = copy_block(model, spec["stack"], spec["source"], spec.get("index"), spec.get("ramp_steps", 0))[1]
+    change.copy_state = copy_state
+    return change
 
 
 def _apply_stack_blocks(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
-    return stack_blocks(
+    copy_state = _copies_state(spec)
+    change = stack_blocks(
         model, spec["stack"], spec.get("factor", 2), spec.get("order", "stack"), spec.get("ramp_steps", 0)
     )[1]
+    change.copy_state = copy_state
+    return change
 
 
 def _apply_insert_random_block(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:

@@ -1,7 +1,8 @@
 """Bring any ``torch.optim.Optimizer`` (and its LR schedulers) in line with a changed parameter set.
 
 Works by parameter identity, like Composer's surgery: new parameters join their twin's param group
-(so weight-decay splits and per-group learning rates hold) with fresh state; replaced parameters take
+(so weight-decay splits and per-group learning rates hold) with fresh state, or a copy of the twin's state
+when the change says so (``AppliedChange.copy_state``); replaced parameters take
 their predecessor's slot and a sliced copy of its state (Adam moments, momentum; scalar ``step``
 kept); removed parameters leave with their state. Finally every group is ordered as the model orders
 its parameters, so a checkpoint of the grown optimizer lines up with the optimizer a resumed run
@@ -10,6 +11,7 @@ builds from the regrown model.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -73,6 +75,8 @@ def update_optimizer(
     for new, group in added:
         if group is not None:
             group["params"].append(new)
+    if change.copy_state:
+        copy_twin_state(optimizer, change.added)
     for old, new, idx, group in replaced:
         if group is None:
             continue
@@ -91,6 +95,31 @@ def update_optimizer(
         optimizer.add_param_group({"params": list(params), **options})
     if model is not None:
         order_like_model(optimizer, model.parameters())
+
+
+def copy_twin_state(optimizer: torch.optim.Optimizer, pairs: Iterable[tuple[Tensor, Tensor | None]]) -> int:
+    """Give each new parameter of ``(new, twin)`` a copy of its twin's optimizer state; return how many.
+
+    Parameters whose twin has no state yet (before the first step, or a frozen twin) or another shape keep
+    fresh state.
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+        >>> lin(torch.ones(1, 2)).sum().backward(); opt.step()
+        >>> extra = nn.Parameter(lin.bias.detach().clone())
+        >>> update_optimizer(opt, AppliedChange(added=[(extra, lin.bias)], copy_state=True))
+        >>> torch.equal(opt.state[extra]["exp_avg"], opt.state[lin.bias]["exp_avg"])
+        True
+    """
+    copied = 0
+    for new, twin in pairs:
+        state = optimizer.state.get(twin) if twin is not None else None
+        if not state or twin.shape != new.shape:
+            continue
+        optimizer.state[new] = {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()}
+        copied += 1
+    return copied
 
 
 def order_like_model(optimizer: torch.optim.Optimizer, model_params: Iterable[Tensor]) -> None:
