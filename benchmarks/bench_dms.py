@@ -29,6 +29,16 @@ choices of the search, pipelines a and b at the first target). Each part updates
     python benchmarks/bench_dms.py --part step-cost --repeats 4 --epochs 3 --batches 32 --batches-large 10 \
         --before /tmp/before  # git archive <commit> | tar -x -C /tmp/before
 
+``epoch-cost`` (the main part's search epochs / plain epochs inside ``Trainer.fit``, whole epochs with validation,
+paired in lockstep per seed and target; key ``epoch_cost`` of the JSON):
+
+    python benchmarks/bench_dms.py --part epoch-cost --epochs 8 --search-epochs 2 --targets 0.5 0.3 --seeds 5 6 7 8 9
+
+The main part's validation: MNIST-1D's 1,000 test signals after every epoch by default; ``--val-extra 5000`` adds
+signals of a second MNIST-1D draw (less evaluation noise in paired differences), ``--val-last-only`` validates
+after the last epoch only. Runs split over processes (one ``--out`` each) are merged with
+``--part report --out a.json --merge b.json``.
+
 Writes ``benchmarks/results/dms.json`` and ``benchmarks/results/dms.md``.
 """
 
@@ -579,12 +589,36 @@ class EpochClock(Callback):
         self.seconds.append(time.process_time() - self._start)
 
 
+# Validation protocol of the main and levers parts (``--val-extra``, ``--val-last-only``): MNIST-1D's 1,000 test
+# signals by default, validated after every epoch.
+VALIDATION: dict[str, Any] = {"extra": 0, "last_only": False}
+
+
+class BenchData(MNIST1DDataModule):
+    """MNIST-1D with ``extra`` more validation signals: the first ``extra`` of a second MNIST-1D draw (generator
+    seed 43; the same templates, fresh noise and transforms; 5,000 signals), after the 1,000 test signals. The
+    training set is unchanged."""
+
+    def __init__(self, extra: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.extra = extra
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.extra:
+            xa, ya, xb, yb = mnist1d_tensors(43)
+            x, y = torch.cat([xa, xb])[: self.extra], torch.cat([ya, yb])[: self.extra]
+            xv, yv = self.val_set.tensors
+            self.val_set = torch.utils.data.TensorDataset(torch.cat([xv, x]), torch.cat([yv, y]))
+
+
 def fit(model: Classifier, epochs: int, seed: int, callbacks: list[Callback]) -> tuple[float, list[float]]:
     """Train; returns the final validation accuracy and the CPU seconds of each training epoch."""
     clock = EpochClock()
     pl.seed_everything(seed, verbose=False)
     trainer = pl.Trainer(
         max_epochs=epochs,
+        check_val_every_n_epoch=epochs if VALIDATION["last_only"] else 1,
         callbacks=[*callbacks, clock],
         logger=False,
         enable_checkpointing=False,
@@ -593,7 +627,7 @@ def fit(model: Classifier, epochs: int, seed: int, callbacks: list[Callback]) ->
         accelerator="cpu",
         devices=1,
     )
-    trainer.fit(model, MNIST1DDataModule(batch_size=128, seed=seed))
+    trainer.fit(model, BenchData(VALIDATION["extra"], batch_size=128, seed=seed))
     return float(trainer.callback_metrics["val_acc"]), clock.seconds
 
 
@@ -604,8 +638,11 @@ def flops(model: torch.nn.Module) -> int:
 def uniform_vit(target_flops: float, depth: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Hand scaling to ``target_flops``: the supernet's heads and ``depth`` (default: the supernet's), the widest
     embed width (a multiple of the heads) with MLP ratio 2 that fits the budget, then the MLP width that brings
-    the FLOPs closest to it (widths narrowed uniformly)."""
+    the FLOPs closest to it (widths narrowed uniformly). The search runs once per budget (cached)."""
     heads, depth = SUPERNET["num_heads"], depth or SUPERNET["depth"]
+    if (target_flops, depth) in _UNIFORM:
+        config = _UNIFORM[(target_flops, depth)]
+        return make_vit(**narrow_config(config)), dict(config)
     base = {**SUPERNET, "depth": depth}
     dim = max(
         d
@@ -620,7 +657,17 @@ def uniform_vit(target_flops: float, depth: int | None = None) -> tuple[torch.nn
             best = (gap, config)
         elif gap > best[0]:
             break
-    return make_vit(**best[1]), {"embed_dim": dim, "mlp_hidden": int(dim * best[1]["mlp_ratio"]), "depth": depth}
+    _UNIFORM[(target_flops, depth)] = {"embed_dim": dim, "mlp_hidden": int(dim * best[1]["mlp_ratio"]), "depth": depth}
+    return make_vit(**best[1]), dict(_UNIFORM[(target_flops, depth)])
+
+
+_UNIFORM: dict[tuple[float, int], dict[str, Any]] = {}
+
+
+def narrow_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``make_vit`` arguments of a :func:`uniform_vit` result (its ``config``)."""
+    dim, hidden = config["embed_dim"], config["mlp_hidden"]
+    return {**SUPERNET, "depth": config["depth"], "embed_dim": dim, "mlp_ratio": (hidden + 0.5) / dim}
 
 
 def uniform_depth_width_vit(target_flops: float, full_flops: float) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -745,11 +792,12 @@ def main_part(
             for variant in ("uniform", "uniform_depth_width"):
                 if variant not in variants:
                     continue
-                torch.manual_seed(seed)
                 if variant == "uniform":
                     narrow, config = uniform_vit(target * full_flops)
                 else:
                     narrow, config = uniform_depth_width_vit(target * full_flops, full_flops)
+                torch.manual_seed(seed)  # the weights depend on the seed only (not on the search for the widths)
+                narrow = make_vit(**narrow_config(config))
                 acc, seconds = fit(Classifier(narrow, max_epochs=epochs), epochs, seed, [])
                 runs.append(
                     {
@@ -915,10 +963,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines += epoch_cost_markdown(result["epoch_cost"])
     for target, (mean, std) in result.get("main", {}).get("search_epoch_cpu_ratio", {}).items():
         lines.append(
-            "\nUnpaired (not a measure of DMS's cost): DMS's search epochs in the main part over Torch-Pruning's "
-            f"run's first epochs, two fits minutes apart, process CPU time, target {target}: {mean:.3f} ± {std:.3f}. "
-            "Load on the shared machine moves this ratio both ways (ops DMS does not touch, layer norm and attention, "
-            "took 25-40% longer in one fit than in the other); the paired epoch-cost section above is the measurement."
+            "\nUnpaired (not a measure of DMS's cost): DMS's search epochs in the main part's stored runs over "
+            f"Torch-Pruning's run's first epochs, process CPU time, target {target}: {mean:.3f} ± {std:.3f}. The two "
+            "fits ran minutes apart, so load on the shared machine moves this ratio, and stored runs may predate "
+            "changes to the callback; the paired epoch-cost section above is the measurement."
         )
     paired = result.get("main", {}).get("paired")
     if paired:
@@ -976,10 +1024,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="main part")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument(
+        "--val-extra", type=int, default=0, help="main/levers: validation signals added from a second MNIST-1D draw"
+    )
+    parser.add_argument("--val-last-only", action="store_true", help="main/levers: validate after the last epoch only")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], help="report: fold these JSONs' main runs in")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "dms.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     mnist1d_tensors()
+    VALIDATION.update(extra=args.val_extra, last_only=args.val_last_only)
     if args.part == "step-cost-one":  # a plain fit and a DMS search in lockstep, in this process
         print(json.dumps(step_cost_pair(args.epochs, args.batches, SUPERNETS[args.supernet], args.profile)))
         return {}
@@ -1006,9 +1060,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return cost
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     result = {k: v for k, v in result.items() if k in ("config", "overhead", "main", "levers", "epoch_cost")}
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "merge", "before", "profile")}
     if args.part == "report":  # re-render the markdown (and derived numbers) from the stored runs
+        for other in args.merge:  # runs of the same protocol split over processes
+            extra = json.loads(other.read_text()).get("main", {})
+            main = result.setdefault("main", {"configs": {}, "runs": []})
+            have = {(r["target"], r["variant"], r["seed"]) for r in main["runs"]}
+            main["runs"] += [r for r in extra.get("runs", []) if (r["target"], r["variant"], r["seed"]) not in have]
+            main["configs"] = {**extra.get("configs", {}), **main["configs"]}
         if "main" in result:
+            result["main"]["runs"].sort(key=lambda r: (-r["target"], r["variant"], r["seed"]))
+            result["main"]["summary"] = summarise(result["main"]["runs"], "variant")
             result["main"]["paired"] = paired_differences(result["main"]["runs"])
             result["main"]["search_epoch_cpu_ratio"] = search_epoch_ratio(result["main"]["runs"], args.search_epochs)
         args.out.write_text(json.dumps(result, indent=2))
