@@ -970,10 +970,12 @@ def markdown(result: dict[str, Any]) -> str:
         )
     paired = result.get("main", {}).get("paired")
     if paired:
-        lines += ["", "## Paired differences (same seed)", "", "| pair | acc difference (mean ± std) | wins | n |"]
-        lines.append("|---|---|---|---|")
+        lines += ["", "## Paired differences (same seed)", ""]
+        lines.append("| pair | acc difference (mean ± std) | standard error of the mean | wins | n |")
+        lines.append("|---|---|---|---|---|")
         for label, p in paired.items():
-            lines.append(f"| {label} | {p['diff'][0]:+.4f} ± {p['diff'][1]:.4f} | {p['wins']} | {p['n']} |")
+            se = p["diff"][1] / p["n"] ** 0.5
+            lines.append(f"| {label} | {p['diff'][0]:+.4f} ± {p['diff'][1]:.4f} | {se:.4f} | {p['wins']} | {p['n']} |")
     for part in ("main", "levers"):
         if part not in result:
             continue
