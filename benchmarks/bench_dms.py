@@ -29,6 +29,16 @@ choices of the search, pipelines a and b at the first target). Each part updates
     python benchmarks/bench_dms.py --part step-cost --repeats 4 --epochs 3 --batches 32 --batches-large 10 \
         --before /tmp/before  # git archive <commit> | tar -x -C /tmp/before
 
+``epoch-cost`` (the main part's search epochs / plain epochs inside ``Trainer.fit``, whole epochs with validation,
+paired in lockstep per seed and target; key ``epoch_cost`` of the JSON):
+
+    python benchmarks/bench_dms.py --part epoch-cost --epochs 8 --search-epochs 2 --targets 0.5 0.3 --seeds 5 6 7 8 9
+
+The main part's validation: MNIST-1D's 1,000 test signals after every epoch by default; ``--val-extra 5000`` adds
+signals of a second MNIST-1D draw (less evaluation noise in paired differences), ``--val-last-only`` validates
+after the last epoch only. Runs split over processes (one ``--out`` each) are merged with
+``--part report --out a.json --merge b.json``.
+
 Writes ``benchmarks/results/dms.json`` and ``benchmarks/results/dms.md``.
 """
 
@@ -402,6 +412,168 @@ def write_step_cost_section(md: Path, cost: dict[str, Any]) -> None:
     md.write_text(text)
 
 
+# ----------------------------------------------------------------------------------------- search epochs in Lightning
+def epoch_cost_pair(target: float, seed: int, epochs: int, search_epochs: int) -> dict[str, Any]:
+    """The main part's search epochs against the same epochs of plain training, paired: one process, the plain
+    supernet fit and the DMS search (the main part's setup: same seed, weights, data order, ``Classifier`` with
+    ``max_epochs=epochs``, validation after every epoch) in lockstep (:class:`Lockstep`, two threads taking turns
+    one training step at a time). Per fit the thread CPU time of each search epoch, from the first callback's
+    ``on_train_epoch_start`` to the last one's ``on_train_epoch_end``: the steps, data loading and the loop between
+    them, validation, every epoch-level hook; split into steps, validation and the rest. DMS's own per-step hooks
+    are timed as well. Both fits stop after ``search_epochs + 1`` epochs (the export epoch is not measured).
+
+    The sanity validation is off: Lightning runs it before ``on_train_start``, where the lockstep does not yet hold
+    the threads apart, and the DMS setup counts FLOPs with ``FlopCounterMode``, whose module tracker hooks every
+    module globally, so a forward pass in the other thread at that moment corrupts the count.
+    """
+    names = ["plain", "dms"]
+    lockstep = Lockstep(names, range(search_epochs))
+    dms = DifferentiableModelScaling(target=target, search_epochs=search_epochs)
+    spent = _time_hooks(dms, lockstep.measuring)
+    epoch_s: dict[str, list[float]] = {n: [] for n in names}
+    val_s: dict[str, list[float]] = {n: [] for n in names}
+
+    def clocks(name: str) -> tuple[Callback, Callback]:
+        start: dict[str, float] = {}
+
+        class Open(Callback):
+            def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                start["epoch"] = time.thread_time()
+
+            def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                start["val"] = time.thread_time()
+
+        class Close(Callback):
+            def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                if lockstep.measuring(trainer):
+                    val_s[name].append(time.thread_time() - start["val"])
+
+            def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                if lockstep.measuring(trainer):
+                    epoch_s[name].append(time.thread_time() - start["epoch"])
+
+        return Open(), Close()
+
+    fits = {}
+    for name in names:
+        torch.manual_seed(seed)  # as the main part: the same initial weights
+        model = Classifier(make_vit(**SUPERNET), max_epochs=epochs)
+        first, last = lockstep.callbacks(name)
+        open_, close = clocks(name)
+        trainer = pl.Trainer(
+            max_epochs=search_epochs + 1,
+            callbacks=[open_, first, *([dms] if name == "dms" else []), last, close],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+            num_sanity_val_steps=0,
+        )
+        fits[name] = (trainer, model)
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            trainer, model = fits[name]
+            trainer.fit(model, MNIST1DDataModule(batch_size=128, seed=seed))
+        except BaseException as err:  # re-raised in the calling thread
+            errors.append(err)
+
+    pl.seed_everything(seed, verbose=False)
+    threads = [threading.Thread(target=run, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    steps = {n: [t for epoch, t in lockstep.seconds[n] if epoch in lockstep.epochs] for n in names}
+    out: dict[str, Any] = {"target": target, "seed": seed}
+    for n in names:
+        total, in_steps, in_val = sum(epoch_s[n]), sum(steps[n]), sum(val_s[n])
+        out[n] = {
+            "epoch_s": epoch_s[n],
+            "steps_s": in_steps,
+            "val_s": in_val,
+            "rest_s": total - in_steps - in_val,
+            "step_median_s": statistics.median(steps[n]),
+        }
+    out["dms"]["hooks_s"] = sum(spent.values())
+    out["dms"]["hooks_by_hook_s"] = spent
+    out["epoch_ratio"] = sum(epoch_s["dms"]) / sum(epoch_s["plain"])
+    out["steps_ratio"] = out["dms"]["steps_s"] / out["plain"]["steps_s"]
+    out["paired_step_ratio_median"] = statistics.median(d / p for d, p in zip(steps["dms"], steps["plain"]))
+    out["steps"] = len(steps["dms"])
+    return out
+
+
+def epoch_cost_part(targets: list[float], seeds: list[int], epochs: int, search_epochs: int) -> dict[str, Any]:
+    """:func:`epoch_cost_pair` for every target and seed (targets interleaved per seed); per target the search /
+    plain epoch CPU ratios (mean ± std over seeds) and where the time goes."""
+    runs = []
+    for seed in seeds:
+        for target in targets if seed % 2 == 0 else targets[::-1]:
+            r = epoch_cost_pair(target, seed, epochs, search_epochs)
+            runs.append(r)
+            print(
+                f"epoch cost target {target} seed {seed}: epochs {r['epoch_ratio']:.3f}, steps {r['steps_ratio']:.3f} "
+                f"(paired step median {r['paired_step_ratio_median']:.3f}); plain/DMS s: steps "
+                f"{r['plain']['steps_s']:.2f}/{r['dms']['steps_s']:.2f} val {r['plain']['val_s']:.2f}/"
+                f"{r['dms']['val_s']:.2f} rest {r['plain']['rest_s']:.2f}/{r['dms']['rest_s']:.2f}",
+                flush=True,
+            )
+    summary = {}
+    for target in targets:
+        rows = [r for r in runs if r["target"] == target]
+        summary[str(target)] = {
+            "epoch_ratio": _mean_std([r["epoch_ratio"] for r in rows]),
+            "steps_ratio": _mean_std([r["steps_ratio"] for r in rows]),
+            "paired_step_ratio_median": _mean_std([r["paired_step_ratio_median"] for r in rows]),
+            **{
+                f"{n}_{part}_s_per_epoch": statistics.fmean(r[n][f"{part}_s"] for r in rows) / search_epochs
+                for n in ("plain", "dms")
+                for part in ("steps", "val", "rest")
+            },
+            "dms_hooks_ms_per_step": statistics.fmean(1e3 * r["dms"]["hooks_s"] / r["steps"] for r in rows),
+            "n": len(rows),
+        }
+    return {"epochs": epochs, "search_epochs": search_epochs, "runs": runs, "summary": summary}
+
+
+def epoch_cost_markdown(cost: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## Search epochs / plain epochs inside Lightning (CPU time, paired in one process)",
+        "",
+        "From `python benchmarks/bench_dms.py --part epoch-cost` (key `epoch_cost` of `dms.json`): per seed and "
+        "target, one process trains the plain supernet and the DMS search with the main part's setup (Classifier with "
+        f"max_epochs={cost['epochs']}, search_epochs={cost['search_epochs']}, validation after every epoch) in "
+        "lockstep (two threads taking turns one training step at a time, so both see the same load); thread CPU "
+        "time of each search epoch from its first to its last hook, i.e. steps, data loading, validation and "
+        "epoch-level hooks. Target: <= 1.15.",
+        "",
+        "| target | search / plain epochs (mean ± std) | steps only | paired step median | plain s/epoch: steps, "
+        "val, rest | DMS s/epoch: steps, val, rest | DMS hooks ms/step | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for target, s in cost["summary"].items():
+        ratio, steps, paired = s["epoch_ratio"], s["steps_ratio"], s["paired_step_ratio_median"]
+        parts = [
+            f"{s[f'{n}_steps_s_per_epoch']:.2f}, {s[f'{n}_val_s_per_epoch']:.3f}, {s[f'{n}_rest_s_per_epoch']:.3f}"
+            for n in ("plain", "dms")
+        ]
+        lines.append(
+            f"| {target} | {ratio[0]:.3f} ± {ratio[1]:.3f} | {steps[0]:.3f} ± {steps[1]:.3f} "
+            f"| {paired[0]:.3f} ± {paired[1]:.3f} | {parts[0]} | {parts[1]} "
+            f"| {s['dms_hooks_ms_per_step']:.2f} | {s['n']} |"
+        )
+    if cost.get("load"):
+        lines += ["", f"Machine load during the run: {cost['load']}"]
+    return lines
+
+
 # ----------------------------------------------------------------------------------------- training
 class EpochClock(Callback):
     """Process CPU seconds of every training epoch (robust to other jobs on a shared machine)."""
@@ -417,12 +589,36 @@ class EpochClock(Callback):
         self.seconds.append(time.process_time() - self._start)
 
 
+# Validation protocol of the main and levers parts (``--val-extra``, ``--val-last-only``): MNIST-1D's 1,000 test
+# signals by default, validated after every epoch.
+VALIDATION: dict[str, Any] = {"extra": 0, "last_only": False}
+
+
+class BenchData(MNIST1DDataModule):
+    """MNIST-1D with ``extra`` more validation signals: the first ``extra`` of a second MNIST-1D draw (generator
+    seed 43; the same templates, fresh noise and transforms; 5,000 signals), after the 1,000 test signals. The
+    training set is unchanged."""
+
+    def __init__(self, extra: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.extra = extra
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.extra:
+            xa, ya, xb, yb = mnist1d_tensors(43)
+            x, y = torch.cat([xa, xb])[: self.extra], torch.cat([ya, yb])[: self.extra]
+            xv, yv = self.val_set.tensors
+            self.val_set = torch.utils.data.TensorDataset(torch.cat([xv, x]), torch.cat([yv, y]))
+
+
 def fit(model: Classifier, epochs: int, seed: int, callbacks: list[Callback]) -> tuple[float, list[float]]:
     """Train; returns the final validation accuracy and the CPU seconds of each training epoch."""
     clock = EpochClock()
     pl.seed_everything(seed, verbose=False)
     trainer = pl.Trainer(
         max_epochs=epochs,
+        check_val_every_n_epoch=epochs if VALIDATION["last_only"] else 1,
         callbacks=[*callbacks, clock],
         logger=False,
         enable_checkpointing=False,
@@ -431,7 +627,7 @@ def fit(model: Classifier, epochs: int, seed: int, callbacks: list[Callback]) ->
         accelerator="cpu",
         devices=1,
     )
-    trainer.fit(model, MNIST1DDataModule(batch_size=128, seed=seed))
+    trainer.fit(model, BenchData(VALIDATION["extra"], batch_size=128, seed=seed))
     return float(trainer.callback_metrics["val_acc"]), clock.seconds
 
 
@@ -442,8 +638,11 @@ def flops(model: torch.nn.Module) -> int:
 def uniform_vit(target_flops: float, depth: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Hand scaling to ``target_flops``: the supernet's heads and ``depth`` (default: the supernet's), the widest
     embed width (a multiple of the heads) with MLP ratio 2 that fits the budget, then the MLP width that brings
-    the FLOPs closest to it (widths narrowed uniformly)."""
+    the FLOPs closest to it (widths narrowed uniformly). The search runs once per budget (cached)."""
     heads, depth = SUPERNET["num_heads"], depth or SUPERNET["depth"]
+    if (target_flops, depth) in _UNIFORM:
+        config = _UNIFORM[(target_flops, depth)]
+        return make_vit(**narrow_config(config)), dict(config)
     base = {**SUPERNET, "depth": depth}
     dim = max(
         d
@@ -458,7 +657,17 @@ def uniform_vit(target_flops: float, depth: int | None = None) -> tuple[torch.nn
             best = (gap, config)
         elif gap > best[0]:
             break
-    return make_vit(**best[1]), {"embed_dim": dim, "mlp_hidden": int(dim * best[1]["mlp_ratio"]), "depth": depth}
+    _UNIFORM[(target_flops, depth)] = {"embed_dim": dim, "mlp_hidden": int(dim * best[1]["mlp_ratio"]), "depth": depth}
+    return make_vit(**best[1]), dict(_UNIFORM[(target_flops, depth)])
+
+
+_UNIFORM: dict[tuple[float, int], dict[str, Any]] = {}
+
+
+def narrow_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``make_vit`` arguments of a :func:`uniform_vit` result (its ``config``)."""
+    dim, hidden = config["embed_dim"], config["mlp_hidden"]
+    return {**SUPERNET, "depth": config["depth"], "embed_dim": dim, "mlp_ratio": (hidden + 0.5) / dim}
 
 
 def uniform_depth_width_vit(target_flops: float, full_flops: float) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -583,11 +792,12 @@ def main_part(
             for variant in ("uniform", "uniform_depth_width"):
                 if variant not in variants:
                     continue
-                torch.manual_seed(seed)
                 if variant == "uniform":
                     narrow, config = uniform_vit(target * full_flops)
                 else:
                     narrow, config = uniform_depth_width_vit(target * full_flops, full_flops)
+                torch.manual_seed(seed)  # the weights depend on the seed only (not on the search for the widths)
+                narrow = make_vit(**narrow_config(config))
                 acc, seconds = fit(Classifier(narrow, max_epochs=epochs), epochs, seed, [])
                 runs.append(
                     {
@@ -749,16 +959,23 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {o['supernet']} | {o['plain_step_s'] * 1e3:.1f} | {o['search_step_s'] * 1e3:.1f} "
                 f"| {o['ratio']:.3f} |"
             )
+    if "epoch_cost" in result:
+        lines += epoch_cost_markdown(result["epoch_cost"])
     for target, (mean, std) in result.get("main", {}).get("search_epoch_cpu_ratio", {}).items():
         lines.append(
-            f"\nSearch epochs / plain epochs inside Lightning (CPU time), target {target}: {mean:.3f} ± {std:.3f}"
+            "\nUnpaired (not a measure of DMS's cost): DMS's search epochs in the main part's stored runs over "
+            f"Torch-Pruning's run's first epochs, process CPU time, target {target}: {mean:.3f} ± {std:.3f}. The two "
+            "fits ran minutes apart, so load on the shared machine moves this ratio, and stored runs may predate "
+            "changes to the callback; the paired epoch-cost section above is the measurement."
         )
     paired = result.get("main", {}).get("paired")
     if paired:
-        lines += ["", "## Paired differences (same seed)", "", "| pair | acc difference (mean ± std) | wins | n |"]
-        lines.append("|---|---|---|---|")
+        lines += ["", "## Paired differences (same seed)", ""]
+        lines.append("| pair | acc difference (mean ± std) | standard error of the mean | wins | n |")
+        lines.append("|---|---|---|---|---|")
         for label, p in paired.items():
-            lines.append(f"| {label} | {p['diff'][0]:+.4f} ± {p['diff'][1]:.4f} | {p['wins']} | {p['n']} |")
+            se = p["diff"][1] / p["n"] ** 0.5
+            lines.append(f"| {label} | {p['diff'][0]:+.4f} ± {p['diff'][1]:.4f} | {se:.4f} | {p['wins']} | {p['n']} |")
     for part in ("main", "levers"):
         if part not in result:
             continue
@@ -790,7 +1007,9 @@ def write_markdown(out: Path, result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--part", choices=["overhead", "main", "levers", "all", "report", "step-cost", "step-cost-one"], default="all"
+        "--part",
+        choices=["overhead", "main", "levers", "all", "report", "step-cost", "step-cost-one", "epoch-cost"],
+        default="all",
     )
     parser.add_argument("--supernet", choices=list(SUPERNETS), default="tiny", help="step-cost-one")
     parser.add_argument("--supernets", nargs="+", choices=list(SUPERNETS), default=list(SUPERNETS), help="step-cost")
@@ -807,10 +1026,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="main part")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument(
+        "--val-extra", type=int, default=0, help="main/levers: validation signals added from a second MNIST-1D draw"
+    )
+    parser.add_argument("--val-last-only", action="store_true", help="main/levers: validate after the last epoch only")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], help="report: fold these JSONs' main runs in")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "dms.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     mnist1d_tensors()
+    VALIDATION.update(extra=args.val_extra, last_only=args.val_last_only)
     if args.part == "step-cost-one":  # a plain fit and a DMS search in lockstep, in this process
         print(json.dumps(step_cost_pair(args.epochs, args.batches, SUPERNETS[args.supernet], args.profile)))
         return {}
@@ -836,15 +1061,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(step_cost_markdown(cost))
         return cost
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
-    result = {k: v for k, v in result.items() if k in ("config", "overhead", "main", "levers")}
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+    result = {k: v for k, v in result.items() if k in ("config", "overhead", "main", "levers", "epoch_cost")}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "merge", "before", "profile")}
     if args.part == "report":  # re-render the markdown (and derived numbers) from the stored runs
+        for other in args.merge:  # runs of the same protocol split over processes
+            extra = json.loads(other.read_text()).get("main", {})
+            main = result.setdefault("main", {"configs": {}, "runs": []})
+            have = {(r["target"], r["variant"], r["seed"]) for r in main["runs"]}
+            main["runs"] += [r for r in extra.get("runs", []) if (r["target"], r["variant"], r["seed"]) not in have]
+            main["configs"] = {**extra.get("configs", {}), **main["configs"]}
         if "main" in result:
+            result["main"]["runs"].sort(key=lambda r: (-r["target"], r["variant"], r["seed"]))
+            result["main"]["summary"] = summarise(result["main"]["runs"], "variant")
             result["main"]["paired"] = paired_differences(result["main"]["runs"])
             result["main"]["search_epoch_cpu_ratio"] = search_epoch_ratio(result["main"]["runs"], args.search_epochs)
         args.out.write_text(json.dumps(result, indent=2))
         write_markdown(args.out, result)
         print(markdown(result))
+        return result
+    if args.part == "epoch-cost":  # its own key of the JSON; the main part's invocation stays in "config"
+        start = time.perf_counter()
+        load = os.getloadavg()
+        cost = epoch_cost_part(args.targets, args.seeds, args.epochs, args.search_epochs)
+        cost["config"] = {**config, "torch": torch.__version__, "wall_s": time.perf_counter() - start}
+        cost["load"] = f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (2 cores)"
+        result["epoch_cost"] = cost
+        args.out.write_text(json.dumps(result, indent=2))
+        write_markdown(args.out, result)
+        print("\n".join(epoch_cost_markdown(cost)))
         return result
     result["config"] = {**config, "supernet": SUPERNET, "torch": torch.__version__, "machine": platform.machine()}
     start = time.perf_counter()
