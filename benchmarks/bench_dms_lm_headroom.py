@@ -37,8 +37,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_dms_lm import RESULTS, architecture_of, fit, forward_flops, gpt2_config, uniform_shape
-from benchmarks.bench_dms_lm import GPT2Bytes, make_gpt2
+from benchmarks.bench_dms_lm import (
+    RESULTS,
+    GPT2Bytes,
+    architecture_of,
+    fit,
+    forward_flops,
+    gpt2_config,
+    make_gpt2,
+    uniform_shape,
+)
 from benchmarks.tasks import EvenWindows, LMConfig, stdlib_corpus
 from lightning_depthgrow.dms import attach_gates, build_architecture, export_architecture
 
@@ -177,7 +185,7 @@ def markdown(result: dict[str, Any]) -> str:
         sh = shapes[name]["shape"]
         heads = sh["heads"] or [sh["config_heads"]] * sh["layers"]
 
-        def diff(key: str, fmt: str) -> str:
+        def diff(g: dict[str, Any], key: str, fmt: str) -> str:
             d = g.get(key + "_minus_uniform")
             if not d:
                 return ""
@@ -187,8 +195,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {sh['dim']} | {sh['layers']} | {heads} | {sh['inner']} | {g['flops_over_uniform']:.3f} "
             f"| {g['steps']} | {sh['needs']} | {g['val_loss'][0]:.4f} ± {g['val_loss'][1]:.4f} "
-            f"| {diff('val_loss', '+.4f')} | {g['val_acc'][0]:.2f} ± {g['val_acc'][1]:.2f} "
-            f"| {diff('val_acc', '+.2f')} | {g['n']} |"
+            f"| {diff(g, 'val_loss', '+.4f')} | {g['val_acc'][0]:.2f} ± {g['val_acc'][1]:.2f} "
+            f"| {diff(g, 'val_acc', '+.2f')} | {g['n']} |"
         )
     if result.get("notes"):
         lines += ["", "## Notes", "", *result["notes"]]
