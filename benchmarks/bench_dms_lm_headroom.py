@@ -182,7 +182,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, g in s.items():
-        sh = shapes[name]["shape"]
+        sh = shapes[name]["shape"]  # dms_found: one seed's (the others are under "Every run")
         heads = sh["heads"] or [sh["config_heads"]] * sh["layers"]
 
         def diff(g: dict[str, Any], key: str, fmt: str) -> str:
@@ -197,6 +197,19 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {g['steps']} | {sh['needs']} | {g['val_loss'][0]:.4f} ± {g['val_loss'][1]:.4f} "
             f"| {diff(g, 'val_loss', '+.4f')} | {g['val_acc'][0]:.2f} ± {g['val_acc'][1]:.2f} "
             f"| {diff(g, 'val_acc', '+.2f')} | {g['n']} |"
+        )
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "| shape | seed | n_embd | blocks | heads per block | MLP per block | steps | val loss | accuracy % | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(result["runs"], key=lambda r: (list(SHAPES).index(r["shape_name"]), r["seed"])):
+        a = r["architecture"]
+        lines.append(
+            f"| {r['shape_name']} | {r['seed']} | {a['dim']} | {a['layers']} | {a['heads']} | {a['inner']} "
+            f"| {r['steps']} | {r['val_loss']:.4f} | {r['val_acc']:.2f} | {r['cpu_s']:.0f} |"
         )
     if result.get("notes"):
         lines += ["", "## Notes", "", *result["notes"]]
