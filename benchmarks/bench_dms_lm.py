@@ -33,8 +33,11 @@ nothing). CPU seconds (``time.process_time``) are recorded too.
 
 Writes ``benchmarks/results/dms_lm.json`` (after every run, so an interrupted invocation keeps what it did;
 ``--resume`` skips the runs already there with the same configuration) and ``benchmarks/results/dms_lm.md``.
-``--part report`` re-renders the markdown from the JSON, ``--merge A.json B.json`` first adds the runs of other
-invocations with the same settings (e.g. one process per seed, or Torch-Pruning run on its own).
+``--no-pipeline-b`` runs the search alone (stopped one step after its export, on the same ``S``-step schedule) and
+pipeline a; the uniform model then gets pipeline a's total compute (search + training): the search-length lever
+(``--search-epochs 1``: ``dms_lm_search1.json``). ``--part report`` re-renders the markdown from the JSON,
+``--merge A.json B.json`` first adds the runs of other invocations with the same settings (e.g. one process per
+seed, or Torch-Pruning run on its own).
 """
 
 from __future__ import annotations
