@@ -33,8 +33,11 @@ nothing). CPU seconds (``time.process_time``) are recorded too.
 
 Writes ``benchmarks/results/dms_lm.json`` (after every run, so an interrupted invocation keeps what it did;
 ``--resume`` skips the runs already there with the same configuration) and ``benchmarks/results/dms_lm.md``.
-``--part report`` re-renders the markdown from the JSON, ``--merge A.json B.json`` first adds the runs of other
-invocations with the same settings (e.g. one process per seed, or Torch-Pruning run on its own).
+``--no-pipeline-b`` runs the search alone (stopped one step after its export, on the same ``S``-step schedule) and
+pipeline a; the uniform model then gets pipeline a's total compute (search + training): the search-length lever
+(``--search-epochs 1``: ``dms_lm_search1.json``). ``--part report`` re-renders the markdown from the JSON,
+``--merge A.json B.json`` first adds the runs of other invocations with the same settings (e.g. one process per
+seed, or Torch-Pruning run on its own).
 """
 
 from __future__ import annotations
@@ -227,8 +230,17 @@ def evaluate(net: nn.Module, config: LMConfig) -> float:
     return total / (windows.shape[0] * config.context)
 
 
-def fit(net: nn.Module, config: LMConfig, seed: int, epoch_steps: int, callbacks: list[Callback]) -> dict[str, Any]:
-    """Train ``net`` for ``config.steps`` steps in epochs of ``epoch_steps``; the final validation loss and cost."""
+def fit(
+    net: nn.Module,
+    config: LMConfig,
+    seed: int,
+    epoch_steps: int,
+    callbacks: list[Callback],
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train ``net`` for ``config.steps`` steps in epochs of ``epoch_steps``; the final validation loss and cost.
+    ``stop_after``: stop after that many steps of the ``config.steps``-step schedule (a search that is not
+    continued)."""
     train, _, _ = stdlib_corpus(config.corpus)
     pl.seed_everything(seed, verbose=False)
     module = ByteLM(net, config)
@@ -240,8 +252,8 @@ def fit(net: nn.Module, config: LMConfig, seed: int, epoch_steps: int, callbacks
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=config.steps,
-        max_epochs=math.ceil(config.steps / epoch_steps),
+        max_steps=stop_after or config.steps,
+        max_epochs=math.ceil((stop_after or config.steps) / epoch_steps),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -250,8 +262,8 @@ def fit(net: nn.Module, config: LMConfig, seed: int, epoch_steps: int, callbacks
         callbacks=[*callbacks, cost],
     )
     trainer.fit(module, loader)
-    if cost.steps != config.steps:
-        raise RuntimeError(f"trained {cost.steps} steps, expected {config.steps}")
+    if cost.steps != (stop_after or config.steps):
+        raise RuntimeError(f"trained {cost.steps} steps, expected {stop_after or config.steps}")
     return {
         "val_loss": evaluate(module.model, config),
         "steps": cost.steps,
@@ -388,14 +400,18 @@ def run_dms(
     search_epochs: int,
     depth: bool = True,
     pipeline_a: bool = True,
-) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    pipeline_b: bool = True,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any]]:
     """Pipeline b, then pipeline a on the architecture b's search found; returns (b, a, the architecture).
-    ``depth=False`` searches widths and heads only (no depth gates); ``pipeline_a=False`` skips a (``None``)."""
+    ``depth=False`` searches widths and heads only (no depth gates); ``pipeline_a=False`` skips a (``None``);
+    ``pipeline_b=False`` stops the run one step after the export (the search on the same ``S``-step schedule,
+    not continued: b is ``None``, a is run)."""
     full = forward_flops(make_gpt2(supernet, config.context), config.context)
     torch.manual_seed(seed)
     net = make_gpt2(supernet, config.context)
     dms = DifferentiableModelScaling(target=target, search_epochs=search_epochs, depth=depth)
-    out_b = fit(net, config, seed, epoch_steps, [dms])
+    k = search_epochs * epoch_steps
+    out_b = fit(net, config, seed, epoch_steps, [dms], stop_after=None if pipeline_b else k + 1)
     module = out_b["module"]
     log = event_log(module)
     export = next(e for e in log if e.kind == "dms_export")
@@ -410,6 +426,8 @@ def run_dms(
     )
     if not pipeline_a:
         return row_b, None, arch["summary"]
+    if not pipeline_b:
+        row_b["search_cpu_s"] = out_b["cpu_s"] * k / (k + 1)
     torch.manual_seed(seed + 1000)  # a fresh supernet: new weights, the found architecture
     scratch = make_gpt2(supernet, config.context)
     build_architecture(scratch, arch)
@@ -419,7 +437,7 @@ def run_dms(
     out_a = fit(scratch, replace(config, steps=steps_a), seed, epoch_steps, [])
     row_a = _row(out_a, scratch, config, ratio=target, full=full)
     search = row_b["search_flops"]
-    search_cpu = out_b["cpu_s"] * search_epochs * epoch_steps / config.steps  # the search steps' share (approx.)
+    search_cpu = row_b.get("search_cpu_s", out_b["cpu_s"] * k / config.steps)  # the search steps' share (approx.)
     row_a.update(
         search_flops=search,
         total_flops=search + out_a["train_flops"],
@@ -428,7 +446,7 @@ def run_dms(
         total_cpu_s=search_cpu + out_a["cpu_s"],
         dms_depth=depth,
     )
-    return row_b, row_a, arch["summary"]
+    return (row_b if pipeline_b else None), row_a, arch["summary"]
 
 
 def run_uniform(
@@ -642,6 +660,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="DMS searches widths and heads only (no depth gates); its rows are dms_b_width / dms_a_width",
     )
     parser.add_argument("--no-pipeline-a", action="store_true", help="DMS: run pipeline b only")
+    parser.add_argument(
+        "--no-pipeline-b",
+        action="store_true",
+        help="DMS: search, export, then pipeline a only (the search stops one step after the export; the uniform "
+        "model gets pipeline a's total compute)",
+    )
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="report: add the runs of these JSONs")
     parser.add_argument("--resume", action="store_true", help="skip runs already in --out with this configuration")
     parser.add_argument("--out", type=Path, default=RESULTS / "dms_lm.json")
@@ -720,7 +744,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for target in args.targets:
             rows = {r["variant"]: r for r in result["runs"] if r["seed"] == seed and r["target"] == target}
             suffix = "_width" if args.no_depth else ""
-            wanted = {"dms_b" + suffix} | (set() if args.no_pipeline_a else {"dms_a" + suffix})
+            wanted = (set() if args.no_pipeline_b else {"dms_b" + suffix}) | (
+                set() if args.no_pipeline_a else {"dms_a" + suffix}
+            )
             if "dms" in args.variants and not wanted <= set(rows):
                 row_b, row_a, _ = run_dms(
                     supernet,
@@ -731,16 +757,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     args.search_epochs,
                     depth=not args.no_depth,
                     pipeline_a=not args.no_pipeline_a,
+                    pipeline_b=not args.no_pipeline_b,
                 )
-                save({"seed": seed, "variant": "dms_b" + suffix, **row_b})
-                rows["dms_b" + suffix] = row_b
+                if row_b is not None:
+                    save({"seed": seed, "variant": "dms_b" + suffix, **row_b})
+                    rows["dms_b" + suffix] = row_b
                 if row_a is not None:
                     save({"seed": seed, "variant": "dms_a" + suffix, **row_a})
                     rows["dms_a" + suffix] = row_a
-            b = rows.get("dms_b")
+            b = rows.get("dms_b") or rows.get("dms_a")  # without b: a's search + training is the budget
             full_fwd = forward_flops(make_gpt2(supernet, config.context), config.context)
             flops_to = b["forward_flops"] if b else target * full_fwd
-            budget = b["train_flops"] if b else None
+            budget = b["total_flops"] if b else None
             if "uniform" in args.variants and (target, "uniform", seed) not in done and budget is not None:
                 save(
                     {
