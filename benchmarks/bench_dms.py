@@ -91,6 +91,21 @@ LEVERS = {
 
 
 # ----------------------------------------------------------------------------------------- overhead
+def quiet_trainer(max_epochs: int, callbacks: list[Callback], **options: Any) -> pl.Trainer:
+    """A one-process CPU ``Trainer`` without logger, checkpoints, progress bar or model summary."""
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        **options,
+    )
+
+
 def _search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, search: bool) -> Callable[[], None]:
     """One AdamW step of ``model`` on ``(x, y)``; with ``search``, the DMS work the callback adds to a step."""
     gates = attach_gates(model) if search else None
@@ -253,15 +268,9 @@ def step_cost_pair(epochs: int, batches: int, supernet: dict[str, Any], profile:
     for name in lockstep.names:
         pl.seed_everything(0, verbose=False)  # the same initial weights
         first, last = lockstep.callbacks(name, profiler if name == "dms" else None)
-        trainer = pl.Trainer(
-            max_epochs=epochs,
-            callbacks=[first, *([dms] if name == "dms" else []), last],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            devices=1,
+        trainer = quiet_trainer(
+            epochs,
+            [first, *([dms] if name == "dms" else []), last],
             limit_train_batches=batches,
             limit_val_batches=0,
             num_sanity_val_steps=0,
@@ -460,16 +469,8 @@ def epoch_cost_pair(target: float, seed: int, epochs: int, search_epochs: int) -
         model = Classifier(make_vit(**SUPERNET), max_epochs=epochs)
         first, last = lockstep.callbacks(name)
         open_, close = clocks(name)
-        trainer = pl.Trainer(
-            max_epochs=search_epochs + 1,
-            callbacks=[open_, first, *([dms] if name == "dms" else []), last, close],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            devices=1,
-            num_sanity_val_steps=0,
+        trainer = quiet_trainer(
+            search_epochs + 1, [open_, first, *([dms] if name == "dms" else []), last, close], num_sanity_val_steps=0
         )
         fits[name] = (trainer, model)
     errors: list[BaseException] = []
@@ -616,16 +617,8 @@ def fit(model: Classifier, epochs: int, seed: int, callbacks: list[Callback]) ->
     """Train; returns the final validation accuracy and the CPU seconds of each training epoch."""
     clock = EpochClock()
     pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        check_val_every_n_epoch=epochs if VALIDATION["last_only"] else 1,
-        callbacks=[*callbacks, clock],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
+        epochs, [*callbacks, clock], check_val_every_n_epoch=epochs if VALIDATION["last_only"] else 1
     )
     trainer.fit(model, BenchData(VALIDATION["extra"], batch_size=128, seed=seed))
     return float(trainer.callback_metrics["val_acc"]), clock.seconds
