@@ -89,6 +89,17 @@ def check_choice(name: str, value: Any, choices: Sequence[T]) -> T:
     return value
 
 
+def check_name(name: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` if it is one of the string ``choices``; ``TypeError`` for a value that is not a string.
+
+    >>> check_name("operator", "copy", ("zero_init", "copy"))
+    'copy'
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+    return check_choice(name, value, choices)
+
+
 def check_optional(value: Any, check: Any, *args: Any, **kwargs: Any) -> Any:
     """``None`` passes; anything else goes through ``check(*args, value, **kwargs)``.
 

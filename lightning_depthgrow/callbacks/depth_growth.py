@@ -39,7 +39,7 @@ from ..surgery.growth import (
 )
 from ..surgery.operators import OPTIMIZER_STATES  # (importing it registers the operators' event kinds)
 from ..surgery.ramp import advance_ramps, ramped_blocks
-from ..validation import check_choice, check_int, check_optional
+from ..validation import check_choice, check_int, check_name, check_optional
 from . import plumbing
 from .base import GrowthCallback
 from .curvature_monitor import CurvatureMonitor
@@ -178,9 +178,7 @@ class DepthGrowth(GrowthCallback):
             )
         schedule = growth_schedule(at, warmup_epochs, grow_every)
         super().__init__(Budget(final_budget, step_budget, budget_metric, budget_mode, scale_by_lr), schedule)
-        if not isinstance(operator, str):
-            raise TypeError(f"`operator` must be one of {', '.join(map(repr, OPERATORS))}, got {operator!r}.")
-        self.operator = check_choice("operator", operator, OPERATORS)
+        self.operator = check_name("operator", operator, OPERATORS)
         self.ramp_steps = check_int("ramp_steps", ramp_steps, minimum=0)
         if self.operator == "zero_init" and self.ramp_steps:
             raise ValueError(
@@ -193,11 +191,7 @@ class DepthGrowth(GrowthCallback):
                 f"operator={operator!r} a step adds up to blocks_per_step blocks. Use operator='stack' or drop factor."
             )
         self.factor = check_int("factor", 2 if factor is None else factor, minimum=2)
-        if not isinstance(optimizer_state, str):
-            raise TypeError(
-                f"`optimizer_state` must be one of {', '.join(map(repr, OPTIMIZER_STATES))}, got {optimizer_state!r}."
-            )
-        self.optimizer_state: OptimizerState = check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
+        self.optimizer_state: OptimizerState = check_name("optimizer_state", optimizer_state, OPTIMIZER_STATES)
         if self.optimizer_state == "copy" and self.operator == "zero_init":
             raise ValueError(
                 "`optimizer_state='copy'` gives each copied block its source block's optimizer state, but "
