@@ -190,6 +190,26 @@ class Lockstep:
             self._turn = waiting[0] if waiting else name
             self._cond.notify_all()
 
+    def run(self, fits: dict[str, tuple[pl.Trainer, pl.LightningModule]], data: Callable[[], Any]) -> None:
+        """Fit every ``(trainer, module)`` of ``fits`` in its own thread on ``data()`` (called in that thread);
+        the first error of any fit is re-raised here once all threads ended."""
+        errors: list[BaseException] = []
+
+        def fit(name: str) -> None:
+            try:
+                trainer, model = fits[name]
+                trainer.fit(model, data())
+            except BaseException as err:  # re-raised in the calling thread
+                errors.append(err)
+
+        threads = [threading.Thread(target=fit, args=(name,)) for name in self.names]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
     def callbacks(self, name: str, profiler: Any = None) -> tuple[Callback, Callback]:
         """``(first, last)``: to go first and last in the fit's callback list."""
         clock, start = self, [0.0]
@@ -276,22 +296,7 @@ def step_cost_pair(epochs: int, batches: int, supernet: dict[str, Any], profile:
             num_sanity_val_steps=0,
         )
         fits[name] = (trainer, Classifier(make_vit(**supernet)))
-    errors: list[BaseException] = []
-
-    def run(name: str) -> None:
-        try:
-            trainer, model = fits[name]
-            trainer.fit(model, copy.deepcopy(data))
-        except BaseException as err:  # re-raised in the calling thread
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(name,)) for name in lockstep.names]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    lockstep.run(fits, lambda: copy.deepcopy(data))
     if profiler is not None:
         profiler.dump_stats(str(profile))
     measured = {n: [t for epoch, t in lockstep.seconds[n] if epoch in lockstep.epochs] for n in lockstep.names}
@@ -473,23 +478,8 @@ def epoch_cost_pair(target: float, seed: int, epochs: int, search_epochs: int) -
             search_epochs + 1, [open_, first, *([dms] if name == "dms" else []), last, close], num_sanity_val_steps=0
         )
         fits[name] = (trainer, model)
-    errors: list[BaseException] = []
-
-    def run(name: str) -> None:
-        try:
-            trainer, model = fits[name]
-            trainer.fit(model, MNIST1DDataModule(batch_size=128, seed=seed))
-        except BaseException as err:  # re-raised in the calling thread
-            errors.append(err)
-
     pl.seed_everything(seed, verbose=False)
-    threads = [threading.Thread(target=run, args=(name,)) for name in names]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    lockstep.run(fits, lambda: MNIST1DDataModule(batch_size=128, seed=seed))
     steps = {n: [t for epoch, t in lockstep.seconds[n] if epoch in lockstep.epochs] for n in names}
     out: dict[str, Any] = {"target": target, "seed": seed}
     for n in names:
