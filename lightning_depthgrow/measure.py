@@ -6,10 +6,16 @@ runs in eval mode under ``no_grad`` with the math attention kernel and without `
 fast path, because the fused CPU attention kernels (and ``torch._native_multi_head_attention``, which
 eval-mode ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` call) have no FLOP formula and would
 silently count as 0.
+
+Sub-modules are told apart by hooks on the counted model's own modules, firing only in the calling thread:
+``FlopCounterMode``'s own module tracker hooks every module of every thread, so a model running in another
+thread (a second ``Trainer.fit``, a data-loading thread's model) would have its module names mixed into
+this count.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,16 +67,14 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopReport:
         120
     """
     counter = FlopCounterMode(display=False)
+    # FlopCounterMode reads the modules an op runs in from ``mod_tracker.parents`` only; its own tracker's
+    # global hooks see every thread's modules, this one only ``model``'s in this thread.
+    counter.mod_tracker = _ThreadModuleTracker(model)
     with _eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _mha_fastpath_off(), counter:
         _call(model, example_input)
-    root = type(model).__name__
-    per_module: dict[str, int] = {}
-    for name, counts in counter.get_flop_counts().items():
-        if name == "Global":
-            continue
-        # FlopCounterMode names modules "<RootClass>.<dotted path>"; keep the model-relative path.
-        key = "" if name == root else name[len(root) + 1 :] if name.startswith(root + ".") else name
-        per_module[key] = int(sum(counts.values()))
+    per_module = {
+        name: int(sum(counts.values())) for name, counts in counter.get_flop_counts().items() if name != _GLOBAL
+    }
     return FlopReport(total=int(counter.get_total_flops()), per_module=per_module)
 
 
@@ -140,6 +144,56 @@ def _call(model: nn.Module, example_input: ExampleInput) -> Any:
     if isinstance(example_input, (tuple, list)):
         return model(*example_input)
     return model(example_input)
+
+
+_GLOBAL = "Global"  # FlopCounterMode's key for the whole pass
+
+
+class _ThreadModuleTracker:
+    """The modules of ``model`` being run in the thread that entered it, as ``FlopCounterMode`` reads them.
+
+    ``parents`` holds ``"Global"`` and the model-relative path (``""`` for ``model``) of every module whose
+    forward is running. The hooks sit on ``model``'s own modules only, ignore other threads, and are removed on
+    exit (nothing is left on the model).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.parents: set[str] = {_GLOBAL}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _ThreadModuleTracker:
+        thread = threading.get_ident()
+
+        def enter(name: str) -> Any:
+            def hook(module: nn.Module, args: Any) -> None:
+                if threading.get_ident() == thread:
+                    self.parents.add(name)
+
+            return hook
+
+        def leave(name: str) -> Any:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                if threading.get_ident() == thread:
+                    self.parents.discard(name)
+
+            return hook
+
+        self.parents = {_GLOBAL}
+        try:
+            for name, module in self.model.named_modules():
+                self._handles.append(module.register_forward_pre_hook(enter(name)))
+                self._handles.append(module.register_forward_hook(leave(name), always_call=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.parents = {_GLOBAL}
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import timm
@@ -115,3 +116,37 @@ def test_block_costs_without_stack_says_so():
     with pytest.raises(UnsupportedModelError, match="No stack of registered residual blocks"):
         block_costs(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 2))
     assert architecture_summary(nn.Linear(2, 2))["depth"] == {}
+
+
+def test_count_flops_ignores_models_running_in_other_threads():
+    """Another thread's forward passes (a second fit in the same process) must not leak into the per-module
+    counts: torch's own module tracker hooks every thread's modules, and the DMS resource model subtracts
+    children from parents, so a leaked name made a wrong FLOPs model (found with two fits in threads)."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)) for _ in range(3)])
+
+    busy, counted = make(), make()
+    x = torch.randn(4, 16)
+    alone = count_flops(counted, x)
+    stop = threading.Event()
+    started = threading.Event()
+
+    def spin() -> None:
+        with torch.no_grad():
+            while not stop.is_set():
+                busy(x)
+                started.set()
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        started.wait(10)
+        reports = [count_flops(counted, x) for _ in range(20)]
+    finally:
+        stop.set()
+        thread.join()
+    for report in reports:
+        assert report.total == alone.total
+        assert report.per_module == alone.per_module
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in counted.modules())  # nothing left behind
