@@ -38,6 +38,20 @@ pipeline a; the uniform model then gets pipeline a's total compute (search + tra
 (``--search-epochs 1``: ``dms_lm_search1.json``). ``--part report`` re-renders the markdown from the JSON,
 ``--merge A.json B.json`` first adds the runs of other invocations with the same settings (e.g. one process per
 seed, or Torch-Pruning run on its own).
+
+A cheaper search for pipeline a (``--no-pipeline-b``): ``--search-batch-size`` and ``--search-context`` give the
+search its own DataLoader (fewer, shorter windows per step: the same number of architecture updates for a
+fraction of the FLOPs; the resource model still counts FLOPs at ``--context``, so the 50% means the same model),
+``--arch-lr`` the DMS architecture learning rate. ``--budget-steps N`` fixes the total compute at ``N`` training
+steps of a model at exactly the target FLOPs: the search's FLOPs (counted at its own batch and context) are
+subtracted and pipeline a trains what is left; the uniform model trains all of it. ``--no-pipeline-a
+--no-pipeline-b`` runs the search alone (variant ``dms_search``: the export is the result) and ``--part screen
+--merge A.json ...`` tabulates what such runs exported (``dms_lm_cheap_search_screen.md``). The recipe measured
+(``dms_lm_cheap_search.md``)::
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_dms_lm.py --seeds 3 4 5 --variants dms uniform \
+        --no-pipeline-b --search-epochs 1 --epoch-steps 200 --budget-steps 1200 \
+        --search-batch-size 8 --search-context 32 --out benchmarks/results/dms_lm_cheap_search.json
 """
 
 from __future__ import annotations
@@ -782,9 +796,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--search-batch-size, --search-context and --budget-steps are for pipeline a: add --no-pipeline-b")
     torch.set_num_threads(1)
     if args.part == "screen":  # the exports of search-only runs (--merge), one table
-        text = screen_markdown([json.loads(path.read_text()) for path in args.merge])
+        results = [json.loads(path.read_text()) for path in args.merge]
+        text = screen_markdown(results)
         args.out.with_suffix(".md").write_text(text)
-        args.out.write_text(json.dumps({"merged": [path.name for path in args.merge]}, indent=2))
+        args.out.write_text(json.dumps({"searches": results}, indent=2))  # every merged run, in full
         print(text)
         return {}
     if args.part == "report":
