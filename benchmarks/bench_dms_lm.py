@@ -808,6 +808,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             other = json.loads(path.read_text())
             if result is None:
                 result = other
+                result["config"]["merged"] = [path.name]
                 continue
             if other["config"]["settings"] != result["config"]["settings"]:
                 raise ValueError(f"{path} was run with other settings than {args.out}")
