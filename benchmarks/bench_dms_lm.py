@@ -38,6 +38,20 @@ pipeline a; the uniform model then gets pipeline a's total compute (search + tra
 (``--search-epochs 1``: ``dms_lm_search1.json``). ``--part report`` re-renders the markdown from the JSON,
 ``--merge A.json B.json`` first adds the runs of other invocations with the same settings (e.g. one process per
 seed, or Torch-Pruning run on its own).
+
+A cheaper search for pipeline a (``--no-pipeline-b``): ``--search-batch-size`` and ``--search-context`` give the
+search its own DataLoader (fewer, shorter windows per step: the same number of architecture updates for a
+fraction of the FLOPs; the resource model still counts FLOPs at ``--context``, so the 50% means the same model),
+``--arch-lr`` the DMS architecture learning rate. ``--budget-steps N`` fixes the total compute at ``N`` training
+steps of a model at exactly the target FLOPs: the search's FLOPs (counted at its own batch and context) are
+subtracted and pipeline a trains what is left; the uniform model trains all of it. ``--no-pipeline-a
+--no-pipeline-b`` runs the search alone (variant ``dms_search``: the export is the result) and ``--part screen
+--merge A.json ...`` tabulates what such runs exported (``dms_lm_cheap_search_screen.md``). The recipe measured
+(``dms_lm_cheap_search.md``)::
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_dms_lm.py --seeds 3 4 5 --variants dms uniform \
+        --no-pipeline-b --search-epochs 1 --epoch-steps 200 --budget-steps 1200 \
+        --search-batch-size 8 --search-context 32 --out benchmarks/results/dms_lm_cheap_search.json
 """
 
 from __future__ import annotations
@@ -216,18 +230,22 @@ def _plain(net: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, config: LMConfig) -> float:
-    """Mean next-byte loss (nats/byte) on ``config.val_windows`` fixed windows of held-out files."""
+def evaluate(net: nn.Module, config: LMConfig) -> tuple[float, float]:
+    """Mean next-byte loss (nats/byte) and top-1 next-byte accuracy (%) on ``config.val_windows`` fixed windows
+    of held-out files."""
     _, val, _ = stdlib_corpus(config.corpus)
     windows = torch.stack(list(EvenWindows(val, config.context, config.val_windows)))
     was = net.training
     net.eval()
-    total = 0.0
+    total = correct = 0.0
     for chunk in windows.split(64):
-        logits = net(chunk[:, :-1])
-        total += float(F.cross_entropy(logits.reshape(-1, 256), chunk[:, 1:].reshape(-1), reduction="sum"))
+        logits = net(chunk[:, :-1]).reshape(-1, 256)
+        target = chunk[:, 1:].reshape(-1)
+        total += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += float((logits.argmax(-1) == target).sum())
     net.train(was)
-    return total / (windows.shape[0] * config.context)
+    n = windows.shape[0] * config.context
+    return total / n, 100.0 * correct / n
 
 
 def fit(
@@ -264,8 +282,10 @@ def fit(
     trainer.fit(module, loader)
     if cost.steps != (stop_after or config.steps):
         raise RuntimeError(f"trained {cost.steps} steps, expected {stop_after or config.steps}")
+    val_loss, val_acc = evaluate(module.model, config)
     return {
-        "val_loss": evaluate(module.model, config),
+        "val_loss": val_loss,
+        "val_acc": val_acc,
         "steps": cost.steps,
         "train_flops": cost.flops,
         "segments": cost.segments,
@@ -401,17 +421,41 @@ def run_dms(
     depth: bool = True,
     pipeline_a: bool = True,
     pipeline_b: bool = True,
+    search_batch_size: int | None = None,
+    search_context: int | None = None,
+    arch_lr: float | None = None,
+    budget: float | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any]]:
     """Pipeline b, then pipeline a on the architecture b's search found; returns (b, a, the architecture).
     ``depth=False`` searches widths and heads only (no depth gates); ``pipeline_a=False`` skips a (``None``);
     ``pipeline_b=False`` stops the run one step after the export (the search on the same ``S``-step schedule,
-    not continued: b is ``None``, a is run)."""
+    not continued: b is ``None``, a is run; with ``pipeline_a=False`` too, the search's row is returned as b).
+
+    Cheaper search (pipeline a only): ``search_batch_size`` / ``search_context`` windows per search step and
+    bytes per window (the same number of architecture updates for a fraction of the FLOPs; the resource model
+    still counts FLOPs at ``config.context``, so the target means the same model); ``arch_lr`` the DMS
+    architecture learning rate (default: the library's). ``budget``: pipeline a's total training FLOPs, search
+    included: a then trains the steps the budget leaves after the search's FLOPs (default: ``S - k`` steps)."""
     full = forward_flops(make_gpt2(supernet, config.context), config.context)
+    search_config = replace(
+        config,
+        batch_size=search_batch_size or config.batch_size,
+        context=search_context or config.context,
+    )
+    if search_config != config and pipeline_b:
+        raise ValueError("a search on other batches than training's is for pipeline a only (--no-pipeline-b)")
     torch.manual_seed(seed)
     net = make_gpt2(supernet, config.context)
-    dms = DifferentiableModelScaling(target=target, search_epochs=search_epochs, depth=depth)
+    options = {} if arch_lr is None else {"arch_lr": arch_lr}
+    dms = DifferentiableModelScaling(
+        target=target,
+        search_epochs=search_epochs,
+        depth=depth,
+        example_input=torch.zeros(1, config.context, dtype=torch.long),
+        **options,
+    )
     k = search_epochs * epoch_steps
-    out_b = fit(net, config, seed, epoch_steps, [dms], stop_after=None if pipeline_b else k + 1)
+    out_b = fit(net, search_config, seed, epoch_steps, [dms], stop_after=None if pipeline_b else k + 1)
     module = out_b["module"]
     log = event_log(module)
     export = next(e for e in log if e.kind == "dms_export")
@@ -422,6 +466,9 @@ def run_dms(
         fit_changed_elements=export.reason.get("changed_elements"),
         search_steps=search_epochs * epoch_steps,
         search_flops=out_b["segments"][0][0] * out_b["segments"][0][1],
+        search_batch_size=search_config.batch_size,
+        search_context=search_config.context,
+        arch_lr=dms.arch_lr,
         dms_depth=depth,
     )
     if not pipeline_a:
@@ -433,10 +480,13 @@ def run_dms(
     build_architecture(scratch, arch)
     if forward_flops(scratch, config.context) != forward_flops(module.model, config.context):
         raise RuntimeError("the rebuilt architecture's FLOPs differ from the exported model's")
-    steps_a = config.steps - search_epochs * epoch_steps
+    search = row_b["search_flops"]
+    if budget is None:
+        steps_a = config.steps - search_epochs * epoch_steps
+    else:
+        steps_a = round((budget - search) / (3 * config.batch_size * forward_flops(scratch, config.context)))
     out_a = fit(scratch, replace(config, steps=steps_a), seed, epoch_steps, [])
     row_a = _row(out_a, scratch, config, ratio=target, full=full)
-    search = row_b["search_flops"]
     search_cpu = row_b.get("search_cpu_s", out_b["cpu_s"] * k / config.steps)  # the search steps' share (approx.)
     row_a.update(
         search_flops=search,
@@ -444,6 +494,10 @@ def run_dms(
         search_fraction=search / (search + out_a["train_flops"]),
         search_cpu_s=search_cpu,
         total_cpu_s=search_cpu + out_a["cpu_s"],
+        search_architecture=row_b["architecture"],
+        search_batch_size=search_config.batch_size,
+        search_context=search_config.context,
+        arch_lr=dms.arch_lr,
         dms_depth=depth,
     )
     return (row_b if pipeline_b else None), row_a, arch["summary"]
@@ -496,6 +550,7 @@ def _row(
     f = forward_flops(net, config.context)
     return {
         "val_loss": out["val_loss"],
+        "val_acc": out["val_acc"],
         "steps": out["steps"],
         "train_flops": out["train_flops"],
         "total_flops": out["train_flops"],
@@ -549,8 +604,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         }
         if "search_fraction" in rows[0]:
             s["search_fraction"] = _mean_std([r["search_fraction"] for r in rows])
+        if all("val_acc" in r for r in rows):
+            s["val_acc"] = _mean_std([r["val_acc"] for r in rows])
         summary[label] = s
     by = {(r["target"], r["variant"], r["seed"]): r["val_loss"] for r in ok}
+    acc = {(r["target"], r["variant"], r["seed"]): r["val_acc"] for r in ok if "val_acc" in r}
     paired: dict[str, Any] = {}
     for target in sorted({r["target"] for r in ok if r["target"] < 1.0}, reverse=True):
         for a, b in PAIRS:
@@ -564,6 +622,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     "first_better": sum(d < 0 for d in diffs),
                     "n": len(diffs),
                 }
+                acc_diffs = [
+                    acc[(ta, a, s)] - acc[(target, b, s)] for s in seeds if (ta, a, s) in acc and (target, b, s) in acc
+                ]
+                if len(acc_diffs) == len(diffs):  # accuracy points, positive = the first is better
+                    paired[f"{target}: {a} - {b}"].update(acc_diff=_mean_std(acc_diffs), acc_per_seed=acc_diffs)
     return {"groups": summary, "paired": paired}
 
 
@@ -578,9 +641,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Configuration: {json.dumps({k: v for k, v in cfg.items() if k not in ('corpus',)})}",
         "",
-        "| target | variant | val loss (mean ± std) | FLOPs / full | FLOPs / target (min-max) | steps "
+        "| target | variant | val loss (mean ± std) | accuracy % | FLOPs / full | FLOPs / target (min-max) | steps "
         "| training compute / full run | search / total | CPU s | n |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     full_compute = None
     for label, g in s["groups"].items():
@@ -591,8 +654,9 @@ def markdown(result: dict[str, Any]) -> str:
         frac = f"{g['search_fraction'][0]:.3f}" if "search_fraction" in g else ""
         compute = f"{g['total_flops'][0] / full_compute:.3f}" if full_compute else ""
         lo, hi = g["flops_over_target"]
+        acc = f"{g['val_acc'][0]:.2f} ± {g['val_acc'][1]:.2f}" if "val_acc" in g else ""
         lines.append(
-            f"| {target} | {variant} | {g['val_loss'][0]:.4f} ± {g['val_loss'][1]:.4f} "
+            f"| {target} | {variant} | {g['val_loss'][0]:.4f} ± {g['val_loss'][1]:.4f} | {acc} "
             f"| {g['flops_ratio'][0]:.3f} | {lo:.3f}-{hi:.3f} | {g['steps'][0]:.0f} | {compute} | {frac} "
             f"| {g['cpu_s'][0]:.0f} | {g['n']} |"
         )
@@ -600,25 +664,32 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Paired differences (same seed; loss of the first minus the second, negative = first better)",
         "",
-        "| pair | difference (mean ± std) | per seed | first better | n |",
-        "|---|---|---|---|---|",
+        "| pair | difference (mean ± std) | per seed | first better | accuracy points (first - second) "
+        "| per seed | n |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, p in s["paired"].items():
         per = ", ".join(f"{d:+.4f}" for d in p["per_seed"])
-        lines.append(f"| {label} | {p['diff'][0]:+.4f} ± {p['diff'][1]:.4f} | {per} | {p['first_better']} | {p['n']} |")
+        acc = f"{p['acc_diff'][0]:+.2f} ± {p['acc_diff'][1]:.2f}" if "acc_diff" in p else ""
+        acc_per = ", ".join(f"{d:+.2f}" for d in p.get("acc_per_seed", []))
+        lines.append(
+            f"| {label} | {p['diff'][0]:+.4f} ± {p['diff'][1]:.4f} | {per} | {p['first_better']} | {acc} "
+            f"| {acc_per} | {p['n']} |"
+        )
     lines += [
         "",
         "## Every run",
         "",
-        "| target | variant | seed | val loss | FLOPs / target | steps | CPU s | embed | blocks | heads per block "
-        "| MLP per block |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | variant | seed | val loss | accuracy % | FLOPs / target | steps | CPU s | embed | blocks "
+        "| heads per block | MLP per block |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(result["runs"], key=lambda r: (-r["target"], r["variant"], r["seed"])):
         a = r.get("architecture")
         if a:
             lines.append(
-                f"| {r['target']} | {r['variant']} | {r['seed']} | {r['val_loss']:.4f} | {r['flops_over_target']:.3f} "
+                f"| {r['target']} | {r['variant']} | {r['seed']} | {r['val_loss']:.4f} "
+                f"| {format(r['val_acc'], '.2f') if 'val_acc' in r else ''} | {r['flops_over_target']:.3f} "
                 f"| {r['steps']} | {r.get('total_cpu_s', r['cpu_s']):.0f} | {a['dim']} | {a['layers']} "
                 f"| {a['heads']} | {a['inner']} |"
             )
@@ -632,10 +703,39 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def screen_markdown(results: list[dict[str, Any]]) -> str:
+    """What each search-only run (``--no-pipeline-a --no-pipeline-b``) exported, per setting and seed: the
+    cheap first check of a search lever (does it find the shape?) before any paired training run."""
+    lines = [
+        "# DMS LM: what a cheaper search exports (search only, no training after it)",
+        "",
+        "Generated by `benchmarks/bench_dms_lm.py --part screen` from search-only runs (`--no-pipeline-a "
+        "--no-pipeline-b`). Search cost in training steps of a model at exactly the target FLOPs (batch "
+        "32, context 128; the search's FLOPs by `FlopCounterMode` at its own batch and context).",
+        "",
+        "| search steps | batch | context | arch_lr | seed | search cost (target-model steps) | blocks | heads "
+        "| MLP | 2 blocks at width 64 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        settings = result["config"]["settings"]
+        lm = settings["lm"]
+        full = forward_flops(make_gpt2(settings["supernet"], lm["context"]), lm["context"])
+        for r in sorted(result["runs"], key=lambda r: r["seed"]):
+            step = 3 * lm["batch_size"] * r["target"] * full
+            a = r["architecture"]
+            lines.append(
+                f"| {r['search_steps']} | {r['search_batch_size']} | {r['search_context']} "
+                f"| {r['arch_lr']:g} | {r['seed']} | {r['search_flops'] / step:.1f} | {a['layers']} | {a['heads']} "
+                f"| {a['inner']} | {'yes' if a['layers'] == 2 else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["run", "report"], default="run")
+    parser.add_argument("--part", choices=["run", "report", "screen"], default="run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5])
     parser.add_argument(
@@ -666,17 +766,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="DMS: search, export, then pipeline a only (the search stops one step after the export; the uniform "
         "model gets pipeline a's total compute)",
     )
+    parser.add_argument(
+        "--search-batch-size",
+        type=int,
+        default=None,
+        help="windows per search step (pipeline a only; default: --batch-size)",
+    )
+    parser.add_argument(
+        "--search-context",
+        type=int,
+        default=None,
+        help="bytes per window during the search (pipeline a only; default: --context)",
+    )
+    parser.add_argument("--arch-lr", type=float, default=None, help="DMS arch_lr (default: the library's)")
+    parser.add_argument(
+        "--budget-steps",
+        type=int,
+        default=None,
+        help="pipeline a only: total compute = this many training steps of a model at exactly the target FLOPs; "
+        "pipeline a trains what the search leaves of it, the uniform model all of it (the search runs on a "
+        "schedule of this many steps)",
+    )
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="report: add the runs of these JSONs")
     parser.add_argument("--resume", action="store_true", help="skip runs already in --out with this configuration")
     parser.add_argument("--out", type=Path, default=RESULTS / "dms_lm.json")
     args = parser.parse_args(argv)
+    cheap = {args.search_batch_size, args.search_context, args.budget_steps} != {None}
+    if cheap and not args.no_pipeline_b:
+        parser.error("--search-batch-size, --search-context and --budget-steps are for pipeline a: add --no-pipeline-b")
     torch.set_num_threads(1)
+    if args.part == "screen":  # the exports of search-only runs (--merge), one table
+        results = [json.loads(path.read_text()) for path in args.merge]
+        text = screen_markdown(results)
+        args.out.with_suffix(".md").write_text(text)
+        args.out.write_text(json.dumps({"searches": results}, indent=2))  # every merged run, in full
+        print(text)
+        return {}
     if args.part == "report":
         result = json.loads(args.out.read_text()) if args.out.exists() else None
         for path in args.merge:  # runs of other invocations with the same settings (e.g. one process per seed)
             other = json.loads(path.read_text())
             if result is None:
                 result = other
+                result["config"]["merged"] = [path.name]
                 continue
             if other["config"]["settings"] != result["config"]["settings"]:
                 raise ValueError(f"{path} was run with other settings than {args.out}")
@@ -695,7 +827,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         heads=args.heads,
         context=args.context,
         batch_size=args.batch_size,
-        steps=args.steps,
+        steps=args.budget_steps or args.steps,
         lr=args.lr,
         val_windows=args.val_windows,
     )
@@ -705,6 +837,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lm": {k: v for k, v in asdict(config).items() if k not in ("depth", "dim", "heads", "corpus")},
         "epoch_steps": args.epoch_steps,
         "search_epochs": args.search_epochs,
+        "search": {
+            "batch_size": args.search_batch_size or args.batch_size,
+            "context": args.search_context or args.context,
+            "arch_lr": args.arch_lr,
+            "budget_steps": args.budget_steps,
+        },
     }
     result: dict[str, Any] = {"runs": []}
     if args.resume and args.out.exists():
@@ -744,9 +882,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for target in args.targets:
             rows = {r["variant"]: r for r in result["runs"] if r["seed"] == seed and r["target"] == target}
             suffix = "_width" if args.no_depth else ""
+            search_only = args.no_pipeline_a and args.no_pipeline_b  # the search and its export alone
             wanted = (set() if args.no_pipeline_b else {"dms_b" + suffix}) | (
                 set() if args.no_pipeline_a else {"dms_a" + suffix}
             )
+            if search_only:
+                wanted = {"dms_search" + suffix}
+            full_fwd = forward_flops(make_gpt2(supernet, config.context), config.context)
+            step_at_target = 3 * config.batch_size * target * full_fwd
+            budget_a = args.budget_steps * step_at_target if args.budget_steps else None
             if "dms" in args.variants and not wanted <= set(rows):
                 row_b, row_a, _ = run_dms(
                     supernet,
@@ -758,7 +902,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     depth=not args.no_depth,
                     pipeline_a=not args.no_pipeline_a,
                     pipeline_b=not args.no_pipeline_b,
+                    search_batch_size=args.search_batch_size,
+                    search_context=args.search_context,
+                    arch_lr=args.arch_lr,
+                    budget=budget_a,
                 )
+                if search_only:
+                    save({"seed": seed, "variant": "dms_search" + suffix, **row_b})
+                    continue
                 if row_b is not None:
                     save({"seed": seed, "variant": "dms_b" + suffix, **row_b})
                     rows["dms_b" + suffix] = row_b
@@ -766,9 +917,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     save({"seed": seed, "variant": "dms_a" + suffix, **row_a})
                     rows["dms_a" + suffix] = row_a
             b = rows.get("dms_b") or rows.get("dms_a")  # without b: a's search + training is the budget
-            full_fwd = forward_flops(make_gpt2(supernet, config.context), config.context)
             flops_to = b["forward_flops"] if b else target * full_fwd
-            budget = b["total_flops"] if b else None
+            budget = budget_a or (b["total_flops"] if b else None)
             if "uniform" in args.variants and (target, "uniform", seed) not in done and budget is not None:
                 save(
                     {

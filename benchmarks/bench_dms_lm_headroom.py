@@ -87,9 +87,9 @@ def build(shape: dict[str, Any], context: int) -> GPT2Bytes:
     return net
 
 
-def found_shape(seed: int) -> dict[str, Any]:
-    """The architecture the DMS benchmark's search found on ``seed`` (its ``dms_a`` row in ``dms_lm.json``)."""
-    runs = json.loads((RESULTS / "dms_lm.json").read_text())["runs"]
+def found_shape(seed: int, source: Path = RESULTS / "dms_lm.json") -> dict[str, Any]:
+    """The architecture the DMS benchmark's search found on ``seed`` (its ``dms_a`` row in ``source``)."""
+    runs = json.loads(source.read_text())["runs"]
     a = next(r["architecture"] for r in runs if r["variant"] == "dms_a" and r["seed"] == seed and r["target"] == 0.5)
     return {
         "dim": a["dim"],
@@ -101,9 +101,11 @@ def found_shape(seed: int) -> dict[str, Any]:
     }
 
 
-def solve_shape(name: str, target: int, context: int, seed: int = 0) -> dict[str, Any]:
+def solve_shape(
+    name: str, target: int, context: int, seed: int = 0, source: Path = RESULTS / "dms_lm.json"
+) -> dict[str, Any]:
     if name == "dms_found":
-        return found_shape(seed)
+        return found_shape(seed, source)
     dim, layers, heads, kept, inner, needs = SHAPES[name]
     if name == "uniform":
         u = uniform_shape(SUPERNET, target, context)
@@ -225,6 +227,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--base-steps", type=int, default=1200, help="steps of the uniform model")
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--epoch-steps", type=int, default=100)
+    parser.add_argument(
+        "--found-from",
+        type=Path,
+        default=RESULTS / "dms_lm.json",
+        help="the DMS benchmark results whose dms_a architectures are dms_found",
+    )
     parser.add_argument("--merge", type=Path, nargs="*", default=[])
     parser.add_argument("--out", type=Path, default=RESULTS / "dms_lm_headroom.json")
     args = parser.parse_args(argv)
@@ -253,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "supernet": SUPERNET,
             "target": args.target,
             "base_steps": args.base_steps,
+            "found_from": args.found_from.name,
             "epoch_steps": args.epoch_steps,
             "lm": {
                 "lr": config.lr,
@@ -264,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": [],
     }
     for seed, name in jobs:
-        shape = uniform if name == "uniform" else solve_shape(name, f_uniform, config.context, seed)
+        shape = uniform if name == "uniform" else solve_shape(name, f_uniform, config.context, seed, args.found_from)
         torch.manual_seed(seed)
         net = build(shape, config.context)
         f = forward_flops(net, config.context)
