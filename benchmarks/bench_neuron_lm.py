@@ -175,10 +175,13 @@ class TimedNeuronGrowth(NeuronGrowth):
     layer kind (attention projections, the MLP's output projection).
     """
 
-    def __init__(self, *args: Any, flops: ArchFlops, selection: str = "splitting", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, flops: ArchFlops, selection: str = "splitting", kind_split: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.flops = flops
         self.selection = selection
+        self.kind_split = kind_split
         self.passes: list[dict[str, float]] = []
 
     def estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[float]]:
@@ -191,7 +194,8 @@ class TimedNeuronGrowth(NeuronGrowth):
             }
             return self.latest
         if self.selection == "gradient":
-            self.latest = self.gradient_scores(pl_module, watched)
+            scores = self.gradient_scores(pl_module, watched)
+            self.latest = split_by_kind(scores) if self.kind_split else scores
             return self.latest
         config = self.flops.config
         tokens = config.batch_size * config.context * self.num_batches
@@ -248,6 +252,26 @@ class TimedNeuronGrowth(NeuronGrowth):
         return scores
 
 
+def layer_kind(path: str) -> str:
+    """``"mlp.fc"`` for ``model.blocks.1.mlp.fc`` and for its nested ``...mlp.fc.branches.0.proj``."""
+    return ".".join(path.split(".branches.")[0].split(".")[3:])
+
+
+def split_by_kind(scores: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Scores replaced by their rank within their layer kind, ``-1`` (best) .. ``-1/n`` (worst of ``n``), so the
+    greedy selection takes the same top fraction of every kind's neurons: the budget is split across layer kinds
+    (as in the paper) in proportion to each kind's total branch cost, instead of going to the kind with the
+    largest raw scores."""
+    by_kind: dict[str, list[tuple[float, str, int]]] = {}
+    for path, values in scores.items():
+        by_kind.setdefault(layer_kind(path), []).extend((v, path, i) for i, v in enumerate(values))
+    out = {path: [0.0] * len(values) for path, values in scores.items()}
+    for entries in by_kind.values():
+        for rank, (_, path, i) in enumerate(sorted(entries)):
+            out[path][i] = -(len(entries) - rank) / len(entries)
+    return out
+
+
 class BranchScale(Callback):
     """Multiplies every neuron branch's output by ``scale`` (a forward hook added before the first step the branch
     runs in). Under Adam this is the branch's learning rate times ``scale``: the update of ``W_A`` is normalised,
@@ -300,6 +324,7 @@ def run_variant(name: str, config: WidthConfig, seed: int, args: argparse.Namesp
             seed=seed,
             flops=flops,
             selection=args.selection,
+            kind_split=args.kind_split,
         )
         callbacks.insert(0, growth)
         if args.branch_scale != 1.0:
@@ -529,6 +554,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="fc",
         help="which Linears of every block get branches (not 'fc': with --selection gradient or random)",
     )
+    parser.add_argument(
+        "--kind-split",
+        action="store_true",
+        help="with --selection gradient: rank neurons within each layer kind (the budget split across kinds)",
+    )
     parser.add_argument("--branch-scale", type=float, default=1.0, help="scale of every branch's output (lever)")
     parser.add_argument("--nest", action=argparse.BooleanOptionalAction, default=True, help="NeuronGrowth(nest=)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:4]))
@@ -569,6 +599,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "early_at": args.early_at,
         "selection": args.selection,
         "layers": args.layers,
+        "kind_split": args.kind_split,
         "nest": args.nest,
         "branch_scale": args.branch_scale,
         "wide_ratio": args.wide_ratio,
@@ -647,6 +678,20 @@ LEVERS = (
         "grown_early",
     ),
     ("grown shape trained from step 0", "neuron_lm.json", "grown_arch_scratch", "neuron_lm.json", "grown"),
+    (
+        "paper schedule, the paper's four layer kinds, gradient criterion",
+        "neuron_lm_lever_paper_layers.json",
+        "grown",
+        "neuron_lm.json",
+        "grown",
+    ),
+    (
+        "uniform at the grown run's training FLOPs",
+        "neuron_lm_uniform_flops.json",
+        "uniform_flops",
+        "neuron_lm.json",
+        "grown",
+    ),
 )
 
 
