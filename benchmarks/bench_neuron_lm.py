@@ -17,7 +17,16 @@ initial weights; the wider models draw theirs from the same seed):
   parameter count matches that seed's grown model (the width-matched uniform model), trained from scratch;
 - ``grown_arch_scratch``: the grown run's final architecture (its event log replayed on the start model's initial
   weights: branches zero at step 0) trained from scratch, i.e. the grown shape without growth during training;
-- ``wide``: a fixed model with ``--wide-ratio`` x dim hidden units (TinyGPT's default 4), optional.
+- ``wide``: a fixed model with ``--wide-ratio`` x dim hidden units (TinyGPT's default 4), optional;
+- ``uniform_flops``: a fixed uniform model whose width is chosen per seed so that its training FLOPs (all steps at
+  the final width) equal that seed's grown run's (whose parameters arrive during training): the uniform model of
+  equal *training compute*, narrower than the width-matched one. Optional.
+
+Levers (on the ``grown`` variants): ``--layers`` (which Linears get branches: the MLP's ``fc``, ``fc`` and its
+output ``proj``, or the paper's four kinds with the attention projections), ``--selection`` (splitting criterion,
+random neurons, or the per-parameter squared gradient of each neuron's weight row, which also ranks layers with no
+activation after them), ``--kind-split`` (rank within each layer kind: the budget split across kinds),
+``--branch-scale``, ``--at``, ``--no-nest``.
 
 Compute: training FLOPs are counted per optimizer step for the architecture the step ran with
 (``FlopCounterMode`` on one forward + backward of a copy of the current model, math attention kernel, matrix
@@ -681,6 +690,13 @@ LEVERS = (
     (
         "paper schedule, the paper's four layer kinds, gradient criterion",
         "neuron_lm_lever_paper_layers.json",
+        "grown",
+        "neuron_lm.json",
+        "grown",
+    ),
+    (
+        "paper schedule, fc and mlp.proj, gradient criterion ranked per kind",
+        "neuron_lm_lever_fc_proj.json",
         "grown",
         "neuron_lm.json",
         "grown",
