@@ -17,7 +17,16 @@ initial weights; the wider models draw theirs from the same seed):
   parameter count matches that seed's grown model (the width-matched uniform model), trained from scratch;
 - ``grown_arch_scratch``: the grown run's final architecture (its event log replayed on the start model's initial
   weights: branches zero at step 0) trained from scratch, i.e. the grown shape without growth during training;
-- ``wide``: a fixed model with ``--wide-ratio`` x dim hidden units (TinyGPT's default 4), optional.
+- ``wide``: a fixed model with ``--wide-ratio`` x dim hidden units (TinyGPT's default 4), optional;
+- ``uniform_flops``: a fixed uniform model whose width is chosen per seed so that its training FLOPs (all steps at
+  the final width) equal that seed's grown run's (whose parameters arrive during training): the uniform model of
+  equal *training compute*, narrower than the width-matched one. Optional.
+
+Levers (on the ``grown`` variants): ``--layers`` (which Linears get branches: the MLP's ``fc``, ``fc`` and its
+output ``proj``, or the paper's four kinds with the attention projections), ``--selection`` (splitting criterion,
+random neurons, or the per-parameter squared gradient of each neuron's weight row, which also ranks layers with no
+activation after them), ``--kind-split`` (rank within each layer kind: the budget split across kinds),
+``--branch-scale``, ``--at``, ``--no-nest``.
 
 Compute: training FLOPs are counted per optimizer step for the architecture the step ran with
 (``FlopCounterMode`` on one forward + backward of a copy of the current model, math attention kernel, matrix
@@ -56,7 +65,7 @@ from benchmarks.tasks import LMConfig, lm_loss, make_gpt, mean_std, stdlib_corpu
 from lightning_depthgrow.callbacks.neuron_growth import NeuronGrowth
 from lightning_depthgrow.events import ArchitectureEvent, apply_event, event_log
 
-VARIANTS = ("start", "grown", "uniform", "grown_arch_scratch", "grown_early", "wide")
+VARIANTS = ("start", "grown", "uniform", "grown_arch_scratch", "grown_early", "wide", "uniform_flops")
 GROWN = ("grown", "grown_early")
 #: The paper's schedule as fractions of training: warm-up 50 of 300 epochs, then every 30 epochs (last at 290).
 PAPER_AT = tuple(round((50 + 30 * k) / 300, 4) for k in range(9))
@@ -85,9 +94,25 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def mlp_layers(depth: int) -> dict[str, str]:
-    """NeuronGrowth's ``layers``: every block's ``mlp.fc`` and the GELU module applied to its output."""
-    return {f"model.blocks.{i}.mlp.fc": f"model.blocks.{i}.mlp.act" for i in range(depth)}
+#: Which Linears of every block get branches (``--layers``): the MLP's ``fc`` (default), ``fc`` and the MLP's
+#: output ``proj`` (fc2), or the paper's four layer kinds (``attn.qkv``, ``attn.proj``, ``mlp.fc``, ``mlp.proj``).
+LAYER_SETS = {
+    "fc": ("mlp.fc",),
+    "fc+proj": ("mlp.fc", "mlp.proj"),
+    "paper": ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"),
+}
+
+
+def growth_layers(depth: int, kinds: str) -> dict[str, str]:
+    """``layers`` for NeuronGrowth over the ``LAYER_SETS[kinds]`` Linears of every block. Only ``mlp.fc`` feeds an
+    activation; the others are paired with themselves as a placeholder (the splitting criterion does not apply to
+    them: ``--selection gradient`` or ``random`` ranks them)."""
+    layers = {}
+    for i in range(depth):
+        for kind in LAYER_SETS[kinds]:
+            path = f"model.blocks.{i}.{kind}"
+            layers[path] = f"model.blocks.{i}.mlp.act" if kind == "mlp.fc" else path
+    return layers
 
 
 def count_step_flops(model: nn.Module, config: LMConfig) -> int:
@@ -102,6 +127,15 @@ def count_step_flops(model: nn.Module, config: LMConfig) -> int:
         logits = net(idx[:, :-1])
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1)).backward()
     return int(counter.get_total_flops())
+
+
+def flops_matched_hidden(config: WidthConfig, total_flops: int) -> int:
+    """The MLP width whose fixed model trains ``config.steps`` steps in ``total_flops`` (nearest unit): the
+    uniform model of equal *training* compute to a grown run (a step's FLOPs are linear in the width)."""
+    base = hidden_units(config)
+    f0 = count_step_flops(make_gpt(config), config)
+    per_unit = count_step_flops(make_gpt(with_hidden(config, base + 1)), config) - f0
+    return base + max(0, round((total_flops / config.steps - f0) / per_unit))
 
 
 class ArchFlops(Callback):
@@ -141,12 +175,22 @@ class TimedNeuronGrowth(NeuronGrowth):
     ``selection="random"`` replaces the splitting eigenvalues by independent draws from ``-U(0, 1)`` per watched
     neuron (seeded by the run's seed and the growth step): the same budget, ``min_neurons`` and nesting rules then
     pick random neurons, the control for "does the splitting criterion choose better than chance at equal growth".
+
+    ``selection="gradient"`` ranks neurons by ``-||dL/dw_i||^2 / cost`` (the squared gradient of neuron ``i``'s
+    weight row and bias, on the captured batches, per parameter a branch neuron costs): a zero-initialised branch
+    on neuron ``i`` starts with gradient ``1.5 dL/dw_i``, so this is the first-order rate at which the new branch
+    can lower the loss, per parameter. The authors' released code ranks by a rank-one matrix of the gradient row,
+    the same ordering; unlike the splitting matrix it needs no activation after the Linear, so it ranks every
+    layer kind (attention projections, the MLP's output projection).
     """
 
-    def __init__(self, *args: Any, flops: ArchFlops, selection: str = "splitting", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, flops: ArchFlops, selection: str = "splitting", kind_split: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.flops = flops
         self.selection = selection
+        self.kind_split = kind_split
         self.passes: list[dict[str, float]] = []
 
     def estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[float]]:
@@ -157,6 +201,10 @@ class TimedNeuronGrowth(NeuronGrowth):
                 path: (-torch.rand(pl_module.get_submodule(path).out_features, generator=generator)).tolist()
                 for path in watched
             }
+            return self.latest
+        if self.selection == "gradient":
+            scores = self.gradient_scores(pl_module, watched)
+            self.latest = split_by_kind(scores) if self.kind_split else scores
             return self.latest
         config = self.flops.config
         tokens = config.batch_size * config.context * self.num_batches
@@ -179,6 +227,58 @@ class TimedNeuronGrowth(NeuronGrowth):
             }
         )
         return result
+
+    def gradient_scores(self, pl_module: pl.LightningModule, watched: dict[str, str]) -> dict[str, list[float]]:
+        from lightning_depthgrow.callbacks.curvature_monitor import _training_step_loss
+
+        linears = {path: pl_module.get_submodule(path) for path in watched}
+        params = [t for m in linears.values() for t in (m.weight, m.bias) if t is not None]
+        totals = [torch.zeros_like(t) for t in params]
+        loss_fn = _training_step_loss(pl_module)
+        wall, cpu = time.perf_counter(), time.process_time()
+        with torch.enable_grad():
+            for item in self._batches:
+                for total, grad in zip(totals, torch.autograd.grad(loss_fn(pl_module, item), params)):
+                    total += grad / len(self._batches)
+        grads = dict(zip(map(id, params), totals))
+        scores = {}
+        for path, m in linears.items():
+            sq = grads[id(m.weight)].pow(2).sum(1)
+            if m.bias is not None:
+                sq = sq + grads[id(m.bias)].pow(2)
+            scores[path] = (-sq / (m.in_features + (m.bias is not None))).tolist()
+        self.passes.append(
+            {
+                "step": -1,
+                "watched_layers": len(watched),
+                "wall_s": time.perf_counter() - wall,
+                "cpu_s": time.process_time() - cpu,
+                "flops_estimate": self.num_batches * self.flops.step_flops(pl_module.model),
+                "negative": sum(v < 0 for values in scores.values() for v in values),
+                "neurons": sum(len(values) for values in scores.values()),
+            }
+        )
+        return scores
+
+
+def layer_kind(path: str) -> str:
+    """``"mlp.fc"`` for ``model.blocks.1.mlp.fc`` and for its nested ``...mlp.fc.branches.0.proj``."""
+    return ".".join(path.split(".branches.")[0].split(".")[3:])
+
+
+def split_by_kind(scores: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Scores replaced by their rank within their layer kind, ``-1`` (best) .. ``-1/n`` (worst of ``n``), so the
+    greedy selection takes the same top fraction of every kind's neurons: the budget is split across layer kinds
+    (as in the paper) in proportion to each kind's total branch cost, instead of going to the kind with the
+    largest raw scores."""
+    by_kind: dict[str, list[tuple[float, str, int]]] = {}
+    for path, values in scores.items():
+        by_kind.setdefault(layer_kind(path), []).extend((v, path, i) for i, v in enumerate(values))
+    out = {path: [0.0] * len(values) for path, values in scores.items()}
+    for entries in by_kind.values():
+        for rank, (_, path, i) in enumerate(sorted(entries)):
+            out[path][i] = -(len(entries) - rank) / len(entries)
+    return out
 
 
 class BranchScale(Callback):
@@ -227,17 +327,18 @@ def run_variant(name: str, config: WidthConfig, seed: int, args: argparse.Namesp
             final_budget=args.final_budget,
             scale_by_lr=True,
             min_neurons=args.min_neurons,
-            layers=mlp_layers(config.depth),
+            layers=growth_layers(config.depth, args.layers),
             at=args.at if name == "grown" else args.early_at,
             nest=args.nest,
             seed=seed,
             flops=flops,
             selection=args.selection,
+            kind_split=args.kind_split,
         )
         callbacks.insert(0, growth)
         if args.branch_scale != 1.0:
             callbacks.insert(1, BranchScale(args.branch_scale))
-    elif name in ("uniform", "grown_arch_scratch"):
+    elif name in ("uniform", "grown_arch_scratch", "uniform_flops"):
         grown = next((r for r in runs.get("grown", []) if r["seed"] == seed), None)
         if grown is None:
             raise ValueError(f"{name} needs the grown run of seed {seed} first")
@@ -245,6 +346,8 @@ def run_variant(name: str, config: WidthConfig, seed: int, args: argparse.Namesp
             per_unit = config.depth * (2 * config.dim + 1)  # fc row + bias, proj column
             extra = round((grown["params"] - grown["start_params"]) / per_unit)
             run_config = with_hidden(config, hidden_units(config) + extra)
+        elif name == "uniform_flops":
+            run_config = with_hidden(config, flops_matched_hidden(config, grown["flops"]))
         else:
             model = replayed_start_model(config, seed, grown["events"])
     elif name == "wide":
@@ -449,9 +552,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--selection",
-        choices=("splitting", "random"),
+        choices=("splitting", "random", "gradient"),
         default="splitting",
-        help="which neurons the grown variants branch: the splitting criterion or random ones (control)",
+        help="which neurons the grown variants branch: the splitting criterion, random ones (control) or the "
+        "squared gradient of each neuron's weight row per parameter (any layer kind)",
+    )
+    parser.add_argument(
+        "--layers",
+        choices=tuple(LAYER_SETS),
+        default="fc",
+        help="which Linears of every block get branches (not 'fc': with --selection gradient or random)",
+    )
+    parser.add_argument(
+        "--kind-split",
+        action="store_true",
+        help="with --selection gradient: rank neurons within each layer kind (the budget split across kinds)",
     )
     parser.add_argument("--branch-scale", type=float, default=1.0, help="scale of every branch's output (lever)")
     parser.add_argument("--nest", action=argparse.BooleanOptionalAction, default=True, help="NeuronGrowth(nest=)")
@@ -474,6 +589,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.levers:
         return lever_table(args.out.parent)
+    if args.layers != "fc" and args.selection == "splitting":
+        parser.error("--layers other than 'fc' needs --selection gradient or random (no activation to split on)")
     torch.set_num_threads(1)
     config = WidthConfig(steps=args.steps, depth=args.depth, mlp_ratio=args.start_ratio)
     if args.train_bytes is not None:
@@ -490,6 +607,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "at_steps": [round(f * args.steps) for f in args.at],
         "early_at": args.early_at,
         "selection": args.selection,
+        "layers": args.layers,
+        "kind_split": args.kind_split,
         "nest": args.nest,
         "branch_scale": args.branch_scale,
         "wide_ratio": args.wide_ratio,
@@ -568,6 +687,27 @@ LEVERS = (
         "grown_early",
     ),
     ("grown shape trained from step 0", "neuron_lm.json", "grown_arch_scratch", "neuron_lm.json", "grown"),
+    (
+        "paper schedule, the paper's four layer kinds, gradient criterion",
+        "neuron_lm_lever_paper_layers.json",
+        "grown",
+        "neuron_lm.json",
+        "grown",
+    ),
+    (
+        "paper schedule, fc and mlp.proj, gradient criterion ranked per kind",
+        "neuron_lm_lever_fc_proj.json",
+        "grown",
+        "neuron_lm.json",
+        "grown",
+    ),
+    (
+        "uniform at the grown run's training FLOPs",
+        "neuron_lm_uniform_flops.json",
+        "uniform_flops",
+        "neuron_lm.json",
+        "grown",
+    ),
 )
 
 
