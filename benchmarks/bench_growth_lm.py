@@ -66,6 +66,7 @@ from benchmarks.tasks import (
     stdlib_corpus,
     train_lm,
     train_step_flops,
+    warmup_cosine,
 )
 from lightning_depthgrow.callbacks import DepthGrowth
 from lightning_depthgrow.events import ArchitectureEvent, apply_event, event_log
@@ -139,6 +140,44 @@ class ScheduledGrowth(Callback):
                 self._apply(trainer, pl_module, event)
 
 
+class GrowthAwareLR(Callback):
+    """Replaces the run's warm-up + cosine LR multiplier by a growth-aware one (grown variants growing at ``at_step``).
+
+    Before the growth step (optimizer steps ``0 .. at_step - 1``, the small model) the base multiplier times
+    ``small_mult``. From the growth step on, with ``restart_warmup=None`` the base multiplier; with a number ``w``
+    the cosine restarts at the growth step: a linear re-warm over ``w`` steps from the base multiplier at the growth
+    step to the peak (1), then a cosine to ``min_lr_ratio`` at the end of training (the schedule of a fresh run
+    over the remaining steps). Every param group (grown blocks included) follows it. Installed on the scheduler at
+    the start of training, so step 0's learning rate is set too.
+    """
+
+    def __init__(self, config: LMConfig, at_step: int, small_mult: float, restart_warmup: int | None) -> None:
+        self.config, self.at_step, self.small_mult, self.restart_warmup = config, at_step, small_mult, restart_warmup
+        self.base = warmup_cosine(config)
+
+    def factor(self, step: int) -> float:
+        """The LR multiplier of the optimizer step after ``step`` scheduler steps."""
+        if step < self.at_step:
+            return self.small_mult * self.base(step)
+        if self.restart_warmup is None:
+            return self.base(step)
+        start, warm, end = self.at_step, self.restart_warmup, self.config.steps
+        if step < start + warm:
+            from_lr = self.base(start)
+            return from_lr + (1 - from_lr) * (step - start + 1) / warm
+        progress = min(1.0, (step - start - warm) / max(1, end - start - warm))
+        floor = self.config.min_lr_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.lr_lambdas = [self.factor] * len(scheduler.lr_lambdas)
+            for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * self.factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 class EventLog(Callback):
     """Keeps the module's architecture event log (as dicts) at the end of ``fit``."""
 
@@ -199,6 +238,9 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     driver = None
     if name in GROWN:
         config = replace(config, depth=args.start_depth)
+        if _growth_lr(args) and name not in OWN_SCHEDULE:
+            at_step = round(args.grow_at * config.steps)
+            callbacks.append(GrowthAwareLR(config, at_step, args.small_lr_mult, args.lr_restart_warmup))
         if name in OWN_SCHEDULE or (name in BY_DEPTH_GROWTH and args.driver == "library"):
             growth, driver = EventLog(), "DepthGrowth"
             callbacks += [depth_growth(name, config, args), growth]
@@ -226,6 +268,16 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     if name == TWO_STEP:
         result["growth"] = {"at": args.two_step_at, "ramp_steps": args.ramp_steps, "blocks_per_step": args.start_depth}
     return result
+
+
+def _growth_lr(args: argparse.Namespace) -> dict[str, Any]:
+    """The growth-aware LR settings (empty when the grown runs use the base schedule)."""
+    settings: dict[str, Any] = {}
+    if args.small_lr_mult != 1.0:
+        settings["small_lr_mult"] = args.small_lr_mult
+    if args.lr_restart_warmup is not None:
+        settings["restart_warmup"] = args.lr_restart_warmup
+    return settings
 
 
 def equal_compute_steps(config: LMConfig, args: argparse.Namespace) -> int:
@@ -368,6 +420,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="fresh",
         help="optimizer state of copied blocks: fresh, or copied from the source block (Adam moments, step)",
     )
+    parser.add_argument(
+        "--small-lr-mult",
+        type=float,
+        default=1.0,
+        help="grown variants growing at --grow-at: LR multiplier of the small model's steps (before growth)",
+    )
+    parser.add_argument(
+        "--lr-restart-warmup",
+        type=int,
+        default=None,
+        help="grown variants growing at --grow-at: restart the cosine at the growth step, re-warming to the peak LR "
+        "over this many steps (default: no restart)",
+    )
     parser.add_argument("--reuse", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")
@@ -400,6 +465,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         setup["two_step_at"] = args.two_step_at
     if args.optimizer_state != "fresh":  # absent when fresh: files made before the option stay comparable
         setup["optimizer_state"] = args.optimizer_state
+    if _growth_lr(args):  # absent with the base schedule (files made before the options stay comparable)
+        setup["growth_lr"] = _growth_lr(args)
     runs: dict[str, list[dict[str, Any]]] = {}
     for source in [*(args.merge or []), *([args.reuse] if args.reuse else [])]:
         previous = json.loads(source.read_text())
