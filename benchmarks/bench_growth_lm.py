@@ -18,6 +18,9 @@ Variants, per seed, all with the same data order and schedule length unless said
 - ``copy_two_step_ramp`` (two-step growth ``2 -> 4 -> 6``): after each of the two fractions in ``--two-step-at``
   two ramped copies (``--ramp-steps``) placed uniformly, ``DepthGrowth(operator="copy", blocks_per_step=2, at=...)``
   (``2 -> 4``: one copy after each block; ``4 -> 6``: one more per starting block); not in the default list;
+- ``fixed_final_growth_lr`` (with ``--small-lr-mult`` / ``--lr-restart-warmup``): the final-size model trained from
+  the start with the grown runs' growth-aware LR schedule (the control: is a gain the schedule's or the growth's?);
+  not in the default list;
 - ``fixed_6_equal``: the final-size model trained for as many steps as fit the grown runs' FLOPs, with its own
   full warm-up + cosine schedule (the fixed model at equal compute).
 
@@ -29,7 +32,11 @@ per block of the final model its residual-update ratio and the loss increase whe
     OMP_NUM_THREADS=1 python benchmarks/bench_growth_lm.py --seeds 0 1 2
 
 ``--optimizer-state copy`` starts every copied block with its source block's optimizer state (Adam moments,
-``step``; ``DepthGrowth(optimizer_state="copy")``) instead of fresh state. ``--driver events`` grows the
+``step``; ``DepthGrowth(optimizer_state="copy")``) instead of fresh state. ``--small-lr-mult K`` multiplies the
+learning rate of the grown runs' small phase (the steps before growth) by ``K``; ``--lr-restart-warmup W`` restarts
+their cosine at the growth step (a ``W``-step linear re-warm to the peak, then a cosine to the floor at the end);
+both only for the variants growing at ``--grow-at`` (:class:`GrowthAwareLR`) and recorded in ``setup["growth_lr"]``.
+``--driver events`` grows the
 G_stack variants with :class:`ScheduledGrowth` too (the reference the library callback is checked against: same
 events, same steps). Writes ``benchmarks/results/growth_lm.json``.
 ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
@@ -84,6 +91,9 @@ OWN_SCHEDULE = (*COPY_PLACEMENT, TWO_STEP)
 GROWN = ("zero_interleave", "copy_interleave_ramp", "stack_ramp", "stack_noramp", *OWN_SCHEDULE)
 #: The grown variants the library's DepthGrowth expresses (the others are applied as events by ScheduledGrowth).
 BY_DEPTH_GROWTH = ("stack_ramp", "stack_noramp", *OWN_SCHEDULE)
+#: The control of the growth-aware LR options: the final-size model trained from the start with the grown runs' LR
+#: schedule (``--small-lr-mult`` / ``--lr-restart-warmup``): is a gain the schedule's or the growth's?
+SCHEDULE_CONTROL = "fixed_final_growth_lr"
 #: The setup entries a fixed-size run (``fixed_<d>``) reads: its runs can be reused from a file whose growth
 #: settings (``grow_at``, ``ramp_steps``, ...) differ.
 FIXED_SETUP_KEYS = ("lm", "train_step_flops")
@@ -250,6 +260,10 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
             events = growth_events(name, args.start_depth, args.factor, args.ramp_steps, 1000 + seed, state)
             growth, driver = ScheduledGrowth(at_step, events), "ScheduledGrowth"
             callbacks.append(growth)
+    elif name == SCHEDULE_CONTROL:
+        config = replace(config, depth=args.start_depth * args.factor)
+        at_step = round(args.grow_at * config.steps)
+        callbacks.append(GrowthAwareLR(config, at_step, args.small_lr_mult, args.lr_restart_warmup))
     elif name == "fixed_final_equal":
         config = replace(config, depth=args.start_depth * args.factor, steps=equal_compute_steps(config, args))
     else:
