@@ -77,6 +77,7 @@ from benchmarks.tasks import (
 )
 from lightning_depthgrow.callbacks import DepthGrowth
 from lightning_depthgrow.events import ArchitectureEvent, apply_event, event_log
+from lightning_depthgrow.growth.schedule import GrowthCosineLR
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery import operators as _operators  # noqa: F401  (registers stack_blocks, fold_ramps)
 from lightning_depthgrow.surgery import sync_schedulers, update_optimizer
@@ -157,27 +158,26 @@ class GrowthAwareLR(Callback):
     ``small_mult``. From the growth step on, with ``restart_warmup=None`` the base multiplier; with a number ``w``
     the cosine restarts at the growth step: a linear re-warm over ``w`` steps from the base multiplier at the growth
     step to the peak (1), then a cosine to ``min_lr_ratio`` at the end of training (the schedule of a fresh run
-    over the remaining steps). Every param group (grown blocks included) follows it. Installed on the scheduler at
-    the start of training, so step 0's learning rate is set too.
+    over the remaining steps; the library's :class:`~lightning_depthgrow.growth.schedule.GrowthCosineLR`). Every
+    param group (grown blocks included) follows it. Installed on the scheduler at the start of training, so step
+    0's learning rate is set too.
     """
 
     def __init__(self, config: LMConfig, at_step: int, small_mult: float, restart_warmup: int | None) -> None:
         self.config, self.at_step, self.small_mult, self.restart_warmup = config, at_step, small_mult, restart_warmup
         self.base = warmup_cosine(config)
+        self.restarted = None
+        if restart_warmup is not None:  # the library's schedule (its growth step is DepthGrowth's: round(at * steps))
+            at, floor = at_step / config.steps, config.min_lr_ratio
+            self.restarted = GrowthCosineLR(config.steps, [at], config.warmup_steps, restart_warmup, floor)
+            if self.restarted.growth_steps != (at_step,):
+                raise ValueError(f"the restart falls at {self.restarted.growth_steps}, not at step {at_step}")
 
     def factor(self, step: int) -> float:
         """The LR multiplier of the optimizer step after ``step`` scheduler steps."""
         if step < self.at_step:
             return self.small_mult * self.base(step)
-        if self.restart_warmup is None:
-            return self.base(step)
-        start, warm, end = self.at_step, self.restart_warmup, self.config.steps
-        if step < start + warm:
-            from_lr = self.base(start)
-            return from_lr + (1 - from_lr) * (step - start + 1) / warm
-        progress = min(1.0, (step - start - warm) / max(1, end - start - warm))
-        floor = self.config.min_lr_ratio
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.base(step) if self.restarted is None else self.restarted(step)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for config in trainer.lr_scheduler_configs:
