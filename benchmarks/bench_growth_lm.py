@@ -18,6 +18,9 @@ Variants, per seed, all with the same data order and schedule length unless said
 - ``copy_two_step_ramp`` (two-step growth ``2 -> 4 -> 6``): after each of the two fractions in ``--two-step-at``
   two ramped copies (``--ramp-steps``) placed uniformly, ``DepthGrowth(operator="copy", blocks_per_step=2, at=...)``
   (``2 -> 4``: one copy after each block; ``4 -> 6``: one more per starting block); not in the default list;
+- ``fixed_final_growth_lr`` (with ``--small-lr-mult`` / ``--lr-restart-warmup``): the final-size model trained from
+  the start with the grown runs' growth-aware LR schedule (the control: is a gain the schedule's or the growth's?);
+  not in the default list;
 - ``fixed_6_equal``: the final-size model trained for as many steps as fit the grown runs' FLOPs, with its own
   full warm-up + cosine schedule (the fixed model at equal compute).
 
@@ -29,7 +32,11 @@ per block of the final model its residual-update ratio and the loss increase whe
     OMP_NUM_THREADS=1 python benchmarks/bench_growth_lm.py --seeds 0 1 2
 
 ``--optimizer-state copy`` starts every copied block with its source block's optimizer state (Adam moments,
-``step``; ``DepthGrowth(optimizer_state="copy")``) instead of fresh state. ``--driver events`` grows the
+``step``; ``DepthGrowth(optimizer_state="copy")``) instead of fresh state. ``--small-lr-mult K`` multiplies the
+learning rate of the grown runs' small phase (the steps before growth) by ``K``; ``--lr-restart-warmup W`` restarts
+their cosine at the growth step (a ``W``-step linear re-warm to the peak, then a cosine to the floor at the end);
+both only for the variants growing at ``--grow-at`` (:class:`GrowthAwareLR`) and recorded in ``setup["growth_lr"]``.
+``--driver events`` grows the
 G_stack variants with :class:`ScheduledGrowth` too (the reference the library callback is checked against: same
 events, same steps). Writes ``benchmarks/results/growth_lm.json``.
 ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
@@ -66,9 +73,11 @@ from benchmarks.tasks import (
     stdlib_corpus,
     train_lm,
     train_step_flops,
+    warmup_cosine,
 )
 from lightning_depthgrow.callbacks import DepthGrowth
 from lightning_depthgrow.events import ArchitectureEvent, apply_event, event_log
+from lightning_depthgrow.growth.schedule import GrowthCosineLR
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery import operators as _operators  # noqa: F401  (registers stack_blocks, fold_ramps)
 from lightning_depthgrow.surgery import sync_schedulers, update_optimizer
@@ -83,6 +92,9 @@ OWN_SCHEDULE = (*COPY_PLACEMENT, TWO_STEP)
 GROWN = ("zero_interleave", "copy_interleave_ramp", "stack_ramp", "stack_noramp", *OWN_SCHEDULE)
 #: The grown variants the library's DepthGrowth expresses (the others are applied as events by ScheduledGrowth).
 BY_DEPTH_GROWTH = ("stack_ramp", "stack_noramp", *OWN_SCHEDULE)
+#: The control of the growth-aware LR options: the final-size model trained from the start with the grown runs' LR
+#: schedule (``--small-lr-mult`` / ``--lr-restart-warmup``): is a gain the schedule's or the growth's?
+SCHEDULE_CONTROL = "fixed_final_growth_lr"
 #: The setup entries a fixed-size run (``fixed_<d>``) reads: its runs can be reused from a file whose growth
 #: settings (``grow_at``, ``ramp_steps``, ...) differ.
 FIXED_SETUP_KEYS = ("lm", "train_step_flops")
@@ -137,6 +149,43 @@ class ScheduledGrowth(Callback):
         if trainer.global_step == self.at_step:
             for event in self.pending:
                 self._apply(trainer, pl_module, event)
+
+
+class GrowthAwareLR(Callback):
+    """Replaces the run's warm-up + cosine LR multiplier by a growth-aware one (grown variants growing at ``at_step``).
+
+    Before the growth step (optimizer steps ``0 .. at_step - 1``, the small model) the base multiplier times
+    ``small_mult``. From the growth step on, with ``restart_warmup=None`` the base multiplier; with a number ``w``
+    the cosine restarts at the growth step: a linear re-warm over ``w`` steps from the base multiplier at the growth
+    step to the peak (1), then a cosine to ``min_lr_ratio`` at the end of training (the schedule of a fresh run
+    over the remaining steps; the library's :class:`~lightning_depthgrow.growth.schedule.GrowthCosineLR`). Every
+    param group (grown blocks included) follows it. Installed on the scheduler at the start of training, so step
+    0's learning rate is set too.
+    """
+
+    def __init__(self, config: LMConfig, at_step: int, small_mult: float, restart_warmup: int | None) -> None:
+        self.config, self.at_step, self.small_mult, self.restart_warmup = config, at_step, small_mult, restart_warmup
+        self.base = warmup_cosine(config)
+        self.restarted = None
+        if restart_warmup is not None:  # the library's schedule (its growth step is DepthGrowth's: round(at * steps))
+            at, floor = at_step / config.steps, config.min_lr_ratio
+            self.restarted = GrowthCosineLR(config.steps, [at], config.warmup_steps, restart_warmup, floor)
+            if self.restarted.growth_steps != (at_step,):
+                raise ValueError(f"the restart falls at {self.restarted.growth_steps}, not at step {at_step}")
+
+    def factor(self, step: int) -> float:
+        """The LR multiplier of the optimizer step after ``step`` scheduler steps."""
+        if step < self.at_step:
+            return self.small_mult * self.base(step)
+        return self.base(step) if self.restarted is None else self.restarted(step)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.lr_lambdas = [self.factor] * len(scheduler.lr_lambdas)
+            for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * self.factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class EventLog(Callback):
@@ -199,6 +248,9 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     driver = None
     if name in GROWN:
         config = replace(config, depth=args.start_depth)
+        if _growth_lr(args) and name not in OWN_SCHEDULE:
+            at_step = round(args.grow_at * config.steps)
+            callbacks.append(GrowthAwareLR(config, at_step, args.small_lr_mult, args.lr_restart_warmup))
         if name in OWN_SCHEDULE or (name in BY_DEPTH_GROWTH and args.driver == "library"):
             growth, driver = EventLog(), "DepthGrowth"
             callbacks += [depth_growth(name, config, args), growth]
@@ -208,6 +260,10 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
             events = growth_events(name, args.start_depth, args.factor, args.ramp_steps, 1000 + seed, state)
             growth, driver = ScheduledGrowth(at_step, events), "ScheduledGrowth"
             callbacks.append(growth)
+    elif name == SCHEDULE_CONTROL:
+        config = replace(config, depth=args.start_depth * args.factor)
+        at_step = round(args.grow_at * config.steps)
+        callbacks.append(GrowthAwareLR(config, at_step, args.small_lr_mult, args.lr_restart_warmup))
     elif name == "fixed_final_equal":
         config = replace(config, depth=args.start_depth * args.factor, steps=equal_compute_steps(config, args))
     else:
@@ -226,6 +282,16 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     if name == TWO_STEP:
         result["growth"] = {"at": args.two_step_at, "ramp_steps": args.ramp_steps, "blocks_per_step": args.start_depth}
     return result
+
+
+def _growth_lr(args: argparse.Namespace) -> dict[str, Any]:
+    """The growth-aware LR settings (empty when the grown runs use the base schedule)."""
+    settings: dict[str, Any] = {}
+    if args.small_lr_mult != 1.0:
+        settings["small_lr_mult"] = args.small_lr_mult
+    if args.lr_restart_warmup is not None:
+        settings["restart_warmup"] = args.lr_restart_warmup
+    return settings
 
 
 def equal_compute_steps(config: LMConfig, args: argparse.Namespace) -> int:
@@ -368,6 +434,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="fresh",
         help="optimizer state of copied blocks: fresh, or copied from the source block (Adam moments, step)",
     )
+    parser.add_argument(
+        "--small-lr-mult",
+        type=float,
+        default=1.0,
+        help="grown variants growing at --grow-at: LR multiplier of the small model's steps (before growth)",
+    )
+    parser.add_argument(
+        "--lr-restart-warmup",
+        type=int,
+        default=None,
+        help="grown variants growing at --grow-at: restart the cosine at the growth step, re-warming to the peak LR "
+        "over this many steps (default: no restart)",
+    )
     parser.add_argument("--reuse", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")
@@ -400,6 +479,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         setup["two_step_at"] = args.two_step_at
     if args.optimizer_state != "fresh":  # absent when fresh: files made before the option stay comparable
         setup["optimizer_state"] = args.optimizer_state
+    if _growth_lr(args):  # absent with the base schedule (files made before the options stay comparable)
+        setup["growth_lr"] = _growth_lr(args)
     runs: dict[str, list[dict[str, Any]]] = {}
     for source in [*(args.merge or []), *([args.reuse] if args.reuse else [])]:
         previous = json.loads(source.read_text())

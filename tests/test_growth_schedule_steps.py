@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from lightning_depthgrow.growth import (
     starting_blocks,
 )
 from lightning_depthgrow.growth.depth import inserted_after
+from lightning_depthgrow.growth.schedule import GrowthCosineLR
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery.ramp import ramped_blocks
 from tests._helpers import RankRecord, make_module, quiet_trainer, random_loader, rank_records, tensor_hash
@@ -311,3 +314,94 @@ def test_uniform_placement_counts_copies_and_stacked_blocks_as_inserted() -> Non
     stacked = ArchitectureEvent("stack_blocks", {"stack": "blocks", "factor": 3, "order": "stack", "ramp_steps": 0})
     assert starting_blocks(6, inserted_after([stacked], "blocks", 6)) == (True, True, False, False, False, False)
     assert inserted_after([stacked], "blocks", 5) == [-1]  # does not add up: starting_blocks then counts all
+
+
+# ---------------------------------------------------------------- GrowthCosineLR: the cosine restarted at growth
+
+
+def _cosine(step: int, start: int, end: int, floor: float) -> float:
+    progress = min(1.0, (step - start) / max(1, end - start))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def test_growth_cosine_lr_restarts_at_the_growth_steps_depth_growth_uses() -> None:
+    lr = GrowthCosineLR(total_steps=100, at=[0.3], warmup_steps=10, restart_warmup=5, min_lr_ratio=0.1)
+    assert lr.growth_steps == FractionSchedule([0.3]).steps(100) == (30,)
+    assert [lr(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])  # warm-up
+    assert [lr(s) for s in range(10, 30)] == pytest.approx([_cosine(s, 10, 100, 0.1) for s in range(10, 30)])
+    before = _cosine(30, 10, 100, 0.1)  # the schedule's value at the growth step, the re-warm's start
+    assert [lr(s) for s in range(30, 35)] == pytest.approx(
+        [before + (1 - before) * (s - 29) / 5 for s in range(30, 35)]
+    )
+    assert lr(34) == pytest.approx(1.0) and lr(35) == pytest.approx(1.0)
+    assert [lr(s) for s in range(35, 101)] == pytest.approx([_cosine(s, 35, 100, 0.1) for s in range(35, 101)])
+    assert lr(100) == pytest.approx(0.1) and lr(200) == pytest.approx(0.1)
+    assert all(lr(s) > _cosine(s, 10, 100, 0.1) for s in range(31, 100))  # more LR than the plain cosine after growth
+
+
+def test_growth_cosine_lr_two_growth_steps_and_no_warmups() -> None:
+    lr = GrowthCosineLR(total_steps=40, at=[0.25, 0.5], restart_warmup=0, min_lr_ratio=0.0)
+    assert lr.growth_steps == (10, 20)
+    assert lr(0) == 1.0 and lr(9) == pytest.approx(_cosine(9, 0, 40, 0.0))
+    assert lr(10) == 1.0 and lr(19) == pytest.approx(_cosine(19, 10, 40, 0.0))
+    assert lr(20) == 1.0 and lr(30) == pytest.approx(0.5) and lr(40) == 0.0
+    rewarm = GrowthCosineLR(total_steps=40, at=[0.25, 0.5], restart_warmup=4, min_lr_ratio=0.0)
+    # The second re-warm starts from the first restart's value at step 20 (its cosine from step 14), not from 1.
+    assert rewarm(20) == pytest.approx(_cosine(20, 14, 40, 0.0) + (1 - _cosine(20, 14, 40, 0.0)) / 4)
+    assert rewarm(20) > _cosine(20, 14, 40, 0.0) and rewarm(23) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(total_steps=True), TypeError, "total_steps"),
+        (dict(total_steps=100.0), TypeError, "total_steps"),
+        (dict(total_steps=1), ValueError, "total_steps"),
+        (dict(at=[]), ValueError, "at least one fraction"),
+        (dict(at=[0.6, 0.3]), ValueError, "increasing"),
+        (dict(at=0.3), TypeError, "sequence of fractions"),
+        (dict(at=[0.001]), ValueError, "grows at no step"),
+        (dict(warmup_steps=-1), ValueError, "warmup_steps"),
+        (dict(warmup_steps=100), ValueError, "warmup_steps"),
+        (dict(restart_warmup=1.5), TypeError, "restart_warmup"),
+        (dict(restart_warmup=-1), ValueError, "restart_warmup"),
+        (dict(min_lr_ratio=float("nan")), ValueError, "min_lr_ratio"),
+        (dict(min_lr_ratio=1.5), ValueError, "min_lr_ratio"),
+        (dict(min_lr_ratio="0.1"), TypeError, "min_lr_ratio"),
+    ],
+)
+def test_growth_cosine_lr_invalid_arguments_name_the_argument(kwargs: dict[str, Any], error: type, match: str) -> None:
+    arguments: dict[str, Any] = dict(total_steps=100, at=[0.3])
+    arguments.update(kwargs)
+    with pytest.raises(error, match=match):
+        GrowthCosineLR(**arguments)
+
+
+def test_growth_cosine_lr_is_stateless_so_a_resumed_lambda_lr_continues_identically() -> None:
+    lr = GrowthCosineLR(total_steps=50, at=[1 / 3], warmup_steps=5, restart_warmup=5)
+    assert pickle.loads(pickle.dumps(lr)) == lr
+
+    def scheduler() -> torch.optim.lr_scheduler.LambdaLR:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, GrowthCosineLR(50, [1 / 3], 5, 5))
+
+    full, interrupted = scheduler(), scheduler()
+    lrs = []
+    for step in range(50):
+        lrs.append(full.get_last_lr()[0])
+        full.optimizer.step()
+        full.step()
+        if step < 20:  # step 20 is past the restart (after step 17)
+            interrupted.optimizer.step()
+            interrupted.step()
+    state = interrupted.state_dict()
+    resumed = scheduler()
+    resumed.load_state_dict(state)
+    resumed.optimizer.param_groups[0]["lr"] = state["_last_lr"][0]  # what the checkpointed optimizer holds
+    tail = []
+    for _ in range(20, 50):
+        tail.append(resumed.get_last_lr()[0])
+        resumed.optimizer.step()
+        resumed.step()
+    assert tail == lrs[20:]
+    assert lrs == [0.5 * lr(s) for s in range(50)]
