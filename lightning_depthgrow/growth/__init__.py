@@ -26,7 +26,7 @@ from .depth import (
     starting_blocks,
 )
 from .neurons import NeuronBranch, plan_neurons
-from .schedule import FractionSchedule, Schedule
+from .schedule import FractionSchedule, GrowthCosineLR, Schedule
 
 __all__ = [
     "BlockCost",
@@ -34,6 +34,7 @@ __all__ = [
     "BudgetMetric",
     "BudgetMode",
     "FractionSchedule",
+    "GrowthCosineLR",
     "Insertion",
     "NeuronBranch",
     "Placement",
