@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_dms
-from benchmarks.bench_dms import SUPERNET, Classifier, fit, flops, make_vit, narrow_config, uniform_vit
+from benchmarks.bench_dms import SUPERNET, Classifier, fit, flops, make_vit, narrow_config, run_dms, uniform_vit
 from examples.common import mnist1d_tensors
 from lightning_depthgrow.dms import attach_gates, build_architecture, export_architecture
 
@@ -72,6 +72,11 @@ SHAPES: dict[str, dict[str, Any]] = {
     "L6_e36": {"depth": 6, "embed": 36, "heads": 4, "needs": "not expressible (deeper than the supernet)"},
 }
 STORED = "dms_a (stored)"
+# DMS search settings run by ``--part dms`` (pipeline a: search, export, train the found architecture from scratch);
+# the main part's defaults with one change each, towards the shapes that win here (all blocks kept)
+DMS_SETTINGS: dict[str, dict[str, Any]] = {
+    "dms_a_no_depth": {"depth": False},
+}
 
 
 def build(shape: dict[str, Any]) -> torch.nn.Module:
@@ -148,7 +153,7 @@ def summarise(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
     uniform = {r["seed"]: r["acc"] for r in runs if r["shape_name"] == "uniform"}
     rows_all = runs + stored_dms_a(set(uniform), target)
     out: dict[str, Any] = {}
-    for name in [*SHAPES, STORED]:
+    for name in [*SHAPES, *DMS_SETTINGS, STORED]:
         rows = [r for r in rows_all if r["shape_name"] == name]
         if not rows:
             continue
@@ -171,6 +176,25 @@ def summarise(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
             s["flops_over_full"] = rows[0]["flops_over_full"]
         out[name] = s
     return out
+
+
+def found_cells(runs: list[dict[str, Any]], name: str) -> str:
+    """Table cells (blocks, embed, heads, MLP, FLOPs / full, FLOPs / uniform) of the architectures a DMS setting
+    exported, as ranges over seeds."""
+    rows = [r for r in runs if r["shape_name"] == name]
+
+    def span(values: list[int]) -> str:
+        return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+    depths = [r["architecture"]["depth"] for r in rows]
+    heads = [h for r in rows for h in r["architecture"]["heads"]]
+    mlp = [m for r in rows for m in r["architecture"]["mlp"]]
+    f_full = statistics.fmean(r["flops_over_full"] for r in rows)
+    f_uniform = statistics.fmean(r["flops_over_uniform"] for r in rows)
+    return (
+        f"{span(depths)} (per seed) | 64 | {span(heads)} of 16, per seed | {span(mlp)}, per seed | {f_full:.3f} "
+        f"| {f_uniform:.3f}"
+    )
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -200,6 +224,8 @@ def markdown(result: dict[str, Any]) -> str:
             wins = f"{d['wins']}/{d['n']}"
         if name == STORED:
             shape_cells = "3 (all seeds) | 64 | 2-4 of 16, per seed | 68-128, per seed | 0.500 | | depth + heads + mlp"
+        elif name in DMS_SETTINGS:
+            shape_cells = f"{found_cells(result['runs'], name)} | {json.dumps(DMS_SETTINGS[name])}"
         else:
             a = arch[name]
             shape_cells = (
@@ -218,7 +244,8 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     uniform = {r["seed"]: r["acc"] for r in result["runs"] if r["shape_name"] == "uniform"}
-    for r in sorted(result["runs"], key=lambda r: (list(SHAPES).index(r["shape_name"]), r["seed"])):
+    order = [*SHAPES, *DMS_SETTINGS]
+    for r in sorted(result["runs"], key=lambda r: (order.index(r["shape_name"]), r["seed"])):
         diff = f"{100 * (r['acc'] - uniform[r['seed']]):+.2f}" if r["seed"] in uniform else ""
         lines.append(f"| {r['shape_name']} | {r['seed']} | {r['acc']:.4f} | {diff} | {r['cpu_s']:.0f} |")
     if result.get("notes"):
@@ -228,7 +255,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["run", "report", "shapes"], default="run")
+    parser.add_argument("--part", choices=["run", "report", "shapes", "dms"], default="run")
+    parser.add_argument("--settings", nargs="+", default=list(DMS_SETTINGS), choices=list(DMS_SETTINGS), help="dms")
+    parser.add_argument("--search-epochs", type=int, default=3, help="dms part: as dms_long")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10, 18)))
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--jobs", default="0::1", help="slice start::step of the seed-major job list")
@@ -263,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{name}: {architecture_of(build(shape))} FLOPs/full {f / full:.4f} /uniform {f / f_uniform:.4f}")
         return {}
     start, step = (int(x) for x in args.jobs.split("::"))
-    jobs = [(seed, name) for seed in args.seeds for name in args.shapes][start::step]
+    names = args.settings if args.part == "dms" else args.shapes
+    jobs = [(seed, name) for seed in args.seeds for name in names][start::step]
     result: dict[str, Any] = {
         "config": {
             "supernet": SUPERNET,
@@ -278,6 +308,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": [],
     }
     for seed, name in jobs:
+        if args.part == "dms":  # bench_dms's pipeline a (its weights: seed + 1000), the search's settings changed
+            t0 = time.process_time()
+            dms = run_dms(seed, args.epochs, args.target, full, search_epochs=args.search_epochs, **DMS_SETTINGS[name])
+            found = dms["architecture"]
+            depth = found.get("model/blocks:depth", SUPERNET["depth"])
+            blocks = [k.split("/")[2] for k in found if k.endswith(":mlp")]
+            row = {
+                "shape_name": name,
+                "seed": seed,
+                "architecture": {
+                    "depth": depth,
+                    "embed": SUPERNET["embed_dim"],
+                    "heads": [found[f"model/blocks/{b}:heads"] for b in blocks],
+                    "mlp": [found[f"model/blocks/{b}:mlp"] for b in blocks],
+                    "gates": found,
+                },
+                "flops_over_full": dms["dms_a"]["flops_ratio"],
+                "flops_over_uniform": dms["dms_a"]["flops_ratio"] * full / f_uniform,
+                "searched_ratio": dms["searched_ratio"],
+                "acc": dms["dms_a"]["acc"],
+                "dms_b_acc": dms["dms_b"]["acc"],
+                "cpu_s": time.process_time() - t0,
+            }
+            result["runs"].append(row)
+            args.out.write_text(json.dumps(result, indent=2))
+            print(f"seed {seed} {name}: dms_a {row['acc']:.4f} dms_b {row['dms_b_acc']:.4f} {found}", flush=True)
+            continue
         torch.manual_seed(seed)  # as bench_dms's uniform arm: the weights depend on the seed only
         net = build(shapes[name])
         f = flops(net)
