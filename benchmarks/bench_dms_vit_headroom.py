@@ -171,6 +171,17 @@ def summarise(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
                 "n": len(diffs),
                 "per_seed": {str(r["seed"]): r["acc"] - uniform[r["seed"]] for r in rows if r["seed"] in uniform},
             }
+        if name == STORED:  # counts per gate name, as dms_long.json stores them
+            arch = [r["architecture"] for r in rows]
+            kept = [(a["model/blocks:depth"], [v for k, v in a.items() if k.endswith(":heads")]) for a in arch]
+            s["found"] = {
+                "depth": sorted({d for d, _ in kept}),
+                "heads": [min(min(h) for _, h in kept), max(max(h) for _, h in kept)],
+                "mlp": [
+                    min(v for a in arch for k, v in a.items() if k.endswith(":mlp")),
+                    max(v for a in arch for k, v in a.items() if k.endswith(":mlp")),
+                ],
+            }
         if "flops_over_uniform" in rows[0]:
             s["flops_over_uniform"] = rows[0]["flops_over_uniform"]
             s["flops_over_full"] = rows[0]["flops_over_full"]
@@ -197,9 +208,19 @@ def found_cells(runs: list[dict[str, Any]], name: str) -> str:
     )
 
 
+def summary_table(result: dict[str, Any], seeds: set[int] | None = None) -> list[str]:
+    """The per-shape table (over ``seeds``, default all)."""
+    runs = [r for r in result["runs"] if seeds is None or r["seed"] in seeds]
+    s = summarise(runs, result["config"]["target"])
+    lines = [
+        "| shape | blocks | embed | heads per block (head dim) | MLP per block | FLOPs / full | FLOPs / uniform "
+        "| DMS needs | val acc (mean ± std) | acc - uniform, points (mean ± std) | SE | 95% CI | wins | n |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    return lines + _table_rows(runs, s)
+
+
 def markdown(result: dict[str, Any]) -> str:
-    s = summarise(result["runs"], result["config"]["target"])
-    arch = {r["shape_name"]: r["architecture"] for r in result["runs"]}
     lines = [
         "# DMS ViT headroom: hand-picked 50%-FLOPs ViT shapes trained from scratch (MNIST-1D)",
         "",
@@ -211,31 +232,20 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Configuration: {json.dumps(result['config'])}",
         "",
-        "| shape | blocks | embed | heads per block (head dim) | MLP per block | FLOPs / full | FLOPs / uniform "
-        "| DMS needs | val acc (mean ± std) | acc - uniform, points (mean ± std) | SE | 95% CI | wins | n |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "## All seeds",
+        "",
+        *summary_table(result),
     ]
-    for name, g in s.items():
-        d = g.get("minus_uniform")
-        diff = se = ci = wins = ""
-        if d:
-            diff = f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}"
-            se, ci = f"{100 * d['se']:.2f}", f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
-            wins = f"{d['wins']}/{d['n']}"
-        if name == STORED:
-            shape_cells = "3 (all seeds) | 64 | 2-4 of 16, per seed | 68-128, per seed | 0.500 | | depth + heads + mlp"
-        elif name in DMS_SETTINGS:
-            shape_cells = f"{found_cells(result['runs'], name)} | {json.dumps(DMS_SETTINGS[name])}"
-        else:
-            a = arch[name]
-            shape_cells = (
-                f"{a['depth']} | {a['embed']} | {a['heads']} ({a['head_dim']}) | {a['mlp']} "
-                f"| {g['flops_over_full']:.3f} | {g['flops_over_uniform']:.3f} | {SHAPES[name]['needs']}"
-            )
-        lines.append(
-            f"| {name} | {shape_cells} | {g['acc'][0]:.4f} ± {g['acc'][1]:.4f} | {diff} | {se} | {ci} | {wins} "
-            f"| {g['n']} |"
-        )
+    held_out = result.get("held_out_seeds")
+    if held_out:
+        lines += [
+            "",
+            f"## Held-out seeds {held_out[0]}-{held_out[-1]} only",
+            "",
+            "The shapes rerun here were picked on the other seeds; these seeds had not been seen by that choice.",
+            "",
+            *summary_table(result, set(held_out)),
+        ]
     lines += [
         "",
         "## Every run",
@@ -253,6 +263,37 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table_rows(runs: list[dict[str, Any]], s: dict[str, Any]) -> list[str]:
+    arch = {r["shape_name"]: r["architecture"] for r in runs}
+    lines = []
+    for name, g in s.items():
+        d = g.get("minus_uniform")
+        diff = se = ci = wins = ""
+        if d:
+            diff = f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}"
+            se, ci = f"{100 * d['se']:.2f}", f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
+            wins = f"{d['wins']}/{d['n']}"
+        if name == STORED:
+            f = g["found"]
+            shape_cells = (
+                f"{f['depth']} (per seed) | 64 | {f['heads'][0]}-{f['heads'][1]} of 16, per seed (of the 4 supernet "
+                f"blocks) | {f['mlp'][0]}-{f['mlp'][1]}, per seed | 0.500 (dms_long.json) | | depth + heads + mlp"
+            )
+        elif name in DMS_SETTINGS:
+            shape_cells = f"{found_cells(runs, name)} | {json.dumps(DMS_SETTINGS[name])}"
+        else:
+            a = arch[name]
+            shape_cells = (
+                f"{a['depth']} | {a['embed']} | {a['heads']} ({a['head_dim']}) | {a['mlp']} "
+                f"| {g['flops_over_full']:.3f} | {g['flops_over_uniform']:.3f} | {SHAPES[name]['needs']}"
+            )
+        lines.append(
+            f"| {name} | {shape_cells} | {g['acc'][0]:.4f} ± {g['acc'][1]:.4f} | {diff} | {se} | {ci} | {wins} "
+            f"| {g['n']} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["run", "report", "shapes", "dms"], default="run")
@@ -265,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--val-extra", type=int, default=5000)
     parser.add_argument("--merge", type=Path, nargs="*", default=[])
+    parser.add_argument("--held-out-seeds", type=int, nargs="*", help="report: a table of these seeds alone")
     parser.add_argument("--out", type=Path, default=RESULTS / "dms_vit_headroom.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -275,7 +317,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result.setdefault("config", other["config"])
             keys = {(r["shape_name"], r["seed"]) for r in other["runs"]}
             result["runs"] = [r for r in result["runs"] if (r["shape_name"], r["seed"]) not in keys] + other["runs"]
+        if args.held_out_seeds is not None:
+            result["held_out_seeds"] = sorted(args.held_out_seeds)
         result["summary"] = summarise(result["runs"], result["config"]["target"])
+        if result.get("held_out_seeds"):
+            held_out = set(result["held_out_seeds"])
+            runs = [r for r in result["runs"] if r["seed"] in held_out]
+            result["summary_held_out"] = summarise(runs, result["config"]["target"])
         args.out.write_text(json.dumps(result, indent=2))
         args.out.with_suffix(".md").write_text(markdown(result))
         print(markdown(result))
