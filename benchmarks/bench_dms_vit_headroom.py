@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             dms = run_dms(seed, args.epochs, args.target, full, search_epochs=args.search_epochs, **DMS_SETTINGS[name])
             found = dms["architecture"]
             depth = found.get("model/blocks:depth", SUPERNET["depth"])
-            blocks = [k.split("/")[2] for k in found if k.endswith(":mlp")]
+            blocks = [k.split("/")[2].split(":")[0] for k in found if k.endswith(":mlp")]
             row = {
                 "shape_name": name,
                 "seed": seed,
