@@ -24,7 +24,11 @@ runs of ``dms_long.json`` (the architecture DMS found and exported, trained from
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_dms_vit_headroom.py --jobs 0::2 --out A.json &
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_dms_vit_headroom.py --jobs 1::2 --out B.json &
-    python benchmarks/bench_dms_vit_headroom.py --part report --merge A.json B.json
+    python benchmarks/bench_dms_vit_headroom.py --part report --merge A.json B.json --held-out-seeds 18 19 20 ...
+
+``--part dms`` runs ``bench_dms.py``'s pipelines (b) and (a) with a search setting of ``DMS_SETTINGS`` (depth gates
+off) on the same seeds; its rows are the exported architecture trained from scratch (``dms_b_acc``: pipeline b).
+``--part shapes`` prints every shape and its FLOPs without training.
 
 Writes ``benchmarks/results/dms_vit_headroom.json`` and ``.md``.
 """
