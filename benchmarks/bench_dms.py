@@ -437,8 +437,9 @@ def epoch_cost_pair(target: float, seed: int, epochs: int, search_epochs: int) -
     are timed as well. Both fits stop after ``search_epochs + 1`` epochs (the export epoch is not measured).
 
     The sanity validation is off: Lightning runs it before ``on_train_start``, where the lockstep does not yet hold
-    the threads apart, and the DMS setup counts FLOPs with ``FlopCounterMode``, whose module tracker hooks every
-    module globally, so a forward pass in the other thread at that moment corrupts the count.
+    the threads apart. Before 0.6 the DMS setup's FLOP count (``FlopCounterMode``, whose module tracker hooks every
+    module globally) was corrupted by a forward pass in the other thread at that moment; ``count_flops`` now tracks
+    only the counted model's modules in its own thread, and the setting is kept so the figures stay comparable.
     """
     names = ["plain", "dms"]
     lockstep = Lockstep(names, range(search_epochs))
