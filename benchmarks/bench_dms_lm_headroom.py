@@ -47,7 +47,7 @@ from benchmarks.bench_dms_lm import (
     make_gpt2,
     uniform_shape,
 )
-from benchmarks.tasks import EvenWindows, LMConfig, stdlib_corpus
+from benchmarks.tasks import EvenWindows, LMConfig, merge_runs, stdlib_corpus
 from lightning_depthgrow.dms import attach_gates, build_architecture, export_architecture
 
 SUPERNET = {"dim": 64, "layers": 4, "heads": 4, "inner": 256}
@@ -238,12 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.part == "report":
-        result = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
-        for path in args.merge:
-            other = json.loads(path.read_text())
-            result.setdefault("config", other["config"])
-            keys = {(r["shape_name"], r["seed"]) for r in other["runs"]}
-            result["runs"] = [r for r in result["runs"] if (r["shape_name"], r["seed"]) not in keys] + other["runs"]
+        result = merge_runs(args.out, args.merge)
         result["summary"] = summarise(result["runs"])
         args.out.write_text(json.dumps(result, indent=2))
         args.out.with_suffix(".md").write_text(markdown(result))

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_dms
 from benchmarks.bench_dms import SUPERNET, Classifier, fit, flops, make_vit, narrow_config, run_dms, uniform_vit
+from benchmarks.tasks import merge_runs
 from examples.common import mnist1d_tensors
 from lightning_depthgrow.dms import attach_gates, build_architecture, export_architecture
 
@@ -315,12 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.part == "report":
-        result = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
-        for path in args.merge:
-            other = json.loads(path.read_text())
-            result.setdefault("config", other["config"])
-            keys = {(r["shape_name"], r["seed"]) for r in other["runs"]}
-            result["runs"] = [r for r in result["runs"] if (r["shape_name"], r["seed"]) not in keys] + other["runs"]
+        result = merge_runs(args.out, args.merge)
         if args.held_out_seeds is not None:
             result["held_out_seeds"] = sorted(args.held_out_seeds)
         result["summary"] = summarise(result["runs"], result["config"]["target"])

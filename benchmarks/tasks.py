@@ -482,3 +482,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+
+
+def merge_runs(out: Path, paths: list[Path], key: tuple[str, ...] = ("shape_name", "seed")) -> dict[str, Any]:
+    """The results file ``out`` (an empty one if it does not exist) with the ``runs`` of each file of ``paths``
+    merged in: a merged run replaces one with the same ``key`` values; ``config`` is taken from the first file
+    that has one. Nothing is written."""
+    result = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    for path in paths:
+        other = json.loads(path.read_text())
+        result.setdefault("config", other["config"])
+        keys = {tuple(r[k] for k in key) for r in other["runs"]}
+        result["runs"] = [r for r in result["runs"] if tuple(r[k] for k in key) not in keys] + other["runs"]
+    return result
