@@ -66,7 +66,7 @@ from lightning.pytorch.callbacks import Callback
 # the step-cost part runs the "before" variant with another source tree (DMS_BENCH_TREE) in a child process
 sys.path.insert(0, os.environ.get("DMS_BENCH_TREE") or str(Path(__file__).resolve().parents[1]))
 
-from examples.common import Classifier, MNIST1DDataModule, make_vit, mnist1d_tensors
+from examples.common import Classifier, MNIST1DDataModule, make_vit, mnist1d_tensors, quiet_trainer
 from lightning_depthgrow.callbacks import event_log
 from lightning_depthgrow.callbacks.dms import DifferentiableModelScaling
 from lightning_depthgrow.dms import (
@@ -91,21 +91,6 @@ LEVERS = {
 
 
 # ----------------------------------------------------------------------------------------- overhead
-def quiet_trainer(max_epochs: int, callbacks: list[Callback], **options: Any) -> pl.Trainer:
-    """A one-process CPU ``Trainer`` without logger, checkpoints, progress bar or model summary."""
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        **options,
-    )
-
-
 def _search_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, search: bool) -> Callable[[], None]:
     """One AdamW step of ``model`` on ``(x, y)``; with ``search``, the DMS work the callback adds to a step."""
     gates = attach_gates(model) if search else None

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,13 +40,14 @@ from benchmarks.bench_dms_lm import (
     RESULTS,
     GPT2Bytes,
     architecture_of,
+    evaluate,
     fit,
     forward_flops,
     gpt2_config,
     make_gpt2,
     uniform_shape,
 )
-from benchmarks.tasks import EvenWindows, LMConfig, merge_runs, stdlib_corpus
+from benchmarks.tasks import LMConfig, merge_runs
 from lightning_depthgrow.dms import attach_gates, build_architecture, export_architecture
 
 SUPERNET = {"dim": 64, "layers": 4, "heads": 4, "inner": 256}
@@ -123,22 +123,6 @@ def solve_shape(
         hi = forward_flops(build({**shape, "inner": 1001}, context), context)
         shape["inner"] = max(1, round(1 + (target - lo) * 1000 / (hi - lo)))
     return shape
-
-
-@torch.no_grad()
-def evaluate(net: torch.nn.Module, config: LMConfig) -> tuple[float, float]:
-    """(nats/byte, top-1 next-byte accuracy in %) on the benchmark's held-out windows."""
-    _, val, _ = stdlib_corpus(config.corpus)
-    windows = torch.stack(list(EvenWindows(val, config.context, config.val_windows)))
-    net.eval()
-    loss = correct = 0.0
-    for chunk in windows.split(64):
-        logits = net(chunk[:, :-1]).reshape(-1, 256)
-        target = chunk[:, 1:].reshape(-1)
-        loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += float((logits.argmax(-1) == target).sum())
-    n = windows.shape[0] * config.context
-    return loss / n, 100.0 * correct / n
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

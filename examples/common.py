@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import timm
@@ -80,6 +81,22 @@ class MNIST1DDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=500, num_workers=self.num_workers)
+
+
+def quiet_trainer(max_epochs: int, callbacks: list[pl.Callback], **options: Any) -> pl.Trainer:
+    """A one-process CPU ``Trainer`` without logger, checkpoints, progress bar or model summary; ``options`` are
+    further ``Trainer`` arguments (e.g. ``num_sanity_val_steps=0``)."""
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        **options,
+    )
 
 
 def make_vit(

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 if __package__ in (None, ""):  # run as a script: make ``examples.common`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.common import Classifier, MNIST1DDataModule, make_vit
+from examples.common import Classifier, MNIST1DDataModule, make_vit, quiet_trainer
 from lightning_depthgrow.callbacks.curvature_monitor import CurvatureMonitor
 
 
@@ -97,17 +97,7 @@ def main() -> None:
     model = Classifier(make_vit(depth=args.depth), max_epochs=args.epochs)
     monitor = TimedCurvatureMonitor(num_batches=args.num_batches, num_probes=args.num_probes, seed=args.seed)
     table = CurvatureTable(monitor)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[monitor, table],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(args.epochs, [monitor, table], num_sanity_val_steps=0)
     trainer.fit(model, MNIST1DDataModule(batch_size=128, seed=args.seed))
     if table.fractions:
         mean = sum(table.fractions) / len(table.fractions)

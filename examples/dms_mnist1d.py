@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.common import Classifier, MNIST1DDataModule, make_vit
+from examples.common import Classifier, MNIST1DDataModule, make_vit, quiet_trainer
 from lightning_depthgrow.callbacks import event_log
 from lightning_depthgrow.callbacks.dms import DifferentiableModelScaling
 from lightning_depthgrow.dms import build_architecture, export_architecture
@@ -45,19 +45,6 @@ class StopAfterExport(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch >= self.search_epochs:
             trainer.should_stop = True
-
-
-def quiet_trainer(epochs: int, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
 
 
 def main(argv: list[str] | None = None) -> dict:

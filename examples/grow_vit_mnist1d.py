@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 if __package__ in (None, ""):  # run as a script: make ``examples.common`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.common import Classifier, MNIST1DDataModule, make_vit, mnist1d_tensors
+from examples.common import Classifier, MNIST1DDataModule, make_vit, mnist1d_tensors, quiet_trainer
 from lightning_depthgrow.callbacks import event_log
 from lightning_depthgrow.callbacks.architecture_logger import ArchitectureLogger
 from lightning_depthgrow.callbacks.curvature_monitor import CurvatureMonitor
@@ -92,16 +92,10 @@ class EpochClock(Callback):
 
 
 def build_trainer(epochs: int, callbacks: list[Callback], out: Path, quick: bool) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
+    return quiet_trainer(
+        epochs,
+        callbacks,
         default_root_dir=str(out),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_train_batches=4 if quick else 1.0,
     )
