@@ -9,7 +9,7 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
-from _helpers import Classifier, make_vit, tensor_hash
+from _helpers import Classifier, make_vit, quiet_trainer, tensor_hash
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -66,20 +66,8 @@ class MNIST1DDataModule(pl.LightningDataModule):
 
 
 def trainer(epochs: int, callbacks: list, **kw) -> pl.Trainer:
-    options = dict(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
-    options.update(kw)
-    return pl.Trainer(callbacks=callbacks, **options)
+    options = dict(limit_val_batches=1, num_sanity_val_steps=0, deterministic=True)
+    return quiet_trainer(max_epochs=epochs, callbacks=callbacks, **{**options, **kw})
 
 
 def vit_classifier(seed: int = 0, epochs: int = 4) -> Classifier:
