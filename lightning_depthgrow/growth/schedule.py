@@ -194,8 +194,7 @@ class GrowthCosineLR:
     def _base(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self._cosine(step - self.warmup_steps, self.total_steps - self.warmup_steps)
 
     def _restarted(self, step: int, k: int) -> float:
         """The multiplier at ``step`` under the ``k``-th restart (0-based), the one most recently passed."""
@@ -203,7 +202,11 @@ class GrowthCosineLR:
         if step < start + warm:
             from_lr = self._base(start) if k == 0 else self._restarted(start, k - 1)
             return from_lr + (1 - from_lr) * (step - start + 1) / warm
-        progress = min(1.0, (step - start - warm) / max(1, end - start - warm))
+        return self._cosine(step - start - warm, end - start - warm)
+
+    def _cosine(self, done: int, length: int) -> float:
+        """The cosine from 1 to ``min_lr_ratio`` over ``length`` steps, ``done`` of them taken."""
+        progress = min(1.0, done / max(1, length))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
