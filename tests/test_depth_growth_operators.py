@@ -48,7 +48,7 @@ def _fit(growth: DepthGrowth, epochs: int, **trainer_kwargs: Any) -> tuple[pl.Li
 
 def test_stack_grows_preserving_the_function_and_folds_when_the_ramp_ends() -> None:
     growth = DepthGrowth(
-        final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=3, warmup_epochs=1
+        factor=2, final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=3, warmup_epochs=1
     )
     module, before, after = _fit(growth, epochs=3)
     log = event_log(module)
@@ -69,7 +69,7 @@ def test_stack_grows_preserving_the_function_and_folds_when_the_ramp_ends() -> N
 
 def test_ramps_advance_once_per_optimizer_step_under_gradient_accumulation() -> None:
     growth = DepthGrowth(
-        final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=3, warmup_epochs=1
+        factor=2, final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=3, warmup_epochs=1
     )
     module, _, _ = _fit(growth, epochs=4, accumulate_grad_batches=2)  # 4 batches, 2 optimizer steps per epoch
     grow, fold = event_log(module)
@@ -80,7 +80,7 @@ def test_ramps_advance_once_per_optimizer_step_under_gradient_accumulation() -> 
 def test_stack_resume_mid_ramp_is_bitwise_and_load_grown_gives_the_same_logits(tmp_path: Path) -> None:
     def run(ckpt_path: str | None, dirpath: Path) -> pl.LightningModule:
         growth = DepthGrowth(
-            final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=6, warmup_epochs=1
+            factor=2, final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=6, warmup_epochs=1
         )
         saver = ModelCheckpoint(dirpath=dirpath, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
         trainer = quiet_trainer(max_epochs=4, callbacks=[growth, saver], enable_checkpointing=True)
@@ -126,8 +126,8 @@ def test_copy_inserts_ramped_copies_preserving_the_function(tmp_path: Path) -> N
         assert torch.equal(fresh(PROBE), module(PROBE))
 
 
-def test_zero_init_default_is_unchanged() -> None:
-    growth = DepthGrowth(final_budget=_params(3), budget_mode="absolute", placement="uniform", warmup_epochs=1)
+def test_the_paper_preset_is_zero_init_unchanged() -> None:
+    growth = DepthGrowth.paper(final_budget=_params(3), budget_mode="absolute", placement="uniform", warmup_epochs=1)
     assert (growth.operator, growth.ramp_steps) == ("zero_init", 0)
     module, before, after = _fit(growth, epochs=2)
     assert [e.kind for e in event_log(module)] == ["insert_block"]
@@ -141,8 +141,10 @@ def test_zero_init_default_is_unchanged() -> None:
         (dict(operator=1), TypeError, "operator"),
         (dict(operator="stack", ramp_steps=-1), ValueError, "ramp_steps"),
         (dict(operator="stack", ramp_steps=True), TypeError, "ramp_steps"),
-        (dict(operator="copy", ramp_steps=2.0), TypeError, "ramp_steps"),
-        (dict(ramp_steps=3), ValueError, "ramp_steps"),
+        (dict(operator="copy", ramp_steps=2.0), ValueError, "ramp_steps.*an int"),
+        (dict(operator="copy", ramp_steps=float("nan")), ValueError, "ramp_steps"),
+        (dict(operator="zero_init", ramp_steps=3), ValueError, "ramp_steps"),
+        (dict(operator="zero_init", ramp_steps=0.1), ValueError, "ramp_steps"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs: dict[str, Any], error: type, name: str) -> None:
@@ -151,7 +153,9 @@ def test_invalid_arguments_name_the_argument(kwargs: dict[str, Any], error: type
 
 
 def test_stack_refuses_a_budget_no_duplication_fits_before_training() -> None:
-    growth = DepthGrowth(final_budget=_params(3), budget_mode="absolute", operator="stack", ramp_steps=2)
+    growth = DepthGrowth(
+        warmup_epochs=1, factor=2, final_budget=_params(3), budget_mode="absolute", operator="stack", ramp_steps=2
+    )
     module = make_module(depth=2)
     start = tensor_hash(module)
     with pytest.raises(ValueError, match="duplicating the smallest stack"):
@@ -212,7 +216,7 @@ def test_stack_with_ramp_under_ddp_keeps_ranks_identical_and_survives_the_fold(t
     # timm's ViT has no buffers but the ramps: the fold removes the last ones, and DDP must be re-wrapped or its
     # next forward fails inside torch.
     growth = DepthGrowth(
-        final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=2, warmup_epochs=1
+        factor=2, final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=2, warmup_epochs=1
     )
     trainer = quiet_trainer(max_epochs=3, devices=2, strategy="ddp_spawn", callbacks=[growth, RankRecord(tmp_path)])
     trainer.fit(make_module(depth=2, max_epochs=3), random_loader(n=64, batch_size=8))

@@ -18,11 +18,11 @@ from lightning_depthgrow.callbacks import CurvatureMonitor, DepthGrowth, NeuronG
 from lightning_depthgrow.events import LOG_ATTRIBUTE, ArchitectureEvent, event_log
 
 GROWERS = {
-    "depth-curvature": lambda: DepthGrowth(final_budget=3.0, warmup_epochs=1, placement="curvature"),
-    "depth-private-monitor": lambda: DepthGrowth(
+    "depth-curvature": lambda: DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement="curvature"),
+    "depth-private-monitor": lambda: DepthGrowth.paper(
         final_budget=3.0, warmup_epochs=1, curvature_monitor=CurvatureMonitor(num_probes=2, log=False)
     ),
-    "depth-uniform": lambda: DepthGrowth(final_budget=3.0, warmup_epochs=1, placement="uniform"),
+    "depth-uniform": lambda: DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement="uniform"),
     "neuron": lambda: NeuronGrowth(step_budget=0.05, warmup_epochs=1, scale_by_lr=False),
 }
 
@@ -82,10 +82,10 @@ def test_module_after_fit_pickles_copies_saves_and_holds_only_its_log(
 def test_evaluating_a_fresh_module_from_a_grown_checkpoint_leaves_nothing_behind(
     make_module, loader, quiet_trainer, tmp_path
 ):
-    _fitted(make_module, loader, quiet_trainer, [DepthGrowth(final_budget=3.0, warmup_epochs=1)], tmp_path)
+    _fitted(make_module, loader, quiet_trainer, [DepthGrowth.paper(final_budget=3.0, warmup_epochs=1)], tmp_path)
     ckpt = next(tmp_path.glob("**/*.ckpt"))
     fresh = make_module(max_epochs=2)
-    trainer = quiet_trainer(callbacks=[DepthGrowth(final_budget=3.0)])
+    trainer = quiet_trainer(callbacks=[DepthGrowth.paper(final_budget=3.0)])
     trainer.validate(fresh, loader(), ckpt_path=str(ckpt))
     assert len(fresh.model.blocks) == 3
     assert not fresh._load_state_dict_pre_hooks

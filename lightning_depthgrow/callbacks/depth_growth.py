@@ -236,26 +236,8 @@ class DepthGrowth(GrowthCallback):
             raise TypeError(
                 "`final_budget` must be a positive number (a multiple of the start, or absolute), got None."
             )
-        if operator is None:
-            given = {
-                "warmup_epochs": warmup_epochs,
-                "grow_every": grow_every,
-                "blocks_per_step": blocks_per_step,
-                "step_budget": step_budget,
-                "scale_by_lr": scale_by_lr,
-                "max_per_stack": max_per_stack,
-                "placement": placement,
-            }
-            paper = {k: v for k, v in given.items() if v != _PAPER_ARGUMENTS[k]}
-            if paper:
-                args = ", ".join(f"{k}={v!r}" for k, v in paper.items())
-                raise ValueError(
-                    f"DepthGrowth({args}) without an operator: these arguments configure the paper's per-block "
-                    "growth, and since 0.4 DepthGrowth() defaults to G_stack (operator='stack', factor=3, at=[1/3], "
-                    "ramped copies; the benchmarks' best), where they do not apply. For the previous defaults use "
-                    f"DepthGrowth.paper({args}) (zero-initialised blocks), or name the operator: "
-                    "operator='zero_init', 'copy' or 'stack'."
-                )
+        implicit = operator is None  # the default recipe: paper-only arguments are refused below
+        if implicit:
             operator = DEFAULT_OPERATOR
         if at is None and warmup_epochs is None and grow_every is None:
             at = DEFAULT_AT
@@ -320,6 +302,27 @@ class DepthGrowth(GrowthCallback):
             )
         self.example_input = example_input
         self.seed = check_int("seed", seed)
+        if implicit:
+            # After every argument is validated (errors name the argument first).
+            given = {
+                "warmup_epochs": warmup_epochs,
+                "grow_every": grow_every,
+                "blocks_per_step": blocks_per_step,
+                "step_budget": step_budget,
+                "scale_by_lr": scale_by_lr,
+                "max_per_stack": max_per_stack,
+                "placement": placement,
+            }
+            paper = {k: v for k, v in given.items() if v != _PAPER_ARGUMENTS[k]}
+            if paper:
+                args = ", ".join(f"{k}={v!r}" for k, v in paper.items())
+                raise ValueError(
+                    f"DepthGrowth({args}) without an operator: these arguments configure the paper's per-block "
+                    "growth, and since 0.4 DepthGrowth() defaults to G_stack (operator='stack', factor=3, at=[1/3], "
+                    "ramped copies; the benchmarks' best), where they do not apply. For the previous defaults use "
+                    f"DepthGrowth.paper({args}) (zero-initialised blocks), or name the operator: "
+                    "operator='zero_init', 'copy' or 'stack'."
+                )
         self._given_monitor = curvature_monitor
         self._monitor: CurvatureMonitor | None = None  # the monitor in use, found or built in setup
         self._drives_monitor = False  # True when it is not in trainer.callbacks: we feed it and save its state
