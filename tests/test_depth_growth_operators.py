@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_depthgrow import load_grown
@@ -15,7 +16,16 @@ from lightning_depthgrow.callbacks import DepthGrowth
 from lightning_depthgrow.events import event_log
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery.ramp import ramped_blocks
-from tests._helpers import RankRecord, make_module, quiet_trainer, random_loader, rank_records, tensor_hash
+from tests._helpers import (
+    Classifier,
+    RankRecord,
+    make_module,
+    make_vit,
+    quiet_trainer,
+    random_loader,
+    rank_records,
+    tensor_hash,
+)
 
 PROBE = torch.randn(8, 1, 1, 40, generator=torch.Generator().manual_seed(5))
 
@@ -163,16 +173,27 @@ def test_stack_refuses_a_budget_no_duplication_fits_before_training() -> None:
     assert tensor_hash(module) == start and len(module.model.blocks) == 2
 
 
-def test_a_ramp_without_an_example_input_is_refused_before_training() -> None:
+class CallsItsModel(Classifier):
+    """A training_step that calls ``self.model``, never the LightningModule itself: no forward call to record."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+
+def test_a_ramp_without_any_input_is_refused_before_the_first_optimizer_step() -> None:
     # Without an input no step can be tried on a copy, so a block the ramp cannot blend (a tuple output) would
-    # only fail after the module had grown.
+    # only fail after the module had grown. No example input, and no call of the module to record one from.
     growth = DepthGrowth(final_budget=2.0, operator="copy", ramp_steps=2, warmup_epochs=1)
-    module = make_module(depth=2)
+    torch.manual_seed(0)
+    module = CallsItsModel(make_vit(depth=2))
     module.example_input_array = None
     start = tensor_hash(module)
-    with pytest.raises(ValueError, match=r"example_input_array.*DepthGrowth\(example_input=\.\.\.\)"):
-        quiet_trainer(max_epochs=2, callbacks=[growth]).fit(module, random_loader())
-    assert tensor_hash(module) == start and len(module.model.blocks) == 2
+    trainer = quiet_trainer(max_epochs=2, callbacks=[growth])
+    with pytest.raises(ValueError, match=r"found none.*example_input_array.*DepthGrowth\(example_input=\.\.\.\)"):
+        trainer.fit(module, random_loader())
+    assert tensor_hash(module) == start and len(module.model.blocks) == 2 and trainer.global_step == 0
+    assert event_log(module) == [] and module._forward_pre_hooks == {}
 
 
 @pytest.mark.parametrize("order", ["stack", "interleave"])

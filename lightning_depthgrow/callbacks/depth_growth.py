@@ -137,11 +137,11 @@ class DepthGrowth(GrowthCallback):
         example_input: input for FLOP counting and for verifying insertions; default
             ``pl_module.example_input_array``. FLOP counting (``budget_metric="flops"``) needs one of these two; for
             verification, without either, the inputs of the module's latest forward call during ``fit`` are used
-            (:func:`~lightning_depthgrow.callbacks.plumbing.example_input`), and the trial below runs at the first
-            training batch (at the start of training if validation's sanity check already called the module)
-            instead of in setup, on a copy of the module, before anything changes. Ramped operators need an input:
-            if ``training_step`` never calls the module itself, training stops there with a message saying what to
-            set. With an example input, setup makes a verified trial per stack
+            (:func:`~lightning_depthgrow.callbacks.plumbing.example_input`), and the trial below runs before the
+            first optimizer step (at the start of training if validation's sanity check already called the module)
+            instead of in setup, on a copy of the module. Ramped operators need an input: if ``training_step`` never
+            calls the module itself, training stops there, before the first optimizer step, with a message saying
+            what to set. With an example input, setup makes a verified trial per stack
             (:func:`~lightning_depthgrow.surgery.check_growable`: one insertion, undone again, or, with
             ``ramp_steps >= 1``, ramped copies in a deep copy of the module) and every growth step is
             verified on it (:func:`~lightning_depthgrow.surgery.verify_insertions`): a step whose insertions would
@@ -269,7 +269,9 @@ class DepthGrowth(GrowthCallback):
                 f"`factor`={factor!r} is how many times deeper operator='stack' makes a stack per step; with "
                 f"operator={operator!r} a step adds up to blocks_per_step blocks. Use operator='stack' or drop factor."
             )
-        self.factor = check_int("factor", DEFAULT_FACTOR if factor is None else factor, minimum=2)
+        # Unused by the other operators, where it keeps its pre-0.4 value (2).
+        default_factor = DEFAULT_FACTOR if self.operator == "stack" else 2
+        self.factor = check_int("factor", default_factor if factor is None else factor, minimum=2)
         self.optimizer_state: OptimizerState = check_name("optimizer_state", optimizer_state, OPTIMIZER_STATES)
         if self.optimizer_state == "copy" and self.operator == "zero_init":
             raise ValueError(
@@ -468,6 +470,12 @@ class DepthGrowth(GrowthCallback):
                     "in `at` further apart or shorten the ramp."
                 )
 
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._trial_pending:
+            self._deferred_trial(trainer, pl_module)  # the first forward ran; refuse before the first update
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -643,8 +651,9 @@ class DepthGrowth(GrowthCallback):
                 f"{self.name}(operator={self.operator!r}, ramped) verifies every growth step on an input the module "
                 f"is called with, and found none: no example_input was given, {type(pl_module).__name__} has no "
                 "example_input_array, and training_step did not call the module itself (self(x), self.forward) in "
-                "the first training batch. Set `pl_module.example_input_array` (one batch of model inputs), pass "
-                "DepthGrowth(example_input=...), or call the module in training_step. Nothing was grown."
+                "the first training step. Set `pl_module.example_input_array` (one batch of model inputs), pass "
+                "DepthGrowth(example_input=...), or call the module in training_step. Nothing was changed: this "
+                "refusal comes before the first optimizer step."
             )
         if kind == "refused":
             raise FunctionNotPreservedError(f"{value} (trial on an input recorded at the first training batch)")
