@@ -259,7 +259,7 @@ def test_torchvision_vit_plans_and_reasons_name_encoder_layer_keys():
             plans.append(super().plan(trainer, pl_module))
             return plans[-1]
 
-    growth = Plans(final_budget=1.3, warmup_epochs=1, grow_every=1, placement="uniform", seed=0)
+    growth = Plans(final_budget=1.3, warmup_epochs=1, grow_every=1, placement="uniform", seed=0, operator="zero_init")
     quiet_trainer(max_epochs=2, callbacks=[growth]).fit(module, loader)
     (insertion,) = plans[0]
     prefix = "model.encoder.layers.encoder_layer_"
