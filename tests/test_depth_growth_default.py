@@ -24,7 +24,7 @@ from lightning_depthgrow.events import event_log
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery import FunctionNotPreservedError
 from lightning_depthgrow.surgery.ramp import ramp_traces, ramped_blocks
-from tests._helpers import make_module, quiet_trainer, random_loader, tensor_hash
+from tests._helpers import RankRecord, make_module, quiet_trainer, random_loader, rank_records, tensor_hash
 
 PROBE = torch.randn(8, 1, 1, 40, generator=torch.Generator().manual_seed(5))
 HOOK_DICTS = (
@@ -239,6 +239,21 @@ def test_the_default_resumes_mid_ramp_bitwise_without_an_example_input(tmp_path:
     full.eval()
     with torch.no_grad():
         assert torch.equal(fresh(PROBE), full(PROBE))
+
+
+@pytest.mark.slow
+def test_the_default_without_an_example_input_keeps_ddp_ranks_identical(tmp_path: Path) -> None:
+    # Each rank records its own batch; the trial's verdict and every step's verification input are rank 0's.
+    # Per rank 32 samples / batch 8 = 4 steps per epoch, 3 epochs = 12: growth after step 4, ramp 1 step.
+    trainer = quiet_trainer(
+        max_epochs=3, devices=2, strategy="ddp_spawn", callbacks=[DepthGrowth(), RankRecord(tmp_path)]
+    )
+    module = _no_example(max_epochs=3)
+    trainer.fit(module, random_loader(n=64, batch_size=8))
+    ranks = rank_records(tmp_path)
+    assert ranks[0] == ranks[1]
+    assert [(e["kind"], e["step"]) for e in ranks[0]["events"]] == [("stack_blocks", 4), ("fold_ramps", 5)]
+    assert ranks[0]["events"][0]["spec"]["factor"] == 3 and ranks[0]["ramped"] == {}
 
 
 # ---------------------------------------------------------------- the paper preset

@@ -333,6 +333,7 @@ class DepthGrowth(GrowthCallback):
         # True while the verified trial waits for an input recorded during training (no example input in setup).
         self._trial_pending = False
         self._deferred_growable: list[str] | None = None  # the deferred trial's verdict, saved for resume
+        self._step_input: Any = None  # during a growth step without an example input: rank 0's recorded input
 
     @classmethod
     def paper(
@@ -509,8 +510,22 @@ class DepthGrowth(GrowthCallback):
     def change_now(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any = None
     ) -> list[ArchitectureEvent]:
-        with self._verifying(pl_module):
-            return super().change_now(trainer, pl_module, outputs)
+        self._step_input = self._shared_recorded_input(trainer, pl_module)
+        try:
+            with self._verifying(pl_module):
+                return super().change_now(trainer, pl_module, outputs)
+        finally:
+            self._step_input = None
+
+    def _shared_recorded_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """Without an example input, the recorded input this step is verified on: rank 0's on every rank (each rank
+        recorded its own batch; one input keeps every rank's verdict the same). ``None`` with an example input."""
+        if self.example_input is not None or pl_module.example_input_array is not None:
+            return None
+        recorded = plumbing.captured_input(pl_module)
+        if trainer.world_size <= 1:
+            return recorded
+        return plumbing.broadcast(trainer, _on_cpu(recorded))
 
     def verify_events(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, events: list[ArchitectureEvent]
@@ -624,6 +639,8 @@ class DepthGrowth(GrowthCallback):
         """The input insertions are verified on: ``example_input``, else ``pl_module.example_input_array``, else the
         inputs of the module's latest forward call during ``fit`` (:func:`~lightning_depthgrow.callbacks.plumbing.
         example_input`; ``None`` before the first call or without a recorder)."""
+        if self._step_input is not None:
+            return self._step_input
         return plumbing.example_input(pl_module, self.example_input)
 
     def _deferred_trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -978,6 +995,17 @@ class DepthGrowth(GrowthCallback):
     def grow_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
         """Run one growth step now (every rank must call it); returns the events applied."""
         return self.change_now(trainer, pl_module)
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor on the CPU (to broadcast it between ranks)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if type(value) in (tuple, list):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def _check_groups_not_per_block(
