@@ -419,7 +419,9 @@ def check_no_dms_search(trainer: pl.Trainer, pl_module: pl.LightningModule, grow
             f"{name} grows at fractions of training (at={list(grower.schedule.at)}), which may fall inside "
             f"DifferentiableModelScaling's search (epochs 0-{dms[0].search_epochs - 1}). DMS tracks its gates by "
             "position, so growth during the search would be sliced by the wrong masks. Grow by epoch after the "
-            f"export (warmup_epochs >= {dms[0].search_epochs + 1} instead of at=...), or grow in a separate fit."
+            f"export (warmup_epochs >= {dms[0].search_epochs + 1} instead of at=...; for DepthGrowth with the operator "
+            "named: DepthGrowth.paper(warmup_epochs=...) or DepthGrowth(operator='stack', warmup_epochs=...)), or grow "
+            "in a separate fit."
         )
     if dms and EXPORT not in kinds and first < dms[0].search_epochs:
         raise RuntimeError(
