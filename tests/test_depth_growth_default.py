@@ -1,4 +1,4 @@
-"""``DepthGrowth()``'s defaults (since 0.4): the benchmarked G_stack recipe, inside a real ``Trainer.fit``, on a
+"""``DepthGrowth()``'s defaults (since 0.7): the benchmarked G_stack recipe, inside a real ``Trainer.fit``, on a
 module without an example input; the paper's recipe as the ``DepthGrowth.paper`` preset; the input helper."""
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def test_the_default_without_an_example_input_keeps_ddp_ranks_identical(tmp_path
 
 # ---------------------------------------------------------------- the paper preset
 
-# What ``DepthGrowth()`` made on this run before 0.4 (the parent commit of this change, with and without an
+# What ``DepthGrowth()`` made on this run before 0.7 (the parent commit of this change, with and without an
 # example input): ``[kind, spec, epoch, step]``.
 OLD_DEFAULT_EVENTS = [
     ["insert_block", {"stack": "model.blocks", "index": 0, "template": 0, "seed": 0}, 0, 4],

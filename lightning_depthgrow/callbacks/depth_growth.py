@@ -78,7 +78,7 @@ _PAPER_ARGUMENTS = {
 class DepthGrowth(GrowthCallback):
     """Grow a model's depth during training, function-preserving, until a parameter/FLOP budget is reached.
 
-    **Defaults** (since 0.4; the recipe the benchmarks found best, ``docs/growth.md``): ``DepthGrowth()`` is G_stack.
+    **Defaults** (since 0.7; the recipe the benchmarks found best, ``docs/growth.md``): ``DepthGrowth()`` is G_stack.
     After a third of the run's optimizer steps (``at=[1/3]``) every growable block stack is made 3 times deeper
     (``operator="stack"``, ``factor=3``: ``[b0, b1] -> [b0, b1, b0', b1', b0'', b1'']``), the copies ramping in over
     12% of the run (``ramp_steps=0.12``), within 3x the starting parameters (``final_budget=3.0``). On the byte-level
@@ -89,7 +89,7 @@ class DepthGrowth(GrowthCallback):
     grows too, as long as ``training_step`` calls the module itself (``self(x)``).
 
     **The paper's recipe** (zero-initialised blocks, a warm-up then growth every N epochs, a per-step budget that can
-    shrink with the learning rate) is one preset, :meth:`DepthGrowth.paper` (the defaults before 0.4). Its
+    shrink with the learning rate) is one preset, :meth:`DepthGrowth.paper` (the defaults before 0.7). Its
     arguments (``warmup_epochs``, ``grow_every``, ``blocks_per_step``, ``step_budget``, ``scale_by_lr``,
     ``max_per_stack``, ``placement``) without an ``operator`` are refused with a message naming the preset, rather
     than silently applied to G_stack, where most of them do not apply.
@@ -269,7 +269,7 @@ class DepthGrowth(GrowthCallback):
                 f"`factor`={factor!r} is how many times deeper operator='stack' makes a stack per step; with "
                 f"operator={operator!r} a step adds up to blocks_per_step blocks. Use operator='stack' or drop factor."
             )
-        # Unused by the other operators, where it keeps its pre-0.4 value (2).
+        # Unused by the other operators, where it keeps its pre-0.7 value (2).
         default_factor = DEFAULT_FACTOR if self.operator == "stack" else 2
         self.factor = check_int("factor", default_factor if factor is None else factor, minimum=2)
         self.optimizer_state: OptimizerState = check_name("optimizer_state", optimizer_state, OPTIMIZER_STATES)
@@ -320,7 +320,7 @@ class DepthGrowth(GrowthCallback):
                 args = ", ".join(f"{k}={v!r}" for k, v in paper.items())
                 raise ValueError(
                     f"DepthGrowth({args}) without an operator: these arguments configure the paper's per-block "
-                    "growth, and since 0.4 DepthGrowth() defaults to G_stack (operator='stack', factor=3, at=[1/3], "
+                    "growth, and since 0.7 DepthGrowth() defaults to G_stack (operator='stack', factor=3, at=[1/3], "
                     "ramped copies; the benchmarks' best), where they do not apply. For the previous defaults use "
                     f"DepthGrowth.paper({args}) (zero-initialised blocks), or name the operator: "
                     "operator='zero_init', 'copy' or 'stack'."
@@ -353,12 +353,12 @@ class DepthGrowth(GrowthCallback):
         seed: int = 0,
         at: Sequence[float] | None = None,
     ) -> DepthGrowth:
-        """The paper's recipe, ``DepthGrowth``'s defaults before 0.4: zero-initialised blocks (``operator=
+        """The paper's recipe, ``DepthGrowth``'s defaults before 0.7: zero-initialised blocks (``operator=
         "zero_init"``, identity at birth), ``blocks_per_step`` blocks per growth step at the end of every
         ``grow_every``-th epoch after ``warmup_epochs`` (both ``1`` unless given, or ``at=[...]`` instead), up to
         ``final_budget=2.0``; the paper's learning-rate-scaled step budget is ``step_budget=...`` with
         ``scale_by_lr=True``. The arguments mean what they mean in :class:`DepthGrowth`; ``DepthGrowth.paper()``
-        makes exactly the events ``DepthGrowth()`` made before 0.4.
+        makes exactly the events ``DepthGrowth()`` made before 0.7.
 
         On the byte-level LM this recipe ended 0.045 ± 0.022 nats/byte *above* a fixed model of the final size,
         where the default G_stack ended 0.040 below it (``docs/growth.md``); keep it to reproduce the paper or
