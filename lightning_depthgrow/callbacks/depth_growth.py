@@ -557,6 +557,11 @@ class DepthGrowth(GrowthCallback):
             self._monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def propose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
+        if self.ramp_steps is None:
+            raise RuntimeError(
+                f"{self.name}: ramp_steps={self.ramp_fraction} is a fraction of the run's optimizer steps, resolved at "
+                "the start of training; grow from a training hook (after on_train_start), or give ramp_steps in steps."
+            )
         if self.operator != "zero_init" and self._still_ramping(pl_module):
             return []
         if self.operator == "stack":
