@@ -24,11 +24,15 @@ GROWERS = {
     ),
     "depth-uniform": lambda: DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement="uniform"),
     "neuron": lambda: NeuronGrowth(step_budget=0.05, warmup_epochs=1, scale_by_lr=False),
+    # The default (ramped stacking), verified on an example input, and on the inputs recorded during fit.
+    "depth-default": lambda: DepthGrowth(),
+    "depth-default-no-example": lambda: DepthGrowth(),
 }
 
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
     "_backward_hooks",
     "_state_dict_hooks",
     "_state_dict_pre_hooks",
@@ -37,8 +41,10 @@ _HOOK_DICTS = (
 )
 
 
-def _fitted(make_module, loader, quiet_trainer, callbacks, tmp_path) -> torch.nn.Module:
+def _fitted(make_module, loader, quiet_trainer, callbacks, tmp_path, example: bool = True) -> torch.nn.Module:
     module = make_module(max_epochs=2)
+    if not example:
+        module.example_input_array = None
     trainer = quiet_trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True, default_root_dir=tmp_path)
     trainer.fit(module, loader())
     return module
@@ -49,8 +55,9 @@ def _fitted(make_module, loader, quiet_trainer, callbacks, tmp_path) -> torch.nn
 def test_module_after_fit_pickles_copies_saves_and_holds_only_its_log(
     name, make_module, loader, quiet_trainer, tmp_path
 ):
-    plain = _fitted(make_module, loader, quiet_trainer, [], tmp_path / "plain")
-    grown = _fitted(make_module, loader, quiet_trainer, [GROWERS[name]()], tmp_path / "grown")
+    example = not name.endswith("-no-example")
+    plain = _fitted(make_module, loader, quiet_trainer, [], tmp_path / "plain", example)
+    grown = _fitted(make_module, loader, quiet_trainer, [GROWERS[name]()], tmp_path / "grown", example)
     log = event_log(grown)
     assert log and all(isinstance(e, ArchitectureEvent) for e in log), "the run must have grown"
 
