@@ -680,13 +680,14 @@ class DepthGrowth(GrowthCallback):
         if kind == "refused":
             raise FunctionNotPreservedError(f"{value} (trial on an input recorded at the first training batch)")
         verdicts: dict[str, str | None] = value
-        refused = {path: reason for path, reason in verdicts.items() if reason is not None}
+        setup_growable = self._growable or set()  # setup's structural checks already warned about the others
+        refused = {path: reason for path, reason in verdicts.items() if reason is not None and path in setup_growable}
         if refused:
             rank_zero_warn(
                 f"{self.name}: not growing block stack(s) {sorted(refused)}: "
                 + " ".join(str(reason) for reason in refused.values())
             )
-        self._growable = {path for path in (self._growable or set()) if verdicts.get(path, "missing") is None}
+        self._growable = {path for path in setup_growable if verdicts.get(path, "missing") is None}
         self._deferred_growable = sorted(self._growable)
         if not self._growable:
             raise FunctionNotPreservedError(
