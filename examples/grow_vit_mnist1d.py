@@ -123,7 +123,7 @@ def run_grown(
     # (docs/growth.md). With placement="curvature", a private monitor with 2 probes on the last batch (one estimate
     # costs about 5 training steps here).
     monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False, seed=seed) if placement == "curvature" else None
-    growth = DepthGrowth(
+    growth = DepthGrowth.paper(
         final_budget=budget,
         warmup_epochs=warmup_epochs,
         grow_every=grow_every,

@@ -91,7 +91,7 @@ def test_depth_growth_on_hf_language_model_preserves_logits_and_generation(name,
     module = LanguageModel(name)
     data = TensorDataset(torch.randint(0, VOCAB, (16, 9), generator=torch.Generator().manual_seed(0)))
     probe = GrowthProbe()
-    growth = DepthGrowth(final_budget=1.45, warmup_epochs=1, grow_every=1, placement="uniform", seed=0)
+    growth = DepthGrowth.paper(final_budget=1.45, warmup_epochs=1, grow_every=1, placement="uniform", seed=0)
     trainer = quiet_trainer(max_epochs=2, callbacks=[probe, growth])
     trainer.fit(module, DataLoader(data, batch_size=8))
 
@@ -134,7 +134,7 @@ def test_depth_growth_with_curvature_placement_on_torchvision_vit():
         torch.randn(16, 3, 16, 16, generator=generator), torch.randint(0, 4, (16,), generator=generator)
     )
     probe = GrowthProbe(lambda m: m.model.encoder.layers)
-    growth = DepthGrowth(final_budget=1.5, warmup_epochs=1, grow_every=1, placement="curvature", seed=0)
+    growth = DepthGrowth.paper(final_budget=1.5, warmup_epochs=1, grow_every=1, placement="curvature", seed=0)
     quiet_trainer(max_epochs=2, callbacks=[probe, growth]).fit(module, DataLoader(data, batch_size=8))
     assert list(vit.encoder.layers._modules) == ["encoder_layer_0", "encoder_layer_1", "encoder_layer_2"]
     grown = [e for e, (b, a) in enumerate(zip(probe.before, probe.after)) if a[1] != b[1]]
@@ -185,7 +185,7 @@ def test_depth_growth_refuses_an_insertion_that_changes_the_function_and_leaves_
         module = PostNormNet()
         generator = torch.Generator().manual_seed(0)
         data = TensorDataset(torch.randn(16, 8, generator=generator), torch.randint(0, 2, (16,), generator=generator))
-        growth = DepthGrowth(final_budget=2.0, warmup_epochs=1, grow_every=1, placement="uniform", seed=0)
+        growth = DepthGrowth.paper(final_budget=2.0, warmup_epochs=1, grow_every=1, placement="uniform", seed=0)
         trainer = quiet_trainer(max_epochs=2, callbacks=[growth])
         with pytest.raises(FunctionNotPreservedError, match=r"not an identity.*undone"):
             trainer.fit(module, DataLoader(data, batch_size=8))

@@ -357,7 +357,7 @@ def test_curvature_placement_falls_back_to_uniform_with_a_warning_naming_the_op(
     # run; the growth step places its block uniformly and says why.
     module = _mobilenet_module()
     module.max_epochs = 2
-    growth = DepthGrowth(final_budget=1.5, warmup_epochs=1, blocks_per_step=1, placement="curvature")
+    growth = DepthGrowth.paper(final_budget=1.5, warmup_epochs=1, blocks_per_step=1, placement="curvature")
     trainer = quiet_trainer(max_epochs=2, callbacks=[growth], limit_val_batches=0)
     with pytest.warns(UserWarning, match=r"not valid.*hardsigmoid_backward.*uniformly instead of by curvature"):
         trainer.fit(module, _mobilenet_loader())

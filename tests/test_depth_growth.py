@@ -81,7 +81,7 @@ def test_schedule_depth_and_budget_never_exceeded():
     start, per_block = count_parameters(module), block_params(module)
     # Room for two blocks and a half: the third growth step must be refused.
     budget = (start + 2.5 * per_block) / start
-    growth = DepthGrowth(final_budget=budget, warmup_epochs=2, grow_every=2, placement="last")
+    growth = DepthGrowth.paper(final_budget=budget, warmup_epochs=2, grow_every=2, placement="last")
     recorder = EpochRecorder()
     trainer(7, [growth, recorder]).fit(module, loader())
 
@@ -101,7 +101,7 @@ def test_flop_budget_with_lr_scaled_step_budget():
     module = tiny_module(max_epochs=4)
     example = first_sample(module.example_input_array)  # budgets and event costs count FLOPs per sample
     start = count_flops(module, example).total
-    growth = DepthGrowth(
+    growth = DepthGrowth.paper(
         final_budget=2.5,
         budget_metric="flops",
         warmup_epochs=1,
@@ -131,7 +131,7 @@ def test_placement_modes_differ():
         module = tiny_module(max_epochs=4)
         # every_n_epochs beyond the run: the monitor's only estimates are the ones DepthGrowth asks for.
         monitor = CurvatureMonitor(every_n_epochs=100, num_batches=2, num_probes=4, log=False)
-        growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, placement=placement, curvature_monitor=monitor)
+        growth = DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement=placement, curvature_monitor=monitor)
         trainer(4, [monitor, growth]).fit(module, loader())
         events = event_log(module)
         indices[placement] = [e.spec["index"] for e in events]
@@ -157,7 +157,7 @@ def test_no_curvature_estimate_once_the_budget_is_used():
     start, per_block = count_parameters(module), block_params(module)
     monitor = CurvatureMonitor(every_n_epochs=100, num_batches=1, num_probes=2, log=False)
     # Room for one block: growth epochs 0, 1 and 2, but only the first one can add anything.
-    growth = DepthGrowth(
+    growth = DepthGrowth.paper(
         final_budget=(start + 1.5 * per_block) / start,
         warmup_epochs=1,
         curvature_monitor=monitor,
@@ -174,7 +174,9 @@ def test_growth_preserves_function_inside_trainer():
     x = torch.randn(5, 1, 1, 40)
     before, after = LogitProbe(x), LogitProbe(x)
     module = tiny_module(max_epochs=3)
-    growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, blocks_per_step=2, max_per_stack=2, placement="uniform")
+    growth = DepthGrowth.paper(
+        final_budget=3.0, warmup_epochs=1, blocks_per_step=2, max_per_stack=2, placement="uniform"
+    )
     trainer(3, [before, growth, after]).fit(module, loader())
     grown = 0
     for (e0, d0, y0), (e1, d1, y1) in zip(before.records, after.records):
@@ -191,7 +193,7 @@ def test_new_parameters_join_twin_groups_follow_schedule_and_train():
     x = torch.randn(2, 1, 1, 40)
     before, after = LogitProbe(x), LogitProbe(x)
     module = tiny_module(max_epochs=3)
-    growth = DepthGrowth(final_budget=2.0, warmup_epochs=1, placement="last")
+    growth = DepthGrowth.paper(final_budget=2.0, warmup_epochs=1, placement="last")
     snapshots: dict[int, torch.Tensor] = {}
 
     class Snapshot(Callback):
@@ -224,7 +226,7 @@ def test_new_parameters_join_twin_groups_follow_schedule_and_train():
 @pytest.mark.slow
 def test_gradient_accumulation_and_clipping_keep_working():
     module = tiny_module(max_epochs=3)
-    growth = DepthGrowth(final_budget=2.0, warmup_epochs=1, placement="uniform")
+    growth = DepthGrowth.paper(final_budget=2.0, warmup_epochs=1, placement="uniform")
     t = trainer(3, [growth], accumulate_grad_batches=3, gradient_clip_val=0.5)
     t.fit(module, loader(n=80))  # 5 batches: the epoch's last optimizer step flushes a partial window
     assert len(module.model.blocks) == 4
@@ -256,17 +258,17 @@ def test_gradient_accumulation_and_clipping_keep_working():
 def test_invalid_arguments(kwargs, error, match):
     # One style: TypeError for a wrong type, ValueError for a wrong value, the message names the argument.
     with pytest.raises(error, match=match):
-        DepthGrowth(**kwargs)
+        DepthGrowth.paper(**kwargs)
 
 
 def test_monitor_is_renamed_curvature_monitor_with_a_deprecation_warning():
     monitor = CurvatureMonitor(log=False)
     with pytest.warns(DeprecationWarning, match="curvature_monitor"):
-        growth = DepthGrowth(monitor=monitor)
+        growth = DepthGrowth(monitor=monitor, operator="zero_init")
     assert growth.curvature_monitor is monitor
-    assert DepthGrowth(curvature_monitor=monitor).curvature_monitor is monitor
+    assert DepthGrowth.paper(curvature_monitor=monitor).curvature_monitor is monitor
     with pytest.raises(ValueError, match="once"), pytest.warns(DeprecationWarning):
-        DepthGrowth(monitor=monitor, curvature_monitor=CurvatureMonitor())
+        DepthGrowth(monitor=monitor, curvature_monitor=CurvatureMonitor(), operator="zero_init")
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -283,7 +285,7 @@ def _assert_untouched(module: nn.Module, state: dict[str, torch.Tensor], t: pl.T
 def test_model_without_growable_stack_fails_before_training():
     torch.manual_seed(0)
     module = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 10)))
-    state, t = _state(module), trainer(2, [DepthGrowth()])
+    state, t = _state(module), trainer(2, [DepthGrowth.paper()])
     with pytest.raises(UnsupportedModelError, match="register_block") as err:
         t.fit(module, loader())
     assert "Containers found" in str(err.value) and "Linear" in str(err.value)
@@ -292,7 +294,7 @@ def test_model_without_growable_stack_fails_before_training():
 
 def test_budget_below_current_size_fails_before_training():
     module = tiny_module()
-    state, t = _state(module), trainer(2, [DepthGrowth(final_budget=1000, budget_mode="absolute")])
+    state, t = _state(module), trainer(2, [DepthGrowth.paper(final_budget=1000, budget_mode="absolute")])
     with pytest.raises(ValueError, match="below the model's current"):
         t.fit(module, loader())
     _assert_untouched(module, state, t)
@@ -301,7 +303,7 @@ def test_budget_below_current_size_fails_before_training():
 def test_compiled_model_is_rejected_before_training():
     module = tiny_module()
     module.model = torch.compile(module.model)
-    state, t = _state(module), trainer(2, [DepthGrowth()])
+    state, t = _state(module), trainer(2, [DepthGrowth.paper()])
     with pytest.raises(RuntimeError, match=r"torch\.compile"):
         t.fit(module, loader())
     _assert_untouched(module, state, t)
@@ -313,7 +315,7 @@ def test_sharded_strategy_is_rejected():
     t = pl.Trainer(strategy=ModelParallelStrategy(), accelerator="cpu", devices=1, logger=False)
     state = _state(module)
     with pytest.raises(RuntimeError, match="ModelParallelStrategy"):
-        DepthGrowth().setup(t, module, "fit")
+        DepthGrowth.paper().setup(t, module, "fit")
     assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
 
 
@@ -364,7 +366,9 @@ def test_a_monitor_in_the_trainer_estimates_once_per_growth_epoch():
     # uses in the next epoch; no second estimate in a growth epoch.
     module = tiny_module(max_epochs=4)
     monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False)  # estimates at every epoch end
-    trainer(4, [monitor, DepthGrowth(final_budget=3.0, warmup_epochs=2, placement="curvature")]).fit(module, loader())
+    trainer(4, [monitor, DepthGrowth.paper(final_budget=3.0, warmup_epochs=2, placement="curvature")]).fit(
+        module, loader()
+    )
     events = event_log(module)
     assert [e.epoch for e in events] == [1, 2]
     assert [h["epoch"] for h in monitor.history] == [0, 1, 2, 3]
@@ -379,7 +383,9 @@ def test_a_growth_at_the_first_epoch_end_shares_the_monitors_estimate():
     # the monitor's epoch-end hook, at the same step, takes that estimate instead of computing a second one.
     module = tiny_module(max_epochs=2)
     monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False)
-    trainer(2, [monitor, DepthGrowth(final_budget=3.0, warmup_epochs=1, placement="curvature")]).fit(module, loader())
+    trainer(2, [monitor, DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement="curvature")]).fit(
+        module, loader()
+    )
     (event,) = event_log(module)
     assert event.epoch == 0
     assert [h["epoch"] for h in monitor.history] == [0, 1]
@@ -387,9 +393,9 @@ def test_a_growth_at_the_first_epoch_end_shares_the_monitors_estimate():
 
 
 def test_placement_defaults_to_uniform_and_a_monitor_without_curvature_placement_is_named():
-    assert DepthGrowth().placement == "uniform"
+    assert DepthGrowth().placement == DepthGrowth.paper().placement == "uniform"
     with pytest.warns(UserWarning, match="only used by placement='curvature'"):
-        DepthGrowth(curvature_monitor=CurvatureMonitor(log=False))
+        DepthGrowth.paper(curvature_monitor=CurvatureMonitor(log=False))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        DepthGrowth(curvature_monitor=CurvatureMonitor(log=False), placement="curvature")
+        DepthGrowth.paper(curvature_monitor=CurvatureMonitor(log=False), placement="curvature")

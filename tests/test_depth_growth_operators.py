@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_depthgrow import load_grown
@@ -15,7 +16,16 @@ from lightning_depthgrow.callbacks import DepthGrowth
 from lightning_depthgrow.events import event_log
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery.ramp import ramped_blocks
-from tests._helpers import RankRecord, make_module, quiet_trainer, random_loader, rank_records, tensor_hash
+from tests._helpers import (
+    Classifier,
+    RankRecord,
+    make_module,
+    make_vit,
+    quiet_trainer,
+    random_loader,
+    rank_records,
+    tensor_hash,
+)
 
 PROBE = torch.randn(8, 1, 1, 40, generator=torch.Generator().manual_seed(5))
 
@@ -48,7 +58,7 @@ def _fit(growth: DepthGrowth, epochs: int, **trainer_kwargs: Any) -> tuple[pl.Li
 
 def test_stack_grows_preserving_the_function_and_folds_when_the_ramp_ends() -> None:
     growth = DepthGrowth(
-        final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=3, warmup_epochs=1
+        factor=2, final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=3, warmup_epochs=1
     )
     module, before, after = _fit(growth, epochs=3)
     log = event_log(module)
@@ -69,7 +79,7 @@ def test_stack_grows_preserving_the_function_and_folds_when_the_ramp_ends() -> N
 
 def test_ramps_advance_once_per_optimizer_step_under_gradient_accumulation() -> None:
     growth = DepthGrowth(
-        final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=3, warmup_epochs=1
+        factor=2, final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=3, warmup_epochs=1
     )
     module, _, _ = _fit(growth, epochs=4, accumulate_grad_batches=2)  # 4 batches, 2 optimizer steps per epoch
     grow, fold = event_log(module)
@@ -80,7 +90,7 @@ def test_ramps_advance_once_per_optimizer_step_under_gradient_accumulation() -> 
 def test_stack_resume_mid_ramp_is_bitwise_and_load_grown_gives_the_same_logits(tmp_path: Path) -> None:
     def run(ckpt_path: str | None, dirpath: Path) -> pl.LightningModule:
         growth = DepthGrowth(
-            final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=6, warmup_epochs=1
+            factor=2, final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=6, warmup_epochs=1
         )
         saver = ModelCheckpoint(dirpath=dirpath, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
         trainer = quiet_trainer(max_epochs=4, callbacks=[growth, saver], enable_checkpointing=True)
@@ -126,8 +136,8 @@ def test_copy_inserts_ramped_copies_preserving_the_function(tmp_path: Path) -> N
         assert torch.equal(fresh(PROBE), module(PROBE))
 
 
-def test_zero_init_default_is_unchanged() -> None:
-    growth = DepthGrowth(final_budget=_params(3), budget_mode="absolute", placement="uniform", warmup_epochs=1)
+def test_the_paper_preset_is_zero_init_unchanged() -> None:
+    growth = DepthGrowth.paper(final_budget=_params(3), budget_mode="absolute", placement="uniform", warmup_epochs=1)
     assert (growth.operator, growth.ramp_steps) == ("zero_init", 0)
     module, before, after = _fit(growth, epochs=2)
     assert [e.kind for e in event_log(module)] == ["insert_block"]
@@ -141,8 +151,10 @@ def test_zero_init_default_is_unchanged() -> None:
         (dict(operator=1), TypeError, "operator"),
         (dict(operator="stack", ramp_steps=-1), ValueError, "ramp_steps"),
         (dict(operator="stack", ramp_steps=True), TypeError, "ramp_steps"),
-        (dict(operator="copy", ramp_steps=2.0), TypeError, "ramp_steps"),
-        (dict(ramp_steps=3), ValueError, "ramp_steps"),
+        (dict(operator="copy", ramp_steps=2.0), ValueError, "ramp_steps.*an int"),
+        (dict(operator="copy", ramp_steps=float("nan")), ValueError, "ramp_steps"),
+        (dict(operator="zero_init", ramp_steps=3), ValueError, "ramp_steps"),
+        (dict(operator="zero_init", ramp_steps=0.1), ValueError, "ramp_steps"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs: dict[str, Any], error: type, name: str) -> None:
@@ -151,7 +163,9 @@ def test_invalid_arguments_name_the_argument(kwargs: dict[str, Any], error: type
 
 
 def test_stack_refuses_a_budget_no_duplication_fits_before_training() -> None:
-    growth = DepthGrowth(final_budget=_params(3), budget_mode="absolute", operator="stack", ramp_steps=2)
+    growth = DepthGrowth(
+        warmup_epochs=1, factor=2, final_budget=_params(3), budget_mode="absolute", operator="stack", ramp_steps=2
+    )
     module = make_module(depth=2)
     start = tensor_hash(module)
     with pytest.raises(ValueError, match="duplicating the smallest stack"):
@@ -159,16 +173,27 @@ def test_stack_refuses_a_budget_no_duplication_fits_before_training() -> None:
     assert tensor_hash(module) == start and len(module.model.blocks) == 2
 
 
-def test_a_ramp_without_an_example_input_is_refused_before_training() -> None:
+class CallsItsModel(Classifier):
+    """A training_step that calls ``self.model``, never the LightningModule itself: no forward call to record."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+
+def test_a_ramp_without_any_input_is_refused_before_the_first_optimizer_step() -> None:
     # Without an input no step can be tried on a copy, so a block the ramp cannot blend (a tuple output) would
-    # only fail after the module had grown.
+    # only fail after the module had grown. No example input, and no call of the module to record one from.
     growth = DepthGrowth(final_budget=2.0, operator="copy", ramp_steps=2, warmup_epochs=1)
-    module = make_module(depth=2)
+    torch.manual_seed(0)
+    module = CallsItsModel(make_vit(depth=2))
     module.example_input_array = None
     start = tensor_hash(module)
-    with pytest.raises(ValueError, match=r"example_input_array.*DepthGrowth\(example_input=\.\.\.\)"):
-        quiet_trainer(max_epochs=2, callbacks=[growth]).fit(module, random_loader())
-    assert tensor_hash(module) == start and len(module.model.blocks) == 2
+    trainer = quiet_trainer(max_epochs=2, callbacks=[growth])
+    with pytest.raises(ValueError, match=r"found none.*example_input_array.*DepthGrowth\(example_input=\.\.\.\)"):
+        trainer.fit(module, random_loader())
+    assert tensor_hash(module) == start and len(module.model.blocks) == 2 and trainer.global_step == 0
+    assert event_log(module) == [] and module._forward_pre_hooks == {}
 
 
 @pytest.mark.parametrize("order", ["stack", "interleave"])
@@ -212,7 +237,7 @@ def test_stack_with_ramp_under_ddp_keeps_ranks_identical_and_survives_the_fold(t
     # timm's ViT has no buffers but the ramps: the fold removes the last ones, and DDP must be re-wrapped or its
     # next forward fails inside torch.
     growth = DepthGrowth(
-        final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=2, warmup_epochs=1
+        factor=2, final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=2, warmup_epochs=1
     )
     trainer = quiet_trainer(max_epochs=3, devices=2, strategy="ddp_spawn", callbacks=[growth, RankRecord(tmp_path)])
     trainer.fit(make_module(depth=2, max_epochs=3), random_loader(n=64, batch_size=8))

@@ -58,7 +58,7 @@ def test_growth_under_ddp_keeps_ranks_identical(tmp_path):
     module = Classifier(make_vit(depth=2, embed_dim=16, num_heads=2), max_epochs=3)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 1, 1, 40, generator=g), torch.randint(0, 10, (64,), generator=g))
-    growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, placement="curvature")
+    growth = DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement="curvature")
     trainer = pl.Trainer(
         max_epochs=3,
         accelerator="cpu",

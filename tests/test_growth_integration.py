@@ -161,7 +161,7 @@ def test_hf_bert_is_refused_at_setup_with_the_adapters_message_module_untouched(
     torch.manual_seed(0)
     module = Bert()
     digest, depth = tensor_hash(module), module.model.config.num_hidden_layers
-    trainer = quiet_trainer(max_epochs=2, callbacks=[DepthGrowth(final_budget=2.0, warmup_epochs=1)])
+    trainer = quiet_trainer(max_epochs=2, callbacks=[DepthGrowth.paper(final_budget=2.0, warmup_epochs=1)])
     loader = DataLoader(TensorDataset(torch.randint(0, 32, (8, 6))), batch_size=4)
     with pytest.raises(
         UnsupportedModelError, match=r"DepthGrowth: No block stack of Bert can grow.*post-LayerNorm.*ramp"
@@ -177,7 +177,7 @@ def test_a_block_whose_zeroed_copy_is_no_identity_is_refused_at_setup_on_example
     torch.manual_seed(0)
     module = TwoStacks(TanhAfterAdd, TanhAfterAdd, example=False)
     digest = tensor_hash(module)
-    growth = DepthGrowth(final_budget=2.0, warmup_epochs=1, placement="uniform", example_input=torch.randn(4, 8))
+    growth = DepthGrowth.paper(final_budget=2.0, warmup_epochs=1, placement="uniform", example_input=torch.randn(4, 8))
     trainer = quiet_trainer(max_epochs=2, callbacks=[growth])
     with pytest.raises(FunctionNotPreservedError, match=r"trial insertion.*a\.1.*not an identity.*b\.1"):
         trainer.fit(module, data())
@@ -190,7 +190,7 @@ def test_only_stacks_that_pass_the_trial_are_planned_over(registered):
     # old main both were planned and the growth step stopped training).
     torch.manual_seed(0)
     module = TwoStacks(ResidualMLP, TanhAfterAdd)
-    growth = DepthGrowth(
+    growth = DepthGrowth.paper(
         final_budget=3.0, warmup_epochs=1, grow_every=1, placement="uniform", blocks_per_step=2, max_per_stack=None
     )
     with pytest.warns(UserWarning, match=r"not growing block stack\(s\) \['b'\].*not an identity"):
@@ -210,7 +210,7 @@ def test_a_growth_step_that_changes_the_function_is_refused_module_and_optimizer
     torch.manual_seed(0)
     module = TwoStacks(ResidualMLP, PostNorm)
     snapshot = LastBatchSnapshot()
-    growth = DepthGrowth(
+    growth = DepthGrowth.paper(
         final_budget=3.0, warmup_epochs=1, grow_every=1, placement="uniform", blocks_per_step=2, max_per_stack=1
     )
     trainer = quiet_trainer(max_epochs=2, callbacks=[snapshot, growth])
@@ -228,7 +228,7 @@ def test_a_verified_multi_block_step_grows_every_block_and_keeps_the_function(re
     # The trial of a whole step is undone before the real application: the result is the step, once.
     torch.manual_seed(0)
     module = TwoStacks(ResidualMLP, ResidualMLP)
-    growth = DepthGrowth(
+    growth = DepthGrowth.paper(
         final_budget=3.0, warmup_epochs=1, grow_every=1, placement="uniform", blocks_per_step=2, max_per_stack=1
     )
     snapshot = LastBatchSnapshot()
@@ -259,7 +259,7 @@ def test_torchvision_vit_plans_and_reasons_name_encoder_layer_keys():
             plans.append(super().plan(trainer, pl_module))
             return plans[-1]
 
-    growth = Plans(final_budget=1.3, warmup_epochs=1, grow_every=1, placement="uniform", seed=0)
+    growth = Plans(final_budget=1.3, warmup_epochs=1, grow_every=1, placement="uniform", seed=0, operator="zero_init")
     quiet_trainer(max_epochs=2, callbacks=[growth]).fit(module, loader)
     (insertion,) = plans[0]
     prefix = "model.encoder.layers.encoder_layer_"

@@ -37,7 +37,7 @@ def _refused(module, callbacks, error, match, **kwargs):
 
 @pytest.mark.parametrize("grower", ["depth", "neuron"])
 def test_growth_during_a_dms_search_is_refused_at_setup(grower):
-    growth = DepthGrowth(warmup_epochs=1) if grower == "depth" else NeuronGrowth(warmup_epochs=2)
+    growth = DepthGrowth.paper(warmup_epochs=1) if grower == "depth" else NeuronGrowth(warmup_epochs=2)
     dms = DifferentiableModelScaling(target=0.6, search_epochs=2)
     _refused(
         make_module(), [dms, growth], RuntimeError, r"during DifferentiableModelScaling's search.*warmup_epochs >= 3"
@@ -49,14 +49,14 @@ def test_a_gated_supernet_without_its_dms_callback_is_refused():
     event = attach_event(module, lr=0.01)
     apply_event(module, event)
     event_log(module).append(event)  # as a checkpoint taken during a search leaves it
-    _refused(module, [DepthGrowth()], RuntimeError, "DMS search gates")
+    _refused(module, [DepthGrowth.paper()], RuntimeError, "DMS search gates")
 
 
 @pytest.mark.slow
 def test_growth_after_the_dms_export_keeps_working():
     module = make_module(max_epochs=3)
     dms = DifferentiableModelScaling(target=0.7, search_epochs=1)
-    _fit(module, [dms, DepthGrowth(final_budget=3.0, warmup_epochs=2, placement="uniform")], epochs=3)
+    _fit(module, [dms, DepthGrowth.paper(final_budget=3.0, warmup_epochs=2, placement="uniform")], epochs=3)
     assert [e.kind for e in event_log(module)] == ["dms_attach", "dms_export", "insert_block"]
     assert event_log(module)[-1].epoch == 1
 
@@ -78,7 +78,9 @@ class LayerwiseDecay(Classifier):
 def test_param_groups_per_block_are_refused_before_training():
     torch.manual_seed(0)
     module = LayerwiseDecay(make_vit())
-    _refused(module, [DepthGrowth(placement="uniform")], RuntimeError, "param groups of its own.*not one per block")
+    _refused(
+        module, [DepthGrowth.paper(placement="uniform")], RuntimeError, "param groups of its own.*not one per block"
+    )
 
 
 # ---------------------------------------------------------------- 9.12 a budget no block fits
@@ -88,7 +90,10 @@ def test_a_budget_smaller_than_the_smallest_block_is_refused_naming_its_size():
     module = make_module()
     size = count_parameters(module.model.blocks[0])
     _refused(
-        module, [DepthGrowth(final_budget=1.05)], ValueError, rf"smallest block .*model\.blocks\.\d+\) has {size:,}"
+        module,
+        [DepthGrowth.paper(final_budget=1.05)],
+        ValueError,
+        rf"smallest block .*model\.blocks\.\d+\) has {size:,}",
     )
     _refused(
         make_module(), [NeuronGrowth(step_budget=2, budget_mode="absolute")], ValueError, "nothing would ever grow"
@@ -109,7 +114,7 @@ def test_a_diverged_model_is_not_grown_and_the_loss_is_named(placement):
     torch.manual_seed(0)
     module = Diverged(make_vit(), max_epochs=3)
     with pytest.warns(UserWarning, match="training loss is not finite"):
-        _fit(module, [DepthGrowth(placement=placement, final_budget=3.0)])
+        _fit(module, [DepthGrowth.paper(placement=placement, final_budget=3.0)])
     assert event_log(module) == [] and len(module.model.blocks) == 2
 
 
@@ -141,7 +146,7 @@ def test_manual_optimization_is_refused_at_setup_naming_the_callback_and_loss_fn
     torch.manual_seed(0)
     _refused(
         Manual(make_vit()),
-        [DepthGrowth(placement="curvature")],
+        [DepthGrowth.paper(placement="curvature")],
         RuntimeError,
         r"DepthGrowth\(placement='curvature'\).*loss_fn",
     )
@@ -153,7 +158,7 @@ def test_manual_optimization_grows_with_a_loss_fn():
     torch.manual_seed(0)
     module = Manual(make_vit())
     monitor = CurvatureMonitor(loss_fn=_loss, log=False, num_probes=2)
-    _fit(module, [DepthGrowth(final_budget=3.0, curvature_monitor=monitor, placement="curvature")], epochs=2)
+    _fit(module, [DepthGrowth.paper(final_budget=3.0, curvature_monitor=monitor, placement="curvature")], epochs=2)
     assert [e.kind for e in event_log(module)] == ["insert_block"]
 
 
@@ -167,7 +172,7 @@ def test_flop_budgets_and_event_costs_count_per_sample():
     module = make_module()
     module.example_input_array = torch.zeros(8, 1, 1, 40)  # a batch of 8: the numbers must not depend on it
     before = count_model_flops(module, module.example_input_array)
-    growth = DepthGrowth(final_budget=3.0, budget_metric="flops", placement="uniform")
+    growth = DepthGrowth.paper(final_budget=3.0, budget_metric="flops", placement="uniform")
     _fit(module, [growth], epochs=2)
     (event,) = event_log(module)
     assert (
@@ -184,7 +189,7 @@ def test_flop_budgets_and_event_costs_count_per_sample():
 
 def test_fit_of_a_compiled_lightning_module_is_refused():
     module = make_module()
-    trainer = quiet_trainer(max_epochs=2, callbacks=[DepthGrowth()])
+    trainer = quiet_trainer(max_epochs=2, callbacks=[DepthGrowth.paper()])
     with pytest.raises(RuntimeError, match=r"torch\.compile"):
         trainer.fit(torch.compile(module), random_loader())
     assert trainer.global_step == 0 and len(module.model.blocks) == 2

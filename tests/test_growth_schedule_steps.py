@@ -87,7 +87,7 @@ def test_fraction_schedule_maps_fractions_to_optimizer_steps() -> None:
         (dict(at=0.5), TypeError, "sequence of fractions"),
         (dict(at=[0.5], warmup_epochs=2), ValueError, "not both"),
         (dict(at=[0.5], grow_every=1), ValueError, "not both"),
-        (dict(factor=3), ValueError, "factor"),
+        (dict(operator="zero_init", factor=3), ValueError, "factor"),
         (dict(operator="copy", ramp_steps=2, factor=2), ValueError, "factor"),
         (dict(operator="stack", factor=1), ValueError, "factor"),
         (dict(operator="stack", factor=True), TypeError, "factor"),
@@ -104,14 +104,14 @@ def test_invalid_schedule_and_factor_arguments_name_the_argument(
 def test_schedule_views() -> None:
     by_fraction = DepthGrowth(at=(0.1, 0.5))
     assert (by_fraction.at, by_fraction.warmup_epochs, by_fraction.grow_every) == ((0.1, 0.5), None, None)
-    by_epoch = DepthGrowth()
+    by_epoch = DepthGrowth.paper()
     assert (by_epoch.at, by_epoch.warmup_epochs, by_epoch.grow_every, by_epoch.factor) == (None, 1, 1, 2)
 
 
 def test_fractions_grow_after_the_right_optimizer_steps_mid_epoch() -> None:
     # 64 samples / batch 16 = 4 optimizer steps per epoch, 5 epochs: 20 steps. 0.1 -> step 2, 0.45 -> step 9
     # (both mid-epoch: epoch 0 batch 1, epoch 2 batch 0).
-    growth = DepthGrowth(final_budget=_params(4), budget_mode="absolute", placement="uniform", at=[0.1, 0.45])
+    growth = DepthGrowth.paper(final_budget=_params(4), budget_mode="absolute", placement="uniform", at=[0.1, 0.45])
     depths = Depths()
     module = make_module(depth=2, max_epochs=5)
     quiet_trainer(max_epochs=5, callbacks=[growth, depths]).fit(module, random_loader())
@@ -124,7 +124,7 @@ def test_fractions_grow_after_the_right_optimizer_steps_mid_epoch() -> None:
 def test_gradient_accumulation_counts_optimizer_steps_not_batches() -> None:
     # 4 batches per epoch, accumulate 2: 2 optimizer steps per epoch, 5 epochs = 10 steps (20 batches).
     # at=0.3 is step 3 (batch 6 of 20 would be the wrong, batch-counting, answer: step 3 is batch index 5).
-    growth = DepthGrowth(final_budget=_params(3), budget_mode="absolute", placement="uniform", at=[0.3])
+    growth = DepthGrowth.paper(final_budget=_params(3), budget_mode="absolute", placement="uniform", at=[0.3])
     depths = Depths()
     module = make_module(depth=2, max_epochs=5)
     trainer = quiet_trainer(max_epochs=5, accumulate_grad_batches=2, callbacks=[growth, depths])
@@ -164,7 +164,7 @@ def test_stack_factor_that_does_not_fit_the_budget_is_refused_before_training() 
 
 def test_blocks_per_step_above_the_insertion_positions_is_refused_before_training() -> None:
     # Two blocks, so two insertion positions: 4 blocks in one step cannot be planned (it used to add 2 silently).
-    growth = DepthGrowth(final_budget=3.0, blocks_per_step=4, max_per_stack=None, placement="uniform")
+    growth = DepthGrowth.paper(final_budget=3.0, blocks_per_step=4, max_per_stack=None, placement="uniform")
     module = make_module(depth=2)
     start = tensor_hash(module)
     with pytest.raises(ValueError, match=r"blocks_per_step=4.*at most one block per insertion position.*factor"):
@@ -172,7 +172,7 @@ def test_blocks_per_step_above_the_insertion_positions_is_refused_before_trainin
     assert tensor_hash(module) == start
     # max_per_stack caps it too: 2 positions, max_per_stack=1 -> 1 block per step.
     with pytest.raises(ValueError, match=r"blocks_per_step=2.*max_per_stack=1"):
-        quiet_trainer(max_epochs=2, callbacks=[DepthGrowth(blocks_per_step=2)]).fit(module, random_loader())
+        quiet_trainer(max_epochs=2, callbacks=[DepthGrowth.paper(blocks_per_step=2)]).fit(module, random_loader())
 
 
 def test_planned_budgets_rise_in_apply_order() -> None:
@@ -210,7 +210,9 @@ def test_a_run_without_a_known_length_is_refused_before_the_first_step() -> None
 def test_resume_after_a_step_triggered_growth_is_bitwise_and_load_grown_matches(tmp_path: Path) -> None:
     # 4 epochs of 4 steps; at=0.3 -> growth after step 5 (epoch 1, batch 0), ramp 6 steps (fold at step 11).
     def run(ckpt_path: str | None, dirpath: Path) -> tuple[pl.LightningModule, Depths]:
-        growth = DepthGrowth(final_budget=_params(4), budget_mode="absolute", operator="stack", ramp_steps=6, at=[0.3])
+        growth = DepthGrowth(
+            final_budget=_params(4), budget_mode="absolute", operator="stack", factor=2, ramp_steps=6, at=[0.3]
+        )
         per_epoch = ModelCheckpoint(dirpath=dirpath, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
         at_growth = ModelCheckpoint(dirpath=dirpath, filename="{step}", save_top_k=-1, every_n_train_steps=5)
         depths = Depths()

@@ -427,7 +427,7 @@ def test_curvature_of_a_monitor_driven_by_depth_growth_is_recorded(tmp_path):
 
     # The monitor is given to DepthGrowth only (not in trainer.callbacks), as the demo does.
     monitor = CurvatureMonitor(num_probes=2, log=False)
-    growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, curvature_monitor=monitor, placement="curvature")
+    growth = DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, curvature_monitor=monitor, placement="curvature")
     logger = ArchitectureLogger()
     trainer = quiet_trainer(max_epochs=3, logger=CSVLogger(tmp_path), callbacks=[growth, logger])
     trainer.fit(TinyClassifier())

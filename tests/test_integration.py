@@ -137,7 +137,7 @@ class LossRecorder(Callback):
 
 
 def growth() -> DepthGrowth:
-    return DepthGrowth(final_budget=3.0, warmup_epochs=1, placement="curvature", seed=3)
+    return DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement="curvature", seed=3)
 
 
 def monitor() -> CurvatureMonitor:

@@ -18,17 +18,21 @@ from lightning_depthgrow.callbacks import CurvatureMonitor, DepthGrowth, NeuronG
 from lightning_depthgrow.events import LOG_ATTRIBUTE, ArchitectureEvent, event_log
 
 GROWERS = {
-    "depth-curvature": lambda: DepthGrowth(final_budget=3.0, warmup_epochs=1, placement="curvature"),
-    "depth-private-monitor": lambda: DepthGrowth(
+    "depth-curvature": lambda: DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement="curvature"),
+    "depth-private-monitor": lambda: DepthGrowth.paper(
         final_budget=3.0, warmup_epochs=1, curvature_monitor=CurvatureMonitor(num_probes=2, log=False)
     ),
-    "depth-uniform": lambda: DepthGrowth(final_budget=3.0, warmup_epochs=1, placement="uniform"),
+    "depth-uniform": lambda: DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement="uniform"),
     "neuron": lambda: NeuronGrowth(step_budget=0.05, warmup_epochs=1, scale_by_lr=False),
+    # The default (ramped stacking), verified on an example input, and on the inputs recorded during fit.
+    "depth-default": lambda: DepthGrowth(),
+    "depth-default-no-example": lambda: DepthGrowth(),
 }
 
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
     "_backward_hooks",
     "_state_dict_hooks",
     "_state_dict_pre_hooks",
@@ -37,8 +41,10 @@ _HOOK_DICTS = (
 )
 
 
-def _fitted(make_module, loader, quiet_trainer, callbacks, tmp_path) -> torch.nn.Module:
+def _fitted(make_module, loader, quiet_trainer, callbacks, tmp_path, example: bool = True) -> torch.nn.Module:
     module = make_module(max_epochs=2)
+    if not example:
+        module.example_input_array = None
     trainer = quiet_trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True, default_root_dir=tmp_path)
     trainer.fit(module, loader())
     return module
@@ -49,8 +55,9 @@ def _fitted(make_module, loader, quiet_trainer, callbacks, tmp_path) -> torch.nn
 def test_module_after_fit_pickles_copies_saves_and_holds_only_its_log(
     name, make_module, loader, quiet_trainer, tmp_path
 ):
-    plain = _fitted(make_module, loader, quiet_trainer, [], tmp_path / "plain")
-    grown = _fitted(make_module, loader, quiet_trainer, [GROWERS[name]()], tmp_path / "grown")
+    example = not name.endswith("-no-example")
+    plain = _fitted(make_module, loader, quiet_trainer, [], tmp_path / "plain", example)
+    grown = _fitted(make_module, loader, quiet_trainer, [GROWERS[name]()], tmp_path / "grown", example)
     log = event_log(grown)
     assert log and all(isinstance(e, ArchitectureEvent) for e in log), "the run must have grown"
 
@@ -82,10 +89,10 @@ def test_module_after_fit_pickles_copies_saves_and_holds_only_its_log(
 def test_evaluating_a_fresh_module_from_a_grown_checkpoint_leaves_nothing_behind(
     make_module, loader, quiet_trainer, tmp_path
 ):
-    _fitted(make_module, loader, quiet_trainer, [DepthGrowth(final_budget=3.0, warmup_epochs=1)], tmp_path)
+    _fitted(make_module, loader, quiet_trainer, [DepthGrowth.paper(final_budget=3.0, warmup_epochs=1)], tmp_path)
     ckpt = next(tmp_path.glob("**/*.ckpt"))
     fresh = make_module(max_epochs=2)
-    trainer = quiet_trainer(callbacks=[DepthGrowth(final_budget=3.0)])
+    trainer = quiet_trainer(callbacks=[DepthGrowth.paper(final_budget=3.0)])
     trainer.validate(fresh, loader(), ckpt_path=str(ckpt))
     assert len(fresh.model.blocks) == 3
     assert not fresh._load_state_dict_pre_hooks

@@ -25,6 +25,7 @@ def _stack(optimizer_state: str = "copy", ramp_steps: int = 3, **kwargs: Any) ->
         final_budget=_params(4),
         budget_mode="absolute",
         operator="stack",
+        factor=2,
         ramp_steps=ramp_steps,
         warmup_epochs=1,
         optimizer_state=optimizer_state,
@@ -121,7 +122,7 @@ def test_copied_state_under_ddp_keeps_ranks_identical(tmp_path: Path) -> None:
         ({"operator": "stack", "optimizer_state": "adam"}, ValueError, "optimizer_state.*'fresh', 'copy'.*'adam'"),
         ({"operator": "stack", "optimizer_state": None}, TypeError, "optimizer_state"),
         ({"operator": "copy", "optimizer_state": True}, TypeError, "optimizer_state"),
-        ({"optimizer_state": "copy"}, ValueError, "operator='zero_init' makes zero-initialised blocks"),
+        ({"operator": "zero_init", "optimizer_state": "copy"}, ValueError, "operator='zero_init' makes zero-initial"),
     ],
 )
 def test_a_bad_optimizer_state_is_refused(kwargs: dict[str, Any], error: type, match: str) -> None:

@@ -173,7 +173,12 @@ def _moved(after: torch.Tensor, before: torch.Tensor) -> float:
 
 def _growth(operator: str, ramp_steps: int = RAMP) -> DepthGrowth:
     return DepthGrowth(
-        final_budget=8.0, operator=operator, ramp_steps=ramp_steps, at=[GROW_AT / BATCHES], placement="uniform"
+        final_budget=8.0,
+        operator=operator,
+        ramp_steps=ramp_steps,
+        at=[GROW_AT / BATCHES],
+        placement="uniform",
+        factor=2 if operator == "stack" else None,
     )
 
 
@@ -226,7 +231,7 @@ def test_resume_mid_ramp_is_bitwise_and_load_grown_of_the_mid_ramp_checkpoint(tm
     # checkpoint (step 12, ramp at 6/9), folded at step 15.
     def run(ckpt_path: str | None, dirpath: Path) -> tuple[LitModel, Probe]:
         module, loader = _build("torch_post_ln")
-        growth = DepthGrowth(final_budget=8.0, operator="stack", ramp_steps=9, at=[1 / 3])
+        growth = DepthGrowth(factor=2, final_budget=8.0, operator="stack", ramp_steps=9, at=[1 / 3])
         saver = ModelCheckpoint(dirpath=dirpath, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
         probe = Probe()
         trainer = quiet_trainer(max_epochs=3, callbacks=[growth, probe, saver], enable_checkpointing=True)
@@ -254,7 +259,9 @@ def test_zero_init_keeps_its_refusal_of_post_layernorm_blocks() -> None:
     module, loader = _build("torch_post_ln")
     start = tensor_hash(module)
     with pytest.raises(UnsupportedModelError, match=r"post-LayerNorm.*ramp_steps >= 1"):
-        quiet_trainer(max_epochs=1, callbacks=[DepthGrowth(final_budget=8.0, placement="uniform")]).fit(module, loader)
+        quiet_trainer(max_epochs=1, callbacks=[DepthGrowth.paper(final_budget=8.0, placement="uniform")]).fit(
+            module, loader
+        )
     assert tensor_hash(module) == start
 
 

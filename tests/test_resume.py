@@ -38,7 +38,7 @@ def loaders() -> tuple[DataLoader, DataLoader]:
 
 
 def fit(module: Classifier, ckpt_dir: Path, ckpt_path: str | None = None) -> pl.Trainer:
-    growth = DepthGrowth(final_budget=3.0, warmup_epochs=1, placement="curvature", seed=3)
+    growth = DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement="curvature", seed=3)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer = quiet_trainer(
         max_epochs=EPOCHS, callbacks=[growth, checkpoint], enable_checkpointing=True, deterministic=True

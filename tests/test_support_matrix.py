@@ -507,7 +507,7 @@ def observe_depth_growth(module: LitModel, family: Family, **operator: Any) -> d
         step_budget=7.0,
         max_per_stack=1,
         warmup_epochs=1,
-        **operator,
+        **{"operator": "zero_init", **operator},  # the paper's zero-init blocks unless the caller names another
     )
     before_state = _fingerprint(module)
     with warnings.catch_warnings(record=True) as caught:

@@ -57,7 +57,7 @@ def _fit_offline(wandb_dir: str, module, callbacks, **kwargs):
 @pytest.mark.slow
 def test_wandb_offline_run_records_architecture_evolution(tmp_path, wandb_dir):
     monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False)
-    growth = DepthGrowth(
+    growth = DepthGrowth.paper(
         final_budget=3.0, warmup_epochs=1, grow_every=1, placement="curvature", curvature_monitor=monitor
     )
     probe = DepthProbe()
@@ -179,7 +179,7 @@ def test_ddp_only_rank_zero_writes(tmp_path, wandb_dir):
         strategy="ddp_spawn",
         limit_train_batches=2,
         logger=[csv_logger, wandb_logger],
-        callbacks=[DepthGrowth(final_budget=3.0, warmup_epochs=1, placement="last"), ArchitectureLogger()],
+        callbacks=[DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement="last"), ArchitectureLogger()],
     )
     trainer.fit(TinyClassifier())
 

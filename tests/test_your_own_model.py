@@ -55,8 +55,8 @@ def test_the_page_runs_and_prints_what_it_says():
     printed_flat = " ".join(printed.split())
     # Register the block: the stack can grow, checked on x.
     assert lines[0] == "{'blocks': None}"
-    # Grow it in a Trainer: two blocks inserted within final_budget=2.0.
-    assert lines[1] == "4"
+    # Grow it in a Trainer: the default makes the 2-block stack 3x deeper.
+    assert lines[1] == "6"
     # Every message the page quotes is what the code printed (the page cannot drift from the library).
     quotes = _quotes(DOC.read_text())
     assert len(quotes) == 2

@@ -25,7 +25,7 @@ from ..history import (
     write_events_csv,
 )
 from ..validation import check_bool, check_int
-from . import _common
+from . import _common, plumbing
 from .curvature_monitor import CurvatureMonitor
 from .depth_growth import DepthGrowth
 
@@ -79,8 +79,9 @@ class ArchitectureLogger(Callback):
 
     Args:
         log_every_n_epochs: poll at the end of every n-th training epoch (training end always polls).
-        flops: count FLOPs per sample on ``pl_module.example_input_array`` or, if unset, the first tensor of
-            the first training batch.
+        flops: count FLOPs per sample on ``pl_module.example_input_array`` or, if unset, on the input first found
+            at the first training batch (:func:`~lightning_depthgrow.callbacks.plumbing.example_input`: the module's
+            last forward call when a growth callback records them, else the first tensor of the batch), one row.
         wandb_table: log the events as a W&B table.
         heatmap: log the curvature heat map and the figures as images to W&B and TensorBoard (needs matplotlib).
         report: write the HTML report (:func:`~lightning_depthgrow.report.write_report`) into
@@ -151,7 +152,7 @@ class ArchitectureLogger(Callback):
         if not trainer.is_global_zero:
             return
         if self._example_input is None and self.flops:
-            self._example_input = _example_input(pl_module, batch)
+            self._example_input = plumbing.example_input(pl_module, batch=batch, sample=True)
         if self._start_pending:
             self._start_pending = False
             self._poll(trainer, pl_module, "train_start", epoch=trainer.current_epoch)
@@ -432,25 +433,6 @@ def _events_csv_text(events: list[EventRow]) -> str:
     buffer = io.StringIO()
     write_events_csv(events, buffer)
     return buffer.getvalue()
-
-
-def _example_input(pl_module: pl.LightningModule, batch: Any) -> Any:
-    """A sample input: the first tensor of the batch, cut to one row (only when the module sets none)."""
-    if pl_module.example_input_array is not None:
-        return None
-    tensor = _first_tensor(batch)
-    return None if tensor is None else tensor[:1].detach().clone()
-
-
-def _first_tensor(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for value in values:
-        found = _first_tensor(value)
-        if found is not None:
-            return found
-    return None
 
 
 def _scalars(snapshot: ArchitectureSnapshot, curvature: list[CurvatureRecord]) -> dict[str, float]:

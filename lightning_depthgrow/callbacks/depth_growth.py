@@ -49,9 +49,50 @@ OPERATORS = ("zero_init", "copy", "stack")
 #: The optimizer state of copied blocks (``optimizer_state=``): fresh, or copied from the source block.
 OptimizerState = Literal["fresh", "copy"]
 
+# The defaults: the recipe the byte-level LM benchmark found best (README "Depth growth", docs/growth.md): G_stack,
+# every stack made 3x deeper once, after a third of training, the copies ramped in over 12% of the run (180 of 1,500
+# steps; 60 steps was worse, 300 no better). A relative budget of 3.0 always fits a 3x stacking (the blocks are part
+# of the model), so the default never refuses for lack of budget and never grows past 3x the starting size.
+#: ``operator`` when none is given.
+DEFAULT_OPERATOR = "stack"
+#: ``at`` when neither ``at`` nor ``warmup_epochs``/``grow_every`` is given.
+DEFAULT_AT = (1 / 3,)
+#: ``factor`` of ``operator="stack"`` when none is given.
+DEFAULT_FACTOR = 3
+#: ``ramp_steps`` of ``"copy"``/``"stack"`` when none is given: this fraction of the run's optimizer steps.
+DEFAULT_RAMP_FRACTION = 0.12
+#: ``final_budget`` when none is given (relative: 3x the starting size).
+DEFAULT_FINAL_BUDGET = 3.0
+# The arguments of the paper's per-block recipe (DepthGrowth.paper) and their defaults there and in DepthGrowth.
+_PAPER_ARGUMENTS = {
+    "warmup_epochs": None,
+    "grow_every": None,
+    "blocks_per_step": 1,
+    "step_budget": None,
+    "scale_by_lr": False,
+    "max_per_stack": 1,
+    "placement": "uniform",
+}
+
 
 class DepthGrowth(GrowthCallback):
-    """Insert function-preserving residual blocks during training until a parameter/FLOP budget is reached.
+    """Grow a model's depth during training, function-preserving, until a parameter/FLOP budget is reached.
+
+    **Defaults** (since 0.7; the recipe the benchmarks found best, ``docs/growth.md``): ``DepthGrowth()`` is G_stack.
+    After a third of the run's optimizer steps (``at=[1/3]``) every growable block stack is made 3 times deeper
+    (``operator="stack"``, ``factor=3``: ``[b0, b1] -> [b0, b1, b0', b1', b0'', b1'']``), the copies ramping in over
+    12% of the run (``ramp_steps=0.12``), within 3x the starting parameters (``final_budget=3.0``). On the byte-level
+    LM it ended 0.040 ± 0.017 nats/byte below a fixed model of the final size (better in every seed) where
+    zero-initialised blocks ended 0.045 above it. The step is verified on an input the model is called with: the
+    ``example_input``, ``pl_module.example_input_array``, or else the inputs of the module's latest forward call
+    during ``fit`` (recorded by a forward pre-hook that ``fit``'s end removes), so a module without an example input
+    grows too, as long as ``training_step`` calls the module itself (``self(x)``).
+
+    **The paper's recipe** (zero-initialised blocks, a warm-up then growth every N epochs, a per-step budget that can
+    shrink with the learning rate) is one preset, :meth:`DepthGrowth.paper` (the defaults before 0.7). Its
+    arguments (``warmup_epochs``, ``grow_every``, ``blocks_per_step``, ``step_budget``, ``scale_by_lr``,
+    ``max_per_stack``, ``placement``) without an ``operator`` are refused with a message naming the preset, rather
+    than silently applied to G_stack, where most of them do not apply.
 
     *When*: with ``at=[f, ...]``, right after the optimizer step at each fraction ``f`` of the training's optimizer
     steps (``Trainer.estimated_stepping_batches``: ``max_steps``, or ``max_epochs`` x optimizer steps per epoch;
@@ -64,15 +105,16 @@ class DepthGrowth(GrowthCallback):
 
     Args:
         final_budget: the size at which growth stops: a multiple of the starting model's size
-            (``budget_mode="relative"``, e.g. ``2.0``) or an absolute count (``budget_mode="absolute"``).
-            A block is only added if the model still fits afterwards.
+            (``budget_mode="relative"``, default ``3.0``) or an absolute count (``budget_mode="absolute"``).
+            A block (or a stack's stacking) is only added if the model still fits afterwards.
         budget_metric: ``"params"`` (parameters of the whole LightningModule) or ``"flops"`` (forward FLOPs
             per sample, counted on the first sample of ``example_input``, default ``pl_module.example_input_array``).
         budget_mode: how ``final_budget`` and ``step_budget`` are read: ``"relative"`` to the starting size,
             or ``"absolute"`` counts.
         warmup_epochs: epochs trained before the first growth step (the first growth happens at the end of
-            epoch ``warmup_epochs``; ``0`` is the same as ``1``). Default ``1``; not with ``at``.
-        grow_every: after warm-up, grow at the end of every ``grow_every``-th epoch. Default ``1``; not with ``at``.
+            epoch ``warmup_epochs``; ``0`` is the same as ``1``). Giving it (or ``grow_every``) selects the epoch
+            schedule (``None`` then reads as ``1``); not with ``at``.
+        grow_every: after warm-up, grow at the end of every ``grow_every``-th epoch. Not with ``at``.
         blocks_per_step: the most blocks added per growth step (``None``: no count limit, only
             ``step_budget``). One block per insertion position (after each growable block) and at most
             ``max_per_stack`` per stack: a value above what the starting model can take in one step is refused in
@@ -93,18 +135,26 @@ class DepthGrowth(GrowthCallback):
             this callback feeds it batches and saves its state (e.g. ``CurvatureMonitor(num_probes=4, log=False)``
             for cheaper estimates). Only used with ``placement="curvature"``.
         example_input: input for FLOP counting and for verifying insertions; default
-            ``pl_module.example_input_array``. With an example input, setup makes a verified trial per stack
+            ``pl_module.example_input_array``. FLOP counting (``budget_metric="flops"``) needs one of these two; for
+            verification, without either, the inputs of the module's latest forward call during ``fit`` are used
+            (:func:`~lightning_depthgrow.callbacks.plumbing.example_input`), and the trial below runs before the
+            first optimizer step (at the start of training if validation's sanity check already called the module)
+            instead of in setup, on a copy of the module. Ramped operators need an input: if ``training_step`` never
+            calls the module itself, training stops there, before the first optimizer step, with a message saying
+            what to set. With an example input, setup makes a verified trial per stack
             (:func:`~lightning_depthgrow.surgery.check_growable`: one insertion, undone again, or, with
             ``ramp_steps >= 1``, ramped copies in a deep copy of the module) and every growth step is
             verified on it (:func:`~lightning_depthgrow.surgery.verify_insertions`): a step whose insertions would
             change the model's outputs, or leave a block that does not run, is refused with
             :class:`~lightning_depthgrow.surgery.FunctionNotPreservedError` and the module and optimizers are left
-            exactly as they were. Without one, only the adapters' structural checks run.
+            exactly as they were. With no input at all (``operator="zero_init"`` only), only the adapters'
+            structural checks run.
         seed: base seed of the new blocks' initialisation (the event of step ``k`` uses ``seed + k``-derived
             seeds, so every rank and every replay builds identical blocks).
         monitor: deprecated name of ``curvature_monitor`` (``monitor`` reads as a metric key elsewhere in
             Lightning); removed in the next release.
-        operator: how a new block is made. ``"zero_init"`` (default): a copy of its template with the residual
+        operator: how a new block is made. ``"stack"`` (the default, ``None``): see below. ``"zero_init"`` (the
+            paper's, :meth:`paper`): a copy of its template with the residual
             branch's last layers zeroed (``insert_block`` events). ``"copy"``: each planned insertion is a trained
             copy of its template (``copy_block`` events), entering through a residual ramp when ``ramp_steps >= 1``.
             ``"stack"``: G_stack, a growth step duplicates every growable stack as a whole
@@ -113,7 +163,12 @@ class DepthGrowth(GrowthCallback):
             duplication does not fit is skipped. With ``"copy"``/``"stack"`` a step is skipped while earlier
             blocks are still ramping in (a ramping block cannot be copied).
         ramp_steps: with ``"copy"``/``"stack"``, the optimizer steps over which new blocks ramp in
-            (``x + a * (block(x) - x)``, ``a`` from 0 to 1; :mod:`lightning_depthgrow.surgery.ramp`); ramps advance
+            (``x + a * (block(x) - x)``, ``a`` from 0 to 1; :mod:`lightning_depthgrow.surgery.ramp`): an ``int``, or a
+            ``float`` in ``(0, 1)``, a fraction of the run's optimizer steps (``Trainer.estimated_stepping_batches``,
+            rounded, at least 1), resolved at the start of training (the attribute ``ramp_steps`` is ``None``
+            until then; ``ramp_fraction`` keeps the fraction). Default ``None``: ``0.12`` (180 of the benchmark's
+            1,500 steps; a 60-step ramp was worse, a 300-step one no better) with ``"copy"``/``"stack"``, ``0`` with
+            ``"zero_init"``. Ramps advance
             once per optimizer step (gradient accumulation respected) and are folded by a ``fold_ramps`` event
             when they end. ``0``: no ramp; copies then change the function (what the duplicated network
             computes). Must be ``0`` with ``"zero_init"`` (already function-preserving). With ``ramp_steps >= 1``
@@ -122,11 +177,11 @@ class DepthGrowth(GrowthCallback):
             runs, an exact fold; ``check_growable(..., ramp_steps=...)``), so HF BERT, post-LayerNorm
             ``nn.TransformerEncoder`` or a timm ResNet with SiLU grow this way.
         at: grow after the optimizer steps at these fractions of training (increasing, each in ``(0, 1)``; e.g.
-            ``[0.1, 0.25]``; G_stack grows once, early: ``[0.33]``). ``None``: the epoch schedule
-            (``warmup_epochs``, ``grow_every``).
+            ``[0.1, 0.25]``). ``None``: ``[1/3]`` (G_stack grows once, early; the benchmarks' best of 0.2, 1/3 and
+            0.45), or the epoch schedule when ``warmup_epochs`` or ``grow_every`` is given.
         factor: with ``operator="stack"``, how many times deeper one growth step makes a stack (``2``: the stack
-            is duplicated, ``[b0, b1] -> [b0, b1, b0', b1']``; ``3``: 2 -> 6 blocks in one step). Default ``2``;
-            only with ``"stack"``.
+            is duplicated, ``[b0, b1] -> [b0, b1, b0', b1']``; ``3``: 2 -> 6 blocks in one step). Default ``3``
+            (the benchmarked 2 -> 6; with the default ``final_budget=3.0`` it always fits); only with ``"stack"``.
         optimizer_state: with ``"copy"``/``"stack"``, the optimizer state each copied block starts with:
             ``"fresh"`` (default: no moments, ``step`` 0, as for any new parameter) or ``"copy"`` (a copy of its
             source block's state: Adam moments and ``step``; issue 14). Recorded in the event
@@ -136,9 +191,14 @@ class DepthGrowth(GrowthCallback):
 
     Example:
         >>> import lightning.pytorch as pl
-        >>> growth = DepthGrowth(final_budget=2.0, warmup_epochs=1, grow_every=1, placement="curvature")
-        >>> trainer = pl.Trainer(max_epochs=6, callbacks=[growth])  # doctest: +SKIP
+        >>> growth = DepthGrowth()  # G_stack: 3x deeper after a third of training, ramped over 12% of it
+        >>> growth.operator, growth.factor, growth.at, growth.ramp_fraction, growth.final_budget
+        ('stack', 3, (0.3333333333333333,), 0.12, 3.0)
+        >>> trainer = pl.Trainer(max_steps=1500, callbacks=[growth])  # doctest: +SKIP
         >>> trainer.fit(module, datamodule)  # doctest: +SKIP
+        >>> paper = DepthGrowth.paper(final_budget=2.0, placement="curvature")  # zero-init, every epoch after one
+        >>> paper.operator, paper.warmup_epochs, paper.grow_every, paper.blocks_per_step
+        ('zero_init', 1, 1, 1)
         >>> stacking = DepthGrowth(final_budget=2.0, operator="stack", ramp_steps=50, warmup_epochs=2)
         >>> stacking.operator, stacking.ramp_steps
         ('stack', 50)
@@ -152,7 +212,7 @@ class DepthGrowth(GrowthCallback):
 
     def __init__(
         self,
-        final_budget: float = 2.0,
+        final_budget: float = DEFAULT_FINAL_BUDGET,
         budget_metric: BudgetMetric = "params",
         budget_mode: BudgetMode = "relative",
         warmup_epochs: int | None = None,
@@ -166,8 +226,8 @@ class DepthGrowth(GrowthCallback):
         example_input: torch.Tensor | None = None,
         seed: int = 0,
         monitor: CurvatureMonitor | None = None,
-        operator: str = "zero_init",
-        ramp_steps: int = 0,
+        operator: str | None = None,
+        ramp_steps: int | float | None = None,
         at: Sequence[float] | None = None,
         factor: int | None = None,
         optimizer_state: OptimizerState = "fresh",
@@ -176,11 +236,30 @@ class DepthGrowth(GrowthCallback):
             raise TypeError(
                 "`final_budget` must be a positive number (a multiple of the start, or absolute), got None."
             )
+        implicit = operator is None  # the default recipe: paper-only arguments are refused below
+        if implicit:
+            operator = DEFAULT_OPERATOR
+        if at is None and warmup_epochs is None and grow_every is None:
+            at = DEFAULT_AT
         schedule = growth_schedule(at, warmup_epochs, grow_every)
         super().__init__(Budget(final_budget, step_budget, budget_metric, budget_mode, scale_by_lr), schedule)
         self.operator = check_name("operator", operator, OPERATORS)
-        self.ramp_steps = check_int("ramp_steps", ramp_steps, minimum=0)
-        if self.operator == "zero_init" and self.ramp_steps:
+        if ramp_steps is None:
+            ramp_steps = 0 if self.operator == "zero_init" else DEFAULT_RAMP_FRACTION
+        #: ``ramp_steps`` given as a fraction of the run's optimizer steps, else ``None``.
+        self.ramp_fraction: float | None = None
+        if isinstance(ramp_steps, float) and not isinstance(ramp_steps, bool):
+            if not 0.0 < ramp_steps < 1.0:
+                raise ValueError(
+                    f"`ramp_steps` is a number of optimizer steps (an int >= 0) or a fraction of the run's optimizer "
+                    f"steps (a float in (0, 1)), got {ramp_steps!r}. Write a step count as an int, e.g. "
+                    f"ramp_steps={int(ramp_steps) if math.isfinite(ramp_steps) else 180}."
+                )
+            self.ramp_fraction = float(ramp_steps)
+            self.ramp_steps: int | None = None
+        else:
+            self.ramp_steps = check_int("ramp_steps", ramp_steps, minimum=0)
+        if self.operator == "zero_init" and self._ramped:
             raise ValueError(
                 f"`ramp_steps` must be 0 with operator='zero_init' (zero-init blocks are already the identity at "
                 f"birth), got {ramp_steps}. Use operator='copy' or 'stack' to ramp blocks in."
@@ -190,7 +269,9 @@ class DepthGrowth(GrowthCallback):
                 f"`factor`={factor!r} is how many times deeper operator='stack' makes a stack per step; with "
                 f"operator={operator!r} a step adds up to blocks_per_step blocks. Use operator='stack' or drop factor."
             )
-        self.factor = check_int("factor", 2 if factor is None else factor, minimum=2)
+        # Unused by the other operators, where it keeps its pre-0.7 value (2).
+        default_factor = DEFAULT_FACTOR if self.operator == "stack" else 2
+        self.factor = check_int("factor", default_factor if factor is None else factor, minimum=2)
         self.optimizer_state: OptimizerState = check_name("optimizer_state", optimizer_state, OPTIMIZER_STATES)
         if self.optimizer_state == "copy" and self.operator == "zero_init":
             raise ValueError(
@@ -223,11 +304,99 @@ class DepthGrowth(GrowthCallback):
             )
         self.example_input = example_input
         self.seed = check_int("seed", seed)
+        if implicit:
+            # After every argument is validated (errors name the argument first).
+            given = {
+                "warmup_epochs": warmup_epochs,
+                "grow_every": grow_every,
+                "blocks_per_step": blocks_per_step,
+                "step_budget": step_budget,
+                "scale_by_lr": scale_by_lr,
+                "max_per_stack": max_per_stack,
+                "placement": placement,
+            }
+            paper = {k: v for k, v in given.items() if v != _PAPER_ARGUMENTS[k]}
+            if paper:
+                args = ", ".join(f"{k}={v!r}" for k, v in paper.items())
+                raise ValueError(
+                    f"DepthGrowth({args}) without an operator: these arguments configure the paper's per-block "
+                    "growth, and since 0.7 DepthGrowth() defaults to G_stack (operator='stack', factor=3, at=[1/3], "
+                    "ramped copies; the benchmarks' best), where they do not apply. For the previous defaults use "
+                    f"DepthGrowth.paper({args}) (zero-initialised blocks), or name the operator: "
+                    "operator='zero_init', 'copy' or 'stack'."
+                )
         self._given_monitor = curvature_monitor
         self._monitor: CurvatureMonitor | None = None  # the monitor in use, found or built in setup
         self._drives_monitor = False  # True when it is not in trainer.callbacks: we feed it and save its state
         self._growable: set[str] | None = None  # paths of the stacks check_growable accepted in setup
         self._ramp_step: int | None = None  # trainer.global_step when ramps last advanced (not saved: resume reads it)
+        # True while the verified trial waits for an input recorded during training (no example input in setup).
+        self._trial_pending = False
+        self._deferred_growable: list[str] | None = None  # the deferred trial's verdict, saved for resume
+        self._step_input: Any = None  # during a growth step without an example input: rank 0's recorded input
+
+    @classmethod
+    def paper(
+        cls,
+        final_budget: float = 2.0,
+        budget_metric: BudgetMetric = "params",
+        budget_mode: BudgetMode = "relative",
+        warmup_epochs: int | None = None,
+        grow_every: int | None = None,
+        blocks_per_step: int | None = 1,
+        step_budget: float | None = None,
+        scale_by_lr: bool = False,
+        placement: Placement = "uniform",
+        max_per_stack: int | None = 1,
+        curvature_monitor: CurvatureMonitor | None = None,
+        example_input: torch.Tensor | None = None,
+        seed: int = 0,
+        at: Sequence[float] | None = None,
+    ) -> DepthGrowth:
+        """The paper's recipe, ``DepthGrowth``'s defaults before 0.7: zero-initialised blocks (``operator=
+        "zero_init"``, identity at birth), ``blocks_per_step`` blocks per growth step at the end of every
+        ``grow_every``-th epoch after ``warmup_epochs`` (both ``1`` unless given, or ``at=[...]`` instead), up to
+        ``final_budget=2.0``; the paper's learning-rate-scaled step budget is ``step_budget=...`` with
+        ``scale_by_lr=True``. The arguments mean what they mean in :class:`DepthGrowth`; ``DepthGrowth.paper()``
+        makes exactly the events ``DepthGrowth()`` made before 0.7.
+
+        On the byte-level LM this recipe ended 0.045 ± 0.022 nats/byte *above* a fixed model of the final size,
+        where the default G_stack ended 0.040 below it (``docs/growth.md``); keep it to reproduce the paper or
+        earlier runs.
+
+        Example:
+            >>> growth = DepthGrowth.paper(step_budget=0.25, scale_by_lr=True)  # the lr-scaled budget
+            >>> growth.operator, growth.warmup_epochs, growth.grow_every, growth.final_budget, growth.scale_by_lr
+            ('zero_init', 1, 1, 2.0, True)
+            >>> DepthGrowth.paper(at=[0.5]).at
+            (0.5,)
+        """
+        if at is None:
+            warmup_epochs = 1 if warmup_epochs is None else warmup_epochs
+            grow_every = 1 if grow_every is None else grow_every
+        return cls(
+            final_budget=final_budget,
+            budget_metric=budget_metric,
+            budget_mode=budget_mode,
+            warmup_epochs=warmup_epochs,
+            grow_every=grow_every,
+            blocks_per_step=blocks_per_step,
+            step_budget=step_budget,
+            scale_by_lr=scale_by_lr,
+            placement=placement,
+            max_per_stack=max_per_stack,
+            curvature_monitor=curvature_monitor,
+            example_input=example_input,
+            seed=seed,
+            operator="zero_init",
+            ramp_steps=0,
+            at=at,
+        )
+
+    @property
+    def _ramped(self) -> bool:
+        """Whether new blocks ramp in (``ramp_steps >= 1`` or a fraction)."""
+        return self.ramp_fraction is not None or bool(self.ramp_steps)
 
     @property
     def curvature_monitor(self) -> CurvatureMonitor | None:
@@ -245,14 +414,6 @@ class DepthGrowth(GrowthCallback):
         return float(count_flops(pl_module, self._example_input(pl_module)).total)
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.ramp_steps and self._verification_input(pl_module) is None:
-            # A ramp blends one tensor; a block returning a tuple (Hugging Face decoder layers) would only fail at
-            # the first forward after growth, with the module already grown. Each step is tried on a copy instead.
-            raise ValueError(
-                f"{self.name}(operator={self.operator!r}, ramp_steps={self.ramp_steps}) verifies every growth step on "
-                "an example input before applying it, and this module has none: set "
-                "`pl_module.example_input_array` (one batch of model inputs) or pass `DepthGrowth(example_input=...)`."
-            )
         stacks = require_block_stacks(pl_module)
         self._growable = self._check_growable(pl_module)
         layouts = self._layouts(pl_module)
@@ -276,6 +437,11 @@ class DepthGrowth(GrowthCallback):
         if self.placement == "curvature" and self.operator != "stack":
             self._setup_monitor(trainer, pl_module)
 
+    def on_setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._trial_pending:
+            # No example input: record the inputs of the module's forward calls (the hook is removed at teardown).
+            plumbing.capture_inputs(pl_module)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.events_so_far(pl_module):
             _check_groups_not_per_block(trainer, pl_module, self.name, self._layouts(pl_module))
@@ -284,6 +450,17 @@ class DepthGrowth(GrowthCallback):
         super().on_train_start(trainer, pl_module)
         # A resumed run starts from the checkpoint's step: ramps (restored with the weights) advance from there.
         self._ramp_step = trainer.global_step
+        if self.ramp_fraction is not None:
+            total = trainer.estimated_stepping_batches
+            if isinstance(total, bool) or not isinstance(total, (int, float)) or not math.isfinite(total) or total < 1:
+                raise ValueError(
+                    f"{self.name}(ramp_steps={self.ramp_fraction}) ramps new blocks in over a fraction of the run's "
+                    f"optimizer steps, and this run's length is unknown ({total!r}): set Trainer(max_steps=...) or "
+                    "max_epochs with a sized train dataloader, or give ramp_steps as a number of steps (an int)."
+                )
+            self.ramp_steps = max(1, round(self.ramp_fraction * int(total)))
+        if self._trial_pending and plumbing.captured_input(pl_module) is not None:
+            self._deferred_trial(trainer, pl_module)  # validation's sanity check already called the module
         if isinstance(self.schedule, FractionSchedule) and self.ramp_steps:
             steps = self.schedule.steps(trainer.estimated_stepping_batches)
             close = [(a, b) for a, b in itertools.pairwise(steps) if b - a < self.ramp_steps]
@@ -294,9 +471,17 @@ class DepthGrowth(GrowthCallback):
                     "in `at` further apart or shorten the ramp."
                 )
 
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._trial_pending:
+            self._deferred_trial(trainer, pl_module)  # the first forward ran; refuse before the first update
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._trial_pending:
+            self._deferred_trial(trainer, pl_module)
         self.advance_ramps(trainer, pl_module)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
@@ -325,8 +510,22 @@ class DepthGrowth(GrowthCallback):
     def change_now(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any = None
     ) -> list[ArchitectureEvent]:
-        with self._verifying(pl_module):
-            return super().change_now(trainer, pl_module, outputs)
+        self._step_input = self._shared_recorded_input(trainer, pl_module)
+        try:
+            with self._verifying(pl_module):
+                return super().change_now(trainer, pl_module, outputs)
+        finally:
+            self._step_input = None
+
+    def _shared_recorded_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """Without an example input, the recorded input this step is verified on: rank 0's on every rank (each rank
+        recorded its own batch; one input keeps every rank's verdict the same). ``None`` with an example input."""
+        if self.example_input is not None or pl_module.example_input_array is not None:
+            return None
+        recorded = plumbing.captured_input(pl_module)
+        if trainer.world_size <= 1:
+            return recorded
+        return plumbing.broadcast(trainer, _on_cpu(recorded))
 
     def verify_events(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, events: list[ArchitectureEvent]
@@ -358,6 +557,11 @@ class DepthGrowth(GrowthCallback):
             self._monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def propose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
+        if self.ramp_steps is None:
+            raise RuntimeError(
+                f"{self.name}: ramp_steps={self.ramp_fraction} is a fraction of the run's optimizer steps, resolved at "
+                "the start of training; grow from a training hook (after on_train_start), or give ramp_steps in steps."
+            )
         if self.operator != "zero_init" and self._still_ramping(pl_module):
             return []
         if self.operator == "stack":
@@ -409,11 +613,19 @@ class DepthGrowth(GrowthCallback):
 
     def extra_state(self) -> dict[str, Any]:
         # The private monitor's history seeds its probes: restoring it keeps resumed placements identical.
-        return {"monitor": self._monitor.state_dict() if self._drives_monitor else None}
+        state: dict[str, Any] = {"monitor": self._monitor.state_dict() if self._drives_monitor else None}
+        if self._deferred_growable is not None:
+            # The stacks the trial at the first batch accepted: a resumed run (already grown) uses them as they were.
+            state["growable"] = list(self._deferred_growable)
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self._drives_monitor and state.get("monitor") is not None:
             self._monitor.load_state_dict(state["monitor"])
+        if self._trial_pending and state.get("growable") is not None:
+            self._deferred_growable = [str(path) for path in state["growable"]]
+            self._growable = set(self._deferred_growable)
+            self._trial_pending = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
@@ -429,8 +641,59 @@ class DepthGrowth(GrowthCallback):
         return self.budget.final_limit(self.start_size or 0.0)
 
     def _verification_input(self, pl_module: pl.LightningModule) -> Any:
-        """The input insertions are verified on: ``example_input``, else ``pl_module.example_input_array``."""
-        return self.example_input if self.example_input is not None else pl_module.example_input_array
+        """The input insertions are verified on: ``example_input``, else ``pl_module.example_input_array``, else the
+        inputs of the module's latest forward call during ``fit`` (:func:`~lightning_depthgrow.callbacks.plumbing.
+        example_input`; ``None`` before the first call or without a recorder)."""
+        if self._step_input is not None:
+            return self._step_input
+        return plumbing.example_input(pl_module, self.example_input)
+
+    def _deferred_trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The verified trial of :meth:`_check_growable`, on an input recorded during training (setup had none).
+
+        It runs on a deep copy of the module, before any growth step; every rank uses rank 0's verdict. With no
+        input recorded, ramped operators refuse (training stops, the architecture unchanged); zero-init growth goes
+        on with the structural checks only, as without an example input before.
+        """
+        self._trial_pending = False
+        example = self._verification_input(pl_module)
+        outcome: tuple[str, Any]
+        if example is None:
+            outcome = ("missing", None)
+        else:
+            try:
+                outcome = ("ok", self._check_growable(copy.deepcopy(pl_module), example, warn=False))
+            except (FunctionNotPreservedError, UnsupportedModelError) as err:
+                outcome = ("refused", str(err))
+        kind, value = plumbing.broadcast(trainer, outcome)
+        if kind == "missing":
+            if not self._ramped:
+                return
+            raise ValueError(
+                f"{self.name}(operator={self.operator!r}, ramped) verifies every growth step on an input the module "
+                f"is called with, and found none: no example_input was given, {type(pl_module).__name__} has no "
+                "example_input_array, and training_step did not call the module itself (self(x), self.forward) in "
+                "the first training step. Set `pl_module.example_input_array` (one batch of model inputs), pass "
+                "DepthGrowth(example_input=...), or call the module in training_step. Nothing was changed: this "
+                "refusal comes before the first optimizer step."
+            )
+        if kind == "refused":
+            raise FunctionNotPreservedError(f"{value} (trial on an input recorded at the first training batch)")
+        verdicts: dict[str, str | None] = value
+        setup_growable = self._growable or set()  # setup's structural checks already warned about the others
+        refused = {path: reason for path, reason in verdicts.items() if reason is not None and path in setup_growable}
+        if refused:
+            rank_zero_warn(
+                f"{self.name}: not growing block stack(s) {sorted(refused)}: "
+                + " ".join(str(reason) for reason in refused.values())
+            )
+        self._growable = {path for path in setup_growable if verdicts.get(path, "missing") is None}
+        self._deferred_growable = sorted(self._growable)
+        if not self._growable:
+            raise FunctionNotPreservedError(
+                f"{self.name}: no block stack passed the verified trial on the input recorded at the first training "
+                "batch; nothing was grown. " + " ".join(str(reason) for reason in refused.values())
+            )
 
     @contextlib.contextmanager
     def _verifying(self, pl_module: pl.LightningModule) -> Iterator[None]:
@@ -438,8 +701,12 @@ class DepthGrowth(GrowthCallback):
         with verify_insertions(example) if example is not None else contextlib.nullcontext():
             yield
 
-    def _check_growable(self, pl_module: pl.LightningModule) -> set[str]:
+    def _check_growable(self, pl_module: pl.LightningModule, example: Any = None, warn: bool = True) -> Any:
         """Paths of the stacks that can grow (:func:`~lightning_depthgrow.surgery.check_growable`); raise if none.
+
+        In setup (no ``example``) the trial uses ``example_input`` or ``example_input_array``; without either it is
+        left to :meth:`_deferred_trial`, which passes the recorded ``example`` and ``warn=False`` and gets the
+        verdicts ``{path: reason or None}`` back instead.
 
         The structural checks run first; with an example input, a verified trial follows on every stack. For
         zero-initialised blocks (``ramp_steps=0``) the structural checks include the adapters' refusals
@@ -449,20 +716,25 @@ class DepthGrowth(GrowthCallback):
         module, checks the outputs at birth and that every block runs, then ends and folds the ramps and checks
         the fold changed nothing and left plain blocks.
         """
-        try:
-            verdicts = check_growable(pl_module, ramp_steps=self.ramp_steps)
-        except UnsupportedModelError as err:
-            raise UnsupportedModelError(f"{self.name}: {err}") from err
-        example = self._verification_input(pl_module)
+        ramp = self.ramp_steps or (1 if self._ramped else 0)  # a fraction resolves at train start; a trial needs >= 1
+        if example is None:
+            try:
+                verdicts = check_growable(pl_module, ramp_steps=ramp)
+            except UnsupportedModelError as err:
+                raise UnsupportedModelError(f"{self.name}: {err}") from err
+            example = self.example_input if self.example_input is not None else pl_module.example_input_array
+            self._trial_pending, self._deferred_growable = example is None, None
         if example is not None:
             try:
-                verdicts = check_growable(pl_module, example, ramp_steps=self.ramp_steps)
+                verdicts = check_growable(pl_module, example, ramp_steps=ramp)
             except UnsupportedModelError as err:
-                trial = "of ramped copies" if self.ramp_steps else "insertion"
+                trial = "of ramped copies" if self._ramped else "insertion"
                 raise FunctionNotPreservedError(
                     f"{self.name}: a trial {trial} on the example input failed for every stack, the module is "
                     f"unchanged. {err}"
                 ) from err
+        if not warn:
+            return verdicts
         refused = {path: reason for path, reason in verdicts.items() if reason is not None}
         if refused:
             rank_zero_warn(
@@ -473,7 +745,7 @@ class DepthGrowth(GrowthCallback):
 
     def _layouts(self, pl_module: pl.LightningModule, events: Any = ()) -> list[StackLayout]:
         """The layouts of the stacks that may grow (those ``setup`` found growable)."""
-        layouts = stack_layouts(pl_module, events, ramped=bool(self.ramp_steps))
+        layouts = stack_layouts(pl_module, events, ramped=self._ramped)
         if self._growable is None:
             return layouts
         return [layout for layout in layouts if layout.path in self._growable]
@@ -625,7 +897,7 @@ class DepthGrowth(GrowthCallback):
         example = self._verification_input(pl_module)
         if example is None or not events:
             return
-        if not self.ramp_steps:
+        if not self._ramped:
             return  # a plain copy is documented not to preserve the function
         probe = copy.deepcopy(pl_module)
         stacks = {e.spec["stack"] for e in events}
@@ -729,6 +1001,17 @@ class DepthGrowth(GrowthCallback):
     def grow_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
         """Run one growth step now (every rank must call it); returns the events applied."""
         return self.change_now(trainer, pl_module)
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor on the CPU (to broadcast it between ranks)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if type(value) in (tuple, list):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def _check_groups_not_per_block(

@@ -3,12 +3,14 @@
 :class:`~lightning_depthgrow.callbacks.base.ArchitectureCallback` uses these; they are public for callbacks that
 cannot derive from it. One path applies every change inside a Trainer (:func:`apply_and_sync`), whether it is
 decided now or replayed from a checkpoint (:func:`restore_architecture`). Nothing here stays on the user's module
-after ``fit``: the checkpoint pre-hook is removed by :func:`release_module`.
+after ``fit``: the checkpoint pre-hook and the forward-input recorder are removed by :func:`release_module`.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -60,6 +62,35 @@ def setup_for_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     return True
 
 
+def example_input(pl_module: torch.nn.Module, given: Any = None, batch: Any = None, *, sample: bool = False) -> Any:
+    """An input ``pl_module`` can be called on, or ``None``: the one input helper of every callback.
+
+    In order: ``given`` (a callback's ``example_input=``), ``pl_module.example_input_array``, the inputs of the
+    module's most recent forward call during ``fit`` (recorded once a callback called :func:`capture_inputs`), else
+    the first tensor of ``batch`` cut to one row (a guess at the model input: callers that run the module on it say
+    so in their messages). ``sample=True`` cuts a recorded call to its first sample too (every tensor with a batch
+    dimension), for counts per sample; a given input or ``example_input_array`` is returned as it is.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> module = pl.LightningModule()
+        >>> example_input(module, batch=(torch.ones(4, 3), torch.zeros(4))).shape
+        torch.Size([1, 3])
+        >>> example_input(module) is None
+        True
+    """
+    if given is not None:
+        return given
+    array = getattr(pl_module, "example_input_array", None)
+    if array is not None:
+        return array
+    recorded = captured_input(pl_module)
+    if recorded is not None:
+        return _first_rows(recorded) if sample else recorded
+    tensor = _first_tensor(batch)
+    return None if tensor is None else tensor[:1].detach().clone()
+
+
 def require_example_input(pl_module: pl.LightningModule, given: Any, what: str) -> Any:
     """``given`` (a callback's ``example_input=``), else ``pl_module.example_input_array``; ``ValueError`` saying
     ``what`` needs it and how to provide it when neither is set."""
@@ -70,6 +101,112 @@ def require_example_input(pl_module: pl.LightningModule, given: Any, what: str) 
             "pass example_input=..."
         )
     return example
+
+
+# The forward-input recorder of each module, kept here (not on the module) and removed by release_module.
+_CAPTURES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[RemovableHandle, _InputRecorder]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _InputRecorder:
+    """A forward pre-hook keeping the (detached) inputs of the module's most recent call.
+
+    Only references are kept (the batch of the step just trained); a copy of the hook (``deepcopy``/``pickle`` of
+    the module during ``fit``) is inert and holds nothing.
+    """
+
+    def __init__(self) -> None:
+        self.call: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.call = (_detached(args), _detached(kwargs))
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _inert_hook, ()
+
+
+def capture_inputs(pl_module: torch.nn.Module) -> None:
+    """Record the inputs of every forward call of ``pl_module`` (the latest one is kept) until
+    :func:`release_module`; :func:`captured_input` and :func:`example_input` read them. Idempotent."""
+    if pl_module in _CAPTURES:
+        return
+    recorder = _InputRecorder()
+    _CAPTURES[pl_module] = (pl_module.register_forward_pre_hook(recorder, with_kwargs=True), recorder)
+
+
+def captured_input(pl_module: torch.nn.Module) -> Any:
+    """The inputs of ``pl_module``'s most recent forward call since :func:`capture_inputs`, as an example input
+    (a tensor, a tuple of positional arguments, or a dict of keyword arguments), else ``None``: no call yet, or one
+    whose arguments cannot be written as one of those (positional and keyword arguments that do not bind by name).
+    The tensors are copies, so running the module on them cannot change the batch it was trained on.
+    """
+    entry = _CAPTURES.get(pl_module)
+    call = None if entry is None else entry[1].call
+    if call is None:
+        return None
+    args, kwargs = _cloned(call)  # a copy: the module may modify its input in place, and the batch is the user's
+    if not kwargs:
+        single = len(args) == 1 and not isinstance(args[0], (tuple, list, Mapping))
+        return args[0] if single else tuple(args)
+    if not args:
+        return dict(kwargs)
+    try:
+        bound = inspect.signature(pl_module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return named
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, Mapping):
+        return {k: _detached(v) for k, v in value.items()}
+    if type(value) in (tuple, list):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+def _cloned(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, Mapping):
+        return {k: _cloned(v) for k, v in value.items()}
+    if type(value) in (tuple, list):
+        return type(value)(_cloned(v) for v in value)
+    return value
+
+
+def _first_rows(value: Any) -> Any:
+    """``value`` with every tensor that has a batch dimension cut to its first row."""
+    if isinstance(value, torch.Tensor):
+        return value[:1] if value.dim() else value
+    if isinstance(value, Mapping):
+        return {k: _first_rows(v) for k, v in value.items()}
+    if type(value) in (tuple, list):
+        return type(value)(_first_rows(v) for v in value)
+    return value
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
 
 
 def check_not_compiled(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
@@ -226,10 +363,14 @@ def _replay_checkpoint(
 
 
 def release_module(pl_module: torch.nn.Module) -> None:
-    """Remove what :func:`restore_architecture` registered on ``pl_module`` (call from ``teardown``)."""
+    """Remove what :func:`restore_architecture` and :func:`capture_inputs` registered on ``pl_module`` (call from
+    ``teardown`` and ``on_exception``)."""
     handle = _RESTORE_HOOKS.pop(pl_module, None)
     if handle is not None:
         handle.remove()
+    capture = _CAPTURES.pop(pl_module, None)
+    if capture is not None:
+        capture[0].remove()
 
 
 def guard_spawn_results(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
@@ -278,7 +419,9 @@ def check_no_dms_search(trainer: pl.Trainer, pl_module: pl.LightningModule, grow
             f"{name} grows at fractions of training (at={list(grower.schedule.at)}), which may fall inside "
             f"DifferentiableModelScaling's search (epochs 0-{dms[0].search_epochs - 1}). DMS tracks its gates by "
             "position, so growth during the search would be sliced by the wrong masks. Grow by epoch after the "
-            f"export (warmup_epochs >= {dms[0].search_epochs + 1} instead of at=...), or grow in a separate fit."
+            f"export (warmup_epochs >= {dms[0].search_epochs + 1} instead of at=...; for DepthGrowth with the operator "
+            "named: DepthGrowth.paper(warmup_epochs=...) or DepthGrowth(operator='stack', warmup_epochs=...)), or grow "
+            "in a separate fit."
         )
     if dms and EXPORT not in kinds and first < dms[0].search_epochs:
         raise RuntimeError(
