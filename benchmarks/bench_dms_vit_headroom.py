@@ -81,6 +81,11 @@ STORED = "dms_a (stored)"
 # the main part's defaults with one change each, towards the shapes that win here (all blocks kept)
 DMS_SETTINGS: dict[str, dict[str, Any]] = {
     "dms_a_no_depth": {"depth": False},
+    # with the embedding-width gate (``embed=True``), which can express the L4_e48 kind of shape
+    # (benchmarks/bench_dms_vit_embed.py runs these, declared settings on fresh seeds)
+    "dms_a_embed": {"embed": True},
+    "dms_a_embed_no_depth": {"embed": True, "depth": False},
+    "dms_a_embed_mlp_only": {"embed": True, "depth": False, "heads": False},
 }
 
 
@@ -203,13 +208,14 @@ def found_cells(runs: list[dict[str, Any]], name: str) -> str:
         return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
     depths = [r["architecture"]["depth"] for r in rows]
+    embeds = [r["architecture"]["embed"] for r in rows]
     heads = [h for r in rows for h in r["architecture"]["heads"]]
     mlp = [m for r in rows for m in r["architecture"]["mlp"]]
     f_full = statistics.fmean(r["flops_over_full"] for r in rows)
     f_uniform = statistics.fmean(r["flops_over_uniform"] for r in rows)
     return (
-        f"{span(depths)} (per seed) | 64 | {span(heads)} of 16, per seed | {span(mlp)}, per seed | {f_full:.3f} "
-        f"| {f_uniform:.3f}"
+        f"{span(depths)} (per seed) | {span(embeds)} | {span(heads)} of 16, per seed | {span(mlp)}, per seed "
+        f"| {f_full:.3f} | {f_uniform:.3f}"
     )
 
 
@@ -367,8 +373,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "seed": seed,
                 "architecture": {
                     "depth": depth,
-                    "embed": SUPERNET["embed_dim"],
-                    "heads": [found[f"model/blocks/{b}:heads"] for b in blocks],
+                    "embed": found.get("model:embed", SUPERNET["embed_dim"]),
+                    "heads": [found.get(f"model/blocks/{b}:heads", SUPERNET["num_heads"]) for b in blocks],
                     "mlp": [found[f"model/blocks/{b}:mlp"] for b in blocks],
                     "gates": found,
                 },
