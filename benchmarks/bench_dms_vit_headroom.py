@@ -14,8 +14,9 @@ narrow the attention only, what a DMS head gate expresses), ``mlp`` (MLP width p
 for all blocks, solved so the forward FLOPs land on the uniform model's; a ``profile`` scales per-block widths by
 one solved factor). Per-block heads and MLP widths are cut by the library's export path
 (:func:`~lightning_depthgrow.dms.export_architecture` / :func:`~lightning_depthgrow.dms.build_architecture`).
-Each shape notes which DMS gates could express it from the supernet (``embed`` = not expressible: DMS does not
-gate the residual width of a ViT).
+Each shape notes which DMS gates could express it from the supernet (``embed`` = the residual width of the ViT: not
+expressible when this study was run; ``DifferentiableModelScaling(embed=True)`` gates it since, measured by
+``bench_dms_vit_embed.py``).
 
 ``uniform`` is built exactly as ``bench_dms.py``'s ``uniform`` arm (``torch.manual_seed(seed)`` then
 ``make_vit``), so on the same seeds it reproduces that arm's accuracies and pairs with the stored ``dms_a``
