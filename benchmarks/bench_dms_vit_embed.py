@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from benchmarks import bench_dms
 from benchmarks import bench_dms_vit_headroom as headroom
 from benchmarks.bench_dms import SUPERNET, Classifier, fit, flops, make_vit, run_dms
 from examples.common import mnist1d_tensors
+from lightning_depthgrow.dms import attach_gates, build_architecture, export_architecture
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -90,6 +92,44 @@ def dms_row(seed: int, name: str, full: int, f_uniform: int, epochs: int, search
     }
 
 
+HAND_EMBED = 43  # the median embedding width the declared setting exported on seeds 66-89
+_HAND_MLP: dict[int, int] = {}  # uniform FLOPs -> the hand-built shape's MLP width at them
+
+
+def hand_built(mlp: int, embed: int = HAND_EMBED) -> torch.nn.Module:
+    """A fresh supernet cut to embed ``embed`` (4 heads of 16 kept) and ``mlp`` units per block: the kind of shape
+    the embed + MLP search exports, with one MLP width for every block (built by ``build_architecture``)."""
+    probe = make_vit(**SUPERNET)
+    attach_gates(probe, width=True, heads=False, depth=False, embed=True)
+    arch = export_architecture(probe)
+    for name, gate in arch["gates"].items():
+        gate["keep"] = list(range(embed if name.endswith(":embed") else mlp))
+    net = make_vit(**SUPERNET)
+    build_architecture(net, arch)
+    return net
+
+
+def hand_row(seed: int, full: int, f_uniform: int, epochs: int) -> dict[str, Any]:
+    """The hand-built shape from scratch, with pipeline (a)'s fresh-supernet seed (``seed + 1000``)."""
+    if f_uniform not in _HAND_MLP:
+        _HAND_MLP[f_uniform] = min(range(8, 129), key=lambda m: abs(flops(hand_built(m)) - f_uniform))
+    mlp = _HAND_MLP[f_uniform]
+    torch.manual_seed(seed + 1000)
+    net = hand_built(mlp)
+    t0 = time.process_time()
+    acc, _ = fit(Classifier(net, max_epochs=epochs), epochs, seed, [])
+    return {
+        "shape_name": "hand_e43_h16",
+        "seed": seed,
+        "architecture": {**headroom.architecture_of(net), "embed": net.embed_dim},
+        "forward_flops": flops(net),
+        "flops_over_full": flops(net) / full,
+        "flops_over_uniform": flops(net) / f_uniform,
+        "acc": acc,
+        "cpu_s": time.process_time() - t0,
+    }
+
+
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [
@@ -110,6 +150,8 @@ def markdown(result: dict[str, Any]) -> str:
         d = g.get("minus_uniform")
         if d and name in headroom.DMS_SETTINGS:
             met = "met" if d["mean"] >= 0.005 else "NOT met"
+            met += "; the 95% CI excludes 0" if d["ci95"][0] > 0 else "; the 95% CI includes 0 (not significant)"
+            met += f"; median {100 * statistics.median(d['per_seed'].values()):+.2f}"
             lines.append(
                 f"- {name}: {100 * d['mean']:+.2f} points (SE {100 * d['se']:.2f}, 95% CI [{100 * d['ci95'][0]:+.2f}, "
                 f"{100 * d['ci95'][1]:+.2f}], wins {d['wins']}/{d['n']}): {met}"
@@ -151,7 +193,13 @@ def report(path: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["tune", "confirm", "report"], default="confirm")
-    parser.add_argument("--settings", nargs="+", default=["dms_a_embed_no_depth"], choices=list(headroom.DMS_SETTINGS))
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["dms_a_embed_mlp_only"],
+        choices=[*headroom.DMS_SETTINGS, "hand_e43_h16"],
+        help="DMS settings, or hand_e43_h16 (the diagnostic hand-built shape)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(66, 90)))
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--search-epochs", type=int, default=3)
@@ -171,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "val_extra": args.val_extra,
         "val_last_only": True,
         "threads": 1,
-        "settings": {n: headroom.DMS_SETTINGS[n] for n in args.settings},
+        "settings": {n: headroom.DMS_SETTINGS.get(n, "hand-built") for n in args.settings},
         "seeds": args.seeds,
     }
     if args.part == "tune":  # DMS rows from --tuned, uniform rows (same protocol, same seeds) from the headroom study
@@ -198,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             if name == "uniform":
                 row = uniform_row(seed, shape, full, f_uniform, args.epochs)
+            elif name == "hand_e43_h16":
+                row = hand_row(seed, full, f_uniform, args.epochs)
             else:
                 row = dms_row(seed, name, full, f_uniform, args.epochs, args.search_epochs)
             result["runs"].append(row)
