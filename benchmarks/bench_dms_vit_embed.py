@@ -145,6 +145,15 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("declared"):
         lines += [f"Declared before running: {result['declared']}", ""]
     lines += headroom.summary_table(result)
+    pairs = paired(result["runs"])
+    if pairs:
+        lines += ["", "Paired differences, points (every pair of arms with common seeds):", ""]
+        lines += ["| arm - arm | mean | std | SE | 95% CI | median | wins | n |", "|---|---|---|---|---|---|---|---|"]
+        for p in pairs:
+            lines.append(
+                f"| {p['a']} - {p['b']} | {p['mean']:+.2f} | {p['std']:.2f} | {p['se']:.2f} | [{p['ci95'][0]:+.2f}, "
+                f"{p['ci95'][1]:+.2f}] | {p['median']:+.2f} | {p['wins']}/{p['n']} | {p['n']} |"
+            )
     lines += ["", "Verdict per setting (target: mean paired difference >= +0.5 points):", ""]
     for name, g in s.items():
         d = g.get("minus_uniform")
@@ -181,9 +190,41 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired differences (points) of every arm against uniform, and of the other arms against each other."""
+    acc: dict[str, dict[int, float]] = {}
+    for r in runs:
+        acc.setdefault(r["shape_name"], {})[r["seed"]] = 100 * r["acc"]
+    names = ["uniform", *sorted(n for n in acc if n != "uniform")]
+    out = []
+    for j, b in enumerate(names):
+        for a in names[j + 1 :]:
+            seeds = sorted(set(acc[a]) & set(acc.get(b, {})))
+            if len(seeds) < 2:
+                continue
+            d = [acc[a][s] - acc[b][s] for s in seeds]
+            mean, std = statistics.fmean(d), statistics.stdev(d)
+            se = std / len(d) ** 0.5
+            out.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "mean": mean,
+                    "std": std,
+                    "se": se,
+                    "ci95": [mean - 1.96 * se, mean + 1.96 * se],
+                    "median": statistics.median(d),
+                    "wins": sum(x > 0 for x in d),
+                    "n": len(d),
+                }
+            )
+    return out
+
+
 def report(path: Path) -> dict[str, Any]:
     result = json.loads(path.read_text())
     result["summary"] = headroom.summarise(result["runs"], result["config"]["target"])
+    result["paired_points"] = paired(result["runs"])
     path.write_text(json.dumps(result, indent=2))
     path.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
