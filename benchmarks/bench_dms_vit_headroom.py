@@ -14,8 +14,9 @@ narrow the attention only, what a DMS head gate expresses), ``mlp`` (MLP width p
 for all blocks, solved so the forward FLOPs land on the uniform model's; a ``profile`` scales per-block widths by
 one solved factor). Per-block heads and MLP widths are cut by the library's export path
 (:func:`~lightning_depthgrow.dms.export_architecture` / :func:`~lightning_depthgrow.dms.build_architecture`).
-Each shape notes which DMS gates could express it from the supernet (``embed`` = not expressible: DMS does not
-gate the residual width of a ViT).
+Each shape notes which DMS gates could express it from the supernet (``embed`` = the residual width of the ViT: not
+expressible when this study was run; ``DifferentiableModelScaling(embed=True)`` gates it since, measured by
+``bench_dms_vit_embed.py``).
 
 ``uniform`` is built exactly as ``bench_dms.py``'s ``uniform`` arm (``torch.manual_seed(seed)`` then
 ``make_vit``), so on the same seeds it reproduces that arm's accuracies and pairs with the stored ``dms_a``
@@ -81,6 +82,11 @@ STORED = "dms_a (stored)"
 # the main part's defaults with one change each, towards the shapes that win here (all blocks kept)
 DMS_SETTINGS: dict[str, dict[str, Any]] = {
     "dms_a_no_depth": {"depth": False},
+    # with the embedding-width gate (``embed=True``), which can express the L4_e48 kind of shape
+    # (benchmarks/bench_dms_vit_embed.py runs these, declared settings on fresh seeds)
+    "dms_a_embed": {"embed": True},
+    "dms_a_embed_no_depth": {"embed": True, "depth": False},
+    "dms_a_embed_mlp_only": {"embed": True, "depth": False, "heads": False},
 }
 
 
@@ -203,13 +209,14 @@ def found_cells(runs: list[dict[str, Any]], name: str) -> str:
         return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
     depths = [r["architecture"]["depth"] for r in rows]
+    embeds = [r["architecture"]["embed"] for r in rows]
     heads = [h for r in rows for h in r["architecture"]["heads"]]
     mlp = [m for r in rows for m in r["architecture"]["mlp"]]
     f_full = statistics.fmean(r["flops_over_full"] for r in rows)
     f_uniform = statistics.fmean(r["flops_over_uniform"] for r in rows)
     return (
-        f"{span(depths)} (per seed) | 64 | {span(heads)} of 16, per seed | {span(mlp)}, per seed | {f_full:.3f} "
-        f"| {f_uniform:.3f}"
+        f"{span(depths)} (per seed) | {span(embeds)} | {span(heads)} of 16, per seed | {span(mlp)}, per seed "
+        f"| {f_full:.3f} | {f_uniform:.3f}"
     )
 
 
@@ -367,8 +374,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "seed": seed,
                 "architecture": {
                     "depth": depth,
-                    "embed": SUPERNET["embed_dim"],
-                    "heads": [found[f"model/blocks/{b}:heads"] for b in blocks],
+                    "embed": found.get("model:embed", SUPERNET["embed_dim"]),
+                    "heads": [found.get(f"model/blocks/{b}:heads", SUPERNET["num_heads"]) for b in blocks],
                     "mlp": [found[f"model/blocks/{b}:mlp"] for b in blocks],
                     "gates": found,
                 },

@@ -42,7 +42,8 @@ from .plumbing import all_reduce_mean, apply_and_sync, require_example_input
 
 _WHO = "DifferentiableModelScaling"
 _NO_STEP = 2**62  # "no non-finite loss yet" for the first bad step kept on the device (a minimum over steps)
-_ATTACH_SETTINGS = {"arch_lr": "lr", "width": "width", "heads": "heads", "depth": "depth"}  # argument: attach spec key
+# argument: attach spec key
+_ATTACH_SETTINGS = {"arch_lr": "lr", "width": "width", "heads": "heads", "depth": "depth", "embed": "embed"}
 _PLUMBING = "_depthgrow"  # prefix of what the shared callback plumbing stores on the module's __dict__
 
 
@@ -79,6 +80,9 @@ class DifferentiableModelScaling(ArchitectureCallback):
             ratios stop when the hinge does; Adam steps each ratio by about ``arch_lr`` per step, so much
             larger values overshoot the target, see docs/dms.md).
         width, heads, depth: which kinds of gate to attach.
+        embed: also gate the embedding (residual-stream) width of a timm ``VisionTransformer`` (off by default;
+            one width gate over ``embed_dim``, its LayerNorms made mask-aware, see docs/dms.md). Variants it does
+            not handle are refused at setup with a message.
         schedule_fraction: part of the search over which the target decays, in ``(0, 1]`` (0.8 in the paper).
         example_input: input for the FLOPs count (default: the module's ``example_input_array``).
         enforce_target: at export, choose depth and width jointly so the exported model lands within 5% of the
@@ -116,6 +120,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
         example_input: Any = None,
         enforce_target: bool = True,
         absolute_target: bool = False,
+        embed: bool = False,
     ) -> None:
         super().__init__(schedule=None)
         self.resource = check_choice("resource", resource, ("flops", "params"))
@@ -127,8 +132,11 @@ class DifferentiableModelScaling(ArchitectureCallback):
         self.width = check_bool("width", width)
         self.heads = check_bool("heads", heads)
         self.depth = check_bool("depth", depth)
-        if not (width or heads or depth):
-            raise ValueError("`width`, `heads` and `depth` are all False: at least one kind of gate must be searched.")
+        self.embed = check_bool("embed", embed)
+        if not (width or heads or depth or embed):
+            raise ValueError(
+                "`width`, `heads`, `depth` and `embed` are all False: at least one kind of gate must be searched."
+            )
         self.schedule_fraction = check_float("schedule_fraction", schedule_fraction, low=0.0, high=1.0)
         self.enforce_target = check_bool("enforce_target", enforce_target)
         self.example_input = example_input
@@ -230,6 +238,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
             self.width,
             self.heads,
             self.depth,
+            embed=self.embed,
             epoch=trainer.current_epoch,
             step=trainer.global_step,
         )
@@ -539,6 +548,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
         if attach is not None:
             # setup attaches the gates again before the log is replayed; the two must agree
             recorded = {name: attach["spec"].get(key) for name, key in _ATTACH_SETTINGS.items()}
+            recorded["embed"] = bool(recorded["embed"])  # absent: a search without the embedding gate
             mine = {name: getattr(self, name) for name in _ATTACH_SETTINGS}
             if recorded != mine:
                 raise ValueError(

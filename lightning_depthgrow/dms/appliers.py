@@ -62,9 +62,18 @@ def arch_group_options(
 
 
 def attach_event(
-    model: nn.Module, lr: float, width: bool = True, heads: bool = True, depth: bool = True, **meta: Any
+    model: nn.Module,
+    lr: float,
+    width: bool = True,
+    heads: bool = True,
+    depth: bool = True,
+    embed: bool = False,
+    **meta: Any,
 ) -> ArchitectureEvent:
     """A ``dms_attach`` event for ``model`` (discovers the gates on a throw-away attach, then removes them).
+
+    ``embed=True`` adds the embedding-width gate of a timm ``VisionTransformer`` (recorded as ``"embed"`` in the
+    spec; events recorded before it existed read as ``embed=False``).
 
     Example:
         >>> import timm
@@ -74,15 +83,19 @@ def attach_event(
         >>> change.new_group[1]["weight_decay"], len(change.new_group[0])
         (0.0, 5)
     """
-    found = discover_gates(model, width, heads, depth)
+    found = discover_gates(model, width, heads, depth, embed=embed)
     gates = [{**s, "temperature": default_temperature(s["kind"], s["n"])} for s in found]
     spec = {"width": width, "heads": heads, "depth": depth, "lr": float(lr), "gates": gates}
+    if embed:  # only when on, so the events of searches without it read exactly as before
+        spec["embed"] = True
     return ArchitectureEvent(ATTACH, spec, **meta)
 
 
 def apply_attach(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
     """Applier of ``dms_attach`` events: attach the recorded gates; their ratios form one new param group."""
-    gates = attach_gates(model, spec["width"], spec["heads"], spec["depth"], specs=spec["gates"])
+    gates = attach_gates(
+        model, spec["width"], spec["heads"], spec["depth"], specs=spec["gates"], embed=spec.get("embed", False)
+    )
     return AppliedChange(new_group=(gates.arch_parameters(), arch_group_options(spec["lr"])))
 
 

@@ -57,6 +57,8 @@ def export_architecture(model: nn.Module, events: Iterable[ArchitectureEvent | d
             )
         specs, keep = attach.spec["gates"], export.spec["keep"]
         flags = {k: bool(attach.spec[k]) for k in ("width", "heads", "depth")}
+        if attach.spec.get("embed"):
+            flags["embed"] = True
     return {
         "format": FORMAT,
         "flags": flags,
@@ -95,14 +97,15 @@ def build_architecture(model: nn.Module, architecture: dict[str, Any]) -> Applie
     if find_gates(model) is not None:
         raise RuntimeError("the model already has DMS gates attached; build_architecture needs a plain model.")
     flags = architecture["flags"]
-    found = discover_gates(model, flags["width"], flags["heads"], flags["depth"])
+    embed = bool(flags.get("embed", False))
+    found = discover_gates(model, flags["width"], flags["heads"], flags["depth"], embed=embed)
     recorded = architecture["gates"]
     keep: dict[str, list[int]] = {}
     problems = []
     for spec in found:
-        names = [r for r in recorded if r == spec["name"] or r.endswith("/" + spec["name"])]
+        names = [r for r in recorded if _same_gate(r, spec["name"])]
         if not names:
-            names = [r for r in recorded if spec["name"].endswith("/" + r)]
+            names = [r for r in recorded if _same_gate(spec["name"], r)]
         if len(names) != 1:
             problems.append(f"{spec['name']}: {'no' if not names else 'ambiguous'} record")
             continue
@@ -116,7 +119,7 @@ def build_architecture(model: nn.Module, architecture: dict[str, Any]) -> Applie
             "the architecture does not fit this model (build the same supernet the search started from): "
             + "; ".join(problems or [f"recorded {len(recorded)} gates, the model has {len(found)}"])
         )
-    attach_gates(model, flags["width"], flags["heads"], flags["depth"])
+    attach_gates(model, flags["width"], flags["heads"], flags["depth"], embed=embed)
     try:
         return export_model(model, keep)
     except Exception:
@@ -124,9 +127,26 @@ def build_architecture(model: nn.Module, architecture: dict[str, Any]) -> Applie
         raise
 
 
+def _same_gate(longer: str, name: str) -> bool:
+    """Whether gate ``longer`` (``"model/blocks/0:mlp"``, ``"model:embed"``) is gate ``name`` (``"blocks/0:mlp"``,
+    ``":embed"``) seen from a module that holds the network under a path: same suffix, ``name``'s path a tail of
+    ``longer``'s."""
+    if longer == name:
+        return True
+    long_path, _, long_kind = longer.rpartition(":")
+    path, _, kind = name.rpartition(":")
+    long_parts, parts = [p for p in long_path.split("/") if p], [p for p in path.split("/") if p]
+    return long_kind == kind and len(long_parts) > len(parts) and long_parts[len(long_parts) - len(parts) :] == parts
+
+
 def _flags_of(specs: list[dict[str, Any]]) -> dict[str, bool]:
     kinds = {s["kind"] for s in specs}
-    return {"width": "width" in kinds, "heads": "heads" in kinds, "depth": "depth" in kinds}
+    flags = {"width": "width" in kinds, "heads": "heads" in kinds, "depth": "depth" in kinds}
+    if any(s["site"] == "vit_embed" for s in specs):
+        flags["embed"] = True
+        # the embedding gate is a width gate: "width" means the block-level width gates (MLP hidden units)
+        flags["width"] = any(s["kind"] == "width" and s["site"] != "vit_embed" for s in specs)
+    return flags
 
 
 def _events(events: Iterable[ArchitectureEvent | dict] | None) -> tuple[ArchitectureEvent | None, ...]:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.registry import UnsupportedModelError
-from .hooks import HOOK_TYPES, Fold, MaskedLinear, ResidualScale
+from .hooks import FORWARD_TYPES, HOOK_TYPES, Fold, ResidualScale
 from .sites import (
     GateSpec,
     Hook,
@@ -124,11 +124,14 @@ def attach_gates(
     heads: bool = True,
     depth: bool = True,
     specs: list[GateSpec] | None = None,
+    embed: bool = False,
 ) -> DMSGates:
     """Add gates to ``model`` in place (hooks plus ``model.dms_gates``) and return the container.
 
     ``specs`` (from a recorded ``dms_attach`` event) re-attaches exactly those gates; they must match
     what discovery finds on this model. Everything is checked before the model is touched.
+    ``embed=True`` also gates the embedding (residual-stream) width of a timm ``VisionTransformer``
+    (one gate, site ``vit_embed``; its LayerNorms then take their statistics over the kept channels).
     Raises :class:`~lightning_depthgrow.UnsupportedModelError` if nothing can be gated.
 
     Example:
@@ -146,7 +149,7 @@ def attach_gates(
         )
     if hasattr(model, CONTAINER):
         raise RuntimeError(f"the model already has an attribute {CONTAINER!r}; DMS needs that name for its gates.")
-    found = discover_gates(model, width, heads, depth)
+    found = discover_gates(model, width, heads, depth, embed=embed)
     if specs is not None:
         strip = [{k: v for k, v in s.items() if k != "temperature"} for s in specs]
         if strip != found:
@@ -177,12 +180,23 @@ def attach_gates(
                 f"DMS folds its masks into {type(masked.module).__name__} layers, which must be plain nn.Linear "
                 "without an overridden forward; disable that kind of gate for this model."
             )
+    replaced = [id(m.module) for m in fold.linears.values()]
+    for module, when, _ in hooks:
+        if when == "forward":
+            if "forward" in module.__dict__ or id(module) in replaced:
+                raise UnsupportedModelError(
+                    f"DMS replaces the forward of {type(module).__name__} layers with a masked one, and this one "
+                    "already has an overridden forward (or two gates need it); disable that kind of gate."
+                )
+            replaced.append(id(module))
     model.add_module(CONTAINER, container)
     for masked in fold.linears.values():
         masked.module.forward = masked  # an instance attribute: the class (and state_dict) stay untouched
     for module, when, hook in hooks:
         if when == "pre":
             module.register_forward_pre_hook(hook)
+        elif when == "forward":
+            module.forward = hook  # a mask-aware forward (LayerNorm statistics over kept channels)
         else:
             module.register_forward_hook(hook)
     return container
@@ -191,7 +205,7 @@ def attach_gates(
 def remove_gates(model: nn.Module) -> None:
     """Remove every DMS hook and the gate container (the model computes as before attaching)."""
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), MaskedLinear):
+        if isinstance(module.__dict__.get("forward"), FORWARD_TYPES):
             del module.__dict__["forward"]
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key in [k for k, h in hooks.items() if isinstance(h, HOOK_TYPES)]:

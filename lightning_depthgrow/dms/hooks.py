@@ -87,7 +87,72 @@ class MaskedLinear:
         return F.linear(x, weight, bias)
 
 
-HOOK_TYPES = (InputMask, OutputScale, ResidualScale)
+class OutputMask:
+    """Forward hook: multiply the module's output channels (last dim) by gate ``index``'s mask.
+
+    Used on the Linear that ends each residual branch of a timm ViT block when the embedding width is gated,
+    so the masked residual-stream channels stay exactly 0 (the sliced model has no such channels).
+    """
+
+    def __init__(self, gates: DMSGates, index: int) -> None:
+        self.gates, self.index = gates, index
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        return output * self.gates.masks()[self.index].to(output.dtype)
+
+
+class StreamMask:
+    """Forward pre-hook: multiply the input's last dim by gate ``index``'s mask (the residual stream's entry)."""
+
+    def __init__(self, gates: DMSGates, index: int) -> None:
+        self.gates, self.index = gates, index
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        return (x * self.gates.masks()[self.index].to(x.dtype), *args[1:])
+
+
+class MaskedLayerNorm:
+    """Replaces an ``nn.LayerNorm``'s ``forward``: statistics over the kept channels only, masked output.
+
+    With mask ``m`` over the last dim: ``mu = sum(m x) / sum(m)``, ``var = sum(m (x - mu)^2) / sum(m)``,
+    ``y = m ((x - mu) / sqrt(var + eps) w + b)``. With a hard 0/1 mask this is exactly the LayerNorm of the
+    sliced model on the kept channels (and 0 elsewhere); with a soft mask it is its smooth weighted version.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class OneGate:  # what the hook reads: ``gates.masks()[index]``
+        ...     def masks(self):
+        ...         return [torch.tensor([1.0, 0.0, 1.0, 1.0])]
+        >>> norm = nn.LayerNorm(4)
+        >>> x = torch.randn(2, 4)
+        >>> y = MaskedLayerNorm(OneGate(), 0, norm)(x)
+        >>> sliced = nn.functional.layer_norm(x[:, [0, 2, 3]], (3,), norm.weight[[0, 2, 3]], norm.bias[[0, 2, 3]])
+        >>> torch.allclose(y[:, [0, 2, 3]], sliced, atol=1e-6), bool((y[:, 1] == 0).all())
+        (True, True)
+    """
+
+    def __init__(self, gates: Any, index: int, module: nn.LayerNorm) -> None:
+        self.gates, self.index, self.module = gates, index, module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        norm = self.module
+        m = self.gates.masks()[self.index].to(x.dtype)
+        kept = m.sum()
+        mean = (x * m).sum(-1, keepdim=True) / kept
+        centred = x - mean
+        var = (centred * centred * m).sum(-1, keepdim=True) / kept
+        y = centred * torch.rsqrt(var + norm.eps)
+        if norm.weight is not None:
+            y = y * norm.weight
+        if norm.bias is not None:
+            y = y + norm.bias
+        return y * m
+
+
+HOOK_TYPES = (InputMask, OutputScale, ResidualScale, OutputMask, StreamMask)
+FORWARD_TYPES = (MaskedLinear, MaskedLayerNorm)  # instance-level forwards DMS installs
 
 
 class Fold:

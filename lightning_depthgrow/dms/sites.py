@@ -49,7 +49,7 @@ from ..adapters.registry import BlockAdapter, UnsupportedModelError, find_block_
 from .topk import DEPTH
 
 GateSpec = dict[str, Any]
-Hook = tuple[nn.Module, str, Any]  # (module, "pre" | "post", hook object)
+Hook = tuple[nn.Module, str, Any]  # (module, "pre" | "post" | "forward", hook object); "forward" replaces it
 ROLES = ("in", "out", "norm", "heads")
 
 
@@ -71,6 +71,15 @@ class DMSFamily:
 
         Raise :class:`~lightning_depthgrow.UnsupportedModelError` (see :func:`tied`) for a requested kind
         of gate the block has but that cannot be sliced.
+        """
+        return None
+
+    def embed_specs(self, path: str, model: nn.Module) -> list[GateSpec] | None:
+        """Gate specs of a model-level width (the residual stream's channels) for ``model`` at ``path``, asked only
+        when embedding gates are requested (``embed=True``); ``None`` if ``model`` is not this family's.
+
+        Raise :class:`~lightning_depthgrow.UnsupportedModelError` for a model of this family whose embedding
+        width cannot be gated (a variant the family does not handle). Default: ``None``.
         """
         return None
 
@@ -226,13 +235,20 @@ def describe_model(model: nn.Module) -> str:
 
 # ------------------------------------------------------------------------------------------ discovery
 def discover_gates(
-    model: nn.Module, width: bool = True, heads: bool = True, depth: bool = True, skip: str = ""
+    model: nn.Module,
+    width: bool = True,
+    heads: bool = True,
+    depth: bool = True,
+    skip: str = "",
+    embed: bool = False,
 ) -> list[GateSpec]:
     """Every gate DMS can attach to ``model``, in module order.
 
     Width and head gates come from the registered families' blocks; depth gates from every stack of
     registered blocks (:func:`lightning_depthgrow.find_block_stacks`), only over blocks with an identity
-    skip. ``skip`` is a sub-module path to ignore (the gate container itself).
+    skip. ``skip`` is a sub-module path to ignore (the gate container itself). ``embed=True`` adds the
+    families' model-level embedding-width gates (timm ``VisionTransformer``: the residual stream's
+    channels, site ``vit_embed``), listed first; unsupported variants are refused.
 
     Example:
         >>> import timm
@@ -242,6 +258,20 @@ def discover_gates(
     """
     families = dms_families()
     specs: list[GateSpec] = []
+    if embed:
+        for path, module in model.named_modules():
+            if skip and (path == skip or path.startswith(skip + ".")):
+                continue
+            for family in families:
+                found = family.embed_specs(path, module)
+                if found is not None:
+                    specs.extend(found)
+                    break
+        if not specs:
+            raise UnsupportedModelError(
+                f"embed=True but no registered DMS family gates the embedding width of {type(model).__name__} "
+                "(supported: timm VisionTransformer). Use embed=False for this model."
+            )
     if width or heads:
         for path, module in model.named_modules():
             if skip and (path == skip or path.startswith(skip + ".")):

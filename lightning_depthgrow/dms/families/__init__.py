@@ -25,10 +25,10 @@ def register_builtin_families(registry: list[DMSFamily]) -> None:
     registry.extend([HFGPT2Family(), HFDecoderFamily(), TransformersRefusal()])
     try:
         from .timm_resnet import TimmResNetFamily
-        from .timm_vit import TimmViTFamily
+        from .timm_vit import TimmViTEmbedFamily, TimmViTFamily
     except ImportError:
         return
-    registry.extend([TimmViTFamily(), TimmResNetFamily()])
+    registry.extend([TimmViTFamily(), TimmViTEmbedFamily(), TimmResNetFamily()])
 
 
 __all__ = ["GateSpec", "describe_model", "discover_gates", "gate_name", "register_builtin_families"]
