@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_dms
 from benchmarks import bench_dms_vit_headroom as headroom
-from benchmarks.bench_dms import SUPERNET, Classifier, fit, flops, make_vit, run_dms
+from benchmarks.bench_dms import SUPERNET, Classifier, fit, flops, make_vit
 from examples.common import mnist1d_tensors
 from lightning_depthgrow.dms import attach_gates, build_architecture, export_architecture
 
@@ -62,32 +62,6 @@ def uniform_row(seed: int, shape: dict[str, Any], full: int, f_uniform: int, epo
         "flops_over_full": flops(net) / full,
         "flops_over_uniform": flops(net) / f_uniform,
         "acc": acc,
-        "cpu_s": time.process_time() - t0,
-    }
-
-
-def dms_row(seed: int, name: str, full: int, f_uniform: int, epochs: int, search_epochs: int) -> dict[str, Any]:
-    t0 = time.process_time()
-    dms = run_dms(seed, epochs, 0.5, full, search_epochs=search_epochs, **headroom.DMS_SETTINGS[name])
-    found = dms["architecture"]
-    blocks = [k.split("/")[2].split(":")[0] for k in found if k.endswith(":mlp")]
-    return {
-        "shape_name": name,
-        "seed": seed,
-        "architecture": {
-            "depth": found.get("model/blocks:depth", SUPERNET["depth"]),
-            "embed": found.get("model:embed", SUPERNET["embed_dim"]),
-            "heads": [found.get(f"model/blocks/{b}:heads", SUPERNET["num_heads"]) for b in blocks],
-            "mlp": [found[f"model/blocks/{b}:mlp"] for b in blocks],
-            "gates": found,
-        },
-        "flops_over_full": dms["dms_a"]["flops_ratio"],
-        "flops_over_uniform": dms["dms_a"]["flops_ratio"] * full / f_uniform,
-        "searched_ratio": dms["searched_ratio"],
-        "acc": dms["dms_a"]["acc"],
-        "dms_b_acc": dms["dms_b"]["acc"],
-        "dms_a_epoch_cpu_s": dms["dms_a"]["seconds"],  # search epochs + the from-scratch fit
-        "search_fraction": dms["dms_a"]["search_fraction"],
         "cpu_s": time.process_time() - t0,
     }
 
@@ -290,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             elif name == "hand_e43_h16":
                 row = hand_row(seed, full, f_uniform, args.epochs)
             else:
-                row = dms_row(seed, name, full, f_uniform, args.epochs, args.search_epochs)
+                row = headroom.dms_row(seed, name, full, f_uniform, args.epochs, args.search_epochs)
             result["runs"].append(row)
             args.out.write_text(json.dumps(result, indent=2))
             print(

@@ -306,6 +306,37 @@ def _table_rows(runs: list[dict[str, Any]], s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def dms_row(
+    seed: int, name: str, full: int, f_uniform: int, epochs: int, search_epochs: int, target: float = 0.5
+) -> dict[str, Any]:
+    """One DMS setting's run (``DMS_SETTINGS[name]``, ``bench_dms.run_dms``: pipelines a and b) as a results row:
+    the exported architecture, its FLOPs over the full and the uniform model, both pipelines' accuracies, the
+    search's cost."""
+    t0 = time.process_time()
+    dms = run_dms(seed, epochs, target, full, search_epochs=search_epochs, **DMS_SETTINGS[name])
+    found = dms["architecture"]
+    blocks = [k.split("/")[2].split(":")[0] for k in found if k.endswith(":mlp")]
+    return {
+        "shape_name": name,
+        "seed": seed,
+        "architecture": {
+            "depth": found.get("model/blocks:depth", SUPERNET["depth"]),
+            "embed": found.get("model:embed", SUPERNET["embed_dim"]),
+            "heads": [found.get(f"model/blocks/{b}:heads", SUPERNET["num_heads"]) for b in blocks],
+            "mlp": [found[f"model/blocks/{b}:mlp"] for b in blocks],
+            "gates": found,
+        },
+        "flops_over_full": dms["dms_a"]["flops_ratio"],
+        "flops_over_uniform": dms["dms_a"]["flops_ratio"] * full / f_uniform,
+        "searched_ratio": dms["searched_ratio"],
+        "acc": dms["dms_a"]["acc"],
+        "dms_b_acc": dms["dms_b"]["acc"],
+        "dms_a_epoch_cpu_s": dms["dms_a"]["seconds"],  # search epochs + the from-scratch fit
+        "search_fraction": dms["dms_a"]["search_fraction"],
+        "cpu_s": time.process_time() - t0,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["run", "report", "shapes", "dms"], default="run")
@@ -364,28 +395,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for seed, name in jobs:
         if args.part == "dms":  # bench_dms's pipeline a (its weights: seed + 1000), the search's settings changed
-            t0 = time.process_time()
-            dms = run_dms(seed, args.epochs, args.target, full, search_epochs=args.search_epochs, **DMS_SETTINGS[name])
-            found = dms["architecture"]
-            depth = found.get("model/blocks:depth", SUPERNET["depth"])
-            blocks = [k.split("/")[2].split(":")[0] for k in found if k.endswith(":mlp")]
-            row = {
-                "shape_name": name,
-                "seed": seed,
-                "architecture": {
-                    "depth": depth,
-                    "embed": found.get("model:embed", SUPERNET["embed_dim"]),
-                    "heads": [found.get(f"model/blocks/{b}:heads", SUPERNET["num_heads"]) for b in blocks],
-                    "mlp": [found[f"model/blocks/{b}:mlp"] for b in blocks],
-                    "gates": found,
-                },
-                "flops_over_full": dms["dms_a"]["flops_ratio"],
-                "flops_over_uniform": dms["dms_a"]["flops_ratio"] * full / f_uniform,
-                "searched_ratio": dms["searched_ratio"],
-                "acc": dms["dms_a"]["acc"],
-                "dms_b_acc": dms["dms_b"]["acc"],
-                "cpu_s": time.process_time() - t0,
-            }
+            row = dms_row(seed, name, full, f_uniform, args.epochs, args.search_epochs, args.target)
+            found = row["architecture"]["gates"]
             result["runs"].append(row)
             args.out.write_text(json.dumps(result, indent=2))
             print(f"seed {seed} {name}: dms_a {row['acc']:.4f} dms_b {row['dms_b_acc']:.4f} {found}", flush=True)
