@@ -238,3 +238,32 @@ class PairNet(nn.Module):
         for block in self.blocks:
             x = block(x)[0]
         return x
+
+
+#: A fixed probe batch for the tiny ViT (:func:`make_module`), for logits compared across growth steps.
+PROBE = torch.randn(8, 1, 1, 40, generator=torch.Generator().manual_seed(5))
+#: Every hook dict of an ``nn.Module``: equal to a plain module's after ``fit`` when nothing was left behind.
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+class Logits(Callback):
+    """The module's eval-mode logits on :data:`PROBE` at the end of every training batch, by global step."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        was = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            self.seen[trainer.global_step] = pl_module(PROBE).clone()
+        pl_module.train(was)

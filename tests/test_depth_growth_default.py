@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -24,33 +24,17 @@ from lightning_depthgrow.events import event_log
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery import FunctionNotPreservedError
 from lightning_depthgrow.surgery.ramp import ramp_traces, ramped_blocks
-from tests._helpers import RankRecord, make_module, quiet_trainer, random_loader, rank_records, tensor_hash
-
-PROBE = torch.randn(8, 1, 1, 40, generator=torch.Generator().manual_seed(5))
-HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
+from tests._helpers import (
+    HOOK_DICTS,
+    PROBE,
+    Logits,
+    RankRecord,
+    make_module,
+    quiet_trainer,
+    random_loader,
+    rank_records,
+    tensor_hash,
 )
-
-
-class Logits(Callback):
-    """The eval logits on PROBE at every training batch end, by global step."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, torch.Tensor] = {}
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        was = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
-            self.seen[trainer.global_step] = pl_module(PROBE).clone()
-        pl_module.train(was)
 
 
 def _no_example(depth: int = 2, max_epochs: int = 6) -> pl.LightningModule:

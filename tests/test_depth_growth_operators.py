@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_depthgrow import load_grown
 from lightning_depthgrow.callbacks import DepthGrowth
@@ -17,7 +17,9 @@ from lightning_depthgrow.events import event_log
 from lightning_depthgrow.measure import count_parameters
 from lightning_depthgrow.surgery.ramp import ramped_blocks
 from tests._helpers import (
+    PROBE,
     Classifier,
+    Logits,
     RankRecord,
     make_module,
     make_vit,
@@ -26,22 +28,6 @@ from tests._helpers import (
     rank_records,
     tensor_hash,
 )
-
-PROBE = torch.randn(8, 1, 1, 40, generator=torch.Generator().manual_seed(5))
-
-
-class Logits(Callback):
-    """Records the module's eval-mode logits on PROBE at the end of every training batch (list order matters)."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, torch.Tensor] = {}
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        was = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
-            self.seen[trainer.global_step] = pl_module(PROBE).clone()
-        pl_module.train(was)
 
 
 def _params(depth: int) -> int:

@@ -16,6 +16,7 @@ import torch
 
 from lightning_depthgrow.callbacks import CurvatureMonitor, DepthGrowth, NeuronGrowth
 from lightning_depthgrow.events import LOG_ATTRIBUTE, ArchitectureEvent, event_log
+from tests._helpers import HOOK_DICTS
 
 GROWERS = {
     "depth-curvature": lambda: DepthGrowth.paper(final_budget=3.0, warmup_epochs=1, placement="curvature"),
@@ -28,17 +29,6 @@ GROWERS = {
     "depth-default": lambda: DepthGrowth(),
     "depth-default-no-example": lambda: DepthGrowth(),
 }
-
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
 
 
 def _fitted(make_module, loader, quiet_trainer, callbacks, tmp_path, example: bool = True) -> torch.nn.Module:
@@ -62,7 +52,7 @@ def test_module_after_fit_pickles_copies_saves_and_holds_only_its_log(
     assert log and all(isinstance(e, ArchitectureEvent) for e in log), "the run must have grown"
 
     assert set(vars(grown)) - set(vars(plain)) == {LOG_ATTRIBUTE}
-    for attribute in _HOOK_DICTS:
+    for attribute in HOOK_DICTS:
         for sub, ref in zip(grown.modules(), plain.modules()):
             assert len(getattr(sub, attribute)) == len(getattr(ref, attribute)), (attribute, type(sub).__name__)
     assert not any(
