@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--min-lr-ratio",
         type=float,
         default=LMConfig.min_lr_ratio,
-        help="every variant's learning rate at the end of the cosine, as a fraction of the peak (LMConfig.min_lr_ratio)",
+        help="every variant's LR at the end of the cosine, as a fraction of the peak (LMConfig.min_lr_ratio)",
     )
     parser.add_argument(
         "--warmup-steps",
@@ -469,9 +469,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    config = LMConfig(
-        steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps
-    )
+    config = LMConfig(steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps)
     final_depth = args.start_depth * args.factor
     final = f"fixed_{final_depth}"
     middle = f"fixed_{(args.start_depth + final_depth) // 2}"
