@@ -38,10 +38,10 @@ their cosine at the growth step (a ``W``-step linear re-warm to the peak, then a
 both only for the variants growing at ``--grow-at`` (:class:`GrowthAwareLR`) and recorded in ``setup["growth_lr"]``.
 ``--lr``, ``--min-lr-ratio`` and ``--warmup-steps`` set the base schedule of every variant (the
 :class:`~benchmarks.tasks.LMConfig` fields, defaults unchanged; recorded in ``setup["lm"]``, so ``--reuse`` and
-``--merge`` refuse files made with another schedule). ``--driver events`` grows the
-G_stack variants with :class:`ScheduledGrowth` too (the reference the library callback is checked against: same
-events, same steps). Writes ``benchmarks/results/growth_lm.json``.
-``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
+``--merge`` refuse files made with another schedule). ``--reference NAME`` compares every run with another variant
+than the fixed final-size model (e.g. the schedule control). ``--driver events`` grows the G_stack variants with
+:class:`ScheduledGrowth` too (the reference the library callback is checked against: same events, same steps).
+Writes ``benchmarks/results/growth_lm.json``. ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
 variants already in FILE (another invocation with the identical configuration: training is deterministic on one
 CPU thread) instead of training them again, and ``--merge FILE...`` combines result files of one configuration.
 The fixed-size runs (``fixed_<d>``) read no growth setting, so they are also taken from files made with other
@@ -464,6 +464,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=LMConfig.warmup_steps,
         help="steps of every variant's linear warm-up to the peak learning rate (LMConfig.warmup_steps)",
     )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="the variant the summary compares every run with (paired differences, FLOPs to reach its final loss); "
+        "default: the fixed final-size model, fixed_<start depth x factor>",
+    )
     parser.add_argument("--reuse", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")
@@ -532,9 +538,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for results in runs.values():
         results.sort(key=lambda r: r["seed"])
     start = f"fixed_{args.start_depth}"
-    summary = summarise(runs, final, start) if final in runs else {}
+    reference = args.reference or final
+    summary = summarise(runs, reference, start) if reference in runs else {}
     if summary:
-        print_table(summary, final)
+        print_table(summary, reference)
     _, _, corpus = stdlib_corpus(config.corpus)
     record = {
         "setup": setup,
@@ -545,7 +552,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     _write(args.out, record)
     if summary:
-        args.out.with_suffix(".md").write_text(markdown_table(summary, final, start))
+        args.out.with_suffix(".md").write_text(markdown_table(summary, reference, start))
     print(f"wrote {args.out}")
     return record
 
