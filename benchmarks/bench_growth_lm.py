@@ -36,10 +36,12 @@ per block of the final model its residual-update ratio and the loss increase whe
 learning rate of the grown runs' small phase (the steps before growth) by ``K``; ``--lr-restart-warmup W`` restarts
 their cosine at the growth step (a ``W``-step linear re-warm to the peak, then a cosine to the floor at the end);
 both only for the variants growing at ``--grow-at`` (:class:`GrowthAwareLR`) and recorded in ``setup["growth_lr"]``.
-``--driver events`` grows the
-G_stack variants with :class:`ScheduledGrowth` too (the reference the library callback is checked against: same
-events, same steps). Writes ``benchmarks/results/growth_lm.json``.
-``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
+``--lr``, ``--min-lr-ratio`` and ``--warmup-steps`` set the base schedule of every variant (the
+:class:`~benchmarks.tasks.LMConfig` fields, defaults unchanged; recorded in ``setup["lm"]``, so ``--reuse`` and
+``--merge`` refuse files made with another schedule). ``--reference NAME`` compares every run with another variant
+than the fixed final-size model (e.g. the schedule control). ``--driver events`` grows the G_stack variants with
+:class:`ScheduledGrowth` too (the reference the library callback is checked against: same events, same steps).
+Writes ``benchmarks/results/growth_lm.json``. ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
 variants already in FILE (another invocation with the identical configuration: training is deterministic on one
 CPU thread) instead of training them again, and ``--merge FILE...`` combines result files of one configuration.
 The fixed-size runs (``fixed_<d>``) read no growth setting, so they are also taken from files made with other
@@ -447,12 +449,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="grown variants growing at --grow-at: restart the cosine at the growth step, re-warming to the peak LR "
         "over this many steps (default: no restart)",
     )
+    parser.add_argument(
+        "--lr", type=float, default=LMConfig.lr, help="peak AdamW learning rate of every variant (LMConfig.lr)"
+    )
+    parser.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=LMConfig.min_lr_ratio,
+        help="every variant's LR at the end of the cosine, as a fraction of the peak (LMConfig.min_lr_ratio)",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=LMConfig.warmup_steps,
+        help="steps of every variant's linear warm-up to the peak learning rate (LMConfig.warmup_steps)",
+    )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="the variant the summary compares every run with (paired differences, FLOPs to reach its final loss); "
+        "default: the fixed final-size model, fixed_<start depth x factor>",
+    )
     parser.add_argument("--reuse", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    config = LMConfig(steps=args.steps)
+    config = LMConfig(steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps)
     final_depth = args.start_depth * args.factor
     final = f"fixed_{final_depth}"
     middle = f"fixed_{(args.start_depth + final_depth) // 2}"
@@ -515,9 +538,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for results in runs.values():
         results.sort(key=lambda r: r["seed"])
     start = f"fixed_{args.start_depth}"
-    summary = summarise(runs, final, start) if final in runs else {}
+    reference = args.reference or final
+    summary = summarise(runs, reference, start) if reference in runs else {}
     if summary:
-        print_table(summary, final)
+        print_table(summary, reference)
     _, _, corpus = stdlib_corpus(config.corpus)
     record = {
         "setup": setup,
@@ -528,7 +552,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     _write(args.out, record)
     if summary:
-        args.out.with_suffix(".md").write_text(markdown_table(summary, final, start))
+        args.out.with_suffix(".md").write_text(markdown_table(summary, reference, start))
     print(f"wrote {args.out}")
     return record
 

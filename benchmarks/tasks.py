@@ -33,6 +33,7 @@ import statistics
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -48,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.gpt_blocks import TinyGPT  # also registers GPTBlock for growth
+from lightning_depthgrow.growth.schedule import warmup_cosine as schedule_warmup_cosine
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 
@@ -252,16 +254,10 @@ class ByteLM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def warmup_cosine(config: LMConfig):
-    """LR multiplier per step: linear warm-up to 1, cosine decay to ``min_lr_ratio`` at ``config.steps``."""
-
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+def warmup_cosine(config: LMConfig) -> Callable[[int], float]:
+    """LR multiplier per step of ``config``'s schedule: linear warm-up to 1, cosine decay to ``min_lr_ratio`` at
+    ``config.steps`` (the library's :func:`lightning_depthgrow.growth.schedule.warmup_cosine` with its fields)."""
+    return schedule_warmup_cosine(config.steps, config.warmup_steps, config.min_lr_ratio)
 
 
 def block_stack_depth(model: nn.Module) -> int:

@@ -26,7 +26,7 @@ from .depth import (
     starting_blocks,
 )
 from .neurons import NeuronBranch, plan_neurons
-from .schedule import FractionSchedule, GrowthCosineLR, Schedule
+from .schedule import FractionSchedule, GrowthCosineLR, Schedule, warmup_cosine
 
 __all__ = [
     "BlockCost",
@@ -45,4 +45,5 @@ __all__ = [
     "plan_neurons",
     "stack_layouts",
     "starting_blocks",
+    "warmup_cosine",
 ]

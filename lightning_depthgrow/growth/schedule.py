@@ -1,12 +1,14 @@
 """When growth happens: by epoch (:class:`Schedule`: a warm-up, then every few epochs) or at fractions of the
 training's optimizer steps (:class:`FractionSchedule`: e.g. once, early, as G_stack grows); and a learning-rate
-schedule that knows about it (:class:`GrowthCosineLR`: warm-up + cosine, restarted at each growth step)."""
+schedule that knows about it (:class:`GrowthCosineLR`: warm-up + cosine, restarted at each growth step; its base
+without restarts is :func:`warmup_cosine`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from ..validation import check_float, check_int
 
@@ -122,12 +124,57 @@ class FractionSchedule:
         return int(total)
 
 
+def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1) -> Callable[[int], float]:
+    """LR multiplier per optimizer step for ``torch.optim.lr_scheduler.LambdaLR``: a linear warm-up to 1, then a
+    cosine decay to ``min_lr_ratio`` at ``total_steps`` (held there after).
+
+    Step ``s < warmup_steps`` gets ``(s + 1) / warmup_steps``; a later step gets
+    ``min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2`` with ``p = (s - warmup_steps) / (total_steps -
+    warmup_steps)`` capped at 1. It is :class:`GrowthCosineLR` without growth (the schedule it restarts), and the
+    fixed-size models' schedule in the LM benchmark. The result is picklable (a ``functools.partial`` of a module
+    function), so ``LambdaLR.state_dict`` and checkpoints keep working.
+
+    Args:
+        total_steps: the run's optimizer steps (``Trainer(max_steps=...)``; ``trainer.estimated_stepping_batches``).
+        warmup_steps: steps of the linear warm-up (``0``: none; a warm-up as long as the run never reaches the
+            cosine).
+        min_lr_ratio: the multiplier at the end of training, in ``[0, 1]``.
+
+    Example:
+        >>> lr = warmup_cosine(total_steps=1500, warmup_steps=30, min_lr_ratio=0.1)
+        >>> lr(0), lr(29), lr(765), round(lr(1500), 3)
+        (0.03333333333333333, 1.0, 0.55, 0.1)
+        >>> def configure_optimizers(self):  # in your LightningModule  # doctest: +SKIP
+        ...     optimizer = torch.optim.AdamW(self.parameters(), lr=6e-3)
+        ...     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(1500, 30))
+        ...     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+    """
+    check_int("total_steps", total_steps, minimum=1)
+    check_int("warmup_steps", warmup_steps, minimum=0)
+    min_lr_ratio = check_float("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0, low_inclusive=True)
+    return partial(_warmup_cosine, total_steps, warmup_steps, min_lr_ratio)
+
+
+def _warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float, step: int) -> float:
+    """:func:`warmup_cosine`'s multiplier at ``step`` (arguments not checked)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return _cosine(step - warmup_steps, total_steps - warmup_steps, min_lr_ratio)
+
+
+def _cosine(done: int, length: int, min_lr_ratio: float) -> float:
+    """The cosine from 1 to ``min_lr_ratio`` over ``length`` steps, ``done`` of them taken (held at the end)."""
+    progress = min(1.0, done / max(1, length))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 @dataclass(frozen=True)
 class GrowthCosineLR:
     """LR multiplier per optimizer step for ``torch.optim.lr_scheduler.LambdaLR``: linear warm-up, cosine decay to
     ``min_lr_ratio``, and the cosine **restarted at each growth step** of ``DepthGrowth(at=...)``.
 
-    Without growth (steps before the first growth step) it is the usual schedule: ``(step + 1) / warmup_steps``
+    Without growth (steps before the first growth step) it is the usual schedule, :func:`warmup_cosine`:
+    ``(step + 1) / warmup_steps``
     during warm-up, then ``min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2`` with ``p`` the fraction of
     the steps after warm-up done. At each growth step ``s`` (the step :class:`FractionSchedule` grows after, for a
     run of ``total_steps``), the multiplier re-warms linearly over ``restart_warmup`` steps from the value the
@@ -192,9 +239,8 @@ class GrowthCosineLR:
         return self._restarted(step, len(restarts) - 1)
 
     def _base(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        return self._cosine(step - self.warmup_steps, self.total_steps - self.warmup_steps)
+        """The multiplier before any restart: :func:`warmup_cosine`'s."""
+        return _warmup_cosine(self.total_steps, self.warmup_steps, self.min_lr_ratio, step)
 
     def _restarted(self, step: int, k: int) -> float:
         """The multiplier at ``step`` under the ``k``-th restart (0-based), the one most recently passed."""
@@ -202,12 +248,7 @@ class GrowthCosineLR:
         if step < start + warm:
             from_lr = self._base(start) if k == 0 else self._restarted(start, k - 1)
             return from_lr + (1 - from_lr) * (step - start + 1) / warm
-        return self._cosine(step - start - warm, end - start - warm)
-
-    def _cosine(self, done: int, length: int) -> float:
-        """The cosine from 1 to ``min_lr_ratio`` over ``length`` steps, ``done`` of them taken."""
-        progress = min(1.0, done / max(1, length))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return _cosine(step - start - warm, end - start - warm, self.min_lr_ratio)
 
 
 def growth_schedule(
