@@ -20,7 +20,8 @@ Variants, per seed, all with the same data order and schedule length unless said
   (``2 -> 4``: one copy after each block; ``4 -> 6``: one more per starting block); not in the default list;
 - ``fixed_final_growth_lr`` (with ``--small-lr-mult`` / ``--lr-restart-warmup``): the final-size model trained from
   the start with the grown runs' growth-aware LR schedule (the control: is a gain the schedule's or the growth's?);
-  not in the default list;
+  ``fixed_<d>_growth_lr`` the same for a fixed model of ``d`` blocks (the frontier's smaller models on that
+  schedule); not in the default list;
 - ``fixed_6_equal``: the final-size model trained for as many steps as fit the grown runs' FLOPs, with its own
   full warm-up + cosine schedule (the fixed model at equal compute).
 
@@ -262,8 +263,8 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
             events = growth_events(name, args.start_depth, args.factor, args.ramp_steps, 1000 + seed, state)
             growth, driver = ScheduledGrowth(at_step, events), "ScheduledGrowth"
             callbacks.append(growth)
-    elif name == SCHEDULE_CONTROL:
-        config = replace(config, depth=args.start_depth * args.factor)
+    elif (control_depth := _schedule_control_depth(name, args)) is not None:
+        config = replace(config, depth=control_depth)
         at_step = round(args.grow_at * config.steps)
         callbacks.append(GrowthAwareLR(config, at_step, args.small_lr_mult, args.lr_restart_warmup))
     elif name == "fixed_final_equal":
@@ -555,6 +556,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.with_suffix(".md").write_text(markdown_table(summary, reference, start))
     print(f"wrote {args.out}")
     return record
+
+
+def _schedule_control_depth(name: str, args: argparse.Namespace) -> int | None:
+    """The depth of a schedule control (a fixed model trained with the grown runs' LR schedule): the final size for
+    ``fixed_final_growth_lr``, ``d`` for ``fixed_<d>_growth_lr``; ``None`` for any other variant."""
+    if name == SCHEDULE_CONTROL:
+        return args.start_depth * args.factor
+    parts = name.split("_")
+    if len(parts) == 4 and parts[0] == "fixed" and parts[1].isdigit() and parts[2:] == ["growth", "lr"]:
+        return int(parts[1])
+    return None
 
 
 def _is_fixed(name: str) -> bool:
