@@ -525,7 +525,7 @@ class DepthGrowth(GrowthCallback):
         recorded = plumbing.captured_input(pl_module)
         if trainer.world_size <= 1:
             return recorded
-        return plumbing.broadcast(trainer, _on_cpu(recorded))
+        return plumbing.broadcast(trainer, plumbing.map_tensors(recorded, torch.Tensor.cpu))
 
     def verify_events(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, events: list[ArchitectureEvent]
@@ -1001,17 +1001,6 @@ class DepthGrowth(GrowthCallback):
     def grow_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArchitectureEvent]:
         """Run one growth step now (every rank must call it); returns the events applied."""
         return self.change_now(trainer, pl_module)
-
-
-def _on_cpu(value: Any) -> Any:
-    """``value`` with every tensor on the CPU (to broadcast it between ranks)."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {k: _on_cpu(v) for k, v in value.items()}
-    if type(value) in (tuple, list):
-        return type(value)(_on_cpu(v) for v in value)
-    return value
 
 
 def _check_groups_not_per_block(

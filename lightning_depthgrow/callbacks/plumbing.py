@@ -167,35 +167,33 @@ def captured_input(pl_module: torch.nn.Module) -> Any:
     return named
 
 
-def _detached(value: Any) -> Any:
+def map_tensors(value: Any, fn: Any) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (through dicts, lists and tuples; other leaves as they are).
+
+    Example:
+        >>> map_tensors({"x": torch.ones(2), "n": 3}, lambda t: t * 2)
+        {'x': tensor([2., 2.]), 'n': 3}
+    """
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        return fn(value)
     if isinstance(value, Mapping):
-        return {k: _detached(v) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     if type(value) in (tuple, list):
-        return type(value)(_detached(v) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     return value
+
+
+def _detached(value: Any) -> Any:
+    return map_tensors(value, torch.Tensor.detach)
 
 
 def _cloned(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, Mapping):
-        return {k: _cloned(v) for k, v in value.items()}
-    if type(value) in (tuple, list):
-        return type(value)(_cloned(v) for v in value)
-    return value
+    return map_tensors(value, torch.Tensor.clone)
 
 
 def _first_rows(value: Any) -> Any:
     """``value`` with every tensor that has a batch dimension cut to its first row."""
-    if isinstance(value, torch.Tensor):
-        return value[:1] if value.dim() else value
-    if isinstance(value, Mapping):
-        return {k: _first_rows(v) for k, v in value.items()}
-    if type(value) in (tuple, list):
-        return type(value)(_first_rows(v) for v in value)
-    return value
+    return map_tensors(value, lambda t: t[:1] if t.dim() else t)
 
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:
