@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     placement=placement,
                     verbose=False,
                     history=False,
+                    recipe="paper",
                 )
                 runs[placement].append(result)
                 print(f"seed {seed} {placement:9s} acc {result['val_acc']:.3f} {result['wall_s']:.1f}s", flush=True)

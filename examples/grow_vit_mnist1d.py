@@ -1,13 +1,17 @@
-"""Grow a tiny timm ViT on MNIST-1D while it trains, then compare it with a fixed model of the final size.
+"""Grow a tiny timm ViT on MNIST-1D while it trains, then compare it with fixed models of the final size.
 
-The grown model starts with 2 blocks; :class:`~lightning_depthgrow.callbacks.depth_growth.DepthGrowth` inserts an
-identity-initialised block after the block with the highest Hessian trace per parameter every ``--grow-every``
-epochs after a warm-up, until the parameter budget (``--budget`` times the starting size) is used. The fixed
-baseline is built at the grown model's final depth and trained for the same number of epochs. Both runs print
-their accuracy and wall time; the grown run also prints its architecture after every epoch and writes
-``architecture_history.json`` plus an HTML report (ArchitectureLogger) under ``--out``.
+The grown model starts with 2 blocks. :class:`~lightning_depthgrow.callbacks.depth_growth.DepthGrowth` with its
+defaults (``--recipe default``, the recipe that paid on the byte-level LM benchmark) triples the block stack after
+a third of the optimizer steps (G_stack, 2 -> 6 blocks) and ramps the copies in over 12% of the run;
+``--recipe paper`` is ``DepthGrowth.paper()``: zero-initialised blocks every 2 epochs after a 2-epoch warm-up
+until ``--budget`` times the starting parameters. Two baselines are built at the grown model's final depth: one
+trained for the same number of epochs, one trained (with its own full schedule) for the epochs that cost what the
+grown run cost in training FLOPs. Every run prints its accuracy, FLOPs and time; the grown run also prints its
+architecture after every epoch and writes ``architecture_history.json`` plus an HTML report (ArchitectureLogger)
+under ``--out``. MNIST-1D is data-limited: growth does not beat a same-size model trained from the start here
+(see ``docs/growth.md``); the demo prints whatever this run measures.
 
-Run (about 1-2 minutes on 2 CPU cores, 45 CPU seconds; ``--quick`` for a smoke run of a few seconds):
+Run (a few minutes on 2 CPU cores; ``--quick`` for a smoke run of a few seconds):
 
     python examples/grow_vit_mnist1d.py --epochs 12 --seed 0
 """
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 if __package__ in (None, ""):  # run as a script: make ``examples.common`` importable
@@ -32,14 +37,17 @@ from lightning_depthgrow.callbacks import event_log
 from lightning_depthgrow.callbacks.architecture_logger import ArchitectureLogger
 from lightning_depthgrow.callbacks.curvature_monitor import CurvatureMonitor
 from lightning_depthgrow.callbacks.depth_growth import DepthGrowth
-from lightning_depthgrow.measure import count_parameters
+from lightning_depthgrow.measure import count_flops, count_parameters
+
+BATCH_SIZE = 128  # MNIST1DDataModule's
 
 
 class ArchitecturePrinter(Callback):
     """Prints depth, parameters, validation accuracy and the growth events of every epoch."""
 
-    def __init__(self) -> None:
+    def __init__(self, growth: DepthGrowth) -> None:
         self._seen = 0
+        self.growth = growth
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -52,14 +60,8 @@ class ArchitecturePrinter(Callback):
             flush=True,
         )
         for event in event_log(pl_module)[self._seen :]:
-            r = event.reason
-            others = ", ".join(f"{u['block']} {u['score']:.3g}" for u in r.get("runners_up", [])) or "none"
-            print(
-                f"    grew: new block after {r['block']} ({r['score_name']} {r['score']:.3g}; runners-up {others}); "
-                f"budget {r['budget_after']:,.0f}/{r['budget_limit']:,.0f} {r['budget_metric']}; "
-                f"surgery+rewrap {event.cost['seconds'] * 1e3:.1f} ms",
-                flush=True,
-            )
+            cost = f"; surgery+rewrap {event.cost['seconds'] * 1e3:.1f} ms" if "seconds" in event.cost else ""
+            print(f"    step {event.step}: {self.growth.describe(event)}{cost}", flush=True)
         self._seen = len(event_log(pl_module))
 
 
@@ -91,13 +93,14 @@ class EpochClock(Callback):
         )
 
 
-def build_trainer(epochs: int, callbacks: list[Callback], out: Path, quick: bool) -> pl.Trainer:
+def build_trainer(epochs: int, callbacks: list[Callback], out: Path, quick: bool, max_steps: int = -1) -> pl.Trainer:
     return quiet_trainer(
         epochs,
         callbacks,
         default_root_dir=str(out),
         num_sanity_val_steps=0,
         limit_train_batches=4 if quick else 1.0,
+        max_steps=max_steps,
     )
 
 
@@ -112,10 +115,14 @@ def run_grown(
     quick: bool = False,
     verbose: bool = True,
     history: bool = True,
+    recipe: str = "paper",
 ) -> dict[str, Any]:
-    """Train a 2-block ViT that grows to ``budget`` x its parameters; returns accuracy, time and architecture.
+    """Train a 2-block ViT that grows while it trains; returns accuracy, time, training FLOPs and architecture.
 
-    ``history`` adds the ArchitectureLogger (JSON history and HTML report); ``verbose`` prints every epoch.
+    ``recipe="paper"``: ``DepthGrowth.paper()`` to ``budget`` x the parameters (``warmup_epochs``, ``grow_every``,
+    ``placement`` apply); ``recipe="default"``: ``DepthGrowth()``'s defaults (ramped G_stack, 2 -> 6 blocks after
+    a third of the steps). ``history`` adds the ArchitectureLogger (JSON history and HTML report); ``verbose``
+    prints every epoch.
     """
     pl.seed_everything(seed, verbose=False)
     module = Classifier(make_vit(depth=2), max_epochs=epochs)
@@ -123,25 +130,36 @@ def run_grown(
     # (docs/growth.md). With placement="curvature", a private monitor with 2 probes on the last batch (one estimate
     # costs about 5 training steps here).
     monitor = CurvatureMonitor(num_batches=1, num_probes=2, log=False, seed=seed) if placement == "curvature" else None
-    growth = DepthGrowth.paper(
-        final_budget=budget,
-        warmup_epochs=warmup_epochs,
-        grow_every=grow_every,
-        placement=placement,
-        curvature_monitor=monitor,
-        seed=seed,
-    )
+    if recipe == "default":
+        growth = DepthGrowth(seed=seed)
+    elif recipe == "paper":
+        growth = DepthGrowth.paper(
+            final_budget=budget,
+            warmup_epochs=warmup_epochs,
+            grow_every=grow_every,
+            placement=placement,
+            curvature_monitor=monitor,
+            seed=seed,
+        )
+    else:
+        raise ValueError(f"recipe={recipe!r}: use 'default' (DepthGrowth()) or 'paper' (DepthGrowth.paper())")
     clock = EpochClock()
     callbacks: list[Callback] = [growth, clock]
     if history:
         callbacks.append(ArchitectureLogger(report=not quick))
     if verbose:
-        callbacks.append(ArchitecturePrinter())
+        callbacks.append(ArchitecturePrinter(growth))
     trainer = build_trainer(epochs, callbacks, out, quick)
     start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(module, MNIST1DDataModule(seed=seed))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     events = event_log(module)
+    # Training FLOPs: every optimizer step at the depth the model had for it (a step's cost is proportional to
+    # the forward FLOPs at that depth); an event at step s changes the depth from step s on.
+    total_steps = trainer.global_step
+    depth_from = [(0, 2)] + [(e.step, d) for e, d in zip(events, _depths_after(events), strict=True)]
+    bounds = [s for s, _ in depth_from[1:]] + [total_steps]
+    train_flops = sum((end - start) * step_flops(depth) for (start, depth), end in zip(depth_from, bounds, strict=True))
     return {
         "val_acc": float(trainer.callback_metrics["val_acc"]),
         "wall_s": wall,
@@ -150,27 +168,55 @@ def run_grown(
         "params": count_parameters(module),
         "curve": clock.rows,
         "events": [e.to_dict() for e in events],
-        "surgery_s": [e.cost["seconds"] for e in events],
+        "surgery_s": [e.cost["seconds"] for e in events if "seconds" in e.cost],
         "epoch_s": wall / epochs,
+        "steps": total_steps,
+        "train_flops": train_flops,
     }
 
 
-def run_fixed(epochs: int, seed: int, depth: int, out: Path, quick: bool = False) -> dict[str, Any]:
-    """Train a fixed ViT of ``depth`` blocks for ``epochs`` epochs; returns accuracy, time and size."""
+def _depths_after(events: list[Any]) -> list[int]:
+    """The depth after each event (an inserted or copied block adds one, a stack event multiplies, a fold none)."""
+    depth, depths = 2, []
+    for event in events:
+        if event.kind == "stack_blocks":
+            depth *= event.spec["factor"]
+        elif event.kind in ("insert_block", "copy_block"):
+            depth += 1
+        depths.append(depth)
+    return depths
+
+
+def step_flops(depth: int) -> int:
+    """Forward FLOPs of one training batch of a ``depth``-block demo ViT (proportional to a training step's)."""
+    return count_flops(make_vit(depth=depth), torch.zeros(BATCH_SIZE, 1, 1, 40)).total
+
+
+def run_fixed(
+    epochs: int, seed: int, depth: int, out: Path, quick: bool = False, max_steps: int = -1
+) -> dict[str, Any]:
+    """Train a fixed ViT of ``depth`` blocks for ``epochs`` epochs, or ``max_steps`` optimizer steps when given
+    (its warm-up and cosine then span those steps; validated at the end); returns accuracy, time and size."""
     pl.seed_everything(seed, verbose=False)
     module = Classifier(make_vit(depth=depth), max_epochs=epochs)
     clock = EpochClock()
-    trainer = build_trainer(epochs, [clock], out, quick)
+    trainer = build_trainer(epochs, [clock], out, quick, max_steps=max_steps)
     start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(module, MNIST1DDataModule(seed=seed))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if max_steps >= 0:  # stopped inside an epoch: validate the final weights
+        val_acc = float(trainer.validate(module, MNIST1DDataModule(seed=seed), verbose=False)[0]["val_acc"])
+    else:
+        val_acc = float(trainer.callback_metrics["val_acc"])
     return {
-        "val_acc": float(trainer.callback_metrics["val_acc"]),
+        "val_acc": val_acc,
         "wall_s": wall,
         "cpu_s": cpu,
         "depth": depth,
         "params": count_parameters(module),
         "curve": clock.rows,
+        "steps": trainer.global_step,
+        "train_flops": trainer.global_step * step_flops(depth),
     }
 
 
@@ -183,7 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget", type=float, default=3.0, help="final parameter budget, x the starting model")
+    parser.add_argument(
+        "--recipe",
+        choices=("default", "paper"),
+        default="default",
+        help="default: DepthGrowth() (ramped G_stack, 2 -> 6 blocks); paper: DepthGrowth.paper()",
+    )
+    parser.add_argument("--budget", type=float, default=3.0, help="--recipe paper: final parameters, x the start")
     parser.add_argument("--quick", action="store_true", help="a few batches per epoch, 3 epochs: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("runs/grow_vit_mnist1d"))
     args = parser.parse_args(argv)
@@ -191,21 +243,37 @@ def main(argv: list[str] | None = None) -> None:
     warmup, every = (1, 1) if args.quick else (2, 2)
     mnist1d_tensors()  # generate the data set once, outside the timed runs
 
-    print(f"== grown ViT: 2 blocks -> {args.budget}x parameters, {epochs} epochs ==", flush=True)
-    grown = run_grown(epochs, args.seed, args.out, args.budget, warmup, every, quick=args.quick)
-    print(f"== fixed ViT: {grown['depth']} blocks from the start, {epochs} epochs ==", flush=True)
-    fixed = run_fixed(epochs, args.seed, grown["depth"], args.out, quick=args.quick)
+    what = "DepthGrowth() (ramped G_stack)" if args.recipe == "default" else f"DepthGrowth.paper(), {args.budget}x"
+    print(f"== grown ViT: 2 blocks, {what}, {epochs} epochs ==", flush=True)
+    grown = run_grown(epochs, args.seed, args.out, args.budget, warmup, every, quick=args.quick, recipe=args.recipe)
+    depth = grown["depth"]
+    print(f"== fixed ViT: {depth} blocks from the start, {epochs} epochs ==", flush=True)
+    fixed = run_fixed(epochs, args.seed, depth, args.out, quick=args.quick)
+    # Equal training compute: the same model trained for the optimizer steps the grown run's FLOPs pay for, with
+    # its own full schedule (warm-up and cosine over those steps).
+    equal_steps = max(1, round(fixed["steps"] * grown["train_flops"] / fixed["train_flops"]))
+    print(f"== fixed ViT: {depth} blocks, {equal_steps} steps (the grown run's training FLOPs) ==", flush=True)
+    equal = run_fixed(epochs, args.seed, depth, args.out, quick=args.quick, max_steps=equal_steps)
 
     print()
-    print(f"{'model':8s} {'depth':>5s} {'params':>9s} {'val_acc':>8s} {'wall s':>7s} {'CPU s':>7s}")
-    for name, r in (("grown", grown), ("fixed", fixed)):
-        print(f"{name:8s} {r['depth']:5d} {r['params']:9,d} {r['val_acc']:8.3f} {r['wall_s']:7.1f} {r['cpu_s']:7.1f}")
-    print(f"grown/fixed: wall {grown['wall_s'] / fixed['wall_s']:.2f}, CPU {grown['cpu_s'] / fixed['cpu_s']:.2f}")
+    print(
+        f"{'model':14s} {'depth':>5s} {'steps':>6s} {'params':>9s} {'val_acc':>8s} {'train FLOPs':>12s} "
+        f"{'wall s':>7s} {'CPU s':>7s}"
+    )
+    for name, r in (("grown", grown), ("fixed", fixed), ("fixed, = FLOPs", equal)):
+        print(
+            f"{name:14s} {r['depth']:5d} {r['steps']:6d} {r['params']:9,d} {r['val_acc']:8.3f} "
+            f"{r['train_flops'] / fixed['train_flops']:11.2f}x {r['wall_s']:7.1f} {r['cpu_s']:7.1f}"
+        )
+    for name, r in (("fixed", fixed), ("fixed at equal FLOPs", equal)):
+        print(f"grown - {name}: {100 * (grown['val_acc'] - r['val_acc']):+.1f} points of val_acc")
     reached = time_to_accuracy(fixed["curve"], grown["val_acc"])
     when = f"epoch {reached['epoch']}, {reached['cpu_s']:.1f} CPU s" if reached else "never"
     print(f"the fixed model reached the grown model's final val_acc {grown['val_acc']:.3f} at: {when}")
+    print("one seed on a data-limited task; benchmarks/ has the multi-seed comparisons (docs/growth.md)")
     print(f"architecture history and report: {args.out}")
-    (args.out / "comparison.json").write_text(json.dumps({"grown": grown, "fixed": fixed}, indent=2))
+    comparison = {"grown": grown, "fixed": fixed, "fixed_equal_flops": equal}
+    (args.out / "comparison.json").write_text(json.dumps(comparison, indent=2))
 
 
 if __name__ == "__main__":

@@ -591,9 +591,13 @@ class DepthGrowth(GrowthCallback):
                 f"blocks, ramp {self.ramp_steps} steps, {self.optimizer_state} optimizer state); "
                 f"{reason['budget_metric']} {reason['budget_after']:,.0f} / {reason['budget_limit']:,.0f}"
             )
+        if event.kind == "fold_ramps":
+            return f"folded the finished ramps of blocks {list(event.spec['blocks'])} (the gates reached 1)"
         if event.kind == "copy_block":
             what = f"a copy of block {event.spec['source']} (ramp {self.ramp_steps} steps)"
             return f"inserted {what} after {reason['block']}; {reason['budget_metric']} {reason['budget_after']:,.0f}"
+        if event.kind != "insert_block":
+            return super().describe(event)
         runners_up = ", ".join(f"{r['block']} {r['score']:.4g}" for r in reason["runners_up"]) or "none"
         return (
             f"inserted a block after {reason['block']} ({reason['score_name']} {reason['score']:.4g}; runners-up "

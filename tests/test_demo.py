@@ -1,0 +1,44 @@
+"""The README's demo command runs: ``examples/grow_vit_mnist1d.py`` (here with ``--quick``) in a fresh process.
+
+It grows with ``DepthGrowth()``'s defaults, trains the two baselines of the final size, and writes the comparison
+it prints. The checks are on what the demo claims: the grown run ends at 6 blocks, costs less training FLOPs than
+the fixed model of the final size (the 2-block phase is cheaper), and the equal-compute baseline trains for the
+steps that cost what the grown run cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_quick_runs_and_compares_at_equal_flops(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "grow_vit_mnist1d.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stacked 'model.blocks' (2 -> 6 blocks" in result.stdout
+    assert "folded the finished ramps of blocks" in result.stdout  # DepthGrowth.describe of a fold event
+    assert "grown - fixed at equal FLOPs" in result.stdout
+    runs = json.loads((tmp_path / "comparison.json").read_text())
+    grown, fixed, equal = runs["grown"], runs["fixed"], runs["fixed_equal_flops"]
+    assert grown["depth"] == fixed["depth"] == equal["depth"] == 6
+    assert grown["params"] == fixed["params"]
+    assert grown["steps"] == fixed["steps"]
+    # Grown at 1/3 of the steps from 2 to 6 blocks: the first third at the 2-block cost.
+    ratio = grown["train_flops"] / fixed["train_flops"]
+    assert 0.6 < ratio < 0.9, ratio
+    assert equal["steps"] == round(fixed["steps"] * ratio)
+    assert abs(equal["train_flops"] / grown["train_flops"] - 1) < 1 / equal["steps"] + 1e-9
+    assert [e["kind"] for e in grown["events"]] == ["stack_blocks", "fold_ramps"]
