@@ -62,8 +62,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="DEPTH",
         help="also train a fixed model of DEPTH blocks (must exceed the grown model's final depth)",
     )
+    parser.add_argument(
+        "--recipe",
+        choices=("paper", "default"),
+        default="paper",
+        help="paper: DepthGrowth.paper() with curvature and uniform placement (the comparison above); default: "
+        "DepthGrowth()'s defaults against the fixed-model frontier (fixed 6 blocks for the same steps and for the "
+        "grown run's training FLOPs, fixed 4 blocks), see frontier()",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth.json")
     args = parser.parse_args(argv)
+    if args.recipe == "default":
+        return frontier(args.epochs, args.seeds, args.out)
     # The 12-epoch schedule (warm-up 2, every 2) stretched proportionally to the epoch count.
     scaled = max(1, round(args.epochs / 6))
     warmup = scaled if args.warmup_epochs is None else args.warmup_epochs
@@ -190,6 +200,74 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")
+    return record
+
+
+def frontier(epochs: int, seeds: list[int], out: Path) -> dict[str, Any]:
+    """``DepthGrowth()``'s defaults (ramped G_stack, 2 -> 6 blocks after a third of the steps) against the fixed
+    models around it in training compute, per seed in one process: fixed 6 blocks for the same steps, fixed 6 blocks
+    for the steps that cost the grown run's training FLOPs (its own warm-up and cosine over them), fixed 4 blocks
+    for the same steps. Paired differences (grown - each) per seed; FLOPs from torch's counter
+    (``examples.grow_vit_mnist1d.step_flops``). Writes ``out`` (JSON) and ``out`` with ``.md`` (a table).
+
+        OMP_NUM_THREADS=1 python benchmarks/bench_growth.py --recipe default --epochs 30 --seeds 0 1 2 \
+            --out benchmarks/results/growth_default_mnist1d.json
+    """
+    mnist1d_tensors()
+    runs: dict[str, list[dict[str, Any]]] = {"grown": [], "fixed_6": [], "fixed_6_equal_flops": [], "fixed_4": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            grown = run_grown(epochs, seed, Path(tmp), verbose=False, history=False, recipe="default")
+            fixed = run_fixed(epochs, seed, grown["depth"], Path(tmp))
+            steps = max(1, round(fixed["steps"] * grown["train_flops"] / fixed["train_flops"]))
+            equal = run_fixed(epochs, seed, grown["depth"], Path(tmp), max_steps=steps)
+            small = run_fixed(epochs, seed, 4, Path(tmp))
+            for name, r in zip(runs, (grown, fixed, equal, small), strict=True):
+                r.pop("curve", None)
+                runs[name].append(r)
+                print(f"seed {seed} {name:20s} acc {r['val_acc']:.3f} flops {r['train_flops']:.3g}", flush=True)
+    base = runs["fixed_6"]
+    summary: dict[str, Any] = {}
+    for name, results in runs.items():
+        acc, acc_std = _mean_std([r["val_acc"] for r in results])
+        diff, diff_std = _mean_std([g["val_acc"] - r["val_acc"] for g, r in zip(runs["grown"], results)])
+        summary[name] = {
+            "val_acc_mean": acc,
+            "val_acc_std": acc_std,
+            "flops_vs_fixed_6": statistics.fmean(r["train_flops"] / b["train_flops"] for r, b in zip(results, base)),
+            "grown_minus_this_mean": diff,
+            "grown_minus_this_std": diff_std,
+            "grown_better_in": sum(g["val_acc"] > r["val_acc"] for g, r in zip(runs["grown"], results)),
+            "cpu_s_mean": statistics.fmean(r["cpu_s"] for r in results),
+        }
+    lines = [
+        f"# DepthGrowth() defaults on MNIST-1D: the fixed-model frontier ({epochs} epochs, seeds {seeds})",
+        "",
+        "Tiny timm ViT, 2 -> 6 blocks (ramped G_stack after a third of the steps). Val accuracy, mean ± std; "
+        "paired differences in points. `benchmarks/bench_growth.py --recipe default`.",
+        "",
+        "| variant | train FLOPs / fixed 6 | val acc | grown - this (points) | grown better in |",
+        "|---|---|---|---|---|",
+    ]
+    for name, e in summary.items():
+        mean, std = 100 * e["grown_minus_this_mean"], 100 * e["grown_minus_this_std"]
+        paired = "" if name == "grown" else f"{mean:+.1f} ± {std:.1f}"
+        better = "" if name == "grown" else f"{e['grown_better_in']} of {len(seeds)}"
+        lines.append(
+            f"| {name} | {e['flops_vs_fixed_6']:.2f} | {e['val_acc_mean']:.3f} ± {e['val_acc_std']:.3f} | {paired} | "
+            f"{better} |"
+        )
+    print("\n".join(lines))
+    record = {
+        "config": {"epochs": epochs, "seeds": seeds, "recipe": "DepthGrowth() defaults", "start_depth": 2},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "summary": summary,
+        "runs": runs,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
     return record
 
 
