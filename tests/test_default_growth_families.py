@@ -248,12 +248,23 @@ def _hooks_by_type(module: nn.Module) -> dict[type, set[tuple[int, ...]]]:
 
 
 def _check_generation(hf: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Greedy generation with the KV cache, without it and by a manual loop (full forward, argmax) agree."""
+    """Greedy generation with the KV cache, without it and by a manual loop (full forward, argmax) agree: the tokens
+    exactly, and the logits of every step within 1e-5 (a tiny random model's argmax hides a wrong cache slot)."""
     hf.eval()
     hf.generation_config.eos_token_id = None  # no early stop: the manual loop never stops either
-    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-    cached = hf.generate(ids, use_cache=True, **options)
-    assert torch.equal(cached, hf.generate(ids, use_cache=False, **options)), "KV cache changes greedy generation"
+    options = dict(
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(ids),
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    with_cache, without = hf.generate(ids, use_cache=True, **options), hf.generate(ids, use_cache=False, **options)
+    cached = with_cache.sequences
+    assert torch.equal(cached, without.sequences), "KV cache changes greedy generation"
+    for k, (a, b) in enumerate(zip(with_cache.logits, without.logits, strict=True)):
+        assert float((a - b).abs().max()) <= TOLERANCE, f"step {k}: the cached logits differ from the uncached ones"
     manual = ids
     with torch.no_grad():
         for _ in range(6):
