@@ -40,8 +40,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_depthgrow import find_block_stacks, load_grown
+from lightning_depthgrow.adapters import UnsupportedModelError
 from lightning_depthgrow.callbacks import DepthGrowth
 from lightning_depthgrow.events import LOG_ATTRIBUTE, event_log
+from lightning_depthgrow.surgery import FunctionNotPreservedError, stack_blocks
 from lightning_depthgrow.surgery.ramp import RAMP_BUFFER, advance_ramps, ramp_traces, ramped_blocks
 from tests._helpers import HOOK_DICTS, quiet_trainer, tensor_hash
 
@@ -353,9 +355,62 @@ def test_the_default_grows_the_family_function_preserving_and_leaves_a_plain_mod
         else:
             assert torch.equal(fresh(**probe_input).logits, module.model(**probe_input).logits)
 
+    if family.task != "image":
+        # What Hugging Face users do with a trained model: save_pretrained, from_pretrained (config depth 6).
+        module.model.save_pretrained(tmp_path / "hf")
+        reloaded = type(module.model).from_pretrained(tmp_path / "hf").eval()
+        with torch.no_grad():
+            assert torch.equal(reloaded(**probe_input).logits, module.model(**probe_input).logits)
+
     if family.task == "lm":
         (stack_path,) = [p.removeprefix("model.") for p in family.grown]
         for hf in (module.model, fresh):
             _check_decoder_bookkeeping(hf, stack_path)
         ids = probe_input["input_ids"][:, :5]
         assert torch.equal(_check_generation(module.model, ids), _check_generation(fresh, ids))
+
+
+# ---------------------------------------------------------------------------------------------- refused, untouched
+
+
+def _gpt2_inverse_scaled() -> nn.Module:
+    t = _transformers()
+    config = t.GPT2Config(
+        n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32, scale_attn_by_inverse_layer_idx=True
+    )
+    return t.GPT2LMHeadModel(config)
+
+
+def _untouched(module: Lit, start: str) -> None:
+    assert tensor_hash(module) == start and event_log(module) == []
+    assert module.model.config.num_hidden_layers == len(module.model.transformer.h) == 2
+    assert [block.attn.layer_idx for block in module.model.transformer.h] == [0, 1]
+    assert ramp_traces(module) == [] and module._forward_pre_hooks == {}
+
+
+def test_gpt2_scaled_by_inverse_layer_idx_is_refused_by_every_operator_with_the_module_untouched(
+    tmp_path: Path,
+) -> None:
+    # Its attention scale 1 / (layer_idx + 1) is fixed when a layer is built: a copy at another position computes
+    # what no layer of a model rebuilt from the grown config computes there. Growing it used to succeed, and the
+    # grown model then came back from save_pretrained / from_pretrained computing something else.
+    batches = [_batch("lm", i) for i in range(BATCHES)]
+    torch.manual_seed(1234)
+    module = Lit(_gpt2_inverse_scaled(), "lm", example=False)
+    start = tensor_hash(module)
+    # The default (ramped stacking): the trial on the input recorded at the first batch refuses, before any update.
+    trainer = quiet_trainer(max_steps=STEPS, callbacks=[DepthGrowth()], default_root_dir=tmp_path)
+    with pytest.raises(FunctionNotPreservedError, match=r"scale_attn_by_inverse_layer_idx=True"):
+        trainer.fit(module, DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 0
+    _untouched(module, start)
+    # The paper's zero-init blocks, with an example input: refused in setup.
+    module.example_input_array = _model_input("lm", 1000)
+    trainer = quiet_trainer(max_steps=STEPS, callbacks=[DepthGrowth.paper()], default_root_dir=tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"scale_attn_by_inverse_layer_idx=True"):
+        trainer.fit(module, DataLoader(batches, batch_size=None))
+    _untouched(module, start)
+    # The surgery itself, for every insertion: all undone.
+    with pytest.raises(UnsupportedModelError, match=r"scale_attn_by_inverse_layer_idx=True"):
+        stack_blocks(module, "model.transformer.h", factor=3, ramp_steps=4)
+    _untouched(module, start)
