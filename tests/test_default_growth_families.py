@@ -39,8 +39,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_depthgrow import find_block_stacks, load_grown
-from lightning_depthgrow.adapters import UnsupportedModelError
+from lightning_depthgrow import find_block_stacks, load_grown, register_block
+from lightning_depthgrow.adapters import UnsupportedModelError, unregister_block
 from lightning_depthgrow.callbacks import DepthGrowth
 from lightning_depthgrow.events import LOG_ATTRIBUTE, event_log
 from lightning_depthgrow.surgery import FunctionNotPreservedError, stack_blocks
@@ -414,3 +414,42 @@ def test_gpt2_scaled_by_inverse_layer_idx_is_refused_by_every_operator_with_the_
     with pytest.raises(UnsupportedModelError, match=r"scale_attn_by_inverse_layer_idx=True"):
         stack_blocks(module, "model.transformer.h", factor=3, ramp_steps=4)
     _untouched(module, start)
+
+
+def test_copies_and_stacking_keep_timm_per_block_feature_info_in_step() -> None:
+    # timm ViT/Eva/DeiT list one feature_info entry per block (``blocks.i``). Zero-init insertions kept it in step;
+    # the copy operators (the default's stacking) left 2 entries for 6 blocks.
+    from timm.models.vision_transformer import VisionTransformer
+
+    from lightning_depthgrow.surgery import copy_block
+
+    def vit() -> nn.Module:
+        torch.manual_seed(0)
+        return VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=4)
+
+    model = vit()
+    entry = {k: v for k, v in model.feature_info[0].items() if k != "module"}
+    stack_blocks(model, "blocks", factor=3, ramp_steps=4)
+    assert [info["module"] for info in model.feature_info] == [f"blocks.{i}" for i in range(6)]
+    assert all({k: v for k, v in info.items() if k != "module"} == entry for info in model.feature_info)
+    interleaved = vit()
+    stack_blocks(interleaved, "blocks", factor=2, order="interleave")
+    copy_block(interleaved, "blocks", source=0, after_index=0, ramp_steps=2)
+    assert [info["module"] for info in interleaved.feature_info] == [f"blocks.{i}" for i in range(5)]
+    # A stacking refused half-way (a user adapter whose bookkeeping allows at most 4 blocks) is undone whole,
+    # feature_info included.
+    from timm.models.vision_transformer import Block
+
+    def at_most_four(model: nn.Module, stack: Any, change: Any) -> None:
+        if len(stack) > 4:
+            raise UnsupportedModelError("at most 4 blocks")
+
+    register_block(Block, zero_init=["attn.proj", "mlp.fc2"], on_depth_change=at_most_four)
+    try:
+        untouched = vit()
+        with pytest.raises(UnsupportedModelError, match="at most 4"):
+            stack_blocks(untouched, "blocks", factor=3, ramp_steps=4)
+    finally:
+        unregister_block(Block)
+    assert len(untouched.blocks) == 2
+    assert [info["module"] for info in untouched.feature_info] == ["blocks.0", "blocks.1"]
