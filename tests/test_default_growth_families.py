@@ -453,3 +453,38 @@ def test_copies_and_stacking_keep_timm_per_block_feature_info_in_step() -> None:
         unregister_block(Block)
     assert len(untouched.blocks) == 2
     assert [info["module"] for info in untouched.feature_info] == ["blocks.0", "blocks.1"]
+
+
+def test_gpt2_resumes_mid_ramp_bitwise_without_an_example_input(tmp_path: Path) -> None:
+    # 5 epochs of 5 batches: growth after step round(25 / 3) = 8, a ramp of round(0.12 * 25) = 3 steps folded after
+    # step 11; the checkpoint at the end of epoch 1 (step 10) holds the 6 layers with their ramps at 2 / 3. The resumed
+    # run replays the stacking on a freshly built GPT-2 (config depth, layer_idx), loads the ramps' state and ends
+    # bitwise where the uninterrupted run ended. (Epochs, not max_steps: Lightning resumes an epoch-end checkpoint
+    # of a max_steps run one batch index off.)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    t = _transformers()
+    config = dict(n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # Lightning does not restore torch's RNG
+    batches = [_batch("lm", i) for i in range(5)]
+
+    def run(directory: Path, seed: int, ckpt_path: Path | None = None) -> Lit:
+        torch.manual_seed(seed)
+        module = Lit(t.GPT2LMHeadModel(t.GPT2Config(**config, **no_dropout)), "lm", example=False)
+        saver = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+        trainer = quiet_trainer(
+            max_epochs=5, callbacks=[DepthGrowth(), saver], enable_checkpointing=True, deterministic=True
+        )
+        trainer.fit(module, DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+        return module
+
+    full = run(tmp_path / "full", seed=0)
+    assert [(e.kind, e.step) for e in event_log(full)] == [("stack_blocks", 8), ("fold_ramps", 11)]
+    mid = tmp_path / "full" / "epoch=1.ckpt"
+    state = torch.load(mid, weights_only=False)
+    assert state["state_dict"][f"model.transformer.h.5.{RAMP_BUFFER}"].tolist() == [2, 3]
+    resumed = run(tmp_path / "resumed", seed=123, ckpt_path=mid)  # other weights: all from the checkpoint
+    assert [e.to_dict() for e in event_log(resumed)] == [e.to_dict() for e in event_log(full)]
+    assert tensor_hash(resumed) == tensor_hash(full)
+    _check_decoder_bookkeeping(resumed.model, "transformer.h")
+    assert ramp_traces(resumed) == [] and resumed._forward_pre_hooks == {}
