@@ -488,3 +488,62 @@ def test_gpt2_resumes_mid_ramp_bitwise_without_an_example_input(tmp_path: Path) 
     assert tensor_hash(resumed) == tensor_hash(full)
     _check_decoder_bookkeeping(resumed.model, "transformer.h")
     assert ramp_traces(resumed) == [] and resumed._forward_pre_hooks == {}
+
+
+class PaddedEncoder(pl.LightningModule):
+    """A post-LayerNorm ``nn.TransformerEncoder`` as torch builds it by default (``enable_nested_tensor=True``) over
+    padded batches: in eval mode without gradients it packs each batch into a nested tensor between its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)  # norm_first=False
+        self.encoder, self.head = nn.TransformerEncoder(layer, 2), nn.Linear(16, 4)
+        self.seen: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x, src_key_padding_mask=mask))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, mask, y = batch
+        return F.cross_entropy(self(x, mask)[:, 0], y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, mask, _ = batch
+        nested: list[bool] = []
+        hook = self.encoder.layers[-1].register_forward_pre_hook(lambda m, args: nested.append(args[0].is_nested))
+        packed = self(x, mask)  # the packed (nested) path
+        hook.remove()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            plain = self(x, mask)  # the same batch, padded all the way
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        self.seen[self.trainer.global_step] = (packed, plain, mask, nested[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+def _padded_batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = _seeded(seed)
+    batches = []
+    for _ in range(n):
+        mask = torch.zeros(4, 6, dtype=torch.bool)
+        mask[1, -2:], mask[2, -4:] = True, True  # padding at the end of some rows
+        batches.append((torch.randn(4, 6, 16, generator=g), mask, torch.randint(0, 4, (4,), generator=g)))
+    return batches
+
+
+def test_validation_mid_ramp_on_a_packed_transformer_encoder_batch(tmp_path: Path) -> None:
+    # Validation after step 7, halfway through the ramp (growth after step 6, fold after step 8): the encoder packs
+    # the padded batch into a nested tensor, which the ramp used to refuse ("NestedTensorImpl doesn't support
+    # sizes"), stopping training. The packed path must compute what the padded path computes.
+    torch.manual_seed(0)
+    module = PaddedEncoder()
+    trainer = quiet_trainer(max_steps=STEPS, val_check_interval=7, callbacks=[DepthGrowth()], default_root_dir=tmp_path)
+    train, val = (DataLoader(_padded_batches(n, seed), batch_size=None) for n, seed in ((BATCHES, 0), (2, 1)))
+    trainer.fit(module, train, val)
+    assert [(e.kind, e.step) for e in event_log(module)] == [("stack_blocks", GROW_AT), ("fold_ramps", FOLD_AT)]
+    packed, plain, mask, nested = module.seen[GROW_AT + 1]
+    assert nested and len(module.encoder.layers) == 6, "validation mid-ramp should run the packed path"
+    assert _moved(packed[~mask], plain[~mask]) <= TOLERANCE
