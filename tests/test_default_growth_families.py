@@ -12,9 +12,15 @@ Each run is 18 optimizer steps (2 epochs of 9 batches, ``max_steps=18``): the st
 - after ``fit`` no ramp, hook or attribute of ours is left (only the event log on the LightningModule), and the
   module pickles, deep-copies and saves with the same outputs;
 - ``load_grown(<freshly built bare model>, ckpt)`` gives the fitted weights and bitwise the fitted outputs;
+- Hugging Face: ``save_pretrained`` / ``from_pretrained`` gives bitwise the fitted outputs;
 - the decoders: the config depth (and ``layer_types``) and every ``layer_idx`` follow the grown stack, and greedy
-  ``generate()`` with the KV cache equals ``generate()`` without it and a manual greedy loop, on the fitted model
-  and on the one ``load_grown`` rebuilt.
+  ``generate()`` with the KV cache equals ``generate()`` without it and a manual greedy loop (tokens exactly, every
+  step's logits within 1e-5), on the fitted model and on the one ``load_grown`` rebuilt.
+
+Then: GPT-2 resumes mid-ramp bitwise; validation mid-ramp on a post-LN ``nn.TransformerEncoder`` whose padded batch
+torch packs into a nested tensor; and the regressions of what this file found: GPT-2 with
+``scale_attn_by_inverse_layer_idx=True`` is refused (its copies did not reload as themselves), the copy operators
+keep timm's per-block ``feature_info`` in step.
 
 Some modules have an ``example_input_array`` and some not (the step is then verified on the inputs recorded
 during ``fit``): both paths users take. ``tests/test_depth_growth_default.py`` covers the defaults' arguments and
