@@ -16,7 +16,7 @@ observed:
   ``operator="copy", ramp_steps=4`` (a trained copy entering through a residual ramp). ``DepthGrowth()``: the
   defaults (G_stack: every growable stack made 3x deeper at once, ``final_budget=3.0``, the copies ramping in),
   with ``ramp_steps=4`` given as a step count (the default ``0.12`` is a fraction of the run's optimizer steps, and
-  an unfitted ``Trainer`` has no run length); the same checks, on every block of every grown stack.
+  an unfitted ``Trainer`` has no run length); the same checks, and every grown stack is exactly 3x deeper.
 - ``NeuronGrowth``: the layers it finds by itself (timm ``Mlp.fc1``), else the family's natural MLP layer passed as
   ``layers=``; the splitting eigenvalues are estimated on one batch and one neuron branch (at the most negative
   eigenvalue) is applied as the callback applies it (outputs unchanged), or the refusal is recorded.
