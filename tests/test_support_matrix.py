@@ -13,7 +13,10 @@ observed:
 - ``DepthGrowth``: its setup check (structural checks, a verified trial insertion), then one growth step; the test
   itself checks that the outputs in eval mode moved by at most ``1e-5 x max(1, max |before|)`` and that every block
   runs. A refusal must leave the module exactly as it was. ``DepthGrowth (ramp)``: the same with
-  ``operator="copy", ramp_steps=4`` (a trained copy entering through a residual ramp).
+  ``operator="copy", ramp_steps=4`` (a trained copy entering through a residual ramp). ``DepthGrowth()``: the
+  defaults (G_stack: every growable stack made 3x deeper at once, ``final_budget=3.0``, the copies ramping in),
+  with ``ramp_steps=4`` given as a step count (the default ``0.12`` is a fraction of the run's optimizer steps, and
+  an unfitted ``Trainer`` has no run length); the same checks, and every grown stack is exactly 3x deeper.
 - ``NeuronGrowth``: the layers it finds by itself (timm ``Mlp.fc1``), else the family's natural MLP layer passed as
   ``layers=``; the splitting eigenvalues are estimated on one batch and one neuron branch (at the most negative
   eigenvalue) is applied as the callback applies it (outputs unchanged), or the refusal is recorded.
@@ -62,7 +65,7 @@ MATRIX_JSON = ROOT / "docs" / "support_matrix.json"
 ADAPTERS_MD = ROOT / "docs" / "adapters.md"
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 REGENERATE = "PYTHONPATH=$PWD python -m tests.test_support_matrix --write"
-COLUMNS = ("CurvatureMonitor", "DepthGrowth", "DepthGrowth (ramp)", "NeuronGrowth", "DMS")
+COLUMNS = ("CurvatureMonitor", "DepthGrowth", "DepthGrowth (ramp)", "DepthGrowth()", "NeuronGrowth", "DMS")
 TOLERANCE = 1e-5  # DepthGrowth's promise: max |after - before| <= TOLERANCE * max(1, max |before|)
 DMS_TARGET = 0.5
 
@@ -496,11 +499,13 @@ def observe_curvature(module: LitModel, family: Family) -> dict[str, str]:
     return _outcome("fallback", ", ".join(f"`{_strip(b)}`" for b in blocks), str(fallback[0].message))
 
 
-def observe_depth_growth(module: LitModel, family: Family, **operator: Any) -> dict[str, str]:
+def observe_depth_growth(
+    module: LitModel, family: Family, growth: DepthGrowth | None = None, **operator: Any
+) -> dict[str, str]:
     """DepthGrowth: setup's check (structure, a verified trial insertion), then one growth step, checked here."""
     trainer = _trainer()
     # One block per stack (max_per_stack=1), as many stacks as fit: no count limit per step, only the size limit.
-    growth = DepthGrowth(
+    growth = growth or DepthGrowth(
         final_budget=8.0,
         placement="uniform",
         blocks_per_step=None,
@@ -533,6 +538,10 @@ def observe_depth_growth(module: LitModel, family: Family, **operator: Any) -> d
     moved = _moved(before, after)
     assert moved <= TOLERANCE, f"growth moved the outputs by {moved:.3g} (relative), more than {TOLERANCE}"
     detail = f"grew {len(grown)} of {len(depth)} stacks ({', '.join(f'`{_strip(p)}`' for p in grown)})"
+    if growth.operator == "stack":
+        now = {s.path: len(s) for s in find_block_stacks(module)}
+        assert all(now[p] == growth.factor * depth[p] for p in grown), f"stacked {depth} -> {now}"
+        detail = detail.replace(" stacks (", f" stacks {growth.factor}x deeper (", 1)
     return _outcome("supported", detail, left_out[0] if left_out else "")
 
 
@@ -540,6 +549,14 @@ def observe_ramped_copy(module: LitModel, family: Family) -> dict[str, str]:
     """DepthGrowth(operator="copy", ramp_steps=4): a trained copy entering through a residual ramp (``a = 0`` at
     birth), the growth step verified on a trial copy of the module; the same checks as :func:`observe_depth_growth`."""
     return observe_depth_growth(module, family, operator="copy", ramp_steps=4)
+
+
+def observe_default(module: LitModel, family: Family) -> dict[str, str]:
+    """``DepthGrowth()``, the defaults (G_stack, 3x deeper, ramped copies) with the ramp given in steps (an unfitted
+    Trainer has no run length to take 12% of); the same checks as :func:`observe_depth_growth`."""
+    growth = DepthGrowth(ramp_steps=4)
+    assert (growth.operator, growth.factor, growth.final_budget, growth.placement) == ("stack", 3, 3.0, "uniform")
+    return observe_depth_growth(module, family, growth)
 
 
 def observe_neuron_growth(module: LitModel, family: Family) -> dict[str, str]:
@@ -642,6 +659,7 @@ OBSERVERS = {
     "CurvatureMonitor": observe_curvature,
     "DepthGrowth": observe_depth_growth,
     "DepthGrowth (ramp)": observe_ramped_copy,
+    "DepthGrowth()": observe_default,
     "NeuronGrowth": observe_neuron_growth,
     "DMS": observe_dms,
 }
@@ -678,6 +696,7 @@ HEADERS = {
     "CurvatureMonitor": "CurvatureMonitor",
     "DepthGrowth": "DepthGrowth",
     "DepthGrowth (ramp)": 'DepthGrowth, ramped copies (`operator="copy"`)',
+    "DepthGrowth()": "`DepthGrowth()` (default: 3x stacking, ramped)",
     "NeuronGrowth": "NeuronGrowth",
     "DMS": f"DMS (`target={DMS_TARGET:g}`)",
 }

@@ -14,6 +14,10 @@ zeroing the last projection of every residual branch:
 * **Post-LayerNorm encoders** (BERT, RoBERTa) are found, so curvature is reported per layer, but zero-init growth
   is refused: ``LN(x + f(x))`` with ``f`` zeroed is ``LN(x)``, not ``x``. Ramped copies
   (``DepthGrowth(operator="copy" | "stack", ramp_steps >= 1)``) grow them.
+* **GPT-2 with** ``scale_attn_by_inverse_layer_idx=True`` (e.g. Stanford CRFM's GPT-2 models) is refused by every
+  operator: each layer's attention is scaled by ``1 / (layer_idx + 1)``, fixed when the layer is built, so a block
+  copied to (or shifted into) another position computes something else than the layer a model rebuilt from the
+  grown config (``save_pretrained`` / ``from_pretrained``) holds there.
 """
 
 from __future__ import annotations
@@ -64,6 +68,24 @@ def _existing(block: nn.Module, *candidates: str) -> str:
 def _gpt2_zero(block: nn.Module) -> list[str]:
     cross = ["crossattention.c_proj"] if hasattr(block, "crossattention") else []
     return ["attn.c_proj", *cross, "mlp.c_proj"]
+
+
+#: Why a GPT-2 whose attention is scaled by its layer index cannot grow (any operator).
+INVERSE_LAYER_IDX_REFUSAL = (
+    "its config sets scale_attn_by_inverse_layer_idx=True: each layer scales its attention by 1 / (layer_idx + 1), "
+    "fixed when the layer is built, so a block copied to, or shifted into, another position computes something "
+    "else than the layer a model rebuilt from the grown config (save_pretrained / from_pretrained) holds there; the "
+    "grown model would not reload as itself. Depth growth of such a model is not supported: train one built with "
+    "scale_attn_by_inverse_layer_idx=False."
+)
+
+
+def _scales_by_layer_idx(block: nn.Module) -> bool:
+    return bool(getattr(_config_of(block), "scale_attn_by_inverse_layer_idx", False))
+
+
+def _gpt2_refuse(block: nn.Module) -> str | None:
+    return INVERSE_LAYER_IDX_REFUSAL if _scales_by_layer_idx(block) else None
 
 
 def _decoder_zero(block: nn.Module) -> list[str]:
@@ -125,6 +147,9 @@ def _sync_hf(model: nn.Module, stack: BlockStack, change: StackChange) -> None:
     """Keep ``num_hidden_layers``/``n_layer``, ``layer_types`` and every ``layer_idx`` in step with the stack."""
     new = len(stack)
     old = new - 1 if change.kind == "insert" else new + 1
+    if change.kind == "insert" and any(_scales_by_layer_idx(block) for block in stack.blocks):
+        # Every operator inserts through here (ramped copies skip the zero-init refusals): refuse before any change.
+        raise UnsupportedModelError(f"Cannot grow stack {stack.path!r}: {INVERSE_LAYER_IDX_REFUSAL}")
     configs = [c for c in _configs_above(model, stack.path) if hasattr(c, "num_hidden_layers")]
     for config in configs:
         if config.num_hidden_layers != old:
@@ -154,14 +179,20 @@ def _sync_hf(model: nn.Module, stack: BlockStack, change: StackChange) -> None:
 
 def register() -> None:
     """Register the transformers adapters (matched lazily: transformers is never imported here)."""
-    for name, zero, classes in (
-        ("transformers.GPT2Block", _gpt2_zero, (_GPT2,)),
-        ("transformers.DecoderLayer", _decoder_zero, _DECODERS),
-        ("transformers.ViTLayer", _vit_zero, _VIT),
+    for name, zero, classes, refuse in (
+        ("transformers.GPT2Block", _gpt2_zero, (_GPT2,), _gpt2_refuse),
+        ("transformers.DecoderLayer", _decoder_zero, _DECODERS, None),
+        ("transformers.ViTLayer", _vit_zero, _VIT, None),
     ):
         _register_builtin(
             BlockAdapter(
-                nn.Module, zero, name=name, match=_matcher(*classes), reinit=_hf_reinit, on_depth_change=_sync_hf
+                nn.Module,
+                zero,
+                name=name,
+                match=_matcher(*classes),
+                refuse=refuse,
+                reinit=_hf_reinit,
+                on_depth_change=_sync_hf,
             )
         )
     _register_builtin(

@@ -48,7 +48,17 @@ from torch import nn
 from ..adapters.registry import BlockStack, StackChange, UnsupportedModelError
 from ..events import AppliedChange, register_event_kind
 from ..validation import check_choice, check_int
-from .growth import _check_container, _checked_index, _find_stack, _insert_child, _remove_child, _tensors
+from .growth import (
+    _check_container,
+    _checked_index,
+    _feature_info_snapshot,
+    _find_stack,
+    _insert_child,
+    _remove_child,
+    _renumber_feature_info,
+    _restore_feature_info,
+    _tensors,
+)
 from .optim import copy_twin_state
 from .ramp import attach_ramp, fold_ramps, is_ramped
 
@@ -219,20 +229,26 @@ def _copy_of(block: nn.Module, ramp_steps: int) -> tuple[nn.Module, AppliedChang
 
 def _insert_tracked(model: nn.Module, stack: BlockStack, inserts: list[tuple[int, nn.Module, int]]) -> None:
     """Insert ``(position, block, template)`` one by one (positions in the stack as it is at that moment), each
-    followed by the family's bookkeeping (:meth:`BlockStack.notify_depth_change`); all undone if one fails."""
+    followed by the family's bookkeeping (:meth:`BlockStack.notify_depth_change`, timm's per-block
+    ``feature_info`` as :func:`~lightning_depthgrow.surgery.insert_identity_block` keeps it); all undone if one
+    fails."""
     prefix = stack.key_prefix or ""
     done: list[tuple[int, bool]] = []
+    feature_info = _feature_info_snapshot(model, stack.path)
     try:
         for position, block, template in inserts:
             _insert_child(stack.container, position, block, prefix)
             done.append((position, False))
             stack.notify_depth_change(model, StackChange("insert", position, template))
             done[-1] = (position, True)
+            # Copies never go first (position >= 1): the new entry follows its predecessor's.
+            _renumber_feature_info(model, stack.path, position - 1, len(stack) - 1)
     except BaseException:
         for position, synced in reversed(done):
             _remove_child(stack.container, position, prefix)
             if synced:
                 stack.notify_depth_change(model, StackChange("remove", position))
+        _restore_feature_info(feature_info)
         raise
 
 

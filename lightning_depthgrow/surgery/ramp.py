@@ -50,6 +50,8 @@ RAMP_BUFFER = "depthgrow_ramp"
 def _ramp_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
     state = module._buffers[RAMP_BUFFER]
     x = args[0] if args else None
+    if isinstance(x, Tensor) and isinstance(output, Tensor) and (x.is_nested or output.is_nested):
+        return _nested_lerp(module, state, x, output)
     if not isinstance(output, Tensor) or not isinstance(x, Tensor) or output.shape != x.shape:
         got = "no positional input" if x is None else f"input {getattr(x, 'shape', type(x).__name__)}"
         raise RuntimeError(
@@ -64,6 +66,22 @@ def _ramp_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
     # step / steps in float64 first: the weight is the exact fraction rounded once to the output's dtype.
     weight = (state[0].double() / state[1]).clamp(max=1.0).to(output.dtype)
     return torch.lerp(x.to(output.dtype), output, weight)
+
+
+def _nested_lerp(module: nn.Module, state: Tensor, x: Tensor, output: Tensor) -> Tensor:
+    """The ramp on nested tensors (``nn.TransformerEncoder`` packs a padded batch into one in eval mode without
+    gradients, ``enable_nested_tensor=True``): ``torch.lerp`` per component, exact at both ends as on a tensor."""
+    xs = x.unbind() if x.is_nested else None
+    outs = output.unbind() if output.is_nested else None
+    if xs is None or outs is None or [t.shape for t in xs] != [t.shape for t in outs]:
+        raise RuntimeError(
+            f"A ramped {type(module).__name__} must map a nested tensor to a nested tensor of the same component "
+            f"shapes; got {'a nested tensor' if x.is_nested else 'a tensor'} in and "
+            f"{'a nested tensor' if output.is_nested else 'a tensor'} out."
+        )
+    weight = (state[0].double() / state[1]).clamp(max=1.0)
+    blended = [torch.lerp(a.to(o.dtype), o, weight.to(o.dtype)) for a, o in zip(xs, outs)]
+    return torch.nested.as_nested_tensor(blended, layout=output.layout)  # keeps autograd
 
 
 def attach_ramp(block: nn.Module, steps: int) -> None:
