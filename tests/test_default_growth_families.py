@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,7 +305,13 @@ def test_the_default_grows_the_family_function_preserving_and_leaves_a_plain_mod
     growth, before, after = DepthGrowth(), Probe(probe_input, keep=FOLD_AT), Probe(probe_input)
     batches = [_batch(family.task, i) for i in range(BATCHES)]
     trainer = quiet_trainer(max_steps=STEPS, callbacks=[before, growth, after], default_root_dir=tmp_path)
-    trainer.fit(module, DataLoader(batches, batch_size=None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, DataLoader(batches, batch_size=None))
+    # The stacks stacking cannot grow (a shape-changing first block) are named, not skipped silently.
+    skipped = [str(w.message) for w in caught if "they will not grow" in str(w.message)]
+    assert bool(skipped) == bool(family.kept), skipped
+    assert all(repr(path) in skipped[0] for path in family.kept), skipped
 
     # The run: 3x deeper after step 6, a 2-step ramp folded after step 8, every growable stack and only those.
     assert trainer.global_step == STEPS and growth.ramp_steps == RAMP

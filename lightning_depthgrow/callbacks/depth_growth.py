@@ -842,6 +842,13 @@ class DepthGrowth(GrowthCallback):
                 "that changes the feature shape, so no stack can be duplicated as a whole. Use operator='copy' or "
                 "'zero_init'."
             )
+        skipped = [layout.path for layout in layouts if layout.path not in stack_costs]
+        if skipped:
+            rank_zero_warn(
+                f"{self.name}(operator='stack') duplicates whole block stacks, and {skipped} have a block that changes "
+                f"the feature shape (e.g. a downsampling first block): they will not grow; only "
+                f"{sorted(stack_costs)} will. Use operator='copy' to grow every stack one ramped copy at a time."
+            )
         start = float(self.start_size or 0.0)
         room = self.budget.room(start, start, lr_scale=1.0)
         path, size = min(stack_costs.items(), key=lambda item: item[1])
