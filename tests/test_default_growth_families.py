@@ -108,7 +108,8 @@ def _tv_resnet() -> nn.Module:
     pytest.importorskip("torchvision")
     from torchvision.models.resnet import BasicBlock, ResNet
 
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=4)  # ResNet18's layout and widths, 4 classes
+    # ResNet18's widths, 4 classes; layer3 is one downsampling block (no shape-preserving tail to stack).
+    return ResNet(BasicBlock, [2, 2, 1, 2], num_classes=4)
 
 
 def _timm_swin() -> nn.Module:
@@ -135,13 +136,14 @@ FAMILIES = {
     "hf_gpt2": Family(_gpt2, "lm", example=False, grown={"model.transformer.h": 6}),
     "hf_llama": Family(_llama, "lm", example=True, grown={"model.model.layers": 6}),
     "hf_bert": Family(_bert, "mlm", example=False, grown={"model.bert.encoder.layer": 6}),
-    # Only layer1 keeps the shape in every block; the first block of layer2-4 downsamples, so they are not stacked.
+    # layer1 keeps the shape in every block: stacked whole (2 -> 6). The first block of layer2 and layer4
+    # downsamples: their tail (block 1) is stacked (2 -> 4). layer3 is one downsampling block: not grown, warned.
     "tv_resnet": Family(
         _tv_resnet,
         "image",
         example=True,
-        grown={"model.layer1": 6},
-        kept={"model.layer2": 2, "model.layer3": 2, "model.layer4": 2},
+        grown={"model.layer1": 6, "model.layer2": 4, "model.layer4": 4},
+        kept={"model.layer3": 1},
     ),
     "timm_swin": Family(
         _timm_swin, "image", example=False, grown={"model.layers.0.blocks": 6, "model.layers.1.blocks": 6}
@@ -300,7 +302,6 @@ def test_the_default_grows_the_family_function_preserving_and_leaves_a_plain_mod
     module = _build(name)
     probe_input = _model_input(family.task, 5)
     depth = _depths(module)
-    assert {p: depth[p] * 3 for p in family.grown} == family.grown
     attributes = {"module": set(vars(module)), "model": set(vars(module.model))}
     growth, before, after = DepthGrowth(), Probe(probe_input, keep=FOLD_AT), Probe(probe_input)
     batches = [_batch(family.task, i) for i in range(BATCHES)]

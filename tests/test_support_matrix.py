@@ -540,8 +540,15 @@ def observe_depth_growth(
     detail = f"grew {len(grown)} of {len(depth)} stacks ({', '.join(f'`{_strip(p)}`' for p in grown)})"
     if growth.operator == "stack":
         now = {s.path: len(s) for s in find_block_stacks(module)}
-        assert all(now[p] == growth.factor * depth[p] for p in grown), f"stacked {depth} -> {now}"
+        starts = {e.spec["stack"]: e.spec.get("start", 0) for e in events if e.kind == "stack_blocks"}
+        assert set(starts) == set(grown), f"stack events {sorted(starts)}, grown stacks {grown}"
+        assert all(now[p] == starts[p] + growth.factor * (depth[p] - starts[p]) for p in grown), (
+            f"stacked {depth} -> {now} (tails from {starts})"
+        )
+        tails = [_strip(p) for p in grown if starts[p]]
         detail = detail.replace(" stacks (", f" stacks {growth.factor}x deeper (", 1)
+        if tails:
+            detail += f"; of {', '.join(f'`{t}`' for t in tails)} the shape-preserving tail"
     return _outcome("supported", detail, left_out[0] if left_out else "")
 
 

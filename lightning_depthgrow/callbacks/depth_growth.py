@@ -160,7 +160,10 @@ class DepthGrowth(GrowthCallback):
             ``"stack"``: G_stack, a growth step duplicates every growable stack as a whole
             (``[b0, b1] -> [b0, b1, b0', b1']``, one ``stack_blocks`` event per stack) if the whole duplication
             fits the budget (``blocks_per_step``, ``max_per_stack`` and ``placement`` do not apply); a stack whose
-            duplication does not fit is skipped. With ``"copy"``/``"stack"`` a step is skipped while earlier
+            duplication does not fit is skipped. A stack whose first blocks change the feature shape (a ResNet or
+            EfficientNet stage that downsamples) stacks its shape-preserving tail, the blocks after the last
+            shape-changing one (``[d, b1] -> [d, b1, b1', b1'']``); a stack without such a tail is not grown, with
+            a warning naming it. With ``"copy"``/``"stack"`` a step is skipped while earlier
             blocks are still ramping in (a ramping block cannot be copied).
         ramp_steps: with ``"copy"``/``"stack"``, the optimizer steps over which new blocks ramp in
             (``x + a * (block(x) - x)``, ``a`` from 0 to 1; :mod:`lightning_depthgrow.surgery.ramp`): an ``int``, or a
@@ -586,8 +589,11 @@ class DepthGrowth(GrowthCallback):
     def describe(self, event: ArchitectureEvent) -> str:
         reason = event.reason
         if event.kind == "stack_blocks":
+            begin = event.spec.get("start", 0)
+            after = begin + (reason["depth"] - begin) * event.spec["factor"]
+            tail = f" from block {begin} on" if begin else ""
             return (
-                f"stacked {event.spec['stack']!r} ({reason['depth']} -> {reason['depth'] * event.spec['factor']} "
+                f"stacked {event.spec['stack']!r}{tail} ({reason['depth']} -> {after} "
                 f"blocks, ramp {self.ramp_steps} steps, {self.optimizer_state} optimizer state); "
                 f"{reason['budget_metric']} {reason['budget_after']:,.0f} / {reason['budget_limit']:,.0f}"
             )
@@ -815,22 +821,32 @@ class DepthGrowth(GrowthCallback):
                 "operator='stack' with factor=k to make a stack k times deeper in one step."
             )
 
+    @staticmethod
+    def _stack_starts(pl_module: pl.LightningModule) -> dict[str, int]:
+        """``{stack_path: first block of its stackable tail}``: the block after the last one that changes the
+        feature shape (0 when every block keeps it), for the stacks with such a tail (whether a block keeps the
+        shape is the adapter's call)."""
+        starts = {}
+        for stack in find_block_stacks(pl_module):
+            changing = [i for i, block in enumerate(stack.blocks) if not stack.adapter.shape_preserving(block)]
+            start = changing[-1] + 1 if changing else 0
+            if start < len(stack.blocks):
+                starts[stack.path] = start
+        return starts
+
     def _stack_costs(self, pl_module: pl.LightningModule, layouts: list[StackLayout]) -> dict[str, float]:
-        """``{stack_path: cost of one stacking step (factor - 1 copies of the whole stack)}`` in ``budget_metric``,
-        for stacks whose blocks are all shape-preserving (only those can be stacked)."""
+        """``{stack_path: cost of one stacking step (factor - 1 copies of the stack's tail)}`` in ``budget_metric``,
+        for stacks with a shape-preserving tail (:meth:`_stack_starts`; only those can be stacked)."""
         costs = self._block_costs(pl_module, layouts)
         metric = self.budget.metric
-        # A layout has a template per growable *position*; whether every block keeps the shape is the adapter's call.
-        stackable = {
-            stack.path
-            for stack in find_block_stacks(pl_module)
-            if all(stack.adapter.shape_preserving(block) for block in stack.blocks)
-        }
+        starts = self._stack_starts(pl_module)
         return {
-            layout.path: float(sum(costs[layout.block_name(i)].of(metric) for i in range(layout.depth)))
+            layout.path: float(
+                sum(costs[layout.block_name(i)].of(metric) for i in range(starts[layout.path], layout.depth))
+            )
             * (self.factor - 1)
             for layout in layouts
-            if layout.path in stackable
+            if layout.path in starts
         }
 
     def _check_some_stack_fits(self, pl_module: pl.LightningModule, layouts: list[StackLayout]) -> None:
@@ -838,16 +854,18 @@ class DepthGrowth(GrowthCallback):
         stack_costs = self._stack_costs(pl_module, layouts)
         if not stack_costs:
             raise ValueError(
-                f"{self.name}(operator='stack'): every block stack {[layout.path for layout in layouts]} has a block "
-                "that changes the feature shape, so no stack can be duplicated as a whole. Use operator='copy' or "
-                "'zero_init'."
+                f"{self.name}(operator='stack'): every block stack {[layout.path for layout in layouts]} ends with a "
+                "block that changes the feature shape, so no stack has a tail that can be stacked. Use "
+                "operator='copy' or 'zero_init'."
             )
-        skipped = [layout.path for layout in layouts if layout.path not in stack_costs]
+        starts = self._stack_starts(pl_module)
+        skipped = [stack.path for stack in find_block_stacks(pl_module) if stack.path not in starts]
         if skipped:
             rank_zero_warn(
-                f"{self.name}(operator='stack') duplicates whole block stacks, and {skipped} have a block that changes "
-                f"the feature shape (e.g. a downsampling first block): they will not grow; only "
-                f"{sorted(stack_costs)} will. Use operator='copy' to grow every stack one ramped copy at a time."
+                f"{self.name}(operator='stack') stacks each block stack's shape-preserving tail, and {skipped} end "
+                f"with a block that changes the feature shape (e.g. a one-block downsampling stage): they will not "
+                f"grow; only {sorted(stack_costs)} will. Use operator='copy' to grow the stacks one ramped copy at a "
+                "time."
             )
         start = float(self.start_size or 0.0)
         room = self.budget.room(start, start, lr_scale=1.0)
@@ -866,6 +884,7 @@ class DepthGrowth(GrowthCallback):
         budget."""
         layouts = self._layouts(pl_module, self.events_so_far(pl_module))
         stack_costs = self._stack_costs(pl_module, layouts)
+        starts = self._stack_starts(pl_module)
         start, current, lr = float(self.start_size or 0.0), self.measure(pl_module), plumbing.lr_scale(trainer)
         room, limit = self.budget.room(start, current, lr), self.final_limit()
         events = []
@@ -876,6 +895,8 @@ class DepthGrowth(GrowthCallback):
             room -= cost
             current += cost
             spec = {"stack": layout.path, "factor": self.factor, "order": "stack", "ramp_steps": self.ramp_steps}
+            if starts[layout.path]:  # a tail; absent for whole stacks, so their events read as before
+                spec["start"] = starts[layout.path]
             spec.update(self._state_spec())
             reason = {
                 "depth": layout.depth,

@@ -290,10 +290,10 @@ def inserted_after(events: Iterable[ArchitectureEvent], path: str, depth: int) -
     before = []  # the stack's depth before each event, walking back from the current depth
     for event in reversed(mine):
         if event.kind == "stack_blocks":
-            factor = int(event.spec.get("factor", 2))
-            if depth % factor:
+            factor, start = int(event.spec.get("factor", 2)), int(event.spec.get("start", 0))
+            if depth <= start or (depth - start) % factor:
                 return [-1]
-            depth //= factor
+            depth = start + (depth - start) // factor
         else:
             depth -= 1
         before.append(depth)
@@ -303,11 +303,12 @@ def inserted_after(events: Iterable[ArchitectureEvent], path: str, depth: int) -
             index = event.spec.get("index")
             after.append(int(event.spec["source"] if index is None else index))
             continue
-        factor = int(event.spec.get("factor", 2))
+        factor, start = int(event.spec.get("factor", 2)), int(event.spec.get("start", 0))
+        tail = d - start
         if event.spec.get("order", "stack") == "stack":
-            after += [d * (k + 1) + i - 1 for k in range(factor - 1) for i in range(d)]
+            after += [d + k * tail + j - 1 for k in range(factor - 1) for j in range(tail)]
         else:
-            after += [i * factor + k for i in range(d) for k in range(factor - 1)]
+            after += [start + j * factor + k for j in range(tail) for k in range(factor - 1)]
     return after
 
 

@@ -23,7 +23,7 @@ replays it (resume, ``load_grown``):
 kind                   spec
 ====================== ================================================================================
 ``copy_block``         ``{"stack", "source", "index", "ramp_steps"}``: copy of ``source`` after ``index``
-``stack_blocks``       ``{"stack", "factor", "order", "ramp_steps"}``
+``stack_blocks``       ``{"stack", "factor", "order", "ramp_steps"}``, and ``"start"`` (default 0) to stack a tail
 ``insert_random_block`` ``{"stack", "index", "template", "seed", "ramp_steps"}``
 ``fold_ramps``         ``{"blocks": [names]}``: remove ended ramps (recorded when they end)
 ====================== ================================================================================
@@ -121,12 +121,16 @@ def stack_blocks(
     factor: int = 2,
     order: str = "stack",
     ramp_steps: int = 0,
+    start: int = 0,
 ) -> tuple[list[nn.Module], AppliedChange]:
     """Grow the stack ``factor`` times deeper by copying all its blocks (G_stack's depthwise stacking).
 
     ``order="stack"`` appends ``factor - 1`` copies of the whole stack in order
     (``[b0, b1] -> [b0, b1, b0', b1']``); ``order="interleave"`` puts the copies of each block right after it
-    (``[b0, b0', b1, b1']``). ``ramp_steps`` as in :func:`copy_block`.
+    (``[b0, b0', b1, b1']``). ``ramp_steps`` as in :func:`copy_block`. ``start`` stacks only the blocks from
+    ``start`` on (the stack's tail): for a stage whose first block changes the shape (a ResNet stage that
+    downsamples), ``start=1`` gives ``[d, b1] -> [d, b1, b1']``, the usual way to deepen such a stage; the tail is
+    then ``factor`` times deeper.
 
     Example:
         >>> from lightning_depthgrow.adapters.registry import register_block, unregister_block
@@ -150,15 +154,23 @@ def stack_blocks(
     ramp_steps = check_int("ramp_steps", ramp_steps, minimum=0)
     _check_container(stack)
     depth = len(stack)
-    _check_copyable(stack, list(range(depth)), None)
-    originals = stack.blocks
+    start = check_int("start", start, minimum=0)
+    if start >= depth:
+        raise ValueError(f"start={start}: {stack.path!r} has {depth} blocks, so no block from {start} on to stack.")
+    _check_copyable(stack, list(range(start, depth)), None)
+    tail = depth - start
+    originals = stack.blocks[start:]
     copies = [[_copy_of(block, ramp_steps) for _ in range(factor - 1)] for block in originals]
     # One insertion at a time, in increasing position, so the family's bookkeeping (HF config depth and
     # ``layer_idx``, ``nn.TransformerEncoder.num_layers``) follows each step: (position, block, template now).
     if order == "stack":
-        inserts = [(depth * (k + 1) + i, copies[i][k][0], i) for k in range(factor - 1) for i in range(depth)]
+        inserts = [(depth + k * tail + j, copies[j][k][0], start + j) for k in range(factor - 1) for j in range(tail)]
     else:
-        inserts = [(i * factor + k + 1, copies[i][k][0], i * factor) for i in range(depth) for k in range(factor - 1)]
+        inserts = [
+            (start + j * factor + k + 1, copies[j][k][0], start + j * factor)
+            for j in range(tail)
+            for k in range(factor - 1)
+        ]
     _insert_tracked(model, stack, inserts)
     change = AppliedChange(added=[pair for per_block in copies for _, c in per_block for pair in c.added])
     return [c[0] for per_block in copies for c in per_block], change
@@ -291,7 +303,12 @@ def _apply_copy_block(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
 def _apply_stack_blocks(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
     copy_state = _copies_state(spec)
     change = stack_blocks(
-        model, spec["stack"], spec.get("factor", 2), spec.get("order", "stack"), spec.get("ramp_steps", 0)
+        model,
+        spec["stack"],
+        spec.get("factor", 2),
+        spec.get("order", "stack"),
+        spec.get("ramp_steps", 0),
+        spec.get("start", 0),
     )[1]
     change.copy_state = copy_state
     return change
