@@ -220,7 +220,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--search-epochs", type=int, default=3)
     parser.add_argument("--val-extra", type=int, default=5000)
     parser.add_argument("--declared", default="", help="the protocol declared (and committed) before the run")
-    parser.add_argument("--tuned", type=Path, help="tune: DMS rows already run (bench_dms_vit_headroom --part dms)")
+    parser.add_argument(
+        "--tuned", type=Path, nargs="*", default=[], help="tune: files of DMS rows (bench_dms_vit_headroom --part dms)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "dms_vit_embed_confirm.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.part == "tune":  # DMS rows from --tuned, uniform rows (same protocol, same seeds) from the headroom study
         stored = json.loads((RESULTS / "dms_vit_headroom.json").read_text())["runs"]
-        tuned = json.loads(args.tuned.read_text())["runs"] if args.tuned else []
+        tuned = [r for path in args.tuned for r in json.loads(path.read_text())["runs"]]
         runs = [r for r in stored if r["shape_name"] == "uniform" and r["seed"] in args.seeds]
         runs += [r for r in tuned if r["shape_name"] in args.settings and r["seed"] in args.seeds]
         result = {"title": "choosing the setting (seeds chosen on)", "config": config, "runs": runs}
