@@ -22,6 +22,15 @@ and the report pairs them by seed (accuracy difference in points, mean, std, SE,
     # the declared setting on fresh seeds
     python benchmarks/bench_dms_vit_embed.py --part confirm --settings dms_a_embed_no_depth --seeds 66 ... 89
     python benchmarks/bench_dms_vit_embed.py --part report --out benchmarks/results/dms_vit_embed_confirm.json
+    # tied MLP widths (``tie=("width",)``, setting dms_a_embed_mlp_tied): choice on 10-17 against the stored untied
+    # rows, then the declared confirmation (benchmarks/results/dms_vit_tie_protocol.md)
+    python benchmarks/bench_dms_vit_headroom.py --part dms --settings dms_a_embed_mlp_tied --seeds 10 ... 17 \
+        --out benchmarks/results/dms_vit_tie_tune_runs.json
+    python benchmarks/bench_dms_vit_embed.py --part tune --settings dms_a_embed_mlp_only dms_a_embed_mlp_tied \
+        --seeds 10 ... 17 --out benchmarks/results/dms_vit_tie_tune.json \
+        --tuned benchmarks/results/dms_vit_embed_tune.json benchmarks/results/dms_vit_tie_tune_runs.json
+    python benchmarks/bench_dms_vit_embed.py --part confirm --settings dms_a_embed_mlp_tied --seeds 106 ... 129 \
+        --out benchmarks/results/dms_vit_tie_confirm.json
 
 Writes ``benchmarks/results/dms_vit_embed_*.json`` and ``.md``.
 """
