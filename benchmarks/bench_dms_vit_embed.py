@@ -22,6 +22,15 @@ and the report pairs them by seed (accuracy difference in points, mean, std, SE,
     # the declared setting on fresh seeds
     python benchmarks/bench_dms_vit_embed.py --part confirm --settings dms_a_embed_no_depth --seeds 66 ... 89
     python benchmarks/bench_dms_vit_embed.py --part report --out benchmarks/results/dms_vit_embed_confirm.json
+    # tied MLP widths (``tie=("width",)``, setting dms_a_embed_mlp_tied): choice on 10-17 against the stored untied
+    # rows, then the declared confirmation (benchmarks/results/dms_vit_tie_protocol.md)
+    python benchmarks/bench_dms_vit_headroom.py --part dms --settings dms_a_embed_mlp_tied --seeds 10 ... 17 \
+        --out benchmarks/results/dms_vit_tie_tune_runs.json
+    python benchmarks/bench_dms_vit_embed.py --part tune --settings dms_a_embed_mlp_only dms_a_embed_mlp_tied \
+        --seeds 10 ... 17 --out benchmarks/results/dms_vit_tie_tune.json \
+        --tuned benchmarks/results/dms_vit_embed_tune.json benchmarks/results/dms_vit_tie_tune_runs.json
+    python benchmarks/bench_dms_vit_embed.py --part confirm --settings dms_a_embed_mlp_tied --seeds 106 ... 129 \
+        --out benchmarks/results/dms_vit_tie_confirm.json
 
 Writes ``benchmarks/results/dms_vit_embed_*.json`` and ``.md``.
 """
@@ -220,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--search-epochs", type=int, default=3)
     parser.add_argument("--val-extra", type=int, default=5000)
     parser.add_argument("--declared", default="", help="the protocol declared (and committed) before the run")
-    parser.add_argument("--tuned", type=Path, help="tune: DMS rows already run (bench_dms_vit_headroom --part dms)")
+    parser.add_argument(
+        "--tuned", type=Path, nargs="*", default=[], help="tune: files of DMS rows (bench_dms_vit_headroom --part dms)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "dms_vit_embed_confirm.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -239,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.part == "tune":  # DMS rows from --tuned, uniform rows (same protocol, same seeds) from the headroom study
         stored = json.loads((RESULTS / "dms_vit_headroom.json").read_text())["runs"]
-        tuned = json.loads(args.tuned.read_text())["runs"] if args.tuned else []
+        tuned = [r for path in args.tuned for r in json.loads(path.read_text())["runs"]]
         runs = [r for r in stored if r["shape_name"] == "uniform" and r["seed"] in args.seeds]
         runs += [r for r in tuned if r["shape_name"] in args.settings and r["seed"] in args.seeds]
         result = {"title": "choosing the setting (seeds chosen on)", "config": config, "runs": runs}

@@ -87,6 +87,9 @@ DMS_SETTINGS: dict[str, dict[str, Any]] = {
     "dms_a_embed": {"embed": True},
     "dms_a_embed_no_depth": {"embed": True, "depth": False},
     "dms_a_embed_mlp_only": {"embed": True, "depth": False, "heads": False},
+    # the same with one MLP width shared by every block (``tie=("width",)``: one learnable ratio for the MLP gates;
+    # benchmarks/bench_dms_vit_embed.py, dms_vit_tie_*)
+    "dms_a_embed_mlp_tied": {"embed": True, "depth": False, "heads": False, "tie": ("width",)},
 }
 
 

@@ -29,6 +29,7 @@ from ..dms import (
     ResourceModel,
     arch_group_options,
     attach_event,
+    check_tie,
     find_gates,
     fit_architecture,
     remove_gates,
@@ -43,7 +44,14 @@ from .plumbing import all_reduce_mean, apply_and_sync, require_example_input
 _WHO = "DifferentiableModelScaling"
 _NO_STEP = 2**62  # "no non-finite loss yet" for the first bad step kept on the device (a minimum over steps)
 # argument: attach spec key
-_ATTACH_SETTINGS = {"arch_lr": "lr", "width": "width", "heads": "heads", "depth": "depth", "embed": "embed"}
+_ATTACH_SETTINGS = {
+    "arch_lr": "lr",
+    "width": "width",
+    "heads": "heads",
+    "depth": "depth",
+    "embed": "embed",
+    "tie": "tie",
+}
 _PLUMBING = "_depthgrow"  # prefix of what the shared callback plumbing stores on the module's __dict__
 
 
@@ -93,6 +101,12 @@ class DifferentiableModelScaling(ArchitectureCallback):
             searched hard masks are exported as they are.
         absolute_target: read ``target`` as a count of ``resource`` instead of a fraction. A ``target`` above 1
             without it is refused (``target=40`` meaning 40% is an easy slip).
+        tie: kinds of gate (``"width"``, ``"heads"``) whose keep count is shared across blocks: the gates of that
+            kind with the same site and size (every ViT block's MLP gate) share ONE learnable ratio, so the export
+            has the same MLP width (or number of heads) in every block; each block still keeps its own most
+            important units (its own importances). Off by default (``()``). A kind that is not searched, or of
+            which the model has no two gates of equal size, is refused with a message (at construction or setup,
+            before the module is touched). See docs/dms.md.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -104,6 +118,8 @@ class DifferentiableModelScaling(ArchitectureCallback):
         ...
         ValueError: `target` is a fraction of the supernet's flops in (0, 1), got 40. For 40% write target=0.4; ...
         >>> counted = DifferentiableModelScaling(target=2.5e6, absolute_target=True, search_epochs=3)
+        >>> DifferentiableModelScaling(target=0.5, search_epochs=3, embed=True, depth=False, tie=("width",)).tie
+        ('width',)
     """
 
     def __init__(
@@ -121,6 +137,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
         enforce_target: bool = True,
         absolute_target: bool = False,
         embed: bool = False,
+        tie: str | Iterable[str] | None = None,
     ) -> None:
         super().__init__(schedule=None)
         self.resource = check_choice("resource", resource, ("flops", "params"))
@@ -136,6 +153,13 @@ class DifferentiableModelScaling(ArchitectureCallback):
         if not (width or heads or depth or embed):
             raise ValueError(
                 "`width`, `heads`, `depth` and `embed` are all False: at least one kind of gate must be searched."
+            )
+        self.tie = check_tie(tie if tie is None or isinstance(tie, str) else tuple(tie))
+        off = [k for k in self.tie if not getattr(self, k)]
+        if off:
+            raise ValueError(
+                f"tie={self.tie!r} ties gates of kind {off!r}, but {', '.join(f'{k}=False' for k in off)}: no such "
+                f"gates are searched. Drop {off!r} from `tie` or set {', '.join(f'{k}=True' for k in off)}."
             )
         self.schedule_fraction = check_float("schedule_fraction", schedule_fraction, low=0.0, high=1.0)
         self.enforce_target = check_bool("enforce_target", enforce_target)
@@ -239,6 +263,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
             self.heads,
             self.depth,
             embed=self.embed,
+            tie=self.tie,
             epoch=trainer.current_epoch,
             step=trainer.global_step,
         )
@@ -395,7 +420,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         gates = find_gates(pl_module)
-        ratios = gates.bank.ratios() if gates is not None else []
+        ratios = gates.bank.distinct_ratios()[0] if gates is not None else []
         options = self._arch_group_options(optimizer, ratios[0].device if ratios else None)
         for group in optimizer.param_groups:
             if group.get(ARCH_GROUP_KEY):
@@ -406,6 +431,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
             return
         pending, self._resource_grad = self._resource_grad, None
         if pending is not None:
+            pending = gates.bank.distinct_gradient(pending)  # tied gates: one ratio, the sum of their gradients
             # Gradients are unscaled here (AMP) and synchronised (DDP); the resource gradient is the same on every
             # rank, so adding it after the all-reduce is adding it to the mean.
             grads = [p.grad for p in ratios]
@@ -549,6 +575,7 @@ class DifferentiableModelScaling(ArchitectureCallback):
             # setup attaches the gates again before the log is replayed; the two must agree
             recorded = {name: attach["spec"].get(key) for name, key in _ATTACH_SETTINGS.items()}
             recorded["embed"] = bool(recorded["embed"])  # absent: a search without the embedding gate
+            recorded["tie"] = tuple(recorded["tie"] or ())  # absent: a search without tied gates
             mine = {name: getattr(self, name) for name in _ATTACH_SETTINGS}
             if recorded != mine:
                 raise ValueError(

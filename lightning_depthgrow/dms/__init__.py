@@ -7,7 +7,17 @@ from .appliers import ARCH_GROUP_KEY, apply_attach, apply_export, arch_group_opt
 from .architecture import build_architecture, export_architecture
 from .export import export_model
 from .families import discover_gates
-from .gates import CONTAINER, DMSGates, attach_gates, find_gates, remove_gates, set_importance
+from .gates import (
+    CONTAINER,
+    TIE_KINDS,
+    DMSGates,
+    attach_gates,
+    check_tie,
+    find_gates,
+    remove_gates,
+    set_importance,
+    tie_specs,
+)
 from .resource import BudgetFit, ResourceModel, fit_architecture, fit_to_budget
 from .sites import (
     DMSFamily,
@@ -22,6 +32,7 @@ from .topk import GateBank, TopKGate, default_temperature, normalised_rank, upda
 __all__ = [
     "ARCH_GROUP_KEY",
     "CONTAINER",
+    "TIE_KINDS",
     "BudgetFit",
     "DMSFamily",
     "DMSGates",
@@ -34,6 +45,7 @@ __all__ = [
     "attach_event",
     "attach_gates",
     "build_architecture",
+    "check_tie",
     "default_temperature",
     "discover_gates",
     "dms_families",
@@ -49,6 +61,7 @@ __all__ = [
     "remove_gates",
     "set_importance",
     "slice_linear_hidden",
+    "tie_specs",
     "unregister_dms_family",
     "update_importance",
 ]

@@ -7,6 +7,7 @@ the kept indices of every gate, so a replay slices exactly as the original run d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from ..events import AppliedChange, ArchitectureEvent, register_event_kind
 from .export import export_model
 from .families import discover_gates
-from .gates import attach_gates, find_gates
+from .gates import attach_gates, check_tie, find_gates, tie_specs
 from .topk import default_temperature
 
 ATTACH, EXPORT = "dms_attach", "dms_export"
@@ -68,12 +69,15 @@ def attach_event(
     heads: bool = True,
     depth: bool = True,
     embed: bool = False,
+    tie: str | Sequence[str] | None = None,
     **meta: Any,
 ) -> ArchitectureEvent:
     """A ``dms_attach`` event for ``model`` (discovers the gates on a throw-away attach, then removes them).
 
     ``embed=True`` adds the embedding-width gate of a timm ``VisionTransformer`` (recorded as ``"embed"`` in the
-    spec; events recorded before it existed read as ``embed=False``).
+    spec; events recorded before it existed read as ``embed=False``). ``tie`` (e.g. ``("width",)``) shares one ratio
+    per group of gates (:func:`~lightning_depthgrow.dms.tie_specs`), recorded as ``"tie"`` in the spec and in each
+    tied gate's spec only when given, so events recorded before it existed read as untied.
 
     Example:
         >>> import timm
@@ -83,18 +87,29 @@ def attach_event(
         >>> change.new_group[1]["weight_decay"], len(change.new_group[0])
         (0.0, 5)
     """
+    kinds = check_tie(tie)
     found = discover_gates(model, width, heads, depth, embed=embed)
+    if kinds:
+        found = tie_specs(found, kinds)
     gates = [{**s, "temperature": default_temperature(s["kind"], s["n"])} for s in found]
     spec = {"width": width, "heads": heads, "depth": depth, "lr": float(lr), "gates": gates}
     if embed:  # only when on, so the events of searches without it read exactly as before
         spec["embed"] = True
+    if kinds:
+        spec["tie"] = list(kinds)
     return ArchitectureEvent(ATTACH, spec, **meta)
 
 
 def apply_attach(model: nn.Module, spec: dict[str, Any]) -> AppliedChange:
     """Applier of ``dms_attach`` events: attach the recorded gates; their ratios form one new param group."""
     gates = attach_gates(
-        model, spec["width"], spec["heads"], spec["depth"], specs=spec["gates"], embed=spec.get("embed", False)
+        model,
+        spec["width"],
+        spec["heads"],
+        spec["depth"],
+        specs=spec["gates"],
+        embed=spec.get("embed", False),
+        tie=spec.get("tie"),
     )
     return AppliedChange(new_group=(gates.arch_parameters(), arch_group_options(spec["lr"])))
 

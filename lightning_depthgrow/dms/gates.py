@@ -11,6 +11,7 @@ callable objects, so ``copy.deepcopy`` of a gated model gives a copy whose hooks
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,9 +28,70 @@ from .sites import (
     family_for_site,
     family_for_style,
 )
-from .topk import GateBank, TopKGate
+from .topk import HEADS, WIDTH, GateBank, TopKGate
 
 CONTAINER = "dms_gates"
+#: Kinds of gate whose ratios :func:`tie_specs` can tie across blocks (depth gates are one per stack already).
+TIE_KINDS = (WIDTH, HEADS)
+
+
+def check_tie(tie: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``tie`` as a sorted tuple of distinct gate kinds from :data:`TIE_KINDS` (a single kind may be a string).
+
+    Example:
+        >>> check_tie("width"), check_tie(["heads", "width"]), check_tie(None)
+        (('width',), ('heads', 'width'), ())
+    """
+    if tie is None:
+        return ()
+    kinds = [tie] if isinstance(tie, str) else list(tie)
+    bad = [k for k in kinds if k not in TIE_KINDS]
+    if bad:
+        raise ValueError(
+            f"`tie` names kinds of gate to tie across blocks, one of {TIE_KINDS}; got {bad!r}. Depth gates cannot be "
+            "tied (each stack has one already). For the same MLP width in every block write tie=('width',)."
+        )
+    return tuple(sorted(set(kinds)))
+
+
+def tie_specs(specs: list[GateSpec], tie: str | Sequence[str] | None) -> list[GateSpec]:
+    """The gate specs with ``"tie"`` set on the gates whose ratio is shared: one learnable ratio per group.
+
+    A group is every gate of a kind in ``tie`` with the same site, size ``n`` and ``min_keep`` (all MLPs of a
+    ViT; all heads gates); its specs get ``"tie": <name of the group's first gate>``. A shared ratio over equal
+    sizes keeps the same *count* in every gate of the group; *which* elements each keeps still follows its own
+    importances. A gate with no partner (the embedding gate, a stage of its own size) stays untied. Refuses
+    (:class:`~lightning_depthgrow.UnsupportedModelError`) a kind in ``tie`` of which no two gates can be tied.
+    ``tie=()`` returns the specs unchanged (without ``"tie"`` keys).
+
+    Example:
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+        >>> specs = tie_specs(discover_gates(vit, depth=False), "width")
+        >>> [s["name"] for s in specs]
+        ['blocks/0:heads', 'blocks/0:mlp', 'blocks/1:heads', 'blocks/1:mlp']
+        >>> [s.get("tie") for s in specs]
+        [None, 'blocks/0:mlp', None, 'blocks/0:mlp']
+    """
+    kinds = check_tie(tie)
+    out = [{k: v for k, v in s.items() if k != "tie"} for s in specs]
+    groups: dict[tuple, list[GateSpec]] = {}
+    for s in out:
+        if s["kind"] in kinds:
+            groups.setdefault((s["kind"], s["site"], s["n"], s["min_keep"]), []).append(s)
+    tied = [g for g in groups.values() if len(g) > 1]
+    missing = [k for k in kinds if not any(g[0]["kind"] == k for g in tied)]
+    if missing:
+        found = [f"{s['name']} ({s['n']})" for s in out if s["kind"] in missing]
+        raise UnsupportedModelError(
+            f"tie={kinds!r}: no two {'/'.join(missing)} gates of this model share a site and size, so there is "
+            f"nothing to tie (found: {', '.join(found) or 'none'}). Drop {missing!r} from `tie`, or enable that kind "
+            "of gate on a model with several blocks of equal width."
+        )
+    for group in tied:
+        for s in group:
+            s["tie"] = group[0]["name"]
+    return out
 
 
 class DMSGates(nn.Module):
@@ -51,6 +113,17 @@ class DMSGates(nn.Module):
         self.gates = nn.ModuleDict(
             {s["name"]: TopKGate(s["n"], s["kind"], s.get("temperature"), s["min_keep"]) for s in self.specs}
         )
+        for s in self.specs:  # tied gates share their group's first gate's ratio parameter (one learnable ratio)
+            leader = s.get("tie", s["name"])
+            if leader == s["name"]:
+                continue
+            first = self.gates[leader] if leader in self.gates else None
+            if first is None or (first.kind, first.n, first.min_keep) != (s["kind"], s["n"], s["min_keep"]):
+                raise ValueError(
+                    f"gate {s['name']!r} is tied to {leader!r}, which is not a gate of the same kind, size and "
+                    "min_keep; build tied specs with lightning_depthgrow.dms.tie_specs."
+                )
+            self.gates[s["name"]].ratio = first.ratio
         self.index = {name: i for i, name in enumerate(self.gates)}
         self._bank: GateBank | None = None
 
@@ -73,8 +146,16 @@ class DMSGates(nn.Module):
         return list(self.gates.values())
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        """The learnable ratios, in gate order."""
-        return [g.ratio for g in self.gates.values()]
+        """The learnable ratios, in gate order; a ratio tied gates share is listed once (at its first gate)."""
+        return self.bank.distinct_ratios()[0]
+
+    def tied(self) -> dict[str, list[str]]:
+        """``{first gate: every gate sharing its ratio}`` for each group of tied gates (empty: nothing tied)."""
+        groups: dict[str, list[str]] = {}
+        for s in self.specs:
+            if "tie" in s:
+                groups.setdefault(s["tie"], []).append(s["name"])
+        return groups
 
     def keep(self) -> dict[str, list[int]]:
         """Kept element indices of every gate under the current hard masks."""
@@ -94,6 +175,9 @@ class DMSGates(nn.Module):
         frozen = torch.stack(bank.frozen_ratios()).to(a.dtype)
         free = torch.minimum(a.clamp(min=0.0), bank.layout()["max_ratio"].to(a.dtype))
         new = torch.where(torch.isnan(frozen), free, frozen)
+        distinct, _, first = bank.distinct_ratios()
+        if len(distinct) != len(ratios):  # tied gates: one value per shared ratio (the group's is the same)
+            ratios, new = distinct, new[first]
         torch._foreach_copy_(ratios, list(new.unbind()))
 
 
@@ -125,6 +209,7 @@ def attach_gates(
     depth: bool = True,
     specs: list[GateSpec] | None = None,
     embed: bool = False,
+    tie: str | Sequence[str] | None = None,
 ) -> DMSGates:
     """Add gates to ``model`` in place (hooks plus ``model.dms_gates``) and return the container.
 
@@ -132,6 +217,8 @@ def attach_gates(
     what discovery finds on this model. Everything is checked before the model is touched.
     ``embed=True`` also gates the embedding (residual-stream) width of a timm ``VisionTransformer``
     (one gate, site ``vit_embed``; its LayerNorms then take their statistics over the kept channels).
+    ``tie=("width",)`` (or ``"heads"``) shares one ratio among the gates of that kind with the same site and size
+    (:func:`tie_specs`: every block keeps the same number of MLP units, each block its own most important ones).
     Raises :class:`~lightning_depthgrow.UnsupportedModelError` if nothing can be gated.
 
     Example:
@@ -150,6 +237,8 @@ def attach_gates(
     if hasattr(model, CONTAINER):
         raise RuntimeError(f"the model already has an attribute {CONTAINER!r}; DMS needs that name for its gates.")
     found = discover_gates(model, width, heads, depth, embed=embed)
+    if tie:
+        found = tie_specs(found, tie)
     if specs is not None:
         strip = [{k: v for k, v in s.items() if k != "temperature"} for s in specs]
         if strip != found:

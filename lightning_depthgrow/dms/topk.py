@@ -216,9 +216,10 @@ class GateBank:
         self._values: tuple[tuple, Tensor, Tensor | None, Tensor | None] | None = None
         self._hard_parts: tuple[tuple, list[Tensor], Tensor] | None = None  # (state, parts, flat hard mask)
         self._pending: tuple[Tensor, list[Tensor]] | None = None  # (flat dL/dm, the views the gates hold)
+        self._distinct: tuple[tuple, tuple[list[Tensor], list[int], list[int]]] | None = None  # (ids, distinct)
 
     def __getstate__(self) -> dict[str, Any]:
-        caches = ("_rank_cache", "_task_cache", "_values", "_hard_parts", "_pending")
+        caches = ("_rank_cache", "_task_cache", "_values", "_hard_parts", "_pending", "_distinct")
         return {**self.__dict__, **dict.fromkeys(caches)}
 
     def importances(self) -> list[Tensor]:
@@ -228,6 +229,41 @@ class GateBank:
     def ratios(self) -> list[Tensor]:
         """The gates' ratio parameters, in gate order."""
         return [p["ratio"] for p in self._params]
+
+    def distinct_ratios(self) -> tuple[list[Tensor], list[int], list[int]]:
+        """``(ratios, owner, first)``: each ratio parameter once (gates tied by
+        :func:`~lightning_depthgrow.dms.tie_specs` share one), the index into ``ratios`` of every gate's, and the
+        first gate of each. Without ties, ``ratios()``, ``0..n-1`` and ``0..n-1``.
+
+        Example:
+            >>> a, b = TopKGate(2, "width"), TopKGate(2, "width")
+            >>> b.ratio = a.ratio
+            >>> ratios, owner, first = GateBank([a, b]).distinct_ratios()
+            >>> len(ratios), owner, first
+            (1, [0, 0], [0])
+        """
+        current = self.ratios()
+        key = tuple(map(id, current))
+        if self._distinct is None or self._distinct[0] != key:
+            ratios: list[Tensor] = []
+            seen: dict[int, int] = {}
+            owner, first = [], []
+            for i, p in enumerate(current):
+                if id(p) not in seen:
+                    seen[id(p)] = len(ratios)
+                    ratios.append(p)
+                    first.append(i)
+                owner.append(seen[id(p)])
+            self._distinct = (key, (ratios, owner, first))
+        return self._distinct[1]
+
+    def distinct_gradient(self, grad: Tensor) -> Tensor:
+        """A per-gate ratio gradient (:meth:`ratio_gradient`) summed onto :meth:`distinct_ratios` (tied gates add)."""
+        ratios, owner, _ = self.distinct_ratios()
+        if len(ratios) == len(owner):
+            return grad
+        index = torch.tensor(owner, device=grad.device)
+        return grad.new_zeros(len(ratios)).index_add_(0, index, grad)
 
     def frozen_ratios(self) -> list[Tensor]:
         """The gates' ``frozen_ratio`` buffers (NaN while free), in gate order."""
