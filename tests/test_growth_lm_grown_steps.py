@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from benchmarks.bench_growth_lm import equal_compute_steps, grown_config, main
+from benchmarks import bench_growth_lm as bench
+from benchmarks.bench_growth_lm import GrowthAwareLR, equal_compute_steps, grown_config, main
 from benchmarks.tasks import LMConfig, train_step_flops
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -80,9 +82,24 @@ def test_invalid_values_are_refused(tmp_path: Path, option: list[str]) -> None:
     assert not (tmp_path / "d.json").exists()
 
 
-def test_short_grown_run_trains_its_own_schedule_and_is_counted_against_the_full_reference(tmp_path: Path) -> None:
+def test_short_grown_run_trains_its_own_schedule_and_is_counted_against_the_full_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schedules: list[GrowthAwareLR] = []
+
+    class Recorded(GrowthAwareLR):  # the benchmark's own schedule, kept to check the span it was built for
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            schedules.append(self)
+
+    monkeypatch.setattr(bench, "GrowthAwareLR", Recorded)
     argv = ["--steps", "60", "--ramp-steps", "5", "--lr", "0.01", "--lr-restart-warmup", "5", "--seeds", "3", *PAIR]
     record = main([*argv, "--grown-steps", "40", "--out", str(tmp_path / "e.json")])
+    # The reference's schedule spans 60 steps with its restart at 20; the grown run's spans 40 with its restart at 13.
+    reference_lr, grown_lr = schedules
+    assert (reference_lr.config.steps, reference_lr.at_step, reference_lr.config.depth) == (60, 20, 6)
+    assert (grown_lr.config.steps, grown_lr.at_step, grown_lr.config.depth) == (40, 13, 2)
+    assert grown_lr.factor(13 + 5) == pytest.approx(1.0) and grown_lr.factor(40) == pytest.approx(0.1)
     grown, reference = record["runs"]["stack_ramp"][0], record["runs"]["fixed_final_growth_lr"][0]
     assert (grown["steps"], reference["steps"]) == (40, 60)
     assert grown["curve"][-1]["step"] == 40 and grown["depth"] == 6
