@@ -31,6 +31,12 @@ SETTINGS = [
         "own schedule, T = 1200 (information)",
         "growth_lm_1500_short_confirm_T1200.json",
     ),
+    (
+        "confirmation (fresh seeds 18-20)",
+        "same length, 1,500 steps (information)",
+        "growth_lm_1500_short_confirm_T1500.json",
+    ),
+    ("replication (fresh seeds 21-23)", "own schedule, T = 1300 (declared)", "growth_lm_1500_short_replicate.json"),
 ]
 
 
