@@ -48,6 +48,17 @@ CPU thread) instead of training them again, and ``--merge FILE...`` combines res
 The fixed-size runs (``fixed_<d>``) read no growth setting, so they are also taken from files made with other
 growth settings (``--grow-at``, ``--ramp-steps``, ...; same ``lm`` config); a seed already taken is not taken
 twice, and a second copy that differs from the first is an error.
+
+``--grown-steps T`` gives the grown variants (every variant in :data:`GROWN`) their own schedule length: each
+trains ``T`` steps (the first ``T`` batches of the same data order: the windows are drawn in one sequence per seed),
+grows at ``grow_at * T`` and its warm-up + cosine (and the restart of ``--lr-restart-warmup``) spans ``T`` steps;
+``--ramp-steps``, ``--warmup-steps`` and the restart's re-warm stay in steps (not scaled). Every other variant keeps
+``--steps`` (the reference trains its full schedule), and ``fixed_final_equal`` matches the grown runs' FLOPs at
+``T``. ``--grown-lr`` sets the grown variants' own peak LR (default ``--lr``). FLOPs ratios (the run's total, the
+FLOPs at which it first reaches the reference's final loss) always count the grown run's own FLOPs against the
+reference's full run. Both are recorded in ``setup`` (only when set, so the files made before them stay
+comparable); ``--reuse`` / ``--merge`` take the non-grown variants (but ``fixed_final_equal``) from files that
+differ only in them.
 """
 
 from __future__ import annotations
@@ -98,6 +109,9 @@ BY_DEPTH_GROWTH = ("stack_ramp", "stack_noramp", *OWN_SCHEDULE)
 #: The control of the growth-aware LR options: the final-size model trained from the start with the grown runs' LR
 #: schedule (``--small-lr-mult`` / ``--lr-restart-warmup``): is a gain the schedule's or the growth's?
 SCHEDULE_CONTROL = "fixed_final_growth_lr"
+#: The setup entries only the grown variants (and ``fixed_final_equal``, matched to their FLOPs) read: the other
+#: variants' runs can be reused from a file that differs in them (``--grown-steps``, ``--grown-lr``).
+GROWN_RUN_KEYS = ("grown_steps", "grown_lr", "equal_compute_steps")
 #: The setup entries a fixed-size run (``fixed_<d>``) reads: its runs can be reused from a file whose growth
 #: settings (``grow_at``, ``ramp_steps``, ...) differ.
 FIXED_SETUP_KEYS = ("lm", "train_step_flops")
@@ -250,7 +264,7 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     growth: ScheduledGrowth | EventLog | None = None
     driver = None
     if name in GROWN:
-        config = replace(config, depth=args.start_depth)
+        config = grown_config(config, args)
         if _growth_lr(args) and name not in OWN_SCHEDULE:
             at_step = round(args.grow_at * config.steps)
             callbacks.append(GrowthAwareLR(config, at_step, args.small_lr_mult, args.lr_restart_warmup))
@@ -287,6 +301,17 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     return result
 
 
+def grown_config(config: LMConfig, args: argparse.Namespace) -> LMConfig:
+    """The grown variants' start configuration: ``start_depth`` blocks, and their own ``--grown-steps`` /
+    ``--grown-lr`` where given (otherwise ``config``'s steps and peak LR)."""
+    config = replace(config, depth=args.start_depth)
+    if args.grown_steps is not None:
+        config = replace(config, steps=args.grown_steps)
+    if args.grown_lr is not None:
+        config = replace(config, lr=args.grown_lr)
+    return config
+
+
 def _growth_lr(args: argparse.Namespace) -> dict[str, Any]:
     """The growth-aware LR settings (empty when the grown runs use the base schedule)."""
     settings: dict[str, Any] = {}
@@ -298,10 +323,12 @@ def _growth_lr(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def equal_compute_steps(config: LMConfig, args: argparse.Namespace) -> int:
-    """Steps of the final-size model whose FLOPs equal a grown run's (growth after ``grow_at`` of the steps)."""
-    at_step = round(args.grow_at * config.steps)
+    """Steps of the final-size model whose FLOPs equal a grown run's (growth after ``grow_at`` of the grown run's
+    steps: ``--grown-steps`` where given, else ``config.steps``)."""
+    steps = config.steps if args.grown_steps is None else args.grown_steps
+    at_step = round(args.grow_at * steps)
     small, large = train_step_flops(config, args.start_depth), train_step_flops(config, args.start_depth * args.factor)
-    grown = at_step * small + (config.steps - at_step) * large
+    grown = at_step * small + (steps - at_step) * large
     return round(grown / large)
 
 
@@ -471,10 +498,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="the variant the summary compares every run with (paired differences, FLOPs to reach its final loss); "
         "default: the fixed final-size model, fixed_<start depth x factor>",
     )
+    parser.add_argument(
+        "--grown-steps",
+        type=int,
+        default=None,
+        help="the grown variants' own schedule length: they train this many steps, grow at --grow-at of them and "
+        "their cosine spans them; every other variant keeps --steps (default: --steps)",
+    )
+    parser.add_argument(
+        "--grown-lr", type=float, default=None, help="the grown variants' own peak learning rate (default: --lr)"
+    )
     parser.add_argument("--reuse", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")
     args = parser.parse_args(argv)
+    if args.grown_steps is not None and args.grown_steps < 1:
+        parser.error(f"--grown-steps must be a positive number of steps, not {args.grown_steps}")
+    if args.grown_lr is not None and not args.grown_lr > 0:
+        parser.error(f"--grown-lr must be a positive learning rate, not {args.grown_lr}")
     torch.set_num_threads(1)
     config = LMConfig(steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps)
     final_depth = args.start_depth * args.factor
@@ -505,14 +546,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         setup["optimizer_state"] = args.optimizer_state
     if _growth_lr(args):  # absent with the base schedule (files made before the options stay comparable)
         setup["growth_lr"] = _growth_lr(args)
+    if args.grown_steps is not None:  # absent when unset (files made before the option stay comparable)
+        setup["grown_steps"] = args.grown_steps
+    if args.grown_lr is not None:
+        setup["grown_lr"] = args.grown_lr
     runs: dict[str, list[dict[str, Any]]] = {}
     for source in [*(args.merge or []), *([args.reuse] if args.reuse else [])]:
         previous = json.loads(source.read_text())
         same = previous["setup"] == json.loads(json.dumps(setup))
-        if not same and not _same_fixed_setup(previous["setup"], setup):
+        same_but_grown = _same_but_grown_setup(previous["setup"], setup)
+        if not same and not same_but_grown and not _same_fixed_setup(previous["setup"], setup):
             raise ValueError(f"{source} was made with another configuration: {previous['setup']} != {setup}")
         for name, results in previous["runs"].items():
-            if not same and not _is_fixed(name):
+            ungrown = name not in GROWN and name != "fixed_final_equal"
+            if not same and not _is_fixed(name) and not (same_but_grown and ungrown):
                 print(f"{source}: not taking {name} (made with other growth settings)")
                 continue
             have = {r["seed"]: r for r in runs.setdefault(name, [])}
@@ -578,6 +625,15 @@ def _same_fixed_setup(previous: dict[str, Any], setup: dict[str, Any]) -> bool:
     """Whether a file made with ``previous`` has the same fixed-size runs as this configuration would train."""
     current = json.loads(json.dumps(setup))
     return all(previous.get(key) == current.get(key) for key in FIXED_SETUP_KEYS)
+
+
+def _same_but_grown_setup(previous: dict[str, Any], setup: dict[str, Any]) -> bool:
+    """Whether a file made with ``previous`` differs from this configuration only in the grown runs' own settings
+    (:data:`GROWN_RUN_KEYS`): its variants other than the grown ones and ``fixed_final_equal`` are the same runs."""
+    current = json.loads(json.dumps(setup))
+    return {k: v for k, v in previous.items() if k not in GROWN_RUN_KEYS} == {
+        k: v for k, v in current.items() if k not in GROWN_RUN_KEYS
+    }
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:
