@@ -22,6 +22,8 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +68,8 @@ class ArchitecturePrinter(Callback):
 
 
 class EpochClock(Callback):
-    """Records, after every validation, the depth, val_acc and the wall/CPU seconds since training started.
+    """Records, after every validation, the depth, val_acc and the wall/CPU seconds since training started, and
+    the training steps taken at each depth (``steps_at_depth``, counted as each batch starts: what it costs).
 
     CPU seconds (``time.process_time``, one thread) are what a run costs; on a shared machine wall time also
     counts the time other jobs hold the cores.
@@ -75,9 +78,18 @@ class EpochClock(Callback):
     def __init__(self) -> None:
         self.start = (0.0, 0.0)
         self.rows: list[dict[str, float]] = []
+        self.steps_at_depth: Counter[int] = Counter()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = (time.perf_counter(), time.process_time())
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self.steps_at_depth[len(pl_module.model.blocks)] += 1
+
+    def train_flops(self) -> int:
+        """Training FLOPs of the run: each step at the depth the model had for it (a step's cost is proportional to
+        the forward FLOPs at that depth)."""
+        return sum(steps * step_flops(depth) for depth, steps in self.steps_at_depth.items())
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -154,12 +166,6 @@ def run_grown(
     trainer.fit(module, MNIST1DDataModule(seed=seed))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     events = event_log(module)
-    # Training FLOPs: every optimizer step at the depth the model had for it (a step's cost is proportional to
-    # the forward FLOPs at that depth); an event at step s changes the depth from step s on.
-    total_steps = trainer.global_step
-    depth_from = [(0, 2)] + [(e.step, d) for e, d in zip(events, _depths_after(events), strict=True)]
-    bounds = [s for s, _ in depth_from[1:]] + [total_steps]
-    train_flops = sum((end - start) * step_flops(depth) for (start, depth), end in zip(depth_from, bounds, strict=True))
     return {
         "val_acc": float(trainer.callback_metrics["val_acc"]),
         "wall_s": wall,
@@ -170,23 +176,12 @@ def run_grown(
         "events": [e.to_dict() for e in events],
         "surgery_s": [e.cost["seconds"] for e in events if "seconds" in e.cost],
         "epoch_s": wall / epochs,
-        "steps": total_steps,
-        "train_flops": train_flops,
+        "steps": trainer.global_step,
+        "train_flops": clock.train_flops(),
     }
 
 
-def _depths_after(events: list[Any]) -> list[int]:
-    """The depth after each event (an inserted or copied block adds one, a stack event multiplies, a fold none)."""
-    depth, depths = 2, []
-    for event in events:
-        if event.kind == "stack_blocks":
-            depth *= event.spec["factor"]
-        elif event.kind in ("insert_block", "copy_block"):
-            depth += 1
-        depths.append(depth)
-    return depths
-
-
+@cache
 def step_flops(depth: int) -> int:
     """Forward FLOPs of one training batch of a ``depth``-block demo ViT (proportional to a training step's)."""
     return count_flops(make_vit(depth=depth), torch.zeros(BATCH_SIZE, 1, 1, 40)).total
@@ -216,7 +211,7 @@ def run_fixed(
         "params": count_parameters(module),
         "curve": clock.rows,
         "steps": trainer.global_step,
-        "train_flops": trainer.global_step * step_flops(depth),
+        "train_flops": clock.train_flops(),
     }
 
 
