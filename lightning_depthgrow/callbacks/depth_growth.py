@@ -834,12 +834,14 @@ class DepthGrowth(GrowthCallback):
                 starts[stack.path] = start
         return starts
 
-    def _stack_costs(self, pl_module: pl.LightningModule, layouts: list[StackLayout]) -> dict[str, float]:
+    def _stack_costs(
+        self, pl_module: pl.LightningModule, layouts: list[StackLayout], starts: dict[str, int]
+    ) -> dict[str, float]:
         """``{stack_path: cost of one stacking step (factor - 1 copies of the stack's tail)}`` in ``budget_metric``,
-        for stacks with a shape-preserving tail (:meth:`_stack_starts`; only those can be stacked)."""
+        for stacks with a shape-preserving tail (``starts``, from :meth:`_stack_starts`; only those can be
+        stacked)."""
         costs = self._block_costs(pl_module, layouts)
         metric = self.budget.metric
-        starts = self._stack_starts(pl_module)
         return {
             layout.path: float(
                 sum(costs[layout.block_name(i)].of(metric) for i in range(starts[layout.path], layout.depth))
@@ -851,14 +853,14 @@ class DepthGrowth(GrowthCallback):
 
     def _check_some_stack_fits(self, pl_module: pl.LightningModule, layouts: list[StackLayout]) -> None:
         """Refuse (``operator="stack"``) when no stack can be duplicated at all, or no duplication fits the budget."""
-        stack_costs = self._stack_costs(pl_module, layouts)
+        starts = self._stack_starts(pl_module)
+        stack_costs = self._stack_costs(pl_module, layouts, starts)
         if not stack_costs:
             raise ValueError(
                 f"{self.name}(operator='stack'): every block stack {[layout.path for layout in layouts]} ends with a "
                 "block that changes the feature shape, so no stack has a tail that can be stacked. Use "
                 "operator='copy' or 'zero_init'."
             )
-        starts = self._stack_starts(pl_module)
         skipped = [stack.path for stack in find_block_stacks(pl_module) if stack.path not in starts]
         if skipped:
             rank_zero_warn(
@@ -883,8 +885,8 @@ class DepthGrowth(GrowthCallback):
         """One ``stack_blocks`` event per growable stack whose stacking (``factor`` times deeper) still fits the
         budget."""
         layouts = self._layouts(pl_module, self.events_so_far(pl_module))
-        stack_costs = self._stack_costs(pl_module, layouts)
         starts = self._stack_starts(pl_module)
+        stack_costs = self._stack_costs(pl_module, layouts, starts)
         start, current, lr = float(self.start_size or 0.0), self.measure(pl_module), plumbing.lr_scale(trainer)
         room, limit = self.budget.room(start, current, lr), self.final_limit()
         events = []
