@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.gpt_blocks import TinyGPT  # also registers GPTBlock for growth
+from lightning_depthgrow.dms.appliers import ARCH_GROUP_KEY
 from lightning_depthgrow.growth.schedule import warmup_cosine as schedule_warmup_cosine
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
@@ -68,7 +69,9 @@ class LMConfig:
     """One language-model run: model size, optimisation and evaluation schedule.
 
     ``steps`` optimizer steps of ``batch_size`` windows of ``context`` bytes; validation every ``eval_every``
-    steps (and at the end) on ``val_windows`` fixed windows of held-out files.
+    steps (and at the end) on ``val_windows`` fixed windows of held-out files. ``grad_clip > 0`` clips the global
+    gradient norm of the model's weights to it before each optimizer step (DMS's architecture ratios, in their own
+    param group, are left out so the search's dynamics stay as they are); 0 leaves gradients alone.
     """
 
     depth: int = 2
@@ -81,6 +84,7 @@ class LMConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
+    grad_clip: float = 0.0
     eval_every: int = 50
     val_windows: int = 128
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -238,6 +242,16 @@ class ByteLM(pl.LightningModule):
         loss = self._loss(batch)
         self.log("val_loss", loss, prog_bar=False)
         self.log("val_bpb", loss / math.log(2), prog_bar=False)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if self.config.grad_clip > 0:
+            weights = [p for g in optimizer.param_groups if not g.get(ARCH_GROUP_KEY) for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(weights, self.config.grad_clip)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and "pos_emb" not in n]

@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.bench_growth_lm import ScheduledGrowth, growth_events
 from benchmarks.tasks import (
+    ByteLM,
     CorpusConfig,
     EvenWindows,
     LMConfig,
@@ -19,6 +20,7 @@ from benchmarks.tasks import (
     train_lm,
     train_step_flops,
 )
+from lightning_depthgrow.dms.appliers import ARCH_GROUP_KEY
 
 SMALL = CorpusConfig(train_bytes=40_000, val_bytes=8_000)
 
@@ -69,3 +71,26 @@ def test_ramped_stacking_inside_trainer_fit_trains_new_blocks_and_folds() -> Non
     # The copies were trained: they moved away from the blocks they were copied from.
     assert not torch.equal(model.blocks[2].mlp.fc.weight, model.blocks[0].mlp.fc.weight)
     assert not any(hook for block in model.blocks for hook in block._forward_hooks.values())
+
+
+def test_grad_clip_bounds_the_weights_gradient_norm_and_leaves_architecture_ratios_alone() -> None:
+    config = LMConfig(steps=10, dim=16, heads=2, context=16, grad_clip=0.5)
+    module = ByteLM(make_gpt(config), config)
+    optimizer = module.configure_optimizers()["optimizer"]
+    ratio = torch.nn.Parameter(torch.ones(3))
+    optimizer.add_param_group({"params": [ratio], ARCH_GROUP_KEY: True})
+    torch.manual_seed(0)
+    (module._loss(torch.randint(0, 256, (4, 17))) * 1e3).backward()
+    ratio.grad = torch.full((3,), 7.0)
+    weights = [p for p in module.parameters() if p.grad is not None]
+    before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in weights]))
+    assert before > 1.0
+    module.configure_gradient_clipping(optimizer)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in weights]))
+    assert abs(after.item() - 0.5) < 1e-4
+    assert torch.equal(ratio.grad, torch.full((3,), 7.0))
+    unclipped = ByteLM(make_gpt(replace(config, grad_clip=0.0)), replace(config, grad_clip=0.0))
+    (unclipped._loss(torch.randint(0, 256, (4, 17))) * 1e3).backward()
+    grads = [p.grad.clone() for p in unclipped.parameters() if p.grad is not None]
+    unclipped.configure_gradient_clipping(unclipped.configure_optimizers()["optimizer"])
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, [p for p in unclipped.parameters() if p.grad is not None]))
