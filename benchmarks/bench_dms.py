@@ -566,22 +566,33 @@ class EpochClock(Callback):
         self.seconds.append(time.process_time() - self._start)
 
 
-# Validation protocol of the main and levers parts (``--val-extra``, ``--val-last-only``): MNIST-1D's 1,000 test
-# signals by default, validated after every epoch.
-VALIDATION: dict[str, Any] = {"extra": 0, "last_only": False}
+# Data protocol of the main and levers parts (``--val-extra``, ``--val-last-only``): MNIST-1D's 1,000 test
+# signals by default, validated after every epoch; ``train_draws``: more MNIST-1D draws (generator seeds) whose
+# signals (train and test parts, 5,000 each) are added to the 4,000 training signals (none by default).
+VALIDATION: dict[str, Any] = {"extra": 0, "last_only": False, "train_draws": ()}
 
 
 class BenchData(MNIST1DDataModule):
     """MNIST-1D with ``extra`` more validation signals: the first ``extra`` of a second MNIST-1D draw (generator
-    seed 43; the same templates, fresh noise and transforms; 5,000 signals), after the 1,000 test signals. The
-    training set is unchanged."""
+    seed 43; the same templates, fresh noise and transforms; 5,000 signals), after the 1,000 test signals; and
+    every signal of the draws ``train_draws`` (generator seeds, neither 42 nor 43) added to the training set (by
+    default none: the training set is MNIST-1D's 4,000 signals)."""
 
-    def __init__(self, extra: int = 0, **kwargs: Any) -> None:
+    def __init__(self, extra: int = 0, train_draws: tuple[int, ...] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.extra = extra
+        if {42, 43} & set(train_draws):
+            raise ValueError(f"train_draws {train_draws} must not include the validation draws 42 and 43")
+        self.extra, self.train_draws = extra, tuple(train_draws)
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
+        if self.train_draws:
+            xs, ys = [self.train_set.tensors[0]], [self.train_set.tensors[1]]
+            for draw in self.train_draws:
+                xa, ya, xb, yb = mnist1d_tensors(draw)
+                xs += [xa, xb]
+                ys += [ya, yb]
+            self.train_set = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
         if self.extra:
             xa, ya, xb, yb = mnist1d_tensors(43)
             x, y = torch.cat([xa, xb])[: self.extra], torch.cat([ya, yb])[: self.extra]
@@ -596,7 +607,8 @@ def fit(model: Classifier, epochs: int, seed: int, callbacks: list[Callback]) ->
     trainer = quiet_trainer(
         epochs, [*callbacks, clock], check_val_every_n_epoch=epochs if VALIDATION["last_only"] else 1
     )
-    trainer.fit(model, BenchData(VALIDATION["extra"], batch_size=128, seed=seed))
+    data = BenchData(VALIDATION["extra"], train_draws=VALIDATION["train_draws"], batch_size=128, seed=seed)
+    trainer.fit(model, data)
     return float(trainer.callback_metrics["val_acc"]), clock.seconds
 
 

@@ -58,13 +58,17 @@ from lightning_depthgrow.dms import attach_gates, build_architecture, export_arc
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def uniform_row(seed: int, shape: dict[str, Any], full: int, f_uniform: int, epochs: int) -> dict[str, Any]:
+def uniform_row(
+    seed: int, shape: dict[str, Any] | None, full: int, f_uniform: int, epochs: int, name: str = "uniform"
+) -> dict[str, Any]:
+    """The uniformly narrowed model (``shape``), or with ``shape=None`` the full supernet (``name="full"``: does
+    the protocol tell 100% from 50% FLOPs apart?), from scratch."""
     torch.manual_seed(seed)  # as bench_dms's uniform arm: the weights depend on the seed only
-    net = headroom.build(shape)
+    net = headroom.build(shape) if shape is not None else make_vit(**SUPERNET)
     t0 = time.process_time()
     acc, _ = fit(Classifier(net, max_epochs=epochs), epochs, seed, [])
     return {
-        "shape_name": "uniform",
+        "shape_name": name,
         "seed": seed,
         "architecture": headroom.architecture_of(net),
         "forward_flops": flops(net),
@@ -221,13 +225,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--settings",
         nargs="+",
         default=["dms_a_embed_mlp_only"],
-        choices=[*headroom.DMS_SETTINGS, "hand_e43_h16"],
-        help="DMS settings, or hand_e43_h16 (the diagnostic hand-built shape)",
+        choices=[*headroom.DMS_SETTINGS, "hand_e43_h16", "full"],
+        help="DMS settings, or hand_e43_h16 (the diagnostic hand-built shape), or full (the supernet from scratch)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(66, 90)))
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--search-epochs", type=int, default=3)
     parser.add_argument("--val-extra", type=int, default=5000)
+    parser.add_argument(
+        "--train-draws",
+        type=int,
+        nargs="*",
+        default=[],
+        help="more MNIST-1D draws (generator seeds, e.g. 44 45 46) added to the training set (5,000 signals each)",
+    )
     parser.add_argument("--declared", default="", help="the protocol declared (and committed) before the run")
     parser.add_argument(
         "--tuned", type=Path, nargs="*", default=[], help="tune: files of DMS rows (bench_dms_vit_headroom --part dms)"
@@ -244,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "search_epochs": args.search_epochs,
         "val_extra": args.val_extra,
         "val_last_only": True,
+        **({"train_draws": args.train_draws} if args.train_draws else {}),
         "threads": 1,
         "settings": {n: headroom.DMS_SETTINGS.get(n, "hand-built") for n in args.settings},
         "seeds": args.seeds,
@@ -257,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.write_text(json.dumps(result, indent=2))
         return report(args.out)
     mnist1d_tensors()
-    bench_dms.VALIDATION.update(extra=args.val_extra, last_only=True)
+    bench_dms.VALIDATION.update(extra=args.val_extra, last_only=True, train_draws=tuple(args.train_draws))
     full = flops(make_vit(**SUPERNET))
     shape = headroom.solve_shape("uniform", int(0.5 * full))
     f_uniform = flops(headroom.build(shape))
@@ -272,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             if name == "uniform":
                 row = uniform_row(seed, shape, full, f_uniform, args.epochs)
+            elif name == "full":
+                row = uniform_row(seed, None, full, f_uniform, args.epochs, name="full")
             elif name == "hand_e43_h16":
                 row = hand_row(seed, full, f_uniform, args.epochs)
             else:
