@@ -337,3 +337,164 @@ def test_hf_dms_fit_exports_on_target_a_model_that_matches_the_supernet_and_relo
     assert torch.equal(outputs(loaded)["logits"], outputs(net)["logits"])
     check_nothing_left(module)
     assert not [k for k in module.__dict__ if k.startswith("_depthgrow") and k != "_depthgrow_event_log"]
+
+
+# ------------------------------------------------------------------------------------ torchvision VisionTransformer
+torchvision = pytest.importorskip("torchvision")
+TV = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)
+
+
+def tv_vit(seed: int = 0, **options) -> nn.Module:
+    """torchvision's tiny ViT; its head starts at zero (torchvision's init), so every weight gets noise too."""
+    torch.manual_seed(seed)
+    model = torchvision.models.VisionTransformer(**{**TV, **options}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def tv_out(model: nn.Module, x: torch.Tensor = X) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def tv_blocks(model: nn.Module) -> list[nn.Module]:
+    return list(model.encoder.layers)
+
+
+def test_tv_discovery_is_one_gate_over_head_dimensions():
+    model = tv_vit()
+    assert not any(s["site"] == "torchvision_vit_embed" for s in discover_gates(model, heads=False))
+    (embed,) = [s for s in discover_gates(model, heads=False, embed=True) if s["site"] == "torchvision_vit_embed"]
+    # element s: dimension s of each of the 2 heads, and residual channels s and s + 16
+    assert embed == {
+        "name": ":embed",
+        "kind": "width",
+        "site": "torchvision_vit_embed",
+        "block": "",
+        "n": 16,
+        "tile": 2,
+        "min_keep": 1,
+    }
+
+
+@pytest.mark.parametrize("options", [{}, {"representation_size": 12}, {"num_layers": 3, "num_heads": 4}])
+def test_tv_hard_masked_supernet_computes_what_the_export_computes_and_rebuilds(options):
+    model = tv_vit(**options)
+    heads = model.encoder.layers[0].self_attention.num_heads
+    gates = randomise(model, 0.4, depth_ratio=0.4)
+    keep = gates.keep()
+    kept = len(keep[":embed"])
+    assert 0 < kept < 32 // heads and len(keep["encoder/layers:depth"]) < len(tv_blocks(model))
+    masked = tv_out(model)
+    res = ResourceModel.build(model, X)
+    predicted = float(res.evaluate(gates, "flops", hard=True)), float(res.evaluate(gates, "params", hard=True))
+    arch = export_architecture(model)
+    export_model(model)
+    check_nothing_left(model)
+    assert model.hidden_dim == kept * heads == model.conv_proj.out_channels
+    for block in tv_blocks(model):
+        attn = block.self_attention
+        assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (kept * heads, heads, kept)
+    torch.testing.assert_close(tv_out(model), masked, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the module's own training path too (the eval fast path is not taken there)
+        torch.testing.assert_close(model.train()(X), masked, rtol=1e-5, atol=1e-5)
+    ran = []
+    for i, block in enumerate(tv_blocks(model)):
+        block.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    tv_out(model)
+    assert ran == list(range(len(tv_blocks(model))))
+    assert count_flops(model, X).total == predicted[0]
+    assert count_parameters(model) == predicted[1]
+    # torchvision has no config: the architecture record rebuilds it on a fresh supernet, which takes its weights
+    fresh = tv_vit(seed=5, **options)
+    build_architecture(fresh, arch)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(tv_out(fresh), tv_out(model))
+
+
+def test_tv_masked_channels_stay_zero_in_the_residual_stream():
+    model = tv_vit()
+    gates = randomise(model, 0.5, width=False, depth=False)
+    kept = gates.keep()[":embed"]
+    dropped = [c for c in range(32) if c % 16 not in kept]
+    seen = []
+    for block in tv_blocks(model):
+        block.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    tv_out(model)
+    assert len(seen) == 2 and all(bool((out[..., dropped] == 0).all()) for out in seen)
+
+
+def test_tv_soft_masks_train_the_embedding_gate():
+    model = tv_vit().train()
+    gates = attach_gates(model, heads=False, embed=True)
+    model(X).square().mean().backward()
+    pending = gates.gates[":embed"].take_pending()
+    assert pending.shape == (16,) and bool(pending.abs().gt(0).all())
+
+
+def test_tv_dms_fit_exports_on_target_a_model_that_matches_the_supernet_and_rebuilds():
+    torch.manual_seed(0)
+    module = Classifier(tv_vit())
+    full = count_flops(module, X[:2]).total
+    dms = DifferentiableModelScaling(target=0.5, search_epochs=2, arch_lr=0.05, embed=True, heads=False)
+    store = fit(module, dms)
+
+    log = event_log(module)
+    assert [e.kind for e in log] == ["dms_attach", "dms_export"]
+    export = log[-1]
+    assert export.reason["kept"]["model:embed"] < 16  # the embedding width was cut
+    exported = store["exported"]
+    assert abs(count_flops(exported, X[:2]).total / (0.5 * full) - 1) <= 0.05
+    supernet = store["supernet"]
+    set_keep(find_gates(supernet), export.spec["keep"])
+    supernet.eval(), exported.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(X), supernet(X), rtol=1e-5, atol=1e-5)
+    net = module.model
+    assert net.hidden_dim == 2 * export.reason["kept"]["model:embed"]
+    assert len(tv_blocks(net)) == export.reason["kept"]["model/encoder/layers:depth"]
+    arch = export_architecture(module, log)
+    fresh = tv_vit(seed=7)
+    build_architecture(fresh, arch)
+    fresh.load_state_dict(net.state_dict())
+    assert torch.equal(tv_out(fresh), tv_out(net))
+    check_nothing_left(module)
+
+
+class SubclassedViT(torchvision.models.VisionTransformer):
+    pass
+
+
+TV_REFUSED = {
+    "conv_stem": lambda: tv_vit(
+        conv_stem_configs=[
+            torchvision.models.vision_transformer.ConvStemConfig(out_channels=8, kernel_size=8, stride=8)
+        ]
+    ),
+    "subclass": lambda: SubclassedViT(**TV),
+}
+
+
+@pytest.mark.parametrize("case", list(TV_REFUSED))
+def test_tv_unsupported_variants_are_refused_with_the_model_untouched(case):
+    model = TV_REFUSED[case]()
+    before = tensor_hash(model)
+    with pytest.raises(UnsupportedModelError, match="embed=False"):
+        attach_gates(model, heads=False, embed=True)
+    assert tensor_hash(model) == before
+    check_nothing_left(model)
+
+
+def test_tv_heads_are_refused_and_remove_gates_restores_the_model():
+    model = tv_vit()
+    with pytest.raises(UnsupportedModelError, match="heads=False"):
+        attach_gates(model, embed=True)
+    check_nothing_left(model)
+    before = tv_out(model)
+    randomise(model, 0.5)
+    remove_gates(model)
+    check_nothing_left(model)
+    assert torch.equal(tv_out(model), before)

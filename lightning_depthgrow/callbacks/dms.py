@@ -88,10 +88,10 @@ class DifferentiableModelScaling(ArchitectureCallback):
             ratios stop when the hinge does; Adam steps each ratio by about ``arch_lr`` per step, so much
             larger values overshoot the target, see docs/dms.md).
         width, heads, depth: which kinds of gate to attach.
-        embed: also gate the embedding (residual-stream) width of a timm ``VisionTransformer`` or a Hugging Face
-            ``ViTForImageClassification``/``ViTModel`` (off by default; one width gate over ``embed_dim`` /
-            ``hidden_size``, its LayerNorms made mask-aware, see docs/dms.md). Variants it does not handle are
-            refused at setup with a message.
+        embed: also gate the embedding (residual-stream) width of a timm or torchvision ``VisionTransformer`` or a
+            Hugging Face ``ViTForImageClassification``/``ViTModel`` (off by default; one width gate per model, its
+            LayerNorms made mask-aware, see docs/dms.md). Variants it does not handle are refused at setup with a
+            message.
         schedule_fraction: part of the search over which the target decays, in ``(0, 1]`` (0.8 in the paper).
         example_input: input for the FLOPs count (default: the module's ``example_input_array``).
         enforce_target: at export, choose depth and width jointly so the exported model lands within 5% of the

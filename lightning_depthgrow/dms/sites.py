@@ -129,6 +129,13 @@ class DMSFamily:
         """
         raise NotImplementedError
 
+    def flop_shares(self, model: nn.Module, spec: GateSpec) -> dict[str, list[tuple[float, tuple[str, ...]]]]:
+        """``{module path: [(share, roles), ...]}`` for modules whose own FLOPs scale in parts: ``share`` of the
+        module's own FLOPs scales with the gate factors of ``roles`` (of :meth:`resource_roles`, e.g. ``("in",
+        "out")`` for the projections inside an ``nn.MultiheadAttention``, ``("heads",)`` for its attention
+        products). Shares sum to 1. Default: none (a module's own FLOPs scale with all its roles)."""
+        return {}
+
 
 _FAMILIES: list[DMSFamily] = []
 _BUILTINS_LOADED = False
@@ -257,7 +264,8 @@ def discover_gates(
     registered blocks (:func:`lightning_depthgrow.find_block_stacks`), only over blocks with an identity
     skip. ``skip`` is a sub-module path to ignore (the gate container itself). ``embed=True`` adds the
     families' model-level embedding-width gates (the residual stream's channels: timm ``VisionTransformer``, site
-    ``vit_embed``; Hugging Face ``ViTForImageClassification``/``ViTModel``, ``hf_vit_embed``), listed first, one
+    ``vit_embed``; Hugging Face ``ViTForImageClassification``/``ViTModel``, ``hf_vit_embed``; torchvision
+    ``VisionTransformer``, ``torchvision_vit_embed``), listed first, one
     per model (a model nested in a gated one is covered by its gate); unsupported variants are refused.
 
     Example:
@@ -284,8 +292,8 @@ def discover_gates(
         if not specs:
             raise UnsupportedModelError(
                 f"embed=True but no registered DMS family gates the embedding width of {type(model).__name__} "
-                "(supported: timm VisionTransformer, Hugging Face ViTForImageClassification and ViTModel with its "
-                "pooler). Use embed=False for this model."
+                "(supported: timm and torchvision VisionTransformer, Hugging Face ViTForImageClassification and "
+                "ViTModel with its pooler). Use embed=False for this model."
             )
     if width or heads:
         for path, module in model.named_modules():

@@ -14,12 +14,16 @@ Any other stack of registered blocks gets generic depth gates.
 from __future__ import annotations
 
 from ..sites import DMSFamily, GateSpec, describe_model, discover_gates, gate_name
-from .torchvision_models import TorchvisionResNetFamily, TorchvisionViTFamily  # never imports torchvision
+from .torchvision_models import (  # never imports torchvision
+    TorchvisionResNetFamily,
+    TorchvisionViTEmbedFamily,
+    TorchvisionViTFamily,
+)
 
 
 def register_builtin_families(registry: list[DMSFamily]) -> None:
     """Append the built-in families to ``registry`` (after any user registration); skip absent libraries."""
-    registry.extend([TorchvisionResNetFamily(), TorchvisionViTFamily()])
+    registry.extend([TorchvisionResNetFamily(), TorchvisionViTFamily(), TorchvisionViTEmbedFamily()])
     from .hf_decoders import HFDecoderFamily, HFGPT2Family
     from .hf_vit import HFViTEmbedFamily, HFViTFamily
     from .transformers_hf import TransformersRefusal
