@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_depthgrow import UnsupportedModelError, find_block_stacks
+from lightning_depthgrow import UnsupportedModelError, find_block_stacks, load_grown
 from lightning_depthgrow.callbacks import DifferentiableModelScaling
 from lightning_depthgrow.dms import (
     ResourceModel,
@@ -308,6 +308,7 @@ def fit(module: nn.Module, dms: DifferentiableModelScaling, search_epochs: int =
         max_epochs=search_epochs + 1, callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0
     )
     trainer.fit(module, loader())
+    store["trainer"] = trainer
     return store
 
 
@@ -435,7 +436,7 @@ def test_tv_soft_masks_train_the_embedding_gate():
     assert pending.shape == (16,) and bool(pending.abs().gt(0).all())
 
 
-def test_tv_dms_fit_exports_on_target_a_model_that_matches_the_supernet_and_rebuilds():
+def test_tv_dms_fit_exports_on_target_a_model_that_matches_the_supernet_and_rebuilds(tmp_path):
     torch.manual_seed(0)
     module = Classifier(tv_vit())
     full = count_flops(module, X[:2]).total
@@ -461,6 +462,10 @@ def test_tv_dms_fit_exports_on_target_a_model_that_matches_the_supernet_and_rebu
     build_architecture(fresh, arch)
     fresh.load_state_dict(net.state_dict())
     assert torch.equal(tv_out(fresh), tv_out(net))
+    # load_grown: the starting network (any weights) plus the checkpoint's events and weights is the trained one
+    store["trainer"].save_checkpoint(tmp_path / "last.ckpt")
+    loaded = load_grown(tv_vit(seed=8), tmp_path / "last.ckpt")
+    assert tensor_hash(loaded) == tensor_hash(net) and torch.equal(tv_out(loaded), tv_out(net))
     check_nothing_left(module)
 
 
