@@ -503,3 +503,72 @@ def test_tv_heads_are_refused_and_remove_gates_restores_the_model():
     remove_gates(model)
     check_nothing_left(model)
     assert torch.equal(tv_out(model), before)
+
+
+# ------------------------------------------------------------------------------------ code around the gated model
+class HeadOnViTModel(pl.LightningModule):
+    """A ``ViTModel`` with the LightningModule's own head, on the class token of ``last_hidden_state`` (the stream,
+    which the embedding gate narrows) or on ``pooler_output`` (which keeps its width)."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        self.backbone = hf_vit_model()
+        self.head = nn.Linear(32, 5)
+        self.read = read
+        self.example_input_array = X[:2]
+
+    def forward(self, x):
+        out = self.backbone(pixel_values=x)
+        features = out.pooler_output if self.read == "pooler" else out.last_hidden_state[:, 0]
+        return self.head(features)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=2e-3)
+
+
+class HeadOnFeatures(HeadOnViTModel):
+    """A timm ``VisionTransformer`` built with ``num_classes=0`` (its output is the pooled stream itself) and the
+    LightningModule's own head on it."""
+
+    def __init__(self) -> None:
+        timm = pytest.importorskip("timm")
+        pl.LightningModule.__init__(self)
+        torch.manual_seed(0)
+        self.backbone = timm.create_model(
+            "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_heads=2, embed_dim=32, num_classes=0
+        )
+        self.head = nn.Linear(32, 5)
+        self.example_input_array = X[:2]
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize("make", [lambda: HeadOnViTModel("last_hidden_state"), HeadOnFeatures])
+def test_a_head_outside_the_gated_model_on_the_stream_is_refused_at_setup(make):
+    module = make()
+    before = tensor_hash(module)
+    dms = DifferentiableModelScaling(target=0.7, search_epochs=1, embed=True, heads=False)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[dms], limit_val_batches=0, num_sanity_val_steps=0)
+    with pytest.raises(UnsupportedModelError, match=r"embed=True.*(no longer runs|change shape).*embed=False"):
+        trainer.fit(module, loader())
+    assert tensor_hash(module) == before and event_log(module) == [] and trainer.global_step == 0
+    check_nothing_left(module)
+
+
+def test_a_head_on_the_pooler_output_of_a_vit_model_is_searched():
+    torch.manual_seed(0)
+    module = HeadOnViTModel("pooler")
+    full = count_flops(module, X[:2]).total
+    dms = DifferentiableModelScaling(target=0.6, search_epochs=1, embed=True, heads=False, depth=False)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[dms], limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, loader())
+    export = event_log(module)[-1]
+    # the gated ViTModel sits inside the module ("backbone"): its counts follow it there
+    assert abs(count_flops(module, X[:2]).total / (0.6 * full) - 1) <= 0.05
+    assert export.kind == "dms_export" and module.backbone.config.hidden_size == export.reason["kept"]["backbone:embed"]
+    assert module.backbone.config.hidden_size < 32 and module(X).shape == (3, 5)

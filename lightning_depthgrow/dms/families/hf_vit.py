@@ -242,7 +242,8 @@ class HFViTEmbedFamily(DMSFamily):
     def resource_roles(self, model: nn.Module, spec: GateSpec) -> list[tuple[str, str]]:
         path = spec["block"]
         top = model.get_submodule(path)
-        vit, inner = _vit_of(top), _join(path, _prefix(top).rstrip("."))  # the ViTModel's path
+        vit = _vit_of(top)
+        inner = _join(path, "vit") if vit is not top else path  # the ViTModel's path
 
         def at(name: str) -> str:
             return _join(inner, name)
