@@ -17,7 +17,9 @@ zeroing the last projection of every residual branch:
 * **GPT-2 with** ``scale_attn_by_inverse_layer_idx=True`` (e.g. Stanford CRFM's GPT-2 models) is refused by every
   operator: each layer's attention is scaled by ``1 / (layer_idx + 1)``, fixed when the layer is built, so a block
   copied to (or shifted into) another position computes something else than the layer a model rebuilt from the
-  grown config (``save_pretrained`` / ``from_pretrained``) holds there.
+  grown config (``save_pretrained`` / ``from_pretrained``) holds there. Removing a block other than the last
+  renumbers the layers after it, so it is refused too (:func:`removal_refusal`: DMS refuses depth gates on such a
+  stack at setup); removing the last block keeps every position and is allowed.
 """
 
 from __future__ import annotations
@@ -80,8 +82,28 @@ INVERSE_LAYER_IDX_REFUSAL = (
 )
 
 
+#: Why a block other than the last cannot be removed from such a GPT-2 (DMS depth gates, any other removal).
+INVERSE_LAYER_IDX_REMOVAL = (
+    "its config sets scale_attn_by_inverse_layer_idx=True: each layer scales its attention by 1 / (layer_idx + 1), "
+    "fixed when the layer is built, so removing a block other than the last renumbers the layers after it: in memory "
+    "they keep their old scale, but a model rebuilt from the config (save_pretrained / from_pretrained) scales them "
+    "by their new positions, so the smaller model would not reload as itself. Removing only the last block keeps "
+    "every position; for any other, build the model with scale_attn_by_inverse_layer_idx=False."
+)
+
+
 def _scales_by_layer_idx(block: nn.Module) -> bool:
     return bool(getattr(_config_of(block), "scale_attn_by_inverse_layer_idx", False))
+
+
+def removal_refusal(block: nn.Module) -> str | None:
+    """Why blocks cannot be removed from (or gated out of) the stack holding ``block``, or ``None``.
+
+    GPT-2 with ``scale_attn_by_inverse_layer_idx=True``: a removal renumbers ``layer_idx``, which its attention
+    scale was fixed from (:data:`INVERSE_LAYER_IDX_REMOVAL`). The one place this is known: DMS's depth gates
+    (:mod:`lightning_depthgrow.dms.families.hf_decoders`) and the stack bookkeeping (``_sync_hf``) both ask here.
+    """
+    return INVERSE_LAYER_IDX_REMOVAL if _scales_by_layer_idx(block) else None
 
 
 def _gpt2_refuse(block: nn.Module) -> str | None:
@@ -150,6 +172,10 @@ def _sync_hf(model: nn.Module, stack: BlockStack, change: StackChange) -> None:
     if change.kind == "insert" and any(_scales_by_layer_idx(block) for block in stack.blocks):
         # Every operator inserts through here (ramped copies skip the zero-init refusals): refuse before any change.
         raise UnsupportedModelError(f"Cannot grow stack {stack.path!r}: {INVERSE_LAYER_IDX_REFUSAL}")
+    if change.kind == "remove" and change.index != new:  # the block removed was not the last one
+        reason = next((r for r in map(removal_refusal, stack.blocks) if r is not None), None)
+        if reason is not None:
+            raise UnsupportedModelError(f"Cannot remove block {change.index} of stack {stack.path!r}: {reason}")
     configs = [c for c in _configs_above(model, stack.path) if hasattr(c, "num_hidden_layers")]
     for config in configs:
         if config.num_hidden_layers != old:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -23,6 +24,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
+from ..adapters.registry import UnsupportedModelError
 from ..dms import (
     ARCH_GROUP_KEY,
     DMSGates,
@@ -30,12 +32,14 @@ from ..dms import (
     arch_group_options,
     attach_event,
     check_tie,
+    export_model,
     find_gates,
     fit_architecture,
     remove_gates,
     update_importance,
 )
 from ..dms.appliers import ATTACH, EXPORT
+from ..dms.sites import is_embed_site
 from ..events import CHECKPOINT_KEY, LOG_ATTRIBUTE, ArchitectureEvent, event_log
 from ..validation import check_bool, check_choice, check_float, check_int
 from .base import ArchitectureCallback
@@ -88,9 +92,10 @@ class DifferentiableModelScaling(ArchitectureCallback):
             ratios stop when the hinge does; Adam steps each ratio by about ``arch_lr`` per step, so much
             larger values overshoot the target, see docs/dms.md).
         width, heads, depth: which kinds of gate to attach.
-        embed: also gate the embedding (residual-stream) width of a timm ``VisionTransformer`` (off by default;
-            one width gate over ``embed_dim``, its LayerNorms made mask-aware, see docs/dms.md). Variants it does
-            not handle are refused at setup with a message.
+        embed: also gate the embedding (residual-stream) width of a timm or torchvision ``VisionTransformer`` or a
+            Hugging Face ``ViTForImageClassification``/``ViTModel`` (off by default; one width gate per model, its
+            LayerNorms made mask-aware, see docs/dms.md). Variants it does not handle are refused at setup with a
+            message.
         schedule_fraction: part of the search over which the target decays, in ``(0, 1]`` (0.8 in the paper).
         example_input: input for the FLOPs count (default: the module's ``example_input_array``).
         enforce_target: at export, choose depth and width jointly so the exported model lands within 5% of the
@@ -276,6 +281,8 @@ class DifferentiableModelScaling(ArchitectureCallback):
             trial.__dict__.pop(LOG_ATTRIBUTE, None)
             apply_and_sync(None, trial, event)
             resources, target = self._measure(trial, find_gates(trial), example)
+            if any(is_embed_site(s["site"]) for s in event.spec["gates"]):
+                _check_embed_export(trial, example)
         finally:
             del trial
         return event, resources, target
@@ -650,6 +657,69 @@ class DifferentiableModelScaling(ArchitectureCallback):
                 "checkpoint to finish the search."
             )
         super().teardown(trainer, pl_module, stage)  # releases the module, guards ddp_spawn results
+
+
+def _check_embed_export(trial: torch.nn.Module, example: Any) -> None:
+    """Refuse an embedding gate whose export would break the module around the gated model, before anything is
+    attached to the user's module: on ``trial`` (a gated copy), the embedding gates keep one element less, the
+    others all, the copy is exported, and it must still run on ``example`` with outputs of the same shapes.
+
+    The embedding gate narrows the residual stream of the model it is on, and with it every output that is that
+    stream (a ``ViTModel``'s ``last_hidden_state``, a ``VisionTransformer`` built with ``num_classes=0``): code of
+    the LightningModule that reads it (a head on the class token) would fail, or silently broadcast, only after
+    the export.
+    """
+    gates = find_gates(trial)
+    keep = {
+        s["name"]: list(range(s["n"] - 1 if is_embed_site(s["site"]) and s["n"] > 1 else s["n"])) for s in gates.specs
+    }
+
+    def shapes() -> list[tuple[int, ...]]:
+        training = [(m, m.training) for m in trial.modules()]
+        trial.eval()
+        try:
+            with torch.no_grad():
+                if isinstance(example, dict):
+                    out = trial(**example)
+                else:
+                    out = trial(*example) if isinstance(example, (tuple, list)) else trial(example)
+        finally:
+            for module, mode in training:
+                module.training = mode
+        return [tuple(t.shape) for t in _tensors(out)]
+
+    before = shapes()
+    problem = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a config's notes: about the trial, not the user's model
+            export_model(trial, keep)
+    except Exception as err:
+        problem = f"its export fails ({type(err).__name__}: {err})"
+    if problem is None:
+        try:
+            after = shapes()
+            problem = None if after == before else f"its outputs change shape from {before} to {after}"
+        except Exception as err:  # the narrowed model does not run on the example
+            problem = f"it no longer runs on the example input ({type(err).__name__}: {err})"
+    if problem is not None:
+        raise UnsupportedModelError(
+            f"{_WHO}: with embed=True the export narrows the embedding width, and the module with a narrower "
+            f"embedding tried on a copy fails: {problem}. Code outside the gated model reads that width (e.g. a head "
+            "on a ViTModel's last_hidden_state, or on a VisionTransformer built without its classification head). "
+            "Gate the model that holds the head (ViTForImageClassification; a VisionTransformer with its head), or "
+            "search with embed=False."
+        )
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    return []
 
 
 def _logs_this_step(trainer: pl.Trainer) -> bool:

@@ -74,10 +74,10 @@ def attach_event(
 ) -> ArchitectureEvent:
     """A ``dms_attach`` event for ``model`` (discovers the gates on a throw-away attach, then removes them).
 
-    ``embed=True`` adds the embedding-width gate of a timm ``VisionTransformer`` (recorded as ``"embed"`` in the
-    spec; events recorded before it existed read as ``embed=False``). ``tie`` (e.g. ``("width",)``) shares one ratio
-    per group of gates (:func:`~lightning_depthgrow.dms.tie_specs`), recorded as ``"tie"`` in the spec and in each
-    tied gate's spec only when given, so events recorded before it existed read as untied.
+    ``embed=True`` adds the embedding-width gate of a timm, Hugging Face or torchvision ViT (recorded as ``"embed"``
+    in the spec; events recorded before it existed read as ``embed=False``). ``tie`` (e.g. ``("width",)``) shares one
+    ratio per group of gates (:func:`~lightning_depthgrow.dms.tie_specs`), recorded as ``"tie"`` in the spec and in
+    each tied gate's spec only when given, so events recorded before it existed read as untied.
 
     Example:
         >>> import timm

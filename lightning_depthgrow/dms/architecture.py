@@ -19,6 +19,7 @@ from ..events import AppliedChange, ArchitectureEvent
 from .export import export_model
 from .families import discover_gates
 from .gates import attach_gates, find_gates, remove_gates
+from .sites import is_embed_site
 
 FORMAT = "lightning_depthgrow.dms.architecture/1"
 
@@ -142,10 +143,10 @@ def _same_gate(longer: str, name: str) -> bool:
 def _flags_of(specs: list[dict[str, Any]]) -> dict[str, bool]:
     kinds = {s["kind"] for s in specs}
     flags = {"width": "width" in kinds, "heads": "heads" in kinds, "depth": "depth" in kinds}
-    if any(s["site"] == "vit_embed" for s in specs):
+    if any(is_embed_site(s["site"]) for s in specs):
         flags["embed"] = True
         # the embedding gate is a width gate: "width" means the block-level width gates (MLP hidden units)
-        flags["width"] = any(s["kind"] == "width" and s["site"] != "vit_embed" for s in specs)
+        flags["width"] = any(s["kind"] == "width" and not is_embed_site(s["site"]) for s in specs)
     return flags
 
 

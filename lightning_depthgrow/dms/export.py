@@ -32,6 +32,7 @@ class _Slices:
         self.index: dict[tuple[int, str], tuple[nn.Module, dict[int, Tensor]]] = {}
         self.attrs: list[tuple[Any, str, Any]] = []
         self.notes: list[str] = []
+        self.transforms: dict[tuple[int, str], list[Any]] = {}
 
     def add(self, module: nn.Module, names: list[str], dim: int, keep: Tensor) -> None:
         for name in names:
@@ -40,6 +41,12 @@ class _Slices:
                 continue
             _, dims = self.index.setdefault((id(module), name), (module, {}))
             dims[dim] = keep
+
+    def transform(self, module: nn.Module, name: str, fn: Any) -> None:
+        """Apply ``fn`` to ``module.name``'s new value after slicing (a rescaling that keeps the function where a
+        sliced layer computes a constant from its width, e.g. attention's ``1 / sqrt(head_dim)``)."""
+        self.transforms.setdefault((id(module), name), []).append(fn)
+        self.index.setdefault((id(module), name), (module, {}))
 
     def attr(self, module: Any, name: str, value: Any) -> None:
         """Set ``module.name = value`` once everything is checked (a module's width, a config's count)."""
@@ -118,7 +125,7 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
     new_tensors: list[tuple[nn.Module, str, Tensor, tuple[Tensor | None, ...]]] = []
     for (_, name), (module, dims) in slices.index.items():
         old = getattr(module, name)
-        index = tuple(dims.get(d) for d in range(max(dims) + 1))
+        index = tuple(dims.get(d) for d in range(max(dims) + 1)) if dims else ()
         value = old.detach()
         for d, kept in dims.items():
             if kept.numel() and int(kept.max()) >= value.shape[d]:
@@ -126,7 +133,10 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
                     f"kept index {int(kept.max())} out of range for {name} of shape {tuple(value.shape)}"
                 )
             value = value.index_select(d, kept.to(value.device))
-        new_tensors.append((module, name, value.clone(), index))
+        value = value.clone()
+        for fn in slices.transforms.get((id(module), name), []):
+            value = fn(value)
+        new_tensors.append((module, name, value, index))
 
     _check_removals(model, drops)
 

@@ -215,8 +215,10 @@ def attach_gates(
 
     ``specs`` (from a recorded ``dms_attach`` event) re-attaches exactly those gates; they must match
     what discovery finds on this model. Everything is checked before the model is touched.
-    ``embed=True`` also gates the embedding (residual-stream) width of a timm ``VisionTransformer``
-    (one gate, site ``vit_embed``; its LayerNorms then take their statistics over the kept channels).
+    ``embed=True`` also gates the embedding (residual-stream) width of a timm ``VisionTransformer`` (site
+    ``vit_embed``), a Hugging Face ViT (``hf_vit_embed``) or a torchvision ``VisionTransformer``
+    (``torchvision_vit_embed``): one gate per model; its LayerNorms then take their statistics over the kept
+    channels.
     ``tie=("width",)`` (or ``"heads"``) shares one ratio among the gates of that kind with the same site and size
     (:func:`tie_specs`: every block keeps the same number of MLP units, each block its own most important ones).
     Raises :class:`~lightning_depthgrow.UnsupportedModelError` if nothing can be gated.

@@ -94,22 +94,30 @@ class OutputMask:
     so the masked residual-stream channels stay exactly 0 (the sliced model has no such channels).
     """
 
-    def __init__(self, gates: DMSGates, index: int) -> None:
+    tile = 1  # the mask repeated this many times over the channels (channel c is element c % n)
+
+    def __init__(self, gates: DMSGates, index: int, tile: int = 1) -> None:
         self.gates, self.index = gates, index
+        if tile != 1:
+            self.tile = tile
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        return output * self.gates.masks()[self.index].to(output.dtype)
+        return output * _tiled(self.gates.masks()[self.index], self.tile).to(output.dtype)
 
 
 class StreamMask:
     """Forward pre-hook: multiply the input's last dim by gate ``index``'s mask (the residual stream's entry)."""
 
-    def __init__(self, gates: DMSGates, index: int) -> None:
+    tile = 1
+
+    def __init__(self, gates: DMSGates, index: int, tile: int = 1) -> None:
         self.gates, self.index = gates, index
+        if tile != 1:
+            self.tile = tile
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x = args[0]
-        return (x * self.gates.masks()[self.index].to(x.dtype), *args[1:])
+        return (x * _tiled(self.gates.masks()[self.index], self.tile).to(x.dtype), *args[1:])
 
 
 class MaskedLayerNorm:
@@ -133,12 +141,16 @@ class MaskedLayerNorm:
         (True, True)
     """
 
-    def __init__(self, gates: Any, index: int, module: nn.LayerNorm) -> None:
+    tile = 1
+
+    def __init__(self, gates: Any, index: int, module: nn.LayerNorm, tile: int = 1) -> None:
         self.gates, self.index, self.module = gates, index, module
+        if tile != 1:
+            self.tile = tile
 
     def __call__(self, x: Tensor) -> Tensor:
         norm = self.module
-        m = self.gates.masks()[self.index].to(x.dtype)
+        m = _tiled(self.gates.masks()[self.index], self.tile).to(x.dtype)
         kept = m.sum()
         mean = (x * m).sum(-1, keepdim=True) / kept
         centred = x - mean
@@ -151,8 +163,70 @@ class MaskedLayerNorm:
         return y * m
 
 
+def _tiled(m: Tensor, tile: int) -> Tensor:
+    return m.repeat(tile) if tile > 1 else m
+
+
+class MaskedMultiheadAttention:
+    """Replaces an ``nn.MultiheadAttention``'s ``forward``: its embedding width (input, inner and output channels)
+    multiplied by gate ``index``'s mask, tiled ``tile`` times over ``embed_dim`` (channel ``c`` is element
+    ``c % n``: with ``tile = num_heads`` and ``n = head_dim``, element ``s`` is dimension ``s`` of every head).
+
+    The query and value rows of ``in_proj_weight``/``in_proj_bias`` and the output rows of ``out_proj`` are masked,
+    so a masked dimension adds nothing to the scores (scaled by the supernet's ``head_dim``) nor to the output, and a
+    masked output channel is 0. Torch's own ``F.multi_head_attention_forward`` computes the rest (the module's eval
+    fast path is not taken). Only packed projections (``_qkv_same_embed_dim``) are handled.
+    """
+
+    def __init__(self, gates: Any, index: int, module: nn.MultiheadAttention, tile: int = 1) -> None:
+        self.gates, self.index, self.module, self.tile = gates, index, module, tile
+
+    def __call__(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        mha = self.module
+        m = _tiled(self.gates.masks()[self.index], self.tile).to(mha.in_proj_weight.dtype)
+        rows = torch.cat([m, torch.ones_like(m), m])  # query and value rows; keys need none
+        weight = mha.in_proj_weight * rows[:, None]
+        bias = mha.in_proj_bias * rows if mha.in_proj_bias is not None else None
+        out_weight = mha.out_proj.weight * m[:, None]
+        out_bias = mha.out_proj.bias * m if mha.out_proj.bias is not None else None
+        if mha.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            mha.embed_dim,
+            mha.num_heads,
+            weight,
+            bias,
+            mha.bias_k,
+            mha.bias_v,
+            mha.add_zero_attn,
+            mha.dropout,
+            out_weight,
+            out_bias,
+            training=mha.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+        return (out.transpose(0, 1) if mha.batch_first else out), weights
+
+
 HOOK_TYPES = (InputMask, OutputScale, ResidualScale, OutputMask, StreamMask)
-FORWARD_TYPES = (MaskedLinear, MaskedLayerNorm)  # instance-level forwards DMS installs
+FORWARD_TYPES = (MaskedLinear, MaskedLayerNorm, MaskedMultiheadAttention)  # instance-level forwards DMS installs
 
 
 class Fold:

@@ -61,7 +61,7 @@ class ResourceModel:
         """Count ``model``'s FLOPs once (eval, no grad, FlopCounterMode) and derive the terms from its gates."""
         gates = model._modules.get(CONTAINER)
         specs = gates.specs if isinstance(gates, DMSGates) else []
-        roles, block_elem = _factor_maps(model, specs)
+        roles, block_elem, shares = _factor_maps(model, specs)
         flops = _own_flops(model, example_input)
         res = cls()
         seen: set[int] = set()
@@ -77,9 +77,14 @@ class ResourceModel:
                 if "norm" in role:
                     factors = [role["norm"]]
                 else:
-                    factors = [role.get("out")] + ([role.get("in")] if pname == "weight" else [])
+                    # a weight's columns are the inputs (``nn.MultiheadAttention``'s packed ``in_proj_weight`` too)
+                    weight = pname == "weight" or pname.endswith("_weight")
+                    factors = [role.get("out")] + ([role.get("in")] if weight else [])
                 res._add([*factors, elem], 0.0, float(p.numel()))
-            if flops.get(name):
+            if flops.get(name) and name in shares:
+                for share, names in shares[name]:
+                    res._add([*(role.get(r) for r in names), elem], share * float(flops[name]), 0.0)
+            elif flops.get(name):
                 res._add([role.get("in"), role.get("out"), role.get("heads"), elem], float(flops[name]), 0.0)
         res.full_flops = sum(v[0] for v in res.terms.values())
         res.full_params = sum(v[1] for v in res.terms.values())
@@ -209,10 +214,14 @@ def _ratios_at_max(gates: DMSGates) -> Iterator[None]:
                 g.importance.copy_(importance)
 
 
-def _factor_maps(model: nn.Module, specs: list[dict]) -> tuple[dict[str, dict[str, Factor]], dict[str, Factor]]:
-    """``({module path: {role: gate factor}}, {block path: depth element factor})`` from the gate specs."""
+def _factor_maps(
+    model: nn.Module, specs: list[dict]
+) -> tuple[dict[str, dict[str, Factor]], dict[str, Factor], dict[str, list[tuple[float, tuple[str, ...]]]]]:
+    """``({module path: {role: gate factor}}, {block path: depth element factor}, {module path: FLOP shares})``
+    from the gate specs."""
     roles: dict[str, dict[str, Factor]] = {}
     block_elem: dict[str, Factor] = {}
+    shares: dict[str, list[tuple[float, tuple[str, ...]]]] = {}
     for s in specs:
         if s["site"] == "depth":
             keys = list(model.get_submodule(s["stack"])._modules)  # "3", or "encoder_layer_3" (torchvision)
@@ -223,7 +232,8 @@ def _factor_maps(model: nn.Module, specs: list[dict]) -> tuple[dict[str, dict[st
             if role not in ROLES:
                 raise ValueError(f"unknown resource role {role!r} for gate {s['name']}; expected one of {ROLES}")
             roles.setdefault(path, {})[role] = ("frac", s["name"])
-    return roles, block_elem
+        shares.update(family_for_site(s["site"]).flop_shares(model, s))
+    return roles, block_elem, shares
 
 
 def _enclosing(name: str, block_elem: dict[str, Factor]) -> Factor | None:

@@ -129,6 +129,13 @@ class DMSFamily:
         """
         raise NotImplementedError
 
+    def flop_shares(self, model: nn.Module, spec: GateSpec) -> dict[str, list[tuple[float, tuple[str, ...]]]]:
+        """``{module path: [(share, roles), ...]}`` for modules whose own FLOPs scale in parts: ``share`` of the
+        module's own FLOPs scales with the gate factors of ``roles`` (of :meth:`resource_roles`, e.g. ``("in",
+        "out")`` for the projections inside an ``nn.MultiheadAttention``, ``("heads",)`` for its attention
+        products). Shares sum to 1. Default: none (a module's own FLOPs scale with all its roles)."""
+        return {}
+
 
 _FAMILIES: list[DMSFamily] = []
 _BUILTINS_LOADED = False
@@ -164,6 +171,15 @@ def family_for_site(site: str) -> DMSFamily:
         f"no DMS family handles gate site {site!r} (is the library that defines it installed and imported?); "
         f"known sites: {sorted(s for f in dms_families() for s in f.sites)}"
     )
+
+
+def is_embed_site(site: str) -> bool:
+    """Whether gates of ``site`` are model-level embedding-width gates (their family implements
+    :meth:`DMSFamily.embed_specs`), as opposed to the block-level width, heads and depth gates."""
+    if site == "depth":
+        return False
+    family = family_for_site(site)
+    return type(family).embed_specs is not DMSFamily.embed_specs
 
 
 def family_for_style(style: str) -> DMSFamily:
@@ -247,8 +263,10 @@ def discover_gates(
     Width and head gates come from the registered families' blocks; depth gates from every stack of
     registered blocks (:func:`lightning_depthgrow.find_block_stacks`), only over blocks with an identity
     skip. ``skip`` is a sub-module path to ignore (the gate container itself). ``embed=True`` adds the
-    families' model-level embedding-width gates (timm ``VisionTransformer``: the residual stream's
-    channels, site ``vit_embed``), listed first; unsupported variants are refused.
+    families' model-level embedding-width gates (the residual stream's channels: timm ``VisionTransformer``, site
+    ``vit_embed``; Hugging Face ``ViTForImageClassification``/``ViTModel``, ``hf_vit_embed``; torchvision
+    ``VisionTransformer``, ``torchvision_vit_embed``), listed first, one
+    per model (a model nested in a gated one is covered by its gate); unsupported variants are refused.
 
     Example:
         >>> import timm
@@ -259,18 +277,23 @@ def discover_gates(
     families = dms_families()
     specs: list[GateSpec] = []
     if embed:
+        covered: list[str] = []  # models with an embedding gate: it covers the models nested in them
         for path, module in model.named_modules():
             if skip and (path == skip or path.startswith(skip + ".")):
+                continue
+            if any(path.startswith(c + ".") or not c for c in covered):
                 continue
             for family in families:
                 found = family.embed_specs(path, module)
                 if found is not None:
                     specs.extend(found)
+                    covered.append(path)
                     break
         if not specs:
             raise UnsupportedModelError(
                 f"embed=True but no registered DMS family gates the embedding width of {type(model).__name__} "
-                "(supported: timm VisionTransformer). Use embed=False for this model."
+                "(supported: timm and torchvision VisionTransformer, Hugging Face ViTForImageClassification and "
+                "ViTModel with its pooler). Use embed=False for this model."
             )
     if width or heads:
         for path, module in model.named_modules():

@@ -5,7 +5,8 @@
 - :mod:`.timm_resnet`: timm ResNet ``BasicBlock``/``Bottleneck`` (inner channels, depth on the branch).
 
 - :mod:`.hf_decoders`: Hugging Face GPT-2 blocks and Llama/Mistral/Qwen2/Qwen3 decoder layers (MLP hidden
-  units, heads or key/value-head groups); :mod:`.transformers_hf` refuses other transformers models.
+  units, heads or key/value-head groups); :mod:`.hf_vit`: Hugging Face ViT (embedding width with ``embed=True``, MLP
+  hidden units, depth); :mod:`.transformers_hf` refuses other transformers models.
 
 Any other stack of registered blocks gets generic depth gates.
 """
@@ -13,16 +14,21 @@ Any other stack of registered blocks gets generic depth gates.
 from __future__ import annotations
 
 from ..sites import DMSFamily, GateSpec, describe_model, discover_gates, gate_name
-from .torchvision_models import TorchvisionResNetFamily, TorchvisionViTFamily  # never imports torchvision
+from .torchvision_models import (  # never imports torchvision
+    TorchvisionResNetFamily,
+    TorchvisionViTEmbedFamily,
+    TorchvisionViTFamily,
+)
 
 
 def register_builtin_families(registry: list[DMSFamily]) -> None:
     """Append the built-in families to ``registry`` (after any user registration); skip absent libraries."""
-    registry.extend([TorchvisionResNetFamily(), TorchvisionViTFamily()])
+    registry.extend([TorchvisionResNetFamily(), TorchvisionViTFamily(), TorchvisionViTEmbedFamily()])
     from .hf_decoders import HFDecoderFamily, HFGPT2Family
+    from .hf_vit import HFViTEmbedFamily, HFViTFamily
     from .transformers_hf import TransformersRefusal
 
-    registry.extend([HFGPT2Family(), HFDecoderFamily(), TransformersRefusal()])
+    registry.extend([HFGPT2Family(), HFDecoderFamily(), HFViTFamily(), HFViTEmbedFamily(), TransformersRefusal()])
     try:
         from .timm_resnet import TimmResNetFamily
         from .timm_vit import TimmViTEmbedFamily, TimmViTFamily

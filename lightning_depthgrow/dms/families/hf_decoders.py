@@ -19,7 +19,9 @@ model holding one of these blocks has imported its module already). Read from tr
   (head counts come from the projections' widths), so layers may keep different numbers of heads. Folded into
   ``o_proj``'s input columns, one element per group.
 - depth: DMS's generic depth gate (``x + m (layer(x) - x)``); export removes layers through the block adapter,
-  which keeps the config's depth, ``layer_types`` and every ``layer_idx`` (the KV cache) in step.
+  which keeps the config's depth, ``layer_types`` and every ``layer_idx`` (the KV cache) in step. GPT-2 built with
+  ``scale_attn_by_inverse_layer_idx=True`` is refused depth gates at discovery (its attention scale is fixed from
+  ``layer_idx``, which a removal renumbers; :func:`~lightning_depthgrow.adapters.hf_transformers.removal_refusal`).
 
 The config after export (``plan_config``): when every kept layer has the same MLP width, ``n_inner`` /
 ``intermediate_size`` is set to it; when every kept Llama-style layer keeps the same key/value-head groups,
@@ -41,8 +43,8 @@ import torch
 from torch import nn
 
 # the block classes the adapters know (module, class), and the configs on the way to a module
-from ...adapters.hf_transformers import _DECODERS, _GPT2, _configs_above
-from ...adapters.registry import lazy_class
+from ...adapters.hf_transformers import _DECODERS, _GPT2, _configs_above, removal_refusal
+from ...adapters.registry import BlockAdapter, UnsupportedModelError, lazy_class
 from ..hooks import InputMask
 from ..sites import DMSFamily, GateSpec, Hook, gate_name, slice_linear_hidden, tied
 from ..topk import HEADS, WIDTH
@@ -140,6 +142,20 @@ class HFGPT2Family(DMSFamily):
                 raise tied(path, "the MLP hidden units (mlp is not GPT-2's Conv1D c_fc -> c_proj)")
             specs.append(self._spec(path, "mlp", WIDTH, "hf_gpt2_mlp", mlp.c_fc.nf))
         return specs
+
+    def identity_skip(self, adapter: BlockAdapter, block: nn.Module) -> bool | None:
+        """Asked only when depth gates are requested: refused where a removal would renumber a layer's fixed
+        attention scale (``scale_attn_by_inverse_layer_idx=True``), before anything is attached."""
+        if not is_gpt2_block(block):
+            return None
+        reason = removal_refusal(block)
+        if reason is not None:
+            raise UnsupportedModelError(
+                f"DMS cannot gate the depth of this GPT-2: {reason} Search it without depth gates, "
+                "DifferentiableModelScaling(depth=False) (or attach_gates(model, depth=False)): its MLP widths and "
+                "heads keep every layer's position, so their export reloads as itself."
+            )
+        return None
 
     @staticmethod
     def _spec(path: str, suffix: str, kind: str, site: str, n: int) -> GateSpec:
