@@ -52,6 +52,12 @@ subtracted and pipeline a trains what is left; the uniform model trains all of i
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_dms_lm.py --seeds 3 4 5 --variants dms uniform \
         --no-pipeline-b --search-epochs 1 --epoch-steps 200 --budget-steps 1200 \
         --search-batch-size 8 --search-context 32 --out benchmarks/results/dms_lm_cheap_search.json
+
+``--grad-clip C`` (default 0: off, as every run before it) clips the global gradient norm of the model's weights
+to ``C`` before each optimizer step in every run (search, pipelines a and b, uniform, full, Torch-Pruning) through
+``LMConfig.grad_clip`` (:class:`~benchmarks.tasks.ByteLM`; DMS's architecture-ratio param group is left out);
+it is recorded in the settings (``settings.lm.grad_clip``; older JSONs, without it, count as 0 when merged or
+resumed): ``dms_lm_clip*.json``.
 """
 
 from __future__ import annotations
@@ -733,6 +739,14 @@ def screen_markdown(results: list[dict[str, Any]]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- main
+def _settings(result: dict[str, Any]) -> dict[str, Any]:
+    """``result``'s settings, ``grad_clip`` 0 filled in for JSONs written before ``--grad-clip`` existed (they
+    ran unclipped), so they still merge and resume with unclipped runs and never with clipped ones."""
+    settings = result["config"]["settings"]
+    settings["lm"].setdefault("grad_clip", 0.0)
+    return settings
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["run", "report", "screen"], default="run")
@@ -754,6 +768,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=LMConfig.lr)
     parser.add_argument("--val-windows", type=int, default=512)
+    parser.add_argument(
+        "--grad-clip",
+        type=float,
+        default=0.0,
+        help="clip the global gradient norm of the model's weights to this before each optimizer step, in every "
+        "run (search, pipelines a and b, uniform, full, Torch-Pruning; DMS's architecture ratios are left out: "
+        "LMConfig.grad_clip); 0 = off",
+    )
     parser.add_argument(
         "--no-depth",
         action="store_true",
@@ -810,7 +832,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result = other
                 result["config"]["merged"] = [path.name]
                 continue
-            if other["config"]["settings"] != result["config"]["settings"]:
+            if _settings(other) != _settings(result):
                 raise ValueError(f"{path} was run with other settings than {args.out}")
             keys = {(r["target"], r["variant"], r["seed"]) for r in other["runs"]}
             result["runs"] = [r for r in result["runs"] if (r["target"], r["variant"], r["seed"]) not in keys]
@@ -830,6 +852,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps=args.budget_steps or args.steps,
         lr=args.lr,
         val_windows=args.val_windows,
+        grad_clip=args.grad_clip,
     )
     _, _, corpus = stdlib_corpus(config.corpus)
     settings = {
@@ -847,7 +870,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"runs": []}
     if args.resume and args.out.exists():
         old = json.loads(args.out.read_text())
-        if old["config"]["settings"] == settings:
+        if _settings(old) == settings:
             result = old
     result["config"] = {
         "settings": settings,
