@@ -704,9 +704,41 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "## Runs that failed", ""]
         for r in errors:
             lines.append(f"- {r['target']} {r['variant']} seed {r['seed']}: {r['error']}")
+    if result.get("baseline"):
+        lines += baseline_markdown(result)
     if result.get("notes"):
         lines += ["", "## Notes", "", *result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def baseline_markdown(result: dict[str, Any]) -> list[str]:
+    """The runs of ``result`` next to the same (target, variant, seed) runs of ``result["baseline"]`` (another
+    JSON, e.g. the same recipe without ``--grad-clip``): what one setting changed, run by run."""
+    base = result["baseline"]
+    theirs = {(r["target"], r["variant"], r["seed"]): r for r in base["runs"] if "val_loss" in r}
+    lines = [
+        "",
+        f"## Against `{base['file']}` (same target, variant and seed; its settings differ in {base['differs']})",
+        "",
+        "| target | variant | seed | val loss | baseline val loss | difference | accuracy % | baseline accuracy % "
+        "| difference (points) | blocks, heads, MLP | baseline blocks, heads, MLP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def shape(r: dict[str, Any]) -> str:
+        a = r["architecture"]
+        return f"{a['layers']}, {a['heads']}, {a['inner']}" + ("" if a["dim"] == 64 else f" (width {a['dim']})")
+
+    for r in sorted(result["runs"], key=lambda r: (-r["target"], r["variant"], r["seed"])):
+        b = theirs.get((r["target"], r["variant"], r["seed"]))
+        if b is None or "val_loss" not in r:
+            continue
+        lines.append(
+            f"| {r['target']} | {r['variant']} | {r['seed']} | {r['val_loss']:.4f} | {b['val_loss']:.4f} "
+            f"| {r['val_loss'] - b['val_loss']:+.4f} | {r['val_acc']:.2f} | {b['val_acc']:.2f} "
+            f"| {r['val_acc'] - b['val_acc']:+.2f} | {shape(r)} | {shape(b)} |"
+        )
+    return lines
 
 
 def screen_markdown(results: list[dict[str, Any]]) -> str:
@@ -810,6 +842,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "schedule of this many steps)",
     )
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="report: add the runs of these JSONs")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="report: also tabulate each run next to the same (target, variant, seed) run of this JSON",
+    )
     parser.add_argument("--resume", action="store_true", help="skip runs already in --out with this configuration")
     parser.add_argument("--out", type=Path, default=RESULTS / "dms_lm.json")
     args = parser.parse_args(argv)
@@ -839,6 +877,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["runs"] += other["runs"]
             result["config"].setdefault("merged", []).append(path.name)
         result["summary"] = summarise(result["runs"])
+        if args.baseline:
+            base = json.loads(args.baseline.read_text())
+            ours, theirs = _settings(result), _settings(base)
+            differs = {
+                k: [theirs.get(k), ours.get(k)] for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)
+            }
+            differs.update(
+                {f"lm.{k}": [theirs["lm"].get(k), v] for k, v in ours["lm"].items() if theirs["lm"].get(k) != v}
+            )
+            differs.pop("lm", None)
+            result["baseline"] = {
+                "file": args.baseline.name,
+                "differs": json.dumps(differs),
+                "runs": [
+                    {k: r.get(k) for k in ("target", "variant", "seed", "val_loss", "val_acc", "architecture")}
+                    for r in base["runs"]
+                ],
+            }
         args.out.write_text(json.dumps(result, indent=2))
         args.out.with_suffix(".md").write_text(markdown(result))
         print(markdown(result))

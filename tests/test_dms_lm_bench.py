@@ -102,3 +102,7 @@ def test_runs_without_the_flag_are_unclipped_and_merge_with_older_unclipped_json
     (tmp_path / "clipped.json").write_text(json.dumps(clipped))
     with pytest.raises(ValueError, match="other settings"):
         bench.main(["--part", "report", "--out", str(out), "--merge", str(tmp_path / "clipped.json")])
+    compared = bench.main(["--part", "report", "--out", str(out), "--baseline", str(tmp_path / "clipped.json")])
+    text = out.with_suffix(".md").read_text()
+    assert '{"lm.grad_clip": [1.0, 0.0]}' in compared["baseline"]["differs"] and "lm.grad_clip" in text
+    assert "| 1.0 | full | 0 |" in text and "| +0.0000 |" in text  # the run next to itself: no difference
