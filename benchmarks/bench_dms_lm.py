@@ -57,7 +57,15 @@ subtracted and pipeline a trains what is left; the uniform model trains all of i
 to ``C`` before each optimizer step in every run (search, pipelines a and b, uniform, full, Torch-Pruning) through
 ``LMConfig.grad_clip`` (:class:`~benchmarks.tasks.ByteLM`; DMS's architecture-ratio param group is left out);
 it is recorded in the settings (``settings.lm.grad_clip``; older JSONs, without it, count as 0 when merged or
-resumed): ``dms_lm_clip*.json``.
+resumed). The cheap search with ``--grad-clip 1.0`` (``dms_lm_clip.md``, protocol ``dms_lm_clip_protocol.md``;
+one process per seed and variant, merged with ``--part report --merge``)::
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_dms_lm.py --seeds 20 --variants dms --targets 0.5 \
+        --no-pipeline-b --search-epochs 1 --epoch-steps 200 --budget-steps 1200 --search-batch-size 8 \
+        --search-context 32 --grad-clip 1.0 --out benchmarks/results/dms_lm_clip_dms_s20.json
+
+``--part report --baseline OLD.json`` also tabulates each run beside the same (target, variant, seed) run of
+``OLD.json`` and names the settings that differ (``dms_lm_clip_diag.md``: clipped against unclipped).
 """
 
 from __future__ import annotations
