@@ -52,6 +52,20 @@ subtracted and pipeline a trains what is left; the uniform model trains all of i
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_dms_lm.py --seeds 3 4 5 --variants dms uniform \
         --no-pipeline-b --search-epochs 1 --epoch-steps 200 --budget-steps 1200 \
         --search-batch-size 8 --search-context 32 --out benchmarks/results/dms_lm_cheap_search.json
+
+``--grad-clip C`` (default 0: off, as every run before it) clips the global gradient norm of the model's weights
+to ``C`` before each optimizer step in every run (search, pipelines a and b, uniform, full, Torch-Pruning) through
+``LMConfig.grad_clip`` (:class:`~benchmarks.tasks.ByteLM`; DMS's architecture-ratio param group is left out);
+it is recorded in the settings (``settings.lm.grad_clip``; older JSONs, without it, count as 0 when merged or
+resumed). The cheap search with ``--grad-clip 1.0`` (``dms_lm_clip.md``, protocol ``dms_lm_clip_protocol.md``;
+one process per seed and variant, merged with ``--part report --merge``)::
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_dms_lm.py --seeds 20 --variants dms --targets 0.5 \
+        --no-pipeline-b --search-epochs 1 --epoch-steps 200 --budget-steps 1200 --search-batch-size 8 \
+        --search-context 32 --grad-clip 1.0 --out benchmarks/results/dms_lm_clip_dms_s20.json
+
+``--part report --baseline OLD.json`` also tabulates each run beside the same (target, variant, seed) run of
+``OLD.json`` and names the settings that differ (``dms_lm_clip_diag.md``: clipped against unclipped).
 """
 
 from __future__ import annotations
@@ -698,9 +712,41 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "## Runs that failed", ""]
         for r in errors:
             lines.append(f"- {r['target']} {r['variant']} seed {r['seed']}: {r['error']}")
+    if result.get("baseline"):
+        lines += baseline_markdown(result)
     if result.get("notes"):
         lines += ["", "## Notes", "", *result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def baseline_markdown(result: dict[str, Any]) -> list[str]:
+    """The runs of ``result`` next to the same (target, variant, seed) runs of ``result["baseline"]`` (another
+    JSON, e.g. the same recipe without ``--grad-clip``): what one setting changed, run by run."""
+    base = result["baseline"]
+    theirs = {(r["target"], r["variant"], r["seed"]): r for r in base["runs"] if "val_loss" in r}
+    lines = [
+        "",
+        f"## Against `{base['file']}` (same target, variant and seed; its settings differ in {base['differs']})",
+        "",
+        "| target | variant | seed | val loss | baseline val loss | difference | accuracy % | baseline accuracy % "
+        "| difference (points) | blocks, heads, MLP | baseline blocks, heads, MLP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def shape(r: dict[str, Any]) -> str:
+        a = r["architecture"]
+        return f"{a['layers']}, {a['heads']}, {a['inner']}" + ("" if a["dim"] == 64 else f" (width {a['dim']})")
+
+    for r in sorted(result["runs"], key=lambda r: (-r["target"], r["variant"], r["seed"])):
+        b = theirs.get((r["target"], r["variant"], r["seed"]))
+        if b is None or "val_loss" not in r:
+            continue
+        lines.append(
+            f"| {r['target']} | {r['variant']} | {r['seed']} | {r['val_loss']:.4f} | {b['val_loss']:.4f} "
+            f"| {r['val_loss'] - b['val_loss']:+.4f} | {r['val_acc']:.2f} | {b['val_acc']:.2f} "
+            f"| {r['val_acc'] - b['val_acc']:+.2f} | {shape(r)} | {shape(b)} |"
+        )
+    return lines
 
 
 def screen_markdown(results: list[dict[str, Any]]) -> str:
@@ -733,6 +779,14 @@ def screen_markdown(results: list[dict[str, Any]]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- main
+def _settings(result: dict[str, Any]) -> dict[str, Any]:
+    """``result``'s settings, ``grad_clip`` 0 filled in for JSONs written before ``--grad-clip`` existed (they
+    ran unclipped), so they still merge and resume with unclipped runs and never with clipped ones."""
+    settings = result["config"]["settings"]
+    settings["lm"].setdefault("grad_clip", 0.0)
+    return settings
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["run", "report", "screen"], default="run")
@@ -754,6 +808,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=LMConfig.lr)
     parser.add_argument("--val-windows", type=int, default=512)
+    parser.add_argument(
+        "--grad-clip",
+        type=float,
+        default=0.0,
+        help="clip the global gradient norm of the model's weights to this before each optimizer step, in every "
+        "run (search, pipelines a and b, uniform, full, Torch-Pruning; DMS's architecture ratios are left out: "
+        "LMConfig.grad_clip); 0 = off",
+    )
     parser.add_argument(
         "--no-depth",
         action="store_true",
@@ -788,6 +850,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "schedule of this many steps)",
     )
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="report: add the runs of these JSONs")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="report: also tabulate each run next to the same (target, variant, seed) run of this JSON",
+    )
     parser.add_argument("--resume", action="store_true", help="skip runs already in --out with this configuration")
     parser.add_argument("--out", type=Path, default=RESULTS / "dms_lm.json")
     args = parser.parse_args(argv)
@@ -810,13 +878,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result = other
                 result["config"]["merged"] = [path.name]
                 continue
-            if other["config"]["settings"] != result["config"]["settings"]:
+            if _settings(other) != _settings(result):
                 raise ValueError(f"{path} was run with other settings than {args.out}")
             keys = {(r["target"], r["variant"], r["seed"]) for r in other["runs"]}
             result["runs"] = [r for r in result["runs"] if (r["target"], r["variant"], r["seed"]) not in keys]
             result["runs"] += other["runs"]
             result["config"].setdefault("merged", []).append(path.name)
         result["summary"] = summarise(result["runs"])
+        if args.baseline:
+            base = json.loads(args.baseline.read_text())
+            ours, theirs = _settings(result), _settings(base)
+            differs = {
+                k: [theirs.get(k), ours.get(k)] for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)
+            }
+            differs.update(
+                {f"lm.{k}": [theirs["lm"].get(k), v] for k, v in ours["lm"].items() if theirs["lm"].get(k) != v}
+            )
+            differs.pop("lm", None)
+            result["baseline"] = {
+                "file": args.baseline.name,
+                "differs": json.dumps(differs),
+                "runs": [
+                    {k: r.get(k) for k in ("target", "variant", "seed", "val_loss", "val_acc", "architecture")}
+                    for r in base["runs"]
+                ],
+            }
         args.out.write_text(json.dumps(result, indent=2))
         args.out.with_suffix(".md").write_text(markdown(result))
         print(markdown(result))
@@ -830,6 +916,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps=args.budget_steps or args.steps,
         lr=args.lr,
         val_windows=args.val_windows,
+        grad_clip=args.grad_clip,
     )
     _, _, corpus = stdlib_corpus(config.corpus)
     settings = {
@@ -847,7 +934,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"runs": []}
     if args.resume and args.out.exists():
         old = json.loads(args.out.read_text())
-        if old["config"]["settings"] == settings:
+        if _settings(old) == settings:
             result = old
     result["config"] = {
         "settings": settings,
