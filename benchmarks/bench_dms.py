@@ -1011,12 +1011,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--val-extra", type=int, default=0, help="main/levers: validation signals added from a second MNIST-1D draw"
     )
     parser.add_argument("--val-last-only", action="store_true", help="main/levers: validate after the last epoch only")
+    parser.add_argument(
+        "--train-draws",
+        type=int,
+        nargs="*",
+        default=[],
+        help="main/levers: more MNIST-1D draws (generator seeds, e.g. 44 45 46) added to the training set",
+    )
     parser.add_argument("--merge", type=Path, nargs="+", default=[], help="report: fold these JSONs' main runs in")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "dms.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     mnist1d_tensors()
-    VALIDATION.update(extra=args.val_extra, last_only=args.val_last_only)
+    VALIDATION.update(extra=args.val_extra, last_only=args.val_last_only, train_draws=tuple(args.train_draws))
     if args.part == "step-cost-one":  # a plain fit and a DMS search in lockstep, in this process
         print(json.dumps(step_cost_pair(args.epochs, args.batches, SUPERNETS[args.supernet], args.profile)))
         return {}
