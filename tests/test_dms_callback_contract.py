@@ -506,18 +506,19 @@ class Recording(pl.LightningModule):
 
 
 def tiny_bert() -> nn.Module:
-    from transformers import BertConfig, BertForMaskedLM
+    """A DistilBERT: DMS gates BERT and RoBERTa encoders (tests/test_dms_bert.py), not DistilBERT's layers."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    return BertForMaskedLM(config)
+    config = DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+    return DistilBertForMaskedLM(config)
 
 
 @pytest.mark.parametrize("case", ["hf_bert", "tuple_block"])
 def test_a_model_the_core_refuses_is_refused_before_any_gate_is_attached(case):
     from lightning_depthgrow.adapters.registry import register_block, unregister_block
 
-    if case == "hf_bert":  # DMS gates GPT-2 and Llama-style decoders (tests/test_dms_hf.py), not BERT
+    if case == "hf_bert":  # a transformers model DMS does not gate (DistilBERT)
         net, example = tiny_bert(), torch.randint(0, 64, (2, 16))
         data = TensorDataset(torch.randint(0, 64, (8, 16)))
         match, way_out = "Hugging Face transformers", "scale the Hugging Face config by hand"

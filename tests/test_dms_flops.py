@@ -106,7 +106,7 @@ def test_eva_heads_are_refused_with_a_message_and_nothing_attached():
     assert find_gates(model) is None
 
 
-def test_counts_cover_hf_gpt2_conv1d_and_llama_and_dms_refuses_bert():
+def test_counts_cover_hf_gpt2_conv1d_and_llama_and_dms_refuses_distilbert():
     transformers = pytest.importorskip("transformers")
     ids = {"input_ids": torch.randint(0, 64, (2, 16))}
     gpt2 = transformers.GPT2LMHeadModel(
@@ -126,16 +126,16 @@ def test_counts_cover_hf_gpt2_conv1d_and_llama_and_dms_refuses_bert():
         res = ResourceModel.build(model, ids)  # no gates: the whole model is one constant term
         assert res.full_flops == count_flops(model, ids).total  # GPT-2's Conv1D counted (was 7% before)
         assert res.full_params == count_parameters(model)  # tied embeddings once
-    # DMS on GPT-2 and Llama: tests/test_dms_hf.py. Other transformers models are refused, nothing attached.
-    bert = transformers.BertModel(
-        transformers.BertConfig(
-            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=64
-        )
+    # DMS on GPT-2 and Llama: tests/test_dms_hf.py; BERT/RoBERTa: tests/test_dms_bert.py. Other transformers models
+    # are refused, nothing attached.
+    distilbert = transformers.DistilBertModel(
+        transformers.DistilBertConfig(dim=16, n_layers=2, n_heads=2, hidden_dim=32, vocab_size=64)
     )
-    for flags in ({}, {"width": False, "heads": False}):
-        with pytest.raises(UnsupportedModelError, match=r"Hugging Face.*Bert(Model|Layer).*GPT-2"):
-            attach_gates(bert, **flags)
-        assert find_gates(bert) is None
+    with pytest.raises(UnsupportedModelError, match=r"Hugging Face.*DistilBertModel.*GPT-2"):
+        attach_gates(distilbert)
+    with pytest.raises(UnsupportedModelError, match=r"nothing to gate in DistilBertModel"):
+        attach_gates(distilbert, width=False, heads=False)  # its layers are no known block stack
+    assert find_gates(distilbert) is None
 
 
 class Wrapper(nn.Module):

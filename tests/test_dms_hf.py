@@ -7,7 +7,7 @@ exported model's logits equal the masked supernet's at export time, every layer 
 ``layer_idx`` follow the layer list, cached and uncached greedy generation agree, and ``load_grown`` rebuilds the
 exported model from the checkpoint. Without a Trainer: heads (kv-head groups), MLP units and layers sliced on five
 families give the masked supernet's logits exactly and the count FlopCounterMode gives; a config out of step is
-refused before export touches anything; BERT is refused with a message (HF ViT's heads too).
+refused before export touches anything; DistilBERT is refused with a message (HF ViT's heads too).
 """
 
 from __future__ import annotations
@@ -427,21 +427,20 @@ def test_export_refuses_a_config_out_of_step_before_touching_the_model():
 
 
 def test_other_hf_models_are_refused_with_a_message_and_nothing_attached():
-    bert = transformers.BertForMaskedLM(
-        transformers.BertConfig(
-            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=VOCAB
-        )
+    # BERT and RoBERTa encoders are gated (tests/test_dms_bert.py); DistilBERT's layers are not
+    distilbert = transformers.DistilBertForMaskedLM(
+        transformers.DistilBertConfig(dim=16, n_layers=2, n_heads=2, hidden_dim=32, vocab_size=VOCAB)
     )
     vit = transformers.ViTModel(
         transformers.ViTConfig(
             hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4
         )
     )
-    with pytest.raises(UnsupportedModelError, match=r"Hugging Face.*BertForMaskedLM.*GPT-2.*Llama"):
-        attach_gates(bert)
-    with pytest.raises(UnsupportedModelError, match=r"Hugging Face.*Layer in a stack"):
-        attach_gates(bert, width=False, heads=False)  # depth only: the layers are refused too
-    assert find_gates(bert) is None
+    with pytest.raises(UnsupportedModelError, match=r"Hugging Face.*DistilBertForMaskedLM.*GPT-2.*Llama.*BERT"):
+        attach_gates(distilbert)
+    with pytest.raises(UnsupportedModelError, match=r"nothing to gate in DistilBertForMaskedLM"):
+        attach_gates(distilbert, width=False, heads=False)  # depth only: its layers are no known block stack
+    assert find_gates(distilbert) is None
     # HF ViT is gated (tests/test_dms_embed_families.py) except for its heads, refused with what to do
     with pytest.raises(UnsupportedModelError, match=r"heads=False"):
         attach_gates(vit)

@@ -6,7 +6,8 @@
 
 - :mod:`.hf_decoders`: Hugging Face GPT-2 blocks and Llama/Mistral/Qwen2/Qwen3 decoder layers (MLP hidden
   units, heads or key/value-head groups); :mod:`.hf_vit`: Hugging Face ViT (embedding width with ``embed=True``, MLP
-  hidden units, depth); :mod:`.transformers_hf` refuses other transformers models.
+  hidden units, depth); :mod:`.hf_encoders`: Hugging Face BERT and RoBERTa encoders (MLP hidden units, heads,
+  depth); :mod:`.transformers_hf` refuses other transformers models.
 
 Any other stack of registered blocks gets generic depth gates.
 """
@@ -25,10 +26,20 @@ def register_builtin_families(registry: list[DMSFamily]) -> None:
     """Append the built-in families to ``registry`` (after any user registration); skip absent libraries."""
     registry.extend([TorchvisionResNetFamily(), TorchvisionViTFamily(), TorchvisionViTEmbedFamily()])
     from .hf_decoders import HFDecoderFamily, HFGPT2Family
+    from .hf_encoders import HFEncoderFamily
     from .hf_vit import HFViTEmbedFamily, HFViTFamily
     from .transformers_hf import TransformersRefusal
 
-    registry.extend([HFGPT2Family(), HFDecoderFamily(), HFViTFamily(), HFViTEmbedFamily(), TransformersRefusal()])
+    registry.extend(
+        [
+            HFGPT2Family(),
+            HFDecoderFamily(),
+            HFEncoderFamily(),
+            HFViTFamily(),
+            HFViTEmbedFamily(),
+            TransformersRefusal(),
+        ]
+    )
     try:
         from .timm_resnet import TimmResNetFamily
         from .timm_vit import TimmViTEmbedFamily, TimmViTFamily
