@@ -597,8 +597,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config = replace(
             config, corpus=replace(config.corpus, train_bytes=args.train_bytes, val_bytes=args.train_bytes // 10)
         )
+    # grad_clip (off here) is left out so files written before LMConfig had it still --reuse
     setup = {
-        "lm": asdict(config),
+        "lm": {k: v for k, v in asdict(config).items() if not (k == "grad_clip" and not v)},
         "step_budget": args.step_budget,
         "final_budget": args.final_budget,
         "scale_by_lr": True,
