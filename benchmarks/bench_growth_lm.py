@@ -508,6 +508,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--grown-lr", type=float, default=None, help="the grown variants' own peak learning rate (default: --lr)"
     )
+    parser.add_argument(
+        "--grad-clip",
+        type=float,
+        default=0.0,
+        help="clip the global gradient norm of every variant's weights to this before each optimizer step "
+        "(LMConfig.grad_clip; default 0: no clipping)",
+    )
     parser.add_argument("--reuse", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")
@@ -516,8 +523,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--grown-steps must be a positive number of steps, not {args.grown_steps}")
     if args.grown_lr is not None and not args.grown_lr > 0:
         parser.error(f"--grown-lr must be a positive learning rate, not {args.grown_lr}")
+    if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
+        parser.error(f"--grad-clip must be a finite norm >= 0 (0: no clipping), not {args.grad_clip}")
     torch.set_num_threads(1)
-    config = LMConfig(steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps)
+    config = LMConfig(
+        steps=args.steps,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip,
+    )
     final_depth = args.start_depth * args.factor
     final = f"fixed_{final_depth}"
     middle = f"fixed_{(args.start_depth + final_depth) // 2}"
@@ -532,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         middle,
     ]
     setup = {
-        "lm": asdict(config),
+        "lm": lm_setup(config),
         "start_depth": args.start_depth,
         "factor": args.factor,
         "grow_at": args.grow_at,
@@ -603,6 +618,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.with_suffix(".md").write_text(markdown_table(summary, reference, start))
     print(f"wrote {args.out}")
     return record
+
+
+def lm_setup(config: LMConfig) -> dict[str, Any]:
+    """``config`` as recorded in ``setup["lm"]``: every field, but ``grad_clip`` only when clipping is on (files made
+    before the option, all unclipped, stay comparable; a clipped file never merges with an unclipped one)."""
+    lm = asdict(config)
+    if not config.grad_clip:
+        del lm["grad_clip"]
+    return lm
 
 
 def _schedule_control_depth(name: str, args: argparse.Namespace) -> int | None:
