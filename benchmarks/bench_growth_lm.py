@@ -39,8 +39,10 @@ their cosine at the growth step (a ``W``-step linear re-warm to the peak, then a
 both only for the variants growing at ``--grow-at`` (:class:`GrowthAwareLR`) and recorded in ``setup["growth_lr"]``.
 ``--lr``, ``--min-lr-ratio`` and ``--warmup-steps`` set the base schedule of every variant (the
 :class:`~benchmarks.tasks.LMConfig` fields, defaults unchanged; recorded in ``setup["lm"]``, so ``--reuse`` and
-``--merge`` refuse files made with another schedule). ``--reference NAME`` compares every run with another variant
-than the fixed final-size model (e.g. the schedule control). ``--driver events`` grows the G_stack variants with
+``--merge`` refuse files made with another schedule). ``--grad-clip C`` clips the global gradient norm of every
+variant's weights to ``C`` before each optimizer step (``LMConfig.grad_clip``; default 0, off; recorded in
+``setup["lm"]`` only when on, so files made before the option stay comparable and a clipped file never merges with
+an unclipped one). ``--reference NAME`` compares every run with another variant than the fixed final-size model (e.g. the schedule control). ``--driver events`` grows the G_stack variants with
 :class:`ScheduledGrowth` too (the reference the library callback is checked against: same events, same steps).
 Writes ``benchmarks/results/growth_lm.json``. ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
 variants already in FILE (another invocation with the identical configuration: training is deterministic on one
