@@ -32,24 +32,24 @@ per block of the final model its residual-update ratio and the loss increase whe
 
     OMP_NUM_THREADS=1 python benchmarks/bench_growth_lm.py --seeds 0 1 2
 
-``--optimizer-state copy`` starts every copied block with its source block's optimizer state (Adam moments,
-``step``; ``DepthGrowth(optimizer_state="copy")``) instead of fresh state. ``--small-lr-mult K`` multiplies the
-learning rate of the grown runs' small phase (the steps before growth) by ``K``; ``--lr-restart-warmup W`` restarts
-their cosine at the growth step (a ``W``-step linear re-warm to the peak, then a cosine to the floor at the end);
-both only for the variants growing at ``--grow-at`` (:class:`GrowthAwareLR`) and recorded in ``setup["growth_lr"]``.
-``--lr``, ``--min-lr-ratio`` and ``--warmup-steps`` set the base schedule of every variant (the
-:class:`~benchmarks.tasks.LMConfig` fields, defaults unchanged; recorded in ``setup["lm"]``, so ``--reuse`` and
-``--merge`` refuse files made with another schedule). ``--grad-clip C`` clips the global gradient norm of every
-variant's weights to ``C`` before each optimizer step (``LMConfig.grad_clip``; default 0, off; recorded in
-``setup["lm"]`` only when on, so files made before the option stay comparable and a clipped file never merges with
-an unclipped one). ``--reference NAME`` compares every run with another variant than the fixed final-size model (e.g. the schedule control). ``--driver events`` grows the G_stack variants with
-:class:`ScheduledGrowth` too (the reference the library callback is checked against: same events, same steps).
-Writes ``benchmarks/results/growth_lm.json``. ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
-variants already in FILE (another invocation with the identical configuration: training is deterministic on one
-CPU thread) instead of training them again, and ``--merge FILE...`` combines result files of one configuration.
-The fixed-size runs (``fixed_<d>``) read no growth setting, so they are also taken from files made with other
-growth settings (``--grow-at``, ``--ramp-steps``, ...; same ``lm`` config); a seed already taken is not taken
-twice, and a second copy that differs from the first is an error.
+``--optimizer-state copy`` starts every copied block with its source block's optimizer state (Adam moments, ``step``;
+``DepthGrowth(optimizer_state="copy")``) instead of fresh state. ``--small-lr-mult K`` multiplies the learning rate of
+the grown runs' small phase (the steps before growth) by ``K``; ``--lr-restart-warmup W`` restarts their cosine at the
+growth step (a ``W``-step linear re-warm to the peak, then a cosine to the floor at the end); both only for the variants
+growing at ``--grow-at`` (:class:`GrowthAwareLR`) and recorded in ``setup["growth_lr"]``. ``--lr``, ``--min-lr-ratio``
+and ``--warmup-steps`` set the base schedule of every variant (the :class:`~benchmarks.tasks.LMConfig` fields, defaults
+unchanged; recorded in ``setup["lm"]``, so ``--reuse`` and ``--merge`` refuse files made with another schedule).
+``--grad-clip C`` clips the global gradient norm of every variant's weights to ``C`` before each optimizer step
+(``LMConfig.grad_clip``; default 0, off; recorded in ``setup["lm"]`` only when on, so files made before the option stay
+comparable and a clipped file never merges with an unclipped one). ``--reference NAME`` compares every run with another
+variant than the fixed final-size model (e.g. the schedule control). ``--driver events`` grows the G_stack variants with
+:class:`ScheduledGrowth` too (the reference the library callback is checked against: same events, same steps). Writes
+``benchmarks/results/growth_lm.json``. ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of variants already
+in FILE (another invocation with the identical configuration: training is deterministic on one CPU thread) instead of
+training them again, and ``--merge FILE...`` combines result files of one configuration. The fixed-size runs
+(``fixed_<d>``) read no growth setting, so they are also taken from files made with other growth settings
+(``--grow-at``, ``--ramp-steps``, ...; same ``lm`` config); a seed already taken is not taken twice, and a second copy
+that differs from the first is an error.
 
 ``--grown-steps T`` gives the grown variants (every variant in :data:`GROWN`) their own schedule length: each
 trains ``T`` steps (the first ``T`` batches of the same data order: the windows are drawn in one sequence per seed),
