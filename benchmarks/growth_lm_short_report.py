@@ -53,12 +53,19 @@ CLIP_SETTINGS = [
     ("confirmation (fresh seeds 24-26)", "own schedule, T = 1300", "growth_lm_1500_clip_confirm_T1300_s*.json"),
 ]
 #: The clipped references (one file per seed) and the stored unclipped ones (seeds 12-23, same configuration).
-CLIP_REFERENCES = "growth_lm_1500_clip_*ref_s*.json"
+CLIP_REFERENCES = ["growth_lm_1500_clip_*ref_s*.json"]
 UNCLIPPED_REFERENCES = [
     "growth_lm_1500_tuned_r30.json",
     "growth_lm_1500_tuned_replicate.json",
     "growth_lm_1500_short_confirm.json",
     "growth_lm_1500_short_replicate.json",
+]
+#: The clipped same-length grown runs and the stored unclipped ones (seeds 12-20, same configuration).
+CLIP_GROWN = ["growth_lm_1500_clip_choice_s*.json", "growth_lm_1500_clip_confirm_s*.json"]
+UNCLIPPED_GROWN = [
+    "growth_lm_1500_tuned_r30.json",
+    "growth_lm_1500_tuned_replicate.json",
+    "growth_lm_1500_short_confirm_T1500.json",
 ]
 STALL_STEP = 100
 
@@ -100,12 +107,16 @@ def load(pattern: str) -> dict[str, Any] | None:
                     raise ValueError(f"{path}: {name} seed {run['seed']} differs from the run already read")
     if not runs:
         return None
-    return {"runs": {name: [by_seed[s] for s in sorted(by_seed)] for name, by_seed in runs.items()}}
+    return {"runs": {name: [seeds[s] for s in sorted(seeds)] for name, seeds in runs.items()}}
 
 
-def references(record: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
-    """The reference's runs by seed."""
-    return {} if record is None else {r["seed"]: r for r in record["runs"].get(REFERENCE, [])}
+def by_seed(patterns: list[str], variant: str = REFERENCE) -> dict[int, dict[str, Any]]:
+    """``variant``'s runs by seed in the result files matching ``patterns``."""
+    runs: dict[int, dict[str, Any]] = {}
+    for pattern in patterns:
+        record = load(pattern)
+        runs.update({} if record is None else {r["seed"]: r for r in record["runs"].get(variant, [])})
+    return runs
 
 
 def _loss_at(run: dict[str, Any], step: int) -> float:
@@ -118,12 +129,8 @@ def _std_text(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} (n = {len(values)})"
 
 
-def reference_table() -> str:
-    """Per seed the reference's final loss (and its loss at step 100) with and without clipping, and the std."""
-    clipped = references(load(CLIP_REFERENCES))
-    unclipped: dict[int, dict[str, Any]] = {}
-    for name in UNCLIPPED_REFERENCES:
-        unclipped.update(references(load(name)))
+def clip_vs_unclipped_table(clipped: dict[int, dict[str, Any]], unclipped: dict[int, dict[str, Any]]) -> str:
+    """Per seed the final loss (and the loss at step 100) of one variant with and without clipping, and the std."""
     lines = [
         f"| seed | unclipped final loss | clipped final loss | clipped minus unclipped | unclipped loss at step "
         f"{STALL_STEP} | clipped loss at step {STALL_STEP} |",
@@ -142,12 +149,13 @@ def reference_table() -> str:
     both = sorted(set(clipped) & set(unclipped))
     lines += [
         "",
-        "Reference's final loss, mean ± std over seeds (sample std):",
+        "Final loss, mean ± std over seeds (sample std):",
         "",
         f"- unclipped, every stored seed ({', '.join(map(str, sorted(unclipped)))}): "
         f"{_std_text([unclipped[s]['val_loss'] for s in sorted(unclipped)])}",
         f"- unclipped, the seeds also run clipped ({', '.join(map(str, both))}): "
         f"{_std_text([unclipped[s]['val_loss'] for s in both])}",
+        f"- clipped at 1.0, the same seeds: {_std_text([clipped[s]['val_loss'] for s in both])}",
         f"- clipped at 1.0, every seed run ({', '.join(map(str, sorted(clipped)))}): "
         f"{_std_text([clipped[s]['val_loss'] for s in sorted(clipped)])}",
     ]
@@ -203,7 +211,12 @@ def main() -> str:
         "clipping\n\nUnclipped: the stored runs of the same configuration without `--grad-clip` ("
         + ", ".join(f"`{name}`" for name in UNCLIPPED_REFERENCES)
         + f"). The loss at step {STALL_STEP} shows the early stalls (a run that stalls still sits near 3.0-3.2 "
-        "nats/byte there).\n\n" + reference_table()
+        "nats/byte there).\n\n"
+        + clip_vs_unclipped_table(by_seed(CLIP_REFERENCES), by_seed(UNCLIPPED_REFERENCES))
+        + "\n## The grown run (same length, 1,500 steps) with and without clipping\n\nUnclipped: "
+        + ", ".join(f"`{name}`" for name in UNCLIPPED_GROWN)
+        + f". At step {STALL_STEP} it is still the 2-block start model.\n\n"
+        + clip_vs_unclipped_table(by_seed(CLIP_GROWN, GROWN), by_seed(UNCLIPPED_GROWN, GROWN))
     )
     (RESULTS / "growth_lm_1500_clip.md").write_text(clip)
     print(text)
