@@ -32,22 +32,24 @@ per block of the final model its residual-update ratio and the loss increase whe
 
     OMP_NUM_THREADS=1 python benchmarks/bench_growth_lm.py --seeds 0 1 2
 
-``--optimizer-state copy`` starts every copied block with its source block's optimizer state (Adam moments,
-``step``; ``DepthGrowth(optimizer_state="copy")``) instead of fresh state. ``--small-lr-mult K`` multiplies the
-learning rate of the grown runs' small phase (the steps before growth) by ``K``; ``--lr-restart-warmup W`` restarts
-their cosine at the growth step (a ``W``-step linear re-warm to the peak, then a cosine to the floor at the end);
-both only for the variants growing at ``--grow-at`` (:class:`GrowthAwareLR`) and recorded in ``setup["growth_lr"]``.
-``--lr``, ``--min-lr-ratio`` and ``--warmup-steps`` set the base schedule of every variant (the
-:class:`~benchmarks.tasks.LMConfig` fields, defaults unchanged; recorded in ``setup["lm"]``, so ``--reuse`` and
-``--merge`` refuse files made with another schedule). ``--reference NAME`` compares every run with another variant
-than the fixed final-size model (e.g. the schedule control). ``--driver events`` grows the G_stack variants with
-:class:`ScheduledGrowth` too (the reference the library callback is checked against: same events, same steps).
-Writes ``benchmarks/results/growth_lm.json``. ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of
-variants already in FILE (another invocation with the identical configuration: training is deterministic on one
-CPU thread) instead of training them again, and ``--merge FILE...`` combines result files of one configuration.
-The fixed-size runs (``fixed_<d>``) read no growth setting, so they are also taken from files made with other
-growth settings (``--grow-at``, ``--ramp-steps``, ...; same ``lm`` config); a seed already taken is not taken
-twice, and a second copy that differs from the first is an error.
+``--optimizer-state copy`` starts every copied block with its source block's optimizer state (Adam moments, ``step``;
+``DepthGrowth(optimizer_state="copy")``) instead of fresh state. ``--small-lr-mult K`` multiplies the learning rate of
+the grown runs' small phase (the steps before growth) by ``K``; ``--lr-restart-warmup W`` restarts their cosine at the
+growth step (a ``W``-step linear re-warm to the peak, then a cosine to the floor at the end); both only for the variants
+growing at ``--grow-at`` (:class:`GrowthAwareLR`) and recorded in ``setup["growth_lr"]``. ``--lr``, ``--min-lr-ratio``
+and ``--warmup-steps`` set the base schedule of every variant (the :class:`~benchmarks.tasks.LMConfig` fields, defaults
+unchanged; recorded in ``setup["lm"]``, so ``--reuse`` and ``--merge`` refuse files made with another schedule).
+``--grad-clip C`` clips the global gradient norm of every variant's weights to ``C`` before each optimizer step
+(``LMConfig.grad_clip``; default 0, off; recorded in ``setup["lm"]`` only when on, so files made before the option stay
+comparable and a clipped file never merges with an unclipped one). ``--reference NAME`` compares every run with another
+variant than the fixed final-size model (e.g. the schedule control). ``--driver events`` grows the G_stack variants with
+:class:`ScheduledGrowth` too (the reference the library callback is checked against: same events, same steps). Writes
+``benchmarks/results/growth_lm.json``. ``--variants`` runs a subset; ``--reuse FILE`` takes the runs of variants already
+in FILE (another invocation with the identical configuration: training is deterministic on one CPU thread) instead of
+training them again, and ``--merge FILE...`` combines result files of one configuration. The fixed-size runs
+(``fixed_<d>``) read no growth setting, so they are also taken from files made with other growth settings
+(``--grow-at``, ``--ramp-steps``, ...; same ``lm`` config); a seed already taken is not taken twice, and a second copy
+that differs from the first is an error.
 
 ``--grown-steps T`` gives the grown variants (every variant in :data:`GROWN`) their own schedule length: each
 trains ``T`` steps (the first ``T`` batches of the same data order: the windows are drawn in one sequence per seed),
@@ -508,6 +510,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--grown-lr", type=float, default=None, help="the grown variants' own peak learning rate (default: --lr)"
     )
+    parser.add_argument(
+        "--grad-clip",
+        type=float,
+        default=0.0,
+        help="clip the global gradient norm of every variant's weights to this before each optimizer step "
+        "(LMConfig.grad_clip; default 0: no clipping)",
+    )
     parser.add_argument("--reuse", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")
@@ -516,8 +525,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--grown-steps must be a positive number of steps, not {args.grown_steps}")
     if args.grown_lr is not None and not args.grown_lr > 0:
         parser.error(f"--grown-lr must be a positive learning rate, not {args.grown_lr}")
+    if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
+        parser.error(f"--grad-clip must be a finite norm >= 0 (0: no clipping), not {args.grad_clip}")
     torch.set_num_threads(1)
-    config = LMConfig(steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps)
+    config = LMConfig(
+        steps=args.steps,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip,
+    )
     final_depth = args.start_depth * args.factor
     final = f"fixed_{final_depth}"
     middle = f"fixed_{(args.start_depth + final_depth) // 2}"
@@ -532,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         middle,
     ]
     setup = {
-        "lm": asdict(config),
+        "lm": lm_setup(config),
         "start_depth": args.start_depth,
         "factor": args.factor,
         "grow_at": args.grow_at,
@@ -603,6 +620,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.with_suffix(".md").write_text(markdown_table(summary, reference, start))
     print(f"wrote {args.out}")
     return record
+
+
+def lm_setup(config: LMConfig) -> dict[str, Any]:
+    """``config`` as recorded in ``setup["lm"]``: every field, but ``grad_clip`` only when clipping is on (files made
+    before the option, all unclipped, stay comparable; a clipped file never merges with an unclipped one)."""
+    lm = asdict(config)
+    if not config.grad_clip:
+        del lm["grad_clip"]
+    return lm
 
 
 def _schedule_control_depth(name: str, args: argparse.Namespace) -> int | None:
