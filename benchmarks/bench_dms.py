@@ -749,7 +749,12 @@ VARIANTS = ("full", "uniform", "uniform_depth_width", "dms", "torch_pruning")
 
 
 def main_part(
-    seeds: list[int], epochs: int, search_epochs: int, targets: list[float], variants: list[str]
+    seeds: list[int],
+    epochs: int,
+    search_epochs: int,
+    targets: list[float],
+    variants: list[str],
+    dms_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     full_flops = flops(make_vit(**SUPERNET))
     runs: list[dict[str, Any]] = []
@@ -791,7 +796,7 @@ def main_part(
                     }
                 )
             if "dms" in variants:
-                dms = run_dms(seed, epochs, target, full_flops, search_epochs=search_epochs)
+                dms = run_dms(seed, epochs, target, full_flops, search_epochs=search_epochs, **(dms_options or {}))
             for variant in ("dms_b", "dms_a") if "dms" in variants else ():
                 runs.append(
                     {
@@ -1018,6 +1023,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=[],
         help="main/levers: more MNIST-1D draws (generator seeds, e.g. 44 45 46) added to the training set",
     )
+    parser.add_argument(
+        "--dms-options",
+        default="{}",
+        help='main: more DifferentiableModelScaling arguments as JSON, e.g. \'{"embed": true, "depth": false}\'',
+    )
     parser.add_argument("--merge", type=Path, nargs="+", default=[], help="report: fold these JSONs' main runs in")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "dms.json")
     args = parser.parse_args(argv)
@@ -1086,7 +1096,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"step time {o['supernet']}: ratio {o['ratio']:.3f} (target <= 1.15)", flush=True)
     if args.part in ("main", "all"):
         # rows of an earlier invocation stay unless this one reruns their (target, variant, seed)
-        new = main_part(args.seeds, args.epochs, args.search_epochs, args.targets, args.variants)
+        new = main_part(
+            args.seeds, args.epochs, args.search_epochs, args.targets, args.variants, json.loads(args.dms_options)
+        )
         redo = {(r["target"], r["variant"], r["seed"]) for r in new}
         old = [r for r in result.get("main", {}).get("runs", []) if (r["target"], r["variant"], r["seed"]) not in redo]
         runs = sorted(old + new, key=lambda r: (-r["target"], r["variant"], r["seed"]))
