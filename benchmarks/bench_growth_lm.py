@@ -70,7 +70,7 @@ import json
 import math
 import platform
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ from benchmarks.tasks import (
     ByteLM,
     LMConfig,
     block_diagnostics,
+    lm_setup,
     make_gpt,
     mean_std,
     stdlib_corpus,
@@ -620,15 +621,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.with_suffix(".md").write_text(markdown_table(summary, reference, start))
     print(f"wrote {args.out}")
     return record
-
-
-def lm_setup(config: LMConfig) -> dict[str, Any]:
-    """``config`` as recorded in ``setup["lm"]``: every field, but ``grad_clip`` only when clipping is on (files made
-    before the option, all unclipped, stay comparable; a clipped file never merges with an unclipped one)."""
-    lm = asdict(config)
-    if not config.grad_clip:
-        del lm["grad_clip"]
-    return lm
 
 
 def _schedule_control_depth(name: str, args: argparse.Namespace) -> int | None:

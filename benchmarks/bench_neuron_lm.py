@@ -49,7 +49,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.tasks import LMConfig, lm_loss, make_gpt, mean_std, stdlib_corpus, train_lm, val_batch
+from benchmarks.tasks import LMConfig, lm_loss, lm_setup, make_gpt, mean_std, stdlib_corpus, train_lm, val_batch
 from lightning_depthgrow.callbacks.neuron_growth import NeuronGrowth
 from lightning_depthgrow.events import ArchitectureEvent, apply_event, event_log
 
@@ -597,9 +597,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config = replace(
             config, corpus=replace(config.corpus, train_bytes=args.train_bytes, val_bytes=args.train_bytes // 10)
         )
-    # grad_clip (off here) is left out so files written before LMConfig had it still --reuse
     setup = {
-        "lm": {k: v for k, v in asdict(config).items() if not (k == "grad_clip" and not v)},
+        "lm": lm_setup(config),
         "step_budget": args.step_budget,
         "final_budget": args.final_budget,
         "scale_by_lr": True,

@@ -268,6 +268,15 @@ class ByteLM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def lm_setup(config: LMConfig) -> dict[str, Any]:
+    """``config`` as benchmarks record it (``setup["lm"]``): every field, but ``grad_clip`` only when clipping is on
+    (files made before the option, all unclipped, stay comparable; a clipped file never matches an unclipped one)."""
+    lm = asdict(config)
+    if not config.grad_clip:
+        del lm["grad_clip"]
+    return lm
+
+
 def warmup_cosine(config: LMConfig) -> Callable[[int], float]:
     """LR multiplier per step of ``config``'s schedule: linear warm-up to 1, cosine decay to ``min_lr_ratio`` at
     ``config.steps`` (the library's :func:`lightning_depthgrow.growth.schedule.warmup_cosine` with its fields)."""
