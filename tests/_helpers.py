@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_depthgrow import register_block
+from lightning_depthgrow.dms.resource import _set_keep
 from lightning_depthgrow.events import event_log
 from lightning_depthgrow.surgery.ramp import ramped_blocks
 
@@ -267,3 +268,15 @@ class Logits(Callback):
         with torch.no_grad():
             self.seen[trainer.global_step] = pl_module(PROBE).clone()
         pl_module.train(was)
+
+
+def set_keep(gates: Any, keep: dict[str, list[int]]) -> None:
+    """Make DMS ``gates``' hard masks keep exactly ``keep`` (gate name -> kept indices): importance 1 for the kept
+    elements, the ratio that keeps k of n (the export fit's own :func:`~lightning_depthgrow.dms.resource._set_keep`)."""
+    with torch.no_grad():
+        for name, gate in gates.gates.items():
+            importance = torch.arange(gate.n, dtype=torch.float) * 1e-3 / gate.n
+            importance[keep[name]] += 1.0
+            gate.importance.copy_(importance)
+            _set_keep(gate, len(keep[name]))
+    assert gates.keep() == keep

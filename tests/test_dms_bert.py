@@ -41,7 +41,7 @@ from lightning_depthgrow.dms import (
 )
 from lightning_depthgrow.events import event_log
 from lightning_depthgrow.measure import count_flops
-from tests._helpers import quiet_trainer, tensor_hash
+from tests._helpers import quiet_trainer, set_keep, tensor_hash
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -153,19 +153,6 @@ def check_nothing_left(module) -> None:
     pickle.dumps(module)
     copy.deepcopy(module)
     torch.save(module, io.BytesIO())
-
-
-def set_keep(gates, keep) -> None:
-    """Make the gates' hard masks keep exactly ``keep`` (importance 1 for kept elements, ratio for k of n)."""
-    with torch.no_grad():
-        for name, gate in gates.gates.items():
-            importance = torch.arange(gate.n, dtype=torch.float) * 1e-3 / gate.n
-            importance[keep[name]] += 1.0
-            gate.importance.copy_(importance)
-            gate.ratio.fill_((gate.n - len(keep[name]) + 0.25) / gate.n)
-            if gate.frozen:
-                gate.frozen_ratio.fill_(gate.ratio.item())
-    assert gates.keep() == keep
 
 
 class Snapshots(pl.Callback):

@@ -37,7 +37,7 @@ from lightning_depthgrow.dms import (
 )
 from lightning_depthgrow.events import event_log
 from lightning_depthgrow.measure import count_flops, count_parameters
-from tests._helpers import quiet_trainer, tensor_hash
+from tests._helpers import quiet_trainer, set_keep, tensor_hash
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -286,19 +286,6 @@ class Snapshot(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.epoch:
             self.store[self.key] = copy.deepcopy(pl_module, {id(trainer): trainer})
-
-
-def set_keep(gates, keep) -> None:
-    """Make the gates' hard masks keep exactly ``keep``."""
-    with torch.no_grad():
-        for name, gate in gates.gates.items():
-            importance = torch.arange(gate.n, dtype=torch.float) * 1e-3 / gate.n
-            importance[keep[name]] += 1.0
-            gate.importance.copy_(importance)
-            gate.ratio.fill_((gate.n - len(keep[name]) + 0.25) / gate.n)
-            if gate.frozen:
-                gate.frozen_ratio.fill_(gate.ratio.item())
-    assert gates.keep() == keep
 
 
 def fit(module: nn.Module, dms: DifferentiableModelScaling, search_epochs: int = 2) -> dict:

@@ -25,7 +25,7 @@ from lightning_depthgrow.callbacks.dms import DifferentiableModelScaling
 from lightning_depthgrow.dms import attach_gates, build_architecture, export_architecture, export_model, find_gates
 from lightning_depthgrow.events import event_log
 from lightning_depthgrow.surgery import remove_block
-from tests._helpers import quiet_trainer, tensor_hash
+from tests._helpers import quiet_trainer, set_keep, tensor_hash
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -61,17 +61,6 @@ def logits(net, ids):
     net.eval()
     with torch.no_grad():
         return net(input_ids=ids).logits
-
-
-def set_keep(gates, keep) -> None:
-    """Make the gates' hard masks keep exactly ``keep``."""
-    with torch.no_grad():
-        for name, gate in gates.gates.items():
-            importance = torch.arange(gate.n, dtype=torch.float) * 1e-3 / gate.n
-            importance[keep[name]] += 1.0
-            gate.importance.copy_(importance)
-            gate.ratio.fill_((gate.n - len(keep[name]) + 0.25) / gate.n)
-    assert gates.keep() == keep
 
 
 def reloaded(net, path):

@@ -29,7 +29,7 @@ from lightning_depthgrow.callbacks.dms import DifferentiableModelScaling
 from lightning_depthgrow.dms import ResourceModel, attach_gates, export_model, find_gates, remove_gates
 from lightning_depthgrow.events import event_log
 from lightning_depthgrow.measure import count_flops
-from tests._helpers import quiet_trainer, tensor_hash
+from tests._helpers import quiet_trainer, set_keep, tensor_hash
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -148,19 +148,6 @@ def check_generation(net) -> None:
     mask[0, :2] = 0
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(net.generate(ids, use_cache=True, **kwargs), net.generate(ids, use_cache=False, **kwargs))
-
-
-def set_keep(gates, keep) -> None:
-    """Make the gates' hard masks keep exactly ``keep`` (importance 1 for kept elements, ratio for k of n)."""
-    with torch.no_grad():
-        for name, gate in gates.gates.items():
-            importance = torch.arange(gate.n, dtype=torch.float) * 1e-3 / gate.n
-            importance[keep[name]] += 1.0
-            gate.importance.copy_(importance)
-            gate.ratio.fill_((gate.n - len(keep[name]) + 0.25) / gate.n)
-            if gate.frozen:
-                gate.frozen_ratio.fill_(gate.ratio.item())
-    assert gates.keep() == keep
 
 
 # ------------------------------------------------------------------------------------ inside Trainer.fit
