@@ -22,7 +22,6 @@ Writes ``benchmarks/results/dms_vit_noise.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_dms
 from benchmarks.bench_dms import SUPERNET, BenchData, Classifier, flops, make_vit
+from benchmarks.bench_dms_vit_embed import paired
 from benchmarks.bench_dms_vit_headroom import build, solve_shape
 from examples.common import quiet_trainer
 
@@ -82,16 +82,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for a in archs:
             v = [x for (b, _), x in acc.items() if b == a]
             arms[a] = {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-        pairs = []
-        for a, b in itertools.combinations(archs, 2):
-            seeds = sorted(s for (x, s) in acc if x == a and (b, s) in acc)
-            if len(seeds) < 2:
-                continue
-            d = [acc[a, s] - acc[b, s] for s in seeds]
-            std = statistics.stdev(d)
-            pairs.append(
-                {"a": a, "b": b, "mean": statistics.fmean(d), "std": std, "se": std / len(d) ** 0.5, "n": len(d)}
-            )
+        runs = [{"shape_name": r["arch"], "seed": r["seed"], "acc": r["acc"]} for r in rows if r["proto"] == protocol]
+        pairs = paired(runs)
         out[protocol] = {"arms": arms, "paired": pairs}
     return out
 
@@ -114,9 +106,10 @@ def markdown(result: dict[str, Any]) -> str:
             "|---|---|---|",
         ]
         lines += [f"| {a} | {v['mean']:.2f} ± {v['std']:.2f} | {v['n']} |" for a, v in s["arms"].items()]
-        lines += ["", "| paired | mean ± std | SE | n |", "|---|---|---|---|"]
+        lines += ["", "| paired | mean ± std | SE | 95% CI | wins | n |", "|---|---|---|---|---|---|"]
         lines += [
-            f"| {p['a']} - {p['b']} | {p['mean']:+.2f} ± {p['std']:.2f} | {p['se']:.2f} | {p['n']} |"
+            f"| {p['a']} - {p['b']} | {p['mean']:+.2f} ± {p['std']:.2f} | {p['se']:.2f} | [{p['ci95'][0]:+.2f}, "
+            f"{p['ci95'][1]:+.2f}] | {p['wins']}/{p['n']} | {p['n']} |"
             for p in s["paired"]
         ]
         lines.append("")
