@@ -93,6 +93,10 @@ class AppliedChange:
             with the group options to use.
         buffers_changed: whether buffers were added or removed (e.g. a residual ramp folded): DDP keeps a list
             of the module's buffers, so it is re-wrapped even when the parameter set did not change.
+        rescaled: ``(new, factor)`` pairs for parameters in ``replaced`` whose kept values were also multiplied by
+            ``factor`` (broadcast against ``new``): the gradient w.r.t. ``new`` is the kept gradient divided by
+            ``factor``, so first-moment state (Adam's ``exp_avg``, SGD's ``momentum_buffer``) is divided by it and
+            second-moment state (``exp_avg_sq``, ``max_exp_avg_sq``) by its square.
         copy_state: whether each parameter in ``added`` starts with a copy of its twin's optimizer state (Adam
             moments, ``step``) instead of fresh state (copies of trained blocks, ``optimizer_state="copy"``).
     """
@@ -102,6 +106,7 @@ class AppliedChange:
     removed: list[nn.Parameter] = field(default_factory=list)
     new_group: tuple[list[nn.Parameter], dict[str, Any]] | None = None
     buffers_changed: bool = False
+    rescaled: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
     copy_state: bool = False
 
     @property

@@ -37,6 +37,7 @@ from lightning_depthgrow.dms import (
 )
 from lightning_depthgrow.events import event_log
 from lightning_depthgrow.measure import count_flops, count_parameters
+from lightning_depthgrow.surgery import update_optimizer
 from tests._helpers import quiet_trainer, set_keep, tensor_hash
 
 transformers = pytest.importorskip("transformers")
@@ -401,6 +402,67 @@ def test_tv_hard_masked_supernet_computes_what_the_export_computes_and_rebuilds(
     build_architecture(fresh, arch)
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(tv_out(fresh), tv_out(model))
+
+
+def _query_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    model.eval().zero_grad()
+    model(X).square().sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "in_proj" in n}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adagrad"])
+def test_tv_rescaled_query_rows_take_their_optimizer_state_along(optimizer):
+    """The export multiplies each attention's query rows by sqrt(kept / n) (the supernet's 1 / sqrt(head_dim)), so
+    their gradient is divided by it: Adam's moments and SGD's momentum are divided by it (and its square) too."""
+    model = tv_vit()
+    gates = randomise(model, 0.5, width=False, depth=False)
+    params = [p for n, p in model.named_parameters() if "dms" not in n and p.requires_grad]
+    make = {
+        "adamw": lambda: torch.optim.AdamW(params, lr=1e-3),
+        "sgd": lambda: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
+        "adagrad": lambda: torch.optim.Adagrad(params, lr=1e-3),
+    }[optimizer]
+    opt = make()
+    for _ in range(2):  # populate the state; the step changes the weights a little, the masks stay hard
+        _query_grads(model)
+        opt.step()
+    before = _query_grads(model)
+    old = {n: p for n, p in model.named_parameters() if "in_proj" in n}
+    old_state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in old.items()}
+    n, kept = gates.gates[":embed"].n, len(gates.keep()[":embed"])
+    change = export_model(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        update_optimizer(opt, change)
+    after = _query_grads(model)
+    scale = (kept / n) ** 0.5
+    index = {id(new): idx for _, new, idx in change.replaced}
+    rescaled = {id(new) for new, _ in change.rescaled}
+    assert len(rescaled) == 4  # in_proj_weight and in_proj_bias of each of the 2 blocks
+    for name, new in ((n_, p) for n_, p in model.named_parameters() if "in_proj" in n_):
+        assert id(new) in rescaled
+        rows = torch.ones(new.shape[0])
+        rows[: new.shape[0] // 3] = scale  # the query rows only
+        rows = rows.reshape(-1, *[1] * (new.dim() - 1))
+        idx = index[id(new)]
+
+        def sliced(t: torch.Tensor, idx: tuple = idx) -> torch.Tensor:
+            for d, k in enumerate(idx):
+                t = t if k is None else t.index_select(d, k)
+            return t
+
+        # why the state is divided: the exported query rows' gradient is the supernet's divided by the scale
+        torch.testing.assert_close(after[name], sliced(before[name]) / rows, rtol=1e-4, atol=1e-6)
+        state = opt.state[new]
+        if optimizer == "adamw":
+            torch.testing.assert_close(state["exp_avg"], sliced(old_state[name]["exp_avg"]) / rows)
+            torch.testing.assert_close(state["exp_avg_sq"], sliced(old_state[name]["exp_avg_sq"]) / rows**2)
+        elif optimizer == "sgd":
+            torch.testing.assert_close(state["momentum_buffer"], sliced(old_state[name]["momentum_buffer"]) / rows)
+        else:  # not known: kept as sliced, with a warning
+            torch.testing.assert_close(state["sum"], sliced(old_state[name]["sum"]))
+    warned = [str(w.message) for w in caught if "rescaled parameter" in str(w.message)]
+    assert bool(warned) == (optimizer == "adagrad")
 
 
 def test_tv_masked_channels_stay_zero_in_the_residual_stream():

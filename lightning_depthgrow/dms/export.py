@@ -32,7 +32,7 @@ class _Slices:
         self.index: dict[tuple[int, str], tuple[nn.Module, dict[int, Tensor]]] = {}
         self.attrs: list[tuple[Any, str, Any]] = []
         self.notes: list[str] = []
-        self.transforms: dict[tuple[int, str], list[Any]] = {}
+        self.row_scales: dict[tuple[int, str], Tensor] = {}
 
     def add(self, module: nn.Module, names: list[str], dim: int, keep: Tensor) -> None:
         for name in names:
@@ -42,10 +42,11 @@ class _Slices:
             _, dims = self.index.setdefault((id(module), name), (module, {}))
             dims[dim] = keep
 
-    def transform(self, module: nn.Module, name: str, fn: Any) -> None:
-        """Apply ``fn`` to ``module.name``'s new value after slicing (a rescaling that keeps the function where a
-        sliced layer computes a constant from its width, e.g. attention's ``1 / sqrt(head_dim)``)."""
-        self.transforms.setdefault((id(module), name), []).append(fn)
+    def scale_rows(self, module: nn.Module, name: str, factors: Tensor) -> None:
+        """Multiply row ``i`` (dim 0) of ``module.name``'s new value by ``factors[i]`` after slicing: a rescaling that
+        keeps the function where a sliced layer computes a constant from its width (attention's
+        ``1 / sqrt(head_dim)``). The optimizer state follows (:attr:`AppliedChange.rescaled`)."""
+        self.row_scales[(id(module), name)] = factors
         self.index.setdefault((id(module), name), (module, {}))
 
     def attr(self, module: Any, name: str, value: Any) -> None:
@@ -122,7 +123,7 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
         )
 
     # Build and check every new tensor before touching the model, so a bad index leaves it intact.
-    new_tensors: list[tuple[nn.Module, str, Tensor, tuple[Tensor | None, ...]]] = []
+    new_tensors: list[tuple[nn.Module, str, Tensor, tuple[Tensor | None, ...], Tensor | None]] = []
     for (_, name), (module, dims) in slices.index.items():
         old = getattr(module, name)
         index = tuple(dims.get(d) for d in range(max(dims) + 1)) if dims else ()
@@ -134,20 +135,28 @@ def export_model(model: nn.Module, keep: dict[str, list[int]] | None = None) -> 
                 )
             value = value.index_select(d, kept.to(value.device))
         value = value.clone()
-        for fn in slices.transforms.get((id(module), name), []):
-            value = fn(value)
-        new_tensors.append((module, name, value, index))
+        factor = slices.row_scales.get((id(module), name))
+        if factor is not None:
+            if factor.shape != value.shape[:1]:
+                raise UnsupportedModelError(
+                    f"{len(factor)} row scales for {name} with {value.shape[0]} rows after slicing"
+                )
+            factor = factor.to(value).reshape(-1, *[1] * (value.dim() - 1))
+            value = value * factor
+        new_tensors.append((module, name, value, index, factor))
 
     _check_removals(model, drops)
 
     # Everything is checked: only assignments (and block removals checked above) from here on.
     change = AppliedChange()
-    for module, name, value, index in new_tensors:
+    for module, name, value, index, factor in new_tensors:
         old = getattr(module, name)
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(value, requires_grad=old.requires_grad)
             setattr(module, name, new)
             change.replaced.append((old, new, index))
+            if factor is not None:
+                change.rescaled.append((new, factor))
         else:
             module._buffers[name] = value
     for module, name, value in slices.attrs:

@@ -4,7 +4,8 @@ Works by parameter identity, like Composer's surgery: new parameters join their 
 (so weight-decay splits and per-group learning rates hold) with fresh state, or a copy of the twin's state
 when the change says so (``AppliedChange.copy_state``); replaced parameters take
 their predecessor's slot and a sliced copy of its state (Adam moments, momentum; scalar ``step``
-kept); removed parameters leave with their state. Finally every group is ordered as the model orders
+kept; divided by the rescaling of a parameter whose values were also rescaled, ``AppliedChange.rescaled``);
+removed parameters leave with their state. Finally every group is ordered as the model orders
 its parameters, so a checkpoint of the grown optimizer lines up with the optimizer a resumed run
 builds from the regrown model.
 """
@@ -12,6 +13,7 @@ builds from the regrown model.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,6 +37,29 @@ def _slice_state_value(value: Any, old: Tensor, index: tuple[Tensor | None, ...]
         if keep is not None:
             value = value.index_select(dim, keep.to(value.device))
     return value.clone()
+
+
+# Optimizer state that is linear / quadratic in the gradient, for the optimizers whose state keys mean that.
+_LINEAR_STATE = ("exp_avg", "momentum_buffer")
+_SQUARED_STATE = ("exp_avg_sq", "max_exp_avg_sq")
+_RESCALABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.NAdam, torch.optim.RAdam)
+
+
+def _rescale_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], param: Tensor, factor: Tensor) -> None:
+    """Bring ``param``'s state in line with values multiplied by ``factor``: gradients are divided by it."""
+    if not isinstance(optimizer, _RESCALABLE):
+        if any(isinstance(v, Tensor) and v.shape == param.shape for v in state.values()):
+            warnings.warn(
+                f"{type(optimizer).__name__}'s state of a rescaled parameter of shape {tuple(param.shape)} is kept "
+                "as sliced, not rescaled (rescaling is known for Adam, AdamW, NAdam, RAdam and SGD)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return
+    for key, power in [(k, 1) for k in _LINEAR_STATE] + [(k, 2) for k in _SQUARED_STATE]:
+        value = state.get(key)
+        if isinstance(value, Tensor) and value.shape == param.shape:
+            state[key] = value / factor.to(value) ** power
 
 
 def update_optimizer(
@@ -77,6 +102,7 @@ def update_optimizer(
             group["params"].append(new)
     if change.copy_state:
         copy_twin_state(optimizer, change.added)
+    rescaled = {id(new): factor for new, factor in change.rescaled}
     for old, new, idx, group in replaced:
         if group is None:
             continue
@@ -84,6 +110,8 @@ def update_optimizer(
         if old in optimizer.state:
             state = optimizer.state.pop(old)
             optimizer.state[new] = {k: _slice_state_value(v, old, idx) for k, v in state.items()}
+            if id(new) in rescaled:
+                _rescale_state(optimizer, optimizer.state[new], new, rescaled[id(new)])
     removed = {id(p) for p in change.removed}
     if removed:
         for group in optimizer.param_groups:

@@ -323,9 +323,8 @@ class TorchvisionViTEmbedFamily(DMSFamily):
             norms = [vit.encoder.ln]
             scale = math.sqrt(len(kept) / n)  # the supernet's 1/sqrt(n) where the export computes 1/sqrt(len(kept))
 
-            def query_rows(value: torch.Tensor, rows: int = width, factor: float = scale) -> torch.Tensor:
-                value[:rows] *= factor
-                return value
+            query_rows = torch.ones(3 * width)
+            query_rows[:width] = scale
 
             for name, block in _blocks(vit):
                 if not stays(_join(path, f"encoder.layers.{name}")):
@@ -336,7 +335,7 @@ class TorchvisionViTEmbedFamily(DMSFamily):
                 slices.add(mha, ["in_proj_weight"], 1, idx)
                 for name_ in ("in_proj_weight", "in_proj_bias"):
                     if getattr(mha, name_, None) is not None:
-                        slices.transform(mha, name_, query_rows)
+                        slices.scale_rows(mha, name_, query_rows)
                 slices.add(mha.out_proj, ["weight", "bias"], 0, idx)
                 slices.add(mha.out_proj, ["weight"], 1, idx)
                 slices.attr(mha.out_proj, "in_features", width)
