@@ -1,0 +1,197 @@
+"""Grow a byte-level GPT on Python's own source code with ``DepthGrowth()``, and compare it with fixed models.
+
+The task where depth pays (``benchmarks/bench_growth_lm.py``): next-byte prediction on the standard library's
+``.py`` files (read from this Python install, split into train and validation by file), a tiny GPT of width 32,
+1,500 AdamW steps of 32 windows of 128 bytes, gradient norm clipped at 1.0. Four runs, the same seed and data:
+
+- **grown**: 2 blocks, ``DepthGrowth()`` with its defaults (after a third of the steps the block stack is made 3x
+  deeper, 2 -> 6 blocks, the copies ramped in over 12% of the run), its learning rate from
+  :class:`~lightning_depthgrow.growth.schedule.GrowthCosineLR` (the cosine restarted at the growth step);
+- **fixed 6**: the final size from the start, with the same restarted schedule (the better of the schedules
+  the benchmark tried for it);
+- **fixed 6, equal FLOPs**: the final size trained for the optimizer steps whose FLOPs equal the grown run's;
+- **fixed 4**: a smaller fixed model, about as cheap as the grown run (the fixed-model frontier).
+
+It prints each run's validation loss (nats per byte) and training FLOPs (torch's counter), the grown model's
+difference to each, and when (in FLOPs) the grown run first reached the fixed 6-block model's final loss. One seed
+is one draw: the benchmark's multi-seed figures are in ``docs/growth.md``. The runs go to ``--workers`` processes
+(2 by default: about 5 minutes on 2 CPU cores; ``--quick`` is a smoke run of a few seconds).
+
+Run:
+
+    python examples/grow_gpt_stdlib.py --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+if __package__ in (None, ""):  # run as a script: make ``examples`` and ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.tasks import (
+    ByteLM,
+    ComputeCurve,
+    EvenWindows,
+    LMConfig,
+    RandomWindows,
+    make_gpt,
+    stdlib_corpus,
+    train_step_flops,
+)
+from examples.common import quiet_trainer
+from lightning_depthgrow.callbacks import DepthGrowth
+from lightning_depthgrow.growth.schedule import GrowthCosineLR
+
+# The benchmark's clipped recipe (benchmarks/results/growth_lm_1500_clip_protocol.md).
+CONFIG = LMConfig(steps=1500, lr=0.01, min_lr_ratio=0.1, warmup_steps=30, grad_clip=1.0)
+GROW_AT, RESTART_WARMUP, START_DEPTH, FINAL_DEPTH = 1 / 3, 30, 2, 6
+
+
+class RestartedByteLM(ByteLM):
+    """The benchmark's ``ByteLM`` with a growth-aware schedule: warm-up, cosine, restarted at ``GROW_AT``."""
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        setup = super().configure_optimizers()
+        c = self.config
+        schedule = GrowthCosineLR(
+            total_steps=c.steps,
+            at=[GROW_AT],
+            warmup_steps=c.warmup_steps,
+            restart_warmup=RESTART_WARMUP,
+            min_lr_ratio=c.min_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(setup["optimizer"], schedule)
+        return {"optimizer": setup["optimizer"], "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(("GPU available", "TPU available", "💡", "`Trainer.fit` stopped"))
+
+
+def run(name: str, config: LMConfig, seed: int) -> dict[str, Any]:
+    """Train one variant with ``Trainer.fit``; its validation curve (loss and training FLOPs every 50 steps)."""
+    torch.set_num_threads(1)
+    for name_ in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name_).addFilter(_quiet)  # no per-run banner; the growth events stay
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    train, val, _ = stdlib_corpus(config.corpus)
+    pl.seed_everything(seed, verbose=False)
+    module = RestartedByteLM(make_gpt(config), config)
+    callbacks: list[pl.Callback] = [DepthGrowth()] if name == "grown" else []
+    curve = ComputeCurve(config)
+    trainer = quiet_trainer(
+        1,
+        [*callbacks, curve],
+        max_steps=config.steps,
+        val_check_interval=min(config.eval_every, config.steps),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    windows = RandomWindows(train, config.context, config.steps * config.batch_size, seed)
+    loader = torch.utils.data.DataLoader(windows, batch_size=config.batch_size)
+    val_loader = torch.utils.data.DataLoader(EvenWindows(val, config.context, config.val_windows), batch_size=64)
+    start = time.process_time()
+    trainer.fit(module, loader, val_loader)
+    if not curve.rows or curve.rows[-1]["step"] != config.steps:
+        trainer.validate(module, val_loader, verbose=False)
+        curve.on_validation_end(trainer, module)
+    return {
+        "name": name,
+        "depth": len(module.model.blocks),
+        "steps": config.steps,
+        "params": sum(p.numel() for p in module.parameters()),
+        "val_loss": curve.rows[-1]["val_loss"],
+        "flops": curve.flops,
+        "cpu_s": time.process_time() - start,
+        "curve": curve.rows,
+    }
+
+
+def equal_flops_steps(config: LMConfig) -> int:
+    """Steps of the fixed 6-block model whose training FLOPs equal the grown run's."""
+    grow = round(GROW_AT * config.steps)
+    small, large = train_step_flops(config, START_DEPTH), train_step_flops(config, FINAL_DEPTH)
+    return round((grow * small + (config.steps - grow) * large) / large)
+
+
+def plan(config: LMConfig) -> list[tuple[str, LMConfig]]:
+    return [
+        ("grown", replace(config, depth=START_DEPTH)),
+        ("fixed 6", replace(config, depth=FINAL_DEPTH)),
+        ("fixed 6, equal FLOPs", replace(config, depth=FINAL_DEPTH, steps=equal_flops_steps(config))),
+        ("fixed 4", replace(config, depth=4)),
+    ]
+
+
+def report(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The comparison as printed (every figure from ``results``)."""
+    grown, fixed = results["grown"], results["fixed 6"]
+    lines = [f"{'model':22s} {'blocks':>6s} {'steps':>6s} {'params':>8s} {'val loss':>9s} {'FLOPs/fixed 6':>14s}"]
+    for name, r in results.items():
+        lines.append(
+            f"{name:22s} {r['depth']:6d} {r['steps']:6d} {r['params']:8,d} {r['val_loss']:9.4f} "
+            f"{r['flops'] / fixed['flops']:13.2f}x"
+        )
+    for name, r in results.items():
+        if name != "grown":
+            diff = grown["val_loss"] - r["val_loss"]
+            verdict = "better" if diff < 0 else "worse"
+            lines.append(f"grown - {name}: {diff:+.4f} nats/byte (grown {verdict}, lower is better)")
+    reach = next((row for row in grown["curve"] if row["val_loss"] <= fixed["val_loss"]), None)
+    when = f"step {reach['step']}, {reach['flops'] / fixed['flops']:.2f}x its training FLOPs" if reach else "never"
+    lines.append(f"the grown run first reached fixed 6's final loss {fixed['val_loss']:.4f} at: {when}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="processes training the four runs")
+    parser.add_argument("--quick", action="store_true", help="60 steps per run: a smoke run")
+    parser.add_argument("--out", type=Path, default=Path("runs/grow_gpt_stdlib"))
+    args = parser.parse_args(argv)
+    config = replace(CONFIG, steps=60, eval_every=10, warmup_steps=5) if args.quick else CONFIG
+    train, val, info = stdlib_corpus(config.corpus)
+    print(
+        f"corpus: {info['train_files']} train / {info['val_files']} validation files of the Python {info['python']} "
+        f"standard library ({len(train):,} / {len(val):,} bytes); {config.steps} steps per run, seed {args.seed}",
+        flush=True,
+    )
+    runs = plan(config)
+    results: dict[str, dict[str, Any]] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, args.workers), mp_context=context) as pool:
+        futures = {name: pool.submit(run, name, c, args.seed) for name, c in runs}
+        for name, _ in runs:
+            results[name] = futures[name].result()
+            r = results[name]
+            print(
+                f"done: {name} ({r['depth']} blocks, val loss {r['val_loss']:.4f}, {r['cpu_s']:.0f} CPU s)", flush=True
+            )
+    print()
+    for line in report(results):
+        print(line)
+    print("one seed; the benchmark's multi-seed figures: docs/growth.md")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "comparison.json").write_text(json.dumps(results, indent=2))
+    print(f"curves: {args.out / 'comparison.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The README's demo command runs: ``examples/grow_gpt_stdlib.py`` (here with ``--quick``) in a fresh process.
+
+It grows a byte-level GPT with ``DepthGrowth()``'s defaults and trains three fixed models on the same data. The
+checks are on what the demo claims: the grown run ends at 6 blocks with the fixed 6-block model's parameters, costs
+less training FLOPs (its first third at the 2-block cost), the equal-FLOPs baseline costs what the grown run cost,
+and every printed difference is the one its comparison file holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lm_demo_quick_runs_and_compares_at_equal_flops(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "grow_gpt_stdlib.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stacked 'model.blocks' (2 -> 6 blocks" in result.stdout + result.stderr  # a log line (stderr)
+    runs = json.loads((tmp_path / "comparison.json").read_text())
+    grown, fixed, equal, small = runs["grown"], runs["fixed 6"], runs["fixed 6, equal FLOPs"], runs["fixed 4"]
+    assert grown["depth"] == fixed["depth"] == equal["depth"] == 6 and small["depth"] == 4
+    assert grown["params"] == fixed["params"] > small["params"]
+    assert grown["steps"] == fixed["steps"] == small["steps"] > equal["steps"]
+    ratio = grown["flops"] / fixed["flops"]
+    assert 0.7 < ratio < 0.9, ratio  # a third of the steps at the 2-block cost
+    assert abs(equal["flops"] / grown["flops"] - 1) < 1 / equal["steps"]
+    # the grown run's depth per validation: 2 blocks before the growth step, 6 after
+    depths = [row["depth"] for row in grown["curve"]]
+    assert depths[0] == 2 and depths[-1] == 6
+    for name, r in runs.items():
+        if name != "grown":
+            assert f"grown - {name}: {grown['val_loss'] - r['val_loss']:+.4f} nats/byte" in result.stdout
