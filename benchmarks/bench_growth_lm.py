@@ -518,6 +518,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="clip the global gradient norm of every variant's weights to this before each optimizer step "
         "(LMConfig.grad_clip; default 0: no clipping)",
     )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=LMConfig.eval_every,
+        help="validate every this many optimizer steps (and at the end): the grid the reach-ratio is read on",
+    )
     parser.add_argument("--reuse", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth_lm.json")
@@ -528,6 +534,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--grown-lr must be a positive learning rate, not {args.grown_lr}")
     if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
         parser.error(f"--grad-clip must be a finite norm >= 0 (0: no clipping), not {args.grad_clip}")
+    if args.eval_every < 1:
+        parser.error(f"--eval-every must be a positive number of steps, not {args.eval_every}")
     torch.set_num_threads(1)
     config = LMConfig(
         steps=args.steps,
@@ -535,6 +543,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip,
+        eval_every=args.eval_every,
     )
     final_depth = args.start_depth * args.factor
     final = f"fixed_{final_depth}"
