@@ -128,13 +128,14 @@ def run_grown(
     verbose: bool = True,
     history: bool = True,
     recipe: str = "paper",
+    train_draws: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Train a 2-block ViT that grows while it trains; returns accuracy, time, training FLOPs and architecture.
 
     ``recipe="paper"``: ``DepthGrowth.paper()`` to ``budget`` x the parameters (``warmup_epochs``, ``grow_every``,
     ``placement`` apply); ``recipe="default"``: ``DepthGrowth()``'s defaults (ramped G_stack, 2 -> 6 blocks after
     a third of the steps). ``history`` adds the ArchitectureLogger (JSON history and HTML report); ``verbose``
-    prints every epoch.
+    prints every epoch. ``train_draws``: more MNIST-1D draws in the training set (:class:`MNIST1DDataModule`).
     """
     pl.seed_everything(seed, verbose=False)
     module = Classifier(make_vit(depth=2), max_epochs=epochs)
@@ -163,7 +164,7 @@ def run_grown(
         callbacks.append(ArchitecturePrinter(growth))
     trainer = build_trainer(epochs, callbacks, out, quick)
     start, cpu = time.perf_counter(), time.process_time()
-    trainer.fit(module, MNIST1DDataModule(seed=seed))
+    trainer.fit(module, MNIST1DDataModule(seed=seed, train_draws=train_draws))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     events = event_log(module)
     return {
@@ -188,19 +189,27 @@ def step_flops(depth: int) -> int:
 
 
 def run_fixed(
-    epochs: int, seed: int, depth: int, out: Path, quick: bool = False, max_steps: int = -1
+    epochs: int,
+    seed: int,
+    depth: int,
+    out: Path,
+    quick: bool = False,
+    max_steps: int = -1,
+    train_draws: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Train a fixed ViT of ``depth`` blocks for ``epochs`` epochs, or ``max_steps`` optimizer steps when given
-    (its warm-up and cosine then span those steps; validated at the end); returns accuracy, time and size."""
+    (its warm-up and cosine then span those steps; validated at the end); returns accuracy, time and size.
+    ``train_draws``: more MNIST-1D draws in the training set (:class:`MNIST1DDataModule`)."""
     pl.seed_everything(seed, verbose=False)
     module = Classifier(make_vit(depth=depth), max_epochs=epochs)
     clock = EpochClock()
     trainer = build_trainer(epochs, [clock], out, quick, max_steps=max_steps)
     start, cpu = time.perf_counter(), time.process_time()
-    trainer.fit(module, MNIST1DDataModule(seed=seed))
+    data = MNIST1DDataModule(seed=seed, train_draws=train_draws)
+    trainer.fit(module, data)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     if max_steps >= 0:  # stopped inside an epoch: validate the final weights
-        val_acc = float(trainer.validate(module, MNIST1DDataModule(seed=seed), verbose=False)[0]["val_acc"])
+        val_acc = float(trainer.validate(module, data, verbose=False)[0]["val_acc"])
     else:
         val_acc = float(trainer.callback_metrics["val_acc"])
     return {
