@@ -42,6 +42,10 @@ from lightning_depthgrow.callbacks.depth_growth import DepthGrowth
 from lightning_depthgrow.measure import count_flops, count_parameters
 
 BATCH_SIZE = 128  # MNIST1DDataModule's
+# The demo's data and length (see the module docstring); SMALL_DEPTH: the cheaper fixed model it also trains.
+TRAIN_DRAWS: tuple[int, ...] = ()
+EPOCHS = 12
+SMALL_DEPTH = 4
 
 
 class ArchitecturePrinter(Callback):
@@ -231,7 +235,7 @@ def time_to_accuracy(curve: list[dict[str, float]], target: float) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--recipe",
@@ -240,43 +244,79 @@ def main(argv: list[str] | None = None) -> None:
         help="default: DepthGrowth() (ramped G_stack, 2 -> 6 blocks); paper: DepthGrowth.paper()",
     )
     parser.add_argument("--budget", type=float, default=3.0, help="--recipe paper: final parameters, x the start")
+    parser.add_argument(
+        "--train-draws",
+        type=int,
+        nargs="*",
+        default=list(TRAIN_DRAWS),
+        metavar="SEED",
+        help="more MNIST-1D draws (generator seeds, not 42 or 43) whose every signal (5,000 a draw) joins the "
+        f"4,000 training signals (default: {' '.join(map(str, TRAIN_DRAWS)) or 'none'}; pass the flag alone for "
+        "none)",
+    )
     parser.add_argument("--quick", action="store_true", help="a few batches per epoch, 3 epochs: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("runs/grow_vit_mnist1d"))
     args = parser.parse_args(argv)
     epochs = 3 if args.quick else args.epochs
     warmup, every = (1, 1) if args.quick else (2, 2)
-    mnist1d_tensors()  # generate the data set once, outside the timed runs
+    draws = tuple(args.train_draws)
+    MNIST1DDataModule(train_draws=draws)  # refuses the validation draws before any run
+    for draw in (42, *draws):
+        mnist1d_tensors(draw)  # generate the data once, outside the timed runs
+    signals = 4000 + 5000 * len(draws)
+    data = f"draws {', '.join(map(str, draws))} added: {signals:,} training signals" if draws else "4,000 signals"
 
     what = "DepthGrowth() (ramped G_stack)" if args.recipe == "default" else f"DepthGrowth.paper(), {args.budget}x"
-    print(f"== grown ViT: 2 blocks, {what}, {epochs} epochs ==", flush=True)
-    grown = run_grown(epochs, args.seed, args.out, args.budget, warmup, every, quick=args.quick, recipe=args.recipe)
+    print(f"== grown ViT: 2 blocks, {what}, {epochs} epochs, MNIST-1D ({data}) ==", flush=True)
+    grown = run_grown(
+        epochs,
+        args.seed,
+        args.out,
+        args.budget,
+        warmup,
+        every,
+        quick=args.quick,
+        recipe=args.recipe,
+        train_draws=draws,
+    )
     depth = grown["depth"]
     print(f"== fixed ViT: {depth} blocks from the start, {epochs} epochs ==", flush=True)
-    fixed = run_fixed(epochs, args.seed, depth, args.out, quick=args.quick)
+    fixed = run_fixed(epochs, args.seed, depth, args.out, quick=args.quick, train_draws=draws)
     # Equal training compute: the same model trained for the optimizer steps the grown run's FLOPs pay for, with
     # its own full schedule (warm-up and cosine over those steps).
     equal_steps = max(1, round(fixed["steps"] * grown["train_flops"] / fixed["train_flops"]))
     print(f"== fixed ViT: {depth} blocks, {equal_steps} steps (the grown run's training FLOPs) ==", flush=True)
-    equal = run_fixed(epochs, args.seed, depth, args.out, quick=args.quick, max_steps=equal_steps)
+    equal = run_fixed(epochs, args.seed, depth, args.out, quick=args.quick, max_steps=equal_steps, train_draws=draws)
+    # The fixed model that costs less than the grown run: growth has to beat it too to be worth its FLOPs.
+    print(f"== fixed ViT: {SMALL_DEPTH} blocks from the start, {epochs} epochs ==", flush=True)
+    small = run_fixed(epochs, args.seed, SMALL_DEPTH, args.out, quick=args.quick, train_draws=draws)
 
     print()
     print(
         f"{'model':14s} {'depth':>5s} {'steps':>6s} {'params':>9s} {'val_acc':>8s} {'train FLOPs':>12s} "
         f"{'wall s':>7s} {'CPU s':>7s}"
     )
-    for name, r in (("grown", grown), ("fixed", fixed), ("fixed, = FLOPs", equal)):
+    rows = (("grown", grown), ("fixed", fixed), ("fixed, = FLOPs", equal), (f"fixed {SMALL_DEPTH}", small))
+    for name, r in rows:
         print(
             f"{name:14s} {r['depth']:5d} {r['steps']:6d} {r['params']:9,d} {r['val_acc']:8.3f} "
             f"{r['train_flops'] / fixed['train_flops']:11.2f}x {r['wall_s']:7.1f} {r['cpu_s']:7.1f}"
         )
-    for name, r in (("fixed", fixed), ("fixed at equal FLOPs", equal)):
+    for name, r in (("fixed", fixed), ("fixed at equal FLOPs", equal), (f"fixed {SMALL_DEPTH}", small)):
         print(f"grown - {name}: {100 * (grown['val_acc'] - r['val_acc']):+.1f} points of val_acc")
     reached = time_to_accuracy(fixed["curve"], grown["val_acc"])
     when = f"epoch {reached['epoch']}, {reached['cpu_s']:.1f} CPU s" if reached else "never"
     print(f"the fixed model reached the grown model's final val_acc {grown['val_acc']:.3f} at: {when}")
-    print("one seed on a data-limited task; benchmarks/ has the multi-seed comparisons (docs/growth.md)")
+    task = "with more training data" if draws else "on a data-limited task"
+    print(f"one seed {task}; benchmarks/ has the multi-seed comparisons (docs/growth.md)")
     print(f"architecture history and report: {args.out}")
-    comparison = {"grown": grown, "fixed": fixed, "fixed_equal_flops": equal}
+    comparison = {
+        "train_draws": list(draws),
+        "grown": grown,
+        "fixed": fixed,
+        "fixed_equal_flops": equal,
+        f"fixed_{SMALL_DEPTH}": small,
+    }
     (args.out / "comparison.json").write_text(json.dumps(comparison, indent=2))
 
 
