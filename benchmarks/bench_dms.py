@@ -574,25 +574,15 @@ VALIDATION: dict[str, Any] = {"extra": 0, "last_only": False, "train_draws": ()}
 
 class BenchData(MNIST1DDataModule):
     """MNIST-1D with ``extra`` more validation signals: the first ``extra`` of a second MNIST-1D draw (generator
-    seed 43; the same templates, fresh noise and transforms; 5,000 signals), after the 1,000 test signals; and
-    every signal of the draws ``train_draws`` (generator seeds, neither 42 nor 43) added to the training set (by
-    default none: the training set is MNIST-1D's 4,000 signals)."""
+    seed 43; the same templates, fresh noise and transforms; 5,000 signals), after the 1,000 test signals. The
+    training draws (``train_draws``, neither 42 nor 43) are :class:`MNIST1DDataModule`'s."""
 
-    def __init__(self, extra: int = 0, train_draws: tuple[int, ...] = (), **kwargs: Any) -> None:
+    def __init__(self, extra: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if {42, 43} & set(train_draws):
-            raise ValueError(f"train_draws {train_draws} must not include the validation draws 42 and 43")
-        self.extra, self.train_draws = extra, tuple(train_draws)
+        self.extra = extra
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
-        if self.train_draws:
-            xs, ys = [self.train_set.tensors[0]], [self.train_set.tensors[1]]
-            for draw in self.train_draws:
-                xa, ya, xb, yb = mnist1d_tensors(draw)
-                xs += [xa, xb]
-                ys += [ya, yb]
-            self.train_set = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
         if self.extra:
             xa, ya, xb, yb = mnist1d_tensors(43)
             x, y = torch.cat([xa, xb])[: self.extra], torch.cat([ya, yb])[: self.extra]

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.common import mnist1d_tensors
+from examples.common import MNIST1DDataModule, mnist1d_tensors
 from examples.grow_vit_mnist1d import run_fixed, run_grown, time_to_accuracy
 
 
@@ -70,10 +70,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "DepthGrowth()'s defaults against the fixed-model frontier (fixed 6 blocks for the same steps and for the "
         "grown run's training FLOPs, fixed 4 blocks), see frontier()",
     )
+    parser.add_argument(
+        "--train-draws",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="SEED",
+        help="--recipe default: more MNIST-1D draws (generator seeds, not 42 or 43) whose every signal joins the "
+        "training set (the data-rich protocol: 44 45 46)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "growth.json")
     args = parser.parse_args(argv)
     if args.recipe == "default":
-        return frontier(args.epochs, args.seeds, args.out)
+        return frontier(args.epochs, args.seeds, args.out, tuple(args.train_draws))
+    if args.train_draws:
+        parser.error("--train-draws applies to --recipe default only (the frontier benchmark)")
     # The 12-epoch schedule (warm-up 2, every 2) stretched proportionally to the epoch count.
     scaled = max(1, round(args.epochs / 6))
     warmup = scaled if args.warmup_epochs is None else args.warmup_epochs
@@ -203,72 +214,159 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return record
 
 
-def frontier(epochs: int, seeds: list[int], out: Path) -> dict[str, Any]:
+# The variants of the frontier benchmark, in its table's order.
+FRONTIER = ("grown", "fixed_6", "fixed_6_equal_flops", "fixed_4", "fixed_2")
+
+
+def frontier(epochs: int, seeds: list[int], out: Path, train_draws: tuple[int, ...] = ()) -> dict[str, Any]:
     """``DepthGrowth()``'s defaults (ramped G_stack, 2 -> 6 blocks after a third of the steps) against the fixed
     models around it in training compute, per seed in one process: fixed 6 blocks for the same steps, fixed 6 blocks
-    for the steps that cost the grown run's training FLOPs (its own warm-up and cosine over them), fixed 4 blocks
-    for the same steps. Paired differences (grown - each) per seed; FLOPs from torch's counter
-    (``examples.grow_vit_mnist1d.step_flops``). Writes ``out`` (JSON) and ``out`` with ``.md`` (a table).
+    for the steps that cost the grown run's training FLOPs (its own warm-up and cosine over them), fixed 4 and fixed
+    2 blocks for the same steps. Paired differences (grown - each) per seed; FLOPs from torch's counter
+    (``examples.grow_vit_mnist1d.step_flops``). ``train_draws``: more MNIST-1D draws in the training set (the
+    data-rich protocol, e.g. ``(44, 45, 46)``). Writes ``out`` (JSON) and ``out`` with ``.md`` (:func:`table`).
 
         OMP_NUM_THREADS=1 python benchmarks/bench_growth.py --recipe default --epochs 30 --seeds 0 1 2 \
             --out benchmarks/results/growth_default_mnist1d.json
     """
+    MNIST1DDataModule(train_draws=train_draws)  # refuses the validation draws before any run
     mnist1d_tensors()
-    runs: dict[str, list[dict[str, Any]]] = {"grown": [], "fixed_6": [], "fixed_6_equal_flops": [], "fixed_4": []}
+    for draw in train_draws:
+        mnist1d_tensors(draw)  # generate every draw once, outside the timed runs
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in FRONTIER}
+    config = {
+        "epochs": epochs,
+        "seeds": seeds,
+        "recipe": "DepthGrowth() defaults",
+        "start_depth": 2,
+        "train_draws": list(train_draws),
+        "train_signals": 4000 + 5000 * len(train_draws),
+    }
+    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            grown = run_grown(epochs, seed, Path(tmp), verbose=False, history=False, recipe="default")
-            fixed = run_fixed(epochs, seed, grown["depth"], Path(tmp))
+            grown = run_grown(
+                epochs, seed, Path(tmp), verbose=False, history=False, recipe="default", train_draws=train_draws
+            )
+            fixed = run_fixed(epochs, seed, grown["depth"], Path(tmp), train_draws=train_draws)
             steps = max(1, round(fixed["steps"] * grown["train_flops"] / fixed["train_flops"]))
-            equal = run_fixed(epochs, seed, grown["depth"], Path(tmp), max_steps=steps)
-            small = run_fixed(epochs, seed, 4, Path(tmp))
-            for name, r in zip(runs, (grown, fixed, equal, small), strict=True):
+            equal = run_fixed(epochs, seed, grown["depth"], Path(tmp), max_steps=steps, train_draws=train_draws)
+            four = run_fixed(epochs, seed, 4, Path(tmp), train_draws=train_draws)
+            two = run_fixed(epochs, seed, 2, Path(tmp), train_draws=train_draws)
+            for name, r in zip(FRONTIER, (grown, fixed, equal, four, two), strict=True):
                 r.pop("curve", None)
                 runs[name].append(r)
                 print(f"seed {seed} {name:20s} acc {r['val_acc']:.3f} flops {r['train_flops']:.3g}", flush=True)
+            # Written after every seed: a stopped run keeps the seeds it finished.
+            record = {"config": config, "machine": machine, "summary": summarize(runs), "runs": runs}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(record, indent=2))
+    lines = table(record)
+    print("\n".join(lines))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return record
+
+
+def _paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, float, int]:
+    """``a - b`` in val_acc per seed: mean, std, and the seeds where ``a`` is higher."""
+    diffs = [x["val_acc"] - y["val_acc"] for x, y in zip(a, b, strict=True)]
+    mean, std = _mean_std(diffs)
+    return mean, std, sum(d > 0 for d in diffs)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per variant: val_acc mean/std, training FLOPs / fixed 6, paired grown - this; fixed 6 - this (whether the
+    benchmark tells the fixed depths apart); ``above_frontier``: grown beats both fixed 6 at equal FLOPs and fixed
+    4 by more than the std of the paired differences."""
     base = runs["fixed_6"]
     summary: dict[str, Any] = {}
     for name, results in runs.items():
         acc, acc_std = _mean_std([r["val_acc"] for r in results])
-        diff, diff_std = _mean_std([g["val_acc"] - r["val_acc"] for g, r in zip(runs["grown"], results)])
+        diff, diff_std, better = _paired(runs["grown"], results)
+        deeper, deeper_std, deeper_better = _paired(base, results)
         summary[name] = {
             "val_acc_mean": acc,
             "val_acc_std": acc_std,
             "flops_vs_fixed_6": statistics.fmean(r["train_flops"] / b["train_flops"] for r, b in zip(results, base)),
+            "steps": [r["steps"] for r in results],
             "grown_minus_this_mean": diff,
             "grown_minus_this_std": diff_std,
-            "grown_better_in": sum(g["val_acc"] > r["val_acc"] for g, r in zip(runs["grown"], results)),
+            "grown_better_in": better,
+            "fixed_6_minus_this_mean": deeper,
+            "fixed_6_minus_this_std": deeper_std,
+            "fixed_6_better_in": deeper_better,
             "cpu_s_mean": statistics.fmean(r["cpu_s"] for r in results),
         }
-    lines = [
-        f"# DepthGrowth() defaults on MNIST-1D: the fixed-model frontier ({epochs} epochs, seeds {seeds})",
-        "",
-        "Tiny timm ViT, 2 -> 6 blocks (ramped G_stack after a third of the steps). Val accuracy, mean ± std; "
-        "paired differences in points. `benchmarks/bench_growth.py --recipe default`.",
-        "",
-        "| variant | train FLOPs / fixed 6 | val acc | grown - this (points) | grown better in |",
-        "|---|---|---|---|---|",
-    ]
-    for name, e in summary.items():
-        mean, std = 100 * e["grown_minus_this_mean"], 100 * e["grown_minus_this_std"]
-        paired = "" if name == "grown" else f"{mean:+.1f} ± {std:.1f}"
-        better = "" if name == "grown" else f"{e['grown_better_in']} of {len(seeds)}"
-        lines.append(
-            f"| {name} | {e['flops_vs_fixed_6']:.2f} | {e['val_acc_mean']:.3f} ± {e['val_acc_std']:.3f} | {paired} | "
-            f"{better} |"
+    if {"fixed_6_equal_flops", "fixed_4"} <= summary.keys() and len(runs["grown"]) > 1:
+        summary["above_frontier"] = all(
+            summary[name]["grown_minus_this_mean"] > summary[name]["grown_minus_this_std"]
+            for name in ("fixed_6_equal_flops", "fixed_4")
         )
-    print("\n".join(lines))
-    record = {
-        "config": {"epochs": epochs, "seeds": seeds, "recipe": "DepthGrowth() defaults", "start_depth": 2},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "summary": summary,
-        "runs": runs,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
-    return record
+    return summary
+
+
+def table(record: dict[str, Any]) -> list[str]:
+    """The Markdown table of a :func:`frontier` record (its JSON)."""
+    config, summary = record["config"], record["summary"]
+    seeds, draws = config["seeds"], config.get("train_draws", [])
+    n = len(record["runs"]["grown"])
+    data = (
+        f"MNIST-1D's 4,000 training signals plus every signal of draws {', '.join(map(str, draws))} "
+        f"({config['train_signals']:,} signals)"
+        if draws
+        else "MNIST-1D's 4,000 training signals"
+    )
+    lines = [
+        f"# DepthGrowth() defaults on MNIST-1D: the fixed-model frontier ({config['epochs']} epochs, seeds {seeds})",
+        "",
+        f"Tiny timm ViT, 2 -> 6 blocks (ramped G_stack after a third of the steps); {data}; validation: MNIST-1D's "
+        f"1,000 test signals. Val accuracy, mean ± std over {n} seeds; paired differences in points (mean ± std of "
+        "the per-seed differences). Generated from the JSON by `benchmarks/bench_growth.py --recipe default`.",
+        "",
+        "| variant | steps | train FLOPs / fixed 6 | val acc | grown - this (points) | grown better in | "
+        "fixed 6 - this (points) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in FRONTIER:
+        if name not in summary:
+            continue
+        e = summary[name]
+        paired = (
+            ""
+            if name == "grown"
+            else f"{100 * e['grown_minus_this_mean']:+.1f} ± {100 * e['grown_minus_this_std']:.1f}"
+        )
+        better = "" if name == "grown" else f"{e['grown_better_in']} of {n}"
+        deeper = (
+            ""
+            if name == "fixed_6"
+            else f"{100 * e['fixed_6_minus_this_mean']:+.1f} ± {100 * e['fixed_6_minus_this_std']:.1f}"
+        )
+        steps = sorted(set(e.get("steps", [])))
+        shown = "-".join(map(str, (steps[0], steps[-1]) if len(steps) > 1 else steps))
+        lines.append(
+            f"| {name} | {shown} | {e['flops_vs_fixed_6']:.2f} | {e['val_acc_mean']:.3f} ± {e['val_acc_std']:.3f} | "
+            f"{paired} | {better} | {deeper} |"
+        )
+    lines += [
+        "",
+        "Per seed (val acc):",
+        "",
+        "| seed | " + " | ".join(FRONTIER) + " |",
+        "|---" * (len(FRONTIER) + 1) + "|",
+    ]
+    for i, seed in enumerate(seeds[:n]):
+        accs = [f"{record['runs'][name][i]['val_acc']:.3f}" for name in FRONTIER if name in record["runs"]]
+        lines.append(f"| {seed} | " + " | ".join(accs) + " |")
+    if "above_frontier" in summary:
+        verdict = "yes" if summary["above_frontier"] else "no"
+        lines += [
+            "",
+            f"Grown above the fixed-model frontier (better than fixed_6_equal_flops and fixed_4 by more than the "
+            f"paired std): **{verdict}**.",
+        ]
+    return lines
 
 
 if __name__ == "__main__":

@@ -48,8 +48,18 @@ def mnist1d_tensors(seed: int = 42) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return x(data["x"]), y(data["y"]), x(data["x_test"]), y(data["y_test"])
 
 
+# MNIST-1D's own draw (its test signals validate every run) and the draw the DMS benchmarks validate on as well.
+VALIDATION_DRAWS = (42, 43)
+
+
 class MNIST1DDataModule(pl.LightningDataModule):
-    """MNIST-1D train/val loaders. Shuffling uses a seeded generator so runs are reproducible."""
+    """MNIST-1D train/val loaders. Shuffling uses a seeded generator so runs are reproducible.
+
+    ``train_draws``: generator seeds of further MNIST-1D draws (the same templates, fresh noise and transforms)
+    whose every signal (train and test parts, 5,000 a draw) is appended to the training set, in the order given:
+    the data-rich protocol, e.g. ``(44, 45, 46)``: 19,000 training signals. The validation draws 42 and 43 are
+    refused. Validation is always MNIST-1D's 1,000 test signals (draw 42).
+    """
 
     def __init__(
         self,
@@ -58,15 +68,31 @@ class MNIST1DDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         limit_train: int | None = None,
+        train_draws: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
+        train_draws = tuple(train_draws)
+        if set(VALIDATION_DRAWS) & set(train_draws):
+            raise ValueError(
+                f"train_draws {train_draws} must not include the validation draws 42 and 43: their signals are "
+                "validation data; pick other generator seeds (e.g. 44 45 46)"
+            )
+        if len(set(train_draws)) != len(train_draws):
+            raise ValueError(f"train_draws {train_draws} repeats a draw; list each generator seed once")
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
-        self.shuffle, self.limit_train = shuffle, limit_train
+        self.shuffle, self.limit_train, self.train_draws = shuffle, limit_train, train_draws
 
     def setup(self, stage: str | None = None) -> None:
         xtr, ytr, xte, yte = mnist1d_tensors()
         if self.limit_train is not None:
             xtr, ytr = xtr[: self.limit_train], ytr[: self.limit_train]
+        if self.train_draws:
+            xs, ys = [xtr], [ytr]
+            for draw in self.train_draws:
+                xa, ya, xb, yb = mnist1d_tensors(draw)
+                xs += [xa, xb]
+                ys += [ya, yb]
+            xtr, ytr = torch.cat(xs), torch.cat(ys)
         self.train_set, self.val_set = TensorDataset(xtr, ytr), TensorDataset(xte, yte)
 
     def train_dataloader(self) -> DataLoader:

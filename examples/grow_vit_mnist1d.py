@@ -6,14 +6,21 @@ a third of the optimizer steps (G_stack, 2 -> 6 blocks) and ramps the copies in 
 ``--recipe paper`` is ``DepthGrowth.paper()``: zero-initialised blocks every 2 epochs after a 2-epoch warm-up
 until ``--budget`` times the starting parameters. Two baselines are built at the grown model's final depth: one
 trained for the same number of epochs, one trained (with its own full schedule) for the epochs that cost what the
-grown run cost in training FLOPs. Every run prints its accuracy, FLOPs and time; the grown run also prints its
-architecture after every epoch and writes ``architecture_history.json`` plus an HTML report (ArchitectureLogger)
-under ``--out``. MNIST-1D is data-limited: growth does not beat a same-size model trained from the start here
-(see ``docs/growth.md``); the demo prints whatever this run measures.
+grown run cost in training FLOPs. A fixed 4-block model (cheaper than the grown run) is trained as well: growth
+has to beat it too to be worth its FLOPs. Every run prints its accuracy, FLOPs and time; the grown run also prints
+its architecture after every epoch and writes ``architecture_history.json`` plus an HTML report
+(ArchitectureLogger) under ``--out``. MNIST-1D is data-limited: growth does not beat a same-size model trained from
+the start here (see ``docs/growth.md``); the demo prints whatever this run measures.
+
+``--train-draws 44 45 46`` adds three more MNIST-1D draws (generated offline, 5,000 signals each) to the 4,000
+training signals: the data-rich protocol of ``benchmarks/results/growth_rich_protocol.md``. There too growth was not
+above the fixed-model frontier (12 epochs, 5 fresh seeds: grown - fixed 6 at equal FLOPs -0.3 ± 1.0 points, grown -
+fixed 4 -0.9 ± 1.2; ``benchmarks/results/growth_rich_confirm.md``).
 
 Run (a few minutes on 2 CPU cores; ``--quick`` for a smoke run of a few seconds):
 
     python examples/grow_vit_mnist1d.py --epochs 12 --seed 0
+    python examples/grow_vit_mnist1d.py --epochs 12 --train-draws 44 45 46  # 19,000 training signals
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ from lightning_depthgrow.callbacks.depth_growth import DepthGrowth
 from lightning_depthgrow.measure import count_flops, count_parameters
 
 BATCH_SIZE = 128  # MNIST1DDataModule's
+# The demo's data and length (see the module docstring); SMALL_DEPTH: the cheaper fixed model it also trains.
+TRAIN_DRAWS: tuple[int, ...] = ()
+EPOCHS = 12
+SMALL_DEPTH = 4
 
 
 class ArchitecturePrinter(Callback):
@@ -128,13 +139,14 @@ def run_grown(
     verbose: bool = True,
     history: bool = True,
     recipe: str = "paper",
+    train_draws: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Train a 2-block ViT that grows while it trains; returns accuracy, time, training FLOPs and architecture.
 
     ``recipe="paper"``: ``DepthGrowth.paper()`` to ``budget`` x the parameters (``warmup_epochs``, ``grow_every``,
     ``placement`` apply); ``recipe="default"``: ``DepthGrowth()``'s defaults (ramped G_stack, 2 -> 6 blocks after
     a third of the steps). ``history`` adds the ArchitectureLogger (JSON history and HTML report); ``verbose``
-    prints every epoch.
+    prints every epoch. ``train_draws``: more MNIST-1D draws in the training set (:class:`MNIST1DDataModule`).
     """
     pl.seed_everything(seed, verbose=False)
     module = Classifier(make_vit(depth=2), max_epochs=epochs)
@@ -163,7 +175,7 @@ def run_grown(
         callbacks.append(ArchitecturePrinter(growth))
     trainer = build_trainer(epochs, callbacks, out, quick)
     start, cpu = time.perf_counter(), time.process_time()
-    trainer.fit(module, MNIST1DDataModule(seed=seed))
+    trainer.fit(module, MNIST1DDataModule(seed=seed, train_draws=train_draws))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     events = event_log(module)
     return {
@@ -188,19 +200,27 @@ def step_flops(depth: int) -> int:
 
 
 def run_fixed(
-    epochs: int, seed: int, depth: int, out: Path, quick: bool = False, max_steps: int = -1
+    epochs: int,
+    seed: int,
+    depth: int,
+    out: Path,
+    quick: bool = False,
+    max_steps: int = -1,
+    train_draws: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Train a fixed ViT of ``depth`` blocks for ``epochs`` epochs, or ``max_steps`` optimizer steps when given
-    (its warm-up and cosine then span those steps; validated at the end); returns accuracy, time and size."""
+    (its warm-up and cosine then span those steps; validated at the end); returns accuracy, time and size.
+    ``train_draws``: more MNIST-1D draws in the training set (:class:`MNIST1DDataModule`)."""
     pl.seed_everything(seed, verbose=False)
     module = Classifier(make_vit(depth=depth), max_epochs=epochs)
     clock = EpochClock()
     trainer = build_trainer(epochs, [clock], out, quick, max_steps=max_steps)
     start, cpu = time.perf_counter(), time.process_time()
-    trainer.fit(module, MNIST1DDataModule(seed=seed))
+    data = MNIST1DDataModule(seed=seed, train_draws=train_draws)
+    trainer.fit(module, data)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     if max_steps >= 0:  # stopped inside an epoch: validate the final weights
-        val_acc = float(trainer.validate(module, MNIST1DDataModule(seed=seed), verbose=False)[0]["val_acc"])
+        val_acc = float(trainer.validate(module, data, verbose=False)[0]["val_acc"])
     else:
         val_acc = float(trainer.callback_metrics["val_acc"])
     return {
@@ -222,7 +242,7 @@ def time_to_accuracy(curve: list[dict[str, float]], target: float) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--recipe",
@@ -231,43 +251,79 @@ def main(argv: list[str] | None = None) -> None:
         help="default: DepthGrowth() (ramped G_stack, 2 -> 6 blocks); paper: DepthGrowth.paper()",
     )
     parser.add_argument("--budget", type=float, default=3.0, help="--recipe paper: final parameters, x the start")
+    parser.add_argument(
+        "--train-draws",
+        type=int,
+        nargs="*",
+        default=list(TRAIN_DRAWS),
+        metavar="SEED",
+        help="more MNIST-1D draws (generator seeds, not 42 or 43) whose every signal (5,000 a draw) joins the "
+        f"4,000 training signals (default: {' '.join(map(str, TRAIN_DRAWS)) or 'none'}; pass the flag alone for "
+        "none)",
+    )
     parser.add_argument("--quick", action="store_true", help="a few batches per epoch, 3 epochs: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("runs/grow_vit_mnist1d"))
     args = parser.parse_args(argv)
     epochs = 3 if args.quick else args.epochs
     warmup, every = (1, 1) if args.quick else (2, 2)
-    mnist1d_tensors()  # generate the data set once, outside the timed runs
+    draws = tuple(args.train_draws)
+    MNIST1DDataModule(train_draws=draws)  # refuses the validation draws before any run
+    for draw in (42, *draws):
+        mnist1d_tensors(draw)  # generate the data once, outside the timed runs
+    signals = 4000 + 5000 * len(draws)
+    data = f"draws {', '.join(map(str, draws))} added: {signals:,} training signals" if draws else "4,000 signals"
 
     what = "DepthGrowth() (ramped G_stack)" if args.recipe == "default" else f"DepthGrowth.paper(), {args.budget}x"
-    print(f"== grown ViT: 2 blocks, {what}, {epochs} epochs ==", flush=True)
-    grown = run_grown(epochs, args.seed, args.out, args.budget, warmup, every, quick=args.quick, recipe=args.recipe)
+    print(f"== grown ViT: 2 blocks, {what}, {epochs} epochs, MNIST-1D ({data}) ==", flush=True)
+    grown = run_grown(
+        epochs,
+        args.seed,
+        args.out,
+        args.budget,
+        warmup,
+        every,
+        quick=args.quick,
+        recipe=args.recipe,
+        train_draws=draws,
+    )
     depth = grown["depth"]
     print(f"== fixed ViT: {depth} blocks from the start, {epochs} epochs ==", flush=True)
-    fixed = run_fixed(epochs, args.seed, depth, args.out, quick=args.quick)
+    fixed = run_fixed(epochs, args.seed, depth, args.out, quick=args.quick, train_draws=draws)
     # Equal training compute: the same model trained for the optimizer steps the grown run's FLOPs pay for, with
     # its own full schedule (warm-up and cosine over those steps).
     equal_steps = max(1, round(fixed["steps"] * grown["train_flops"] / fixed["train_flops"]))
     print(f"== fixed ViT: {depth} blocks, {equal_steps} steps (the grown run's training FLOPs) ==", flush=True)
-    equal = run_fixed(epochs, args.seed, depth, args.out, quick=args.quick, max_steps=equal_steps)
+    equal = run_fixed(epochs, args.seed, depth, args.out, quick=args.quick, max_steps=equal_steps, train_draws=draws)
+    # The fixed model that costs less than the grown run: growth has to beat it too to be worth its FLOPs.
+    print(f"== fixed ViT: {SMALL_DEPTH} blocks from the start, {epochs} epochs ==", flush=True)
+    small = run_fixed(epochs, args.seed, SMALL_DEPTH, args.out, quick=args.quick, train_draws=draws)
 
     print()
     print(
         f"{'model':14s} {'depth':>5s} {'steps':>6s} {'params':>9s} {'val_acc':>8s} {'train FLOPs':>12s} "
         f"{'wall s':>7s} {'CPU s':>7s}"
     )
-    for name, r in (("grown", grown), ("fixed", fixed), ("fixed, = FLOPs", equal)):
+    rows = (("grown", grown), ("fixed", fixed), ("fixed, = FLOPs", equal), (f"fixed {SMALL_DEPTH}", small))
+    for name, r in rows:
         print(
             f"{name:14s} {r['depth']:5d} {r['steps']:6d} {r['params']:9,d} {r['val_acc']:8.3f} "
             f"{r['train_flops'] / fixed['train_flops']:11.2f}x {r['wall_s']:7.1f} {r['cpu_s']:7.1f}"
         )
-    for name, r in (("fixed", fixed), ("fixed at equal FLOPs", equal)):
+    for name, r in (("fixed", fixed), ("fixed at equal FLOPs", equal), (f"fixed {SMALL_DEPTH}", small)):
         print(f"grown - {name}: {100 * (grown['val_acc'] - r['val_acc']):+.1f} points of val_acc")
     reached = time_to_accuracy(fixed["curve"], grown["val_acc"])
     when = f"epoch {reached['epoch']}, {reached['cpu_s']:.1f} CPU s" if reached else "never"
     print(f"the fixed model reached the grown model's final val_acc {grown['val_acc']:.3f} at: {when}")
-    print("one seed on a data-limited task; benchmarks/ has the multi-seed comparisons (docs/growth.md)")
+    task = "with more training data" if draws else "on a data-limited task"
+    print(f"one seed {task}; benchmarks/ has the multi-seed comparisons (docs/growth.md)")
     print(f"architecture history and report: {args.out}")
-    comparison = {"grown": grown, "fixed": fixed, "fixed_equal_flops": equal}
+    comparison = {
+        "train_draws": list(draws),
+        "grown": grown,
+        "fixed": fixed,
+        "fixed_equal_flops": equal,
+        f"fixed_{SMALL_DEPTH}": small,
+    }
     (args.out / "comparison.json").write_text(json.dumps(comparison, indent=2))
 
 

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from examples.grow_vit_mnist1d import TRAIN_DRAWS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +36,10 @@ def test_demo_quick_runs_and_compares_at_equal_flops(tmp_path: Path) -> None:
     runs = json.loads((tmp_path / "comparison.json").read_text())
     grown, fixed, equal = runs["grown"], runs["fixed"], runs["fixed_equal_flops"]
     assert grown["depth"] == fixed["depth"] == equal["depth"] == 6
+    assert runs["fixed_4"]["depth"] == 4 and runs["fixed_4"]["steps"] == fixed["steps"]
+    assert runs["fixed_4"]["train_flops"] < grown["train_flops"]
+    assert "grown - fixed 4:" in result.stdout
+    assert runs["train_draws"] == list(TRAIN_DRAWS)
     assert grown["params"] == fixed["params"]
     assert grown["steps"] == fixed["steps"]
     # Grown at 1/3 of the steps from 2 to 6 blocks: the first third at the 2-block cost.
@@ -42,3 +48,18 @@ def test_demo_quick_runs_and_compares_at_equal_flops(tmp_path: Path) -> None:
     assert equal["steps"] == round(fixed["steps"] * ratio)
     assert abs(equal["train_flops"] / grown["train_flops"] - 1) < 1 / equal["steps"] + 1e-9
     assert [e["kind"] for e in grown["events"]] == ["stack_blocks", "fold_ramps"]
+
+
+def test_demo_refuses_a_validation_draw_before_any_run(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "grow_vit_mnist1d.py"), "--train-draws", "44", "42"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "must not include the validation draws 42 and 43" in result.stderr
+    assert "== grown ViT" not in result.stdout and not list(tmp_path.iterdir())
