@@ -26,6 +26,8 @@ REFERENCE = "fixed_final_growth_lr"
 GROWN = "stack_ramp"
 FRONTIER = "fixed_4_growth_lr"
 TARGET = 0.65
+#: The steps at which the paired difference (grown minus reference, same step) is shown: how the advantage evolves.
+TRAJECTORY_STEPS = (1500, 2000, 2500, 3000)
 #: (phase, seeds, result files as a glob over seeds).
 PHASES = [
     ("pilot (seeds 12-14, information)", (12, 13, 14), "growth_lm_3000_pilot_*s*.json"),
@@ -67,8 +69,35 @@ def seed_row(ref: dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any]:
             total=run["flops"] / ref["flops"],
             reach=None if first is None else first["flops"] / ref["flops"],
             reach_interp=None if interpolated is None else interpolated / ref["flops"],
+            grown_gap=run["val_loss"] - run["train_loss_end"] if "train_loss_end" in run else None,
+            trajectory=_same_step_diffs(run, ref),
         )
     return row
+
+
+def _same_step_diffs(run: dict[str, Any], ref: dict[str, Any]) -> dict[int, float]:
+    """Grown minus reference validation loss at the same step, at :data:`TRAJECTORY_STEPS` (where both have it)."""
+    a = {row["step"]: row["val_loss"] for row in run["curve"]}
+    b = {row["step"]: row["val_loss"] for row in ref["curve"]}
+    return {step: a[step] - b[step] for step in TRAJECTORY_STEPS if step in a and step in b}
+
+
+def trajectory_table(phases: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """Per seed the grown run's validation loss minus the reference's at the same step, and both runs' gaps."""
+    lines = [
+        "| phase | seed | "
+        + " | ".join(f"grown minus reference at step {step}" for step in TRAJECTORY_STEPS)
+        + " | reference val minus train loss | grown val minus train loss |",
+        "|---|---|" + "---|" * (len(TRAJECTORY_STEPS) + 2),
+    ]
+    for phase, rows in phases:
+        for r in rows:
+            if "diff" not in r:
+                continue
+            cells = [f"{r['trajectory'][s]:+.4f}" if s in r["trajectory"] else "-" for s in TRAJECTORY_STEPS]
+            cells += ["-" if r[k] is None else f"{r[k]:+.4f}" for k in ("ref_gap", "grown_gap")]
+            lines.append(f"| {phase} | {r['seed']} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
 
 
 def phase_rows(pattern: str) -> list[dict[str, Any]]:
@@ -202,6 +231,11 @@ def main() -> str:
         "bytes (about 6.2 passes over them by the end).\n\n"
         "## Per seed\n\n" + seeds_table(phases) + "\nMean ± std over seeds (sample std; `-` where a seed has no "
         "value):\n\n" + "\n".join(summary_lines(phases)) + "\n\n"
+        "## The advantage over training\n\nThe grown run's validation loss minus the reference's at the same step "
+        "(both have trained the same steps on the same data; the grown run with less compute), and each run's "
+        "final loss on the held-out windows minus its loss on as many fixed windows of the training bytes.\n\n"
+        + trajectory_table(phases)
+        + "\n"
         f"Stop rule (pilot): {stop_rule(pilot)}.\n\n"
         f"Success (issue-14 target, reach-ratio <= {TARGET}x on each of seeds 27, 28, 29): "
         f"{success(confirm, PHASES[1][1])}.\n\n"
