@@ -18,10 +18,15 @@ def test_interpolated_reach_is_linear_between_the_points_around_the_crossing():
 
 
 def _row(seed: int, diff: float, reach_flops: float | None) -> dict:
-    ref = {"seed": seed, "val_loss": 1.5, "flops": 40, "train_loss_end": 1.4}
-    curve = [{"flops": 10, "val_loss": 3.0}] + (
-        [] if reach_flops is None else [{"flops": reach_flops, "val_loss": 1.5}]
-    )
+    ref = {
+        "seed": seed,
+        "val_loss": 1.5,
+        "flops": 40,
+        "train_loss_end": 1.4,
+        "curve": [{"step": 1500, "val_loss": 2.0}],
+    }
+    curve = [{"step": 1500, "flops": 10, "val_loss": 3.0}]
+    curve += [] if reach_flops is None else [{"step": 3000, "flops": reach_flops, "val_loss": 1.5}]
     return seed_row(ref, {"val_loss": 1.5 + diff, "flops": 30, "curve": curve})
 
 
@@ -30,6 +35,8 @@ def test_seed_row_figures():
     assert row["reach"] == pytest.approx(0.6)
     assert row["total"] == pytest.approx(0.75)
     assert row["ref_gap"] == pytest.approx(0.1)
+    assert row["grown_gap"] is None  # the grown run has no train_loss_end here
+    assert row["trajectory"] == {1500: pytest.approx(1.0)}
     assert _row(27, 0.01, None)["reach"] is None
 
 
