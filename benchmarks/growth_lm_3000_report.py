@@ -188,6 +188,29 @@ def success(rows: list[dict[str, Any]], seeds: tuple[int, ...]) -> str:
     return text + (f" (not finished: {', '.join(map(str, missing))})" if missing else "")
 
 
+#: The 1,500-step study with the same recipe (``growth_lm_1500_clip_protocol.md``), its choice stage (the pilot's
+#: seeds 12-14): the same-length grown runs and their references (not its ``T1300`` files).
+SHORT_HORIZON = "growth_lm_1500_clip_choice_[rs]*.json"
+
+
+def horizon_table(long_rows: list[dict[str, Any]], short_pattern: str = SHORT_HORIZON) -> str:
+    """The hypothesis directly: per seed run at both horizons, the paired difference and the reach-ratio at 1,500
+    steps (the clipped study) and at 3,000 steps (this one)."""
+    short = {r["seed"]: r for r in phase_rows(short_pattern) if "diff" in r}
+    lines = [
+        "| seed | grown minus reference, 1,500 steps | grown minus reference, 3,000 steps | reach-ratio, 1,500 steps "
+        "| reach-ratio, 3,000 steps |",
+        "|---|---|---|---|---|",
+    ]
+    for r in long_rows:
+        a = short.get(r["seed"])
+        if a is None or "diff" not in r:
+            continue
+        cells = [f"{a['diff']:+.4f}", f"{r['diff']:+.4f}", _cell(a["reach"], ".3f"), _cell(r["reach"], ".3f")]
+        lines.append(f"| {r['seed']} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def frontier_table(pattern: str) -> str:
     """The fixed 4-block model on the same schedule against the reference and the grown run, per seed."""
     record = load(pattern)
@@ -235,6 +258,10 @@ def main() -> str:
         "(both have trained the same steps on the same data; the grown run with less compute), and each run's "
         "final loss on the held-out windows minus its loss on as many fixed windows of the training bytes.\n\n"
         + trajectory_table(phases)
+        + "\n"
+        "## 1,500 vs 3,000 steps, same seeds (the hypothesis)\n\n1,500 steps: `growth_lm_1500_clip_choice_*.json` "
+        "(its choice stage, same length), same recipe at half the steps (growth at step 500, ramp 180).\n\n"
+        + horizon_table(pilot)
         + "\n"
         f"Stop rule (pilot): {stop_rule(pilot)}.\n\n"
         f"Success (issue-14 target, reach-ratio <= {TARGET}x on each of seeds 27, 28, 29): "
