@@ -114,9 +114,12 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def _mean_std(values: list[float | None], fmt: str) -> str:
-    """Mean ± sample std, only when every seed has a value (a run that never reaches has no ratio)."""
-    if len(values) < 2 or any(v is None for v in values):
+    """Mean ± sample std (the value itself for one seed), only when every seed has a value (a run that never
+    reaches has no ratio)."""
+    if not values or any(v is None for v in values):
         return "-"
+    if len(values) == 1:
+        return format(values[0], fmt)
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), '.4f')}"
 
 
