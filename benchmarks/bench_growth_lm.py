@@ -26,7 +26,8 @@ Variants, per seed, all with the same data order and schedule length unless said
   full warm-up + cosine schedule (the fixed model at equal compute).
 
 Compute is counted in FLOPs (``FlopCounterMode`` on one training step per depth) and block-steps. Reported:
-final validation loss (nats/byte and bits/byte), mean +- std over seeds, paired differences to the fixed
+final validation loss (nats/byte and bits/byte; each run also records ``train_loss_end``, its final loss on as many
+fixed windows of the training bytes, for the train-vs-val gap), mean +- std over seeds, paired differences to the fixed
 final-size model, the FLOPs each grown run needs to first reach the fixed final-size model's final loss, and
 per block of the final model its residual-update ratio and the loss increase when it is skipped.
 
@@ -82,8 +83,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.tasks import (
     ByteLM,
+    EvenWindows,
     LMConfig,
     block_diagnostics,
+    lm_loss,
     lm_setup,
     make_gpt,
     mean_std,
@@ -293,6 +296,7 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     result = train_lm(config, seed, callbacks=callbacks, model=model)
     result["steps"] = config.steps
     result["blocks"] = block_diagnostics(model, config)
+    result["train_loss_end"] = train_window_loss(model, config)
     result["ramped_at_end"] = ramped_blocks(model)
     if growth is not None:
         result["events"] = growth.events
@@ -302,6 +306,20 @@ def run_variant(name: str, config: LMConfig, seed: int, args: argparse.Namespace
     if name == TWO_STEP:
         result["growth"] = {"at": args.two_step_at, "ramp_steps": args.ramp_steps, "blocks_per_step": args.start_depth}
     return result
+
+
+@torch.no_grad()
+def train_window_loss(model: torch.nn.Module, config: LMConfig) -> float:
+    """The trained model's loss on ``config.val_windows`` fixed windows spread evenly over the *training* bytes
+    (:class:`~benchmarks.tasks.EvenWindows`, as the validation windows are over the held-out bytes): with the final
+    validation loss, the end-of-training train-vs-val gap (does repeating the training bytes matter?)."""
+    train, _, _ = stdlib_corpus(config.corpus)
+    batch = torch.stack(list(EvenWindows(train, config.context, config.val_windows)))
+    was_training = model.training
+    model.eval()
+    loss = float(lm_loss(model, batch))
+    model.train(was_training)
+    return loss
 
 
 def grown_config(config: LMConfig, args: argparse.Namespace) -> LMConfig:
