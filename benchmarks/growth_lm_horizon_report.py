@@ -61,6 +61,34 @@ def seed_figures(ref: dict[str, Any], grown: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: (horizon, result files holding fixed models at or below the grown run's compute, run on the confirmation seeds)
+FRONTIER = [(750, "growth_lm_750_confirm_frontier_s*.json"), (3000, "growth_lm_3000_confirm_fixed4_s*.json")]
+FIXED = {"fixed_4_growth_lr": "fixed 4 blocks, restarted schedule", "fixed_final_equal": "fixed 6 at the grown FLOPs"}
+
+
+def frontier_rows(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per horizon, seed and fixed model of the frontier files: its final loss, FLOPs over the reference's, and the
+    grown run's final loss minus it (the grown run from :func:`rows`)."""
+    grown = {(r["steps"], r["seed"]): r for r in table if r["fresh"]}
+    out = []
+    for steps, pattern in FRONTIER:
+        for variant, label in FIXED.items():
+            for seed, run in sorted(by_seed([pattern], variant).items()):
+                ref = by_seed([pattern])[seed]
+                if (steps, seed) in grown:
+                    out.append(
+                        {
+                            "steps": steps,
+                            "seed": seed,
+                            "fixed": label,
+                            "loss": run["val_loss"],
+                            "flops": run["flops"] / ref["flops"],
+                            "grown_minus": grown[(steps, seed)]["grown"] - run["val_loss"],
+                        }
+                    )
+    return out
+
+
 def rows() -> list[dict[str, Any]]:
     """Every finished seed of every study, in the order of :data:`STUDIES`."""
     out = []
@@ -113,6 +141,18 @@ def markdown(table: list[dict[str, Any]]) -> str:
             f"| {steps} | {', '.join(str(r['seed']) for r in fresh)} | {_mean_std([r['diff'] for r in fresh])} | "
             f"{', '.join(_fmt(r['reach']) for r in fresh)} | {met} of {len(fresh)} |"
         )
+    frontier = frontier_rows(table)
+    if frontier:
+        lines += ["", "## The fixed-model frontier (information, confirmation seeds)", ""]
+        lines += [
+            "| steps | seed | fixed model | final loss | FLOPs / reference | grown minus it |",
+            "|---|---|---|---|---|---|",
+        ]
+        for f in frontier:
+            lines.append(
+                f"| {f['steps']} | {f['seed']} | {f['fixed']} | {f['loss']:.4f} | {f['flops']:.3f} | "
+                f"{f['grown_minus']:+.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
