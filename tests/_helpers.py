@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,24 @@ from lightning_depthgrow import register_block
 from lightning_depthgrow.dms.resource import _set_keep
 from lightning_depthgrow.events import event_log
 from lightning_depthgrow.surgery.ramp import ramped_blocks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(script: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python examples/<script> --quick --out <out> <args>`` in a fresh process (one thread, the repository on the
+    path, ``out`` as the working directory), asserting that it exits cleanly; its stdout and stderr as text."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--quick", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=out,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:

@@ -15,21 +15,11 @@ import sys
 from pathlib import Path
 
 from examples.grow_vit_mnist1d import TRAIN_DRAWS
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests._helpers import ROOT, run_example
 
 
 def test_demo_quick_runs_and_compares_at_equal_flops(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "grow_vit_mnist1d.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_example("grow_vit_mnist1d.py", tmp_path)
     assert "stacked 'model.blocks' (2 -> 6 blocks" in result.stdout
     assert "folded the finished ramps of blocks" in result.stdout  # DepthGrowth.describe of a fold event
     assert "grown - fixed at equal FLOPs" in result.stdout

@@ -9,25 +9,13 @@ and every printed difference is the one its comparison file holds.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._helpers import run_example
 
 
 def test_lm_demo_quick_runs_and_compares_at_equal_flops(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "grow_gpt_stdlib.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_example("grow_gpt_stdlib.py", tmp_path)
     assert "stacked 'model.blocks' (2 -> 6 blocks" in result.stdout + result.stderr  # a log line (stderr)
     runs = json.loads((tmp_path / "comparison.json").read_text())
     grown, fixed, equal, small = runs["grown"], runs["fixed 6"], runs["fixed 6, equal FLOPs"], runs["fixed 4"]
