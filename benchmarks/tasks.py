@@ -356,12 +356,14 @@ def train_lm(
     seed: int,
     callbacks: list[Callback] | None = None,
     model: nn.Module | None = None,
+    module_class: type[ByteLM] = ByteLM,
 ) -> dict[str, Any]:
     """Train one byte-level GPT with ``Trainer.fit`` and return its validation curve and compute.
 
     ``seed`` fixes the initial weights and the training windows (so two variants with the same seed see the
     same data in the same order). ``callbacks`` are added to the Trainer (e.g. a growth callback); ``model``
-    replaces the default ``make_gpt(config)``.
+    replaces the default ``make_gpt(config)``; ``module_class`` (a ``ByteLM`` subclass, e.g. with another LR
+    schedule) wraps it.
 
     Returns a dict with ``val_loss`` / ``val_bpb`` (final), ``curve`` (rows of :class:`ComputeCurve`),
     ``block_steps``, ``flops``, ``depth`` (final), ``params``, ``cpu_s``, ``wall_s``, ``depth_per_step``.
@@ -369,7 +371,7 @@ def train_lm(
     train, val, _ = stdlib_corpus(config.corpus)
     pl.seed_everything(seed, verbose=False)
     net = make_gpt(config) if model is None else model
-    module = ByteLM(net, config)
+    module = module_class(net, config)
     train_loader = DataLoader(
         RandomWindows(train, config.context, config.steps * config.batch_size, seed), batch_size=config.batch_size
     )

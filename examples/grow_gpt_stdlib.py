@@ -29,7 +29,6 @@ import json
 import logging
 import multiprocessing
 import sys
-import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -42,17 +41,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``examples`` and ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.tasks import (
-    ByteLM,
-    ComputeCurve,
-    EvenWindows,
-    LMConfig,
-    RandomWindows,
-    make_gpt,
-    stdlib_corpus,
-    train_step_flops,
-)
-from examples.common import quiet_trainer
+from benchmarks.tasks import ByteLM, LMConfig, stdlib_corpus, train_lm, train_step_flops
 from lightning_depthgrow.callbacks import DepthGrowth
 from lightning_depthgrow.growth.schedule import GrowthCosineLR
 
@@ -88,38 +77,9 @@ def run(name: str, config: LMConfig, seed: int) -> dict[str, Any]:
     for name_ in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name_).addFilter(_quiet)  # no per-run banner; the growth events stay
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    train, val, _ = stdlib_corpus(config.corpus)
-    pl.seed_everything(seed, verbose=False)
-    module = RestartedByteLM(make_gpt(config), config)
     callbacks: list[pl.Callback] = [DepthGrowth()] if name == "grown" else []
-    curve = ComputeCurve(config)
-    trainer = quiet_trainer(
-        1,
-        [*callbacks, curve],
-        max_steps=config.steps,
-        val_check_interval=min(config.eval_every, config.steps),
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
-    windows = RandomWindows(train, config.context, config.steps * config.batch_size, seed)
-    loader = torch.utils.data.DataLoader(windows, batch_size=config.batch_size)
-    val_loader = torch.utils.data.DataLoader(EvenWindows(val, config.context, config.val_windows), batch_size=64)
-    start = time.process_time()
-    trainer.fit(module, loader, val_loader)
-    if not curve.rows or curve.rows[-1]["step"] != config.steps:
-        trainer.validate(module, val_loader, verbose=False)
-        curve.on_validation_end(trainer, module)
-    return {
-        "name": name,
-        "depth": len(module.model.blocks),
-        "steps": config.steps,
-        "params": sum(p.numel() for p in module.parameters()),
-        "val_loss": curve.rows[-1]["val_loss"],
-        "flops": curve.flops,
-        "cpu_s": time.process_time() - start,
-        "curve": curve.rows,
-    }
+    result = train_lm(config, seed, callbacks=callbacks, module_class=RestartedByteLM)
+    return {"name": name, "steps": config.steps, **result}
 
 
 def equal_flops_steps(config: LMConfig) -> int:
