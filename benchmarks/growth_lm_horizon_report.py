@@ -75,9 +75,10 @@ def frontier_rows(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     grown = {(r["steps"], r["seed"]): r for r in table if r["fresh"]}
     out = []
     for steps, pattern in FRONTIER:
+        refs = by_seed([pattern])
         for variant, label in FIXED.items():
             for seed, run in sorted(by_seed([pattern], variant).items()):
-                ref = by_seed([pattern])[seed]
+                ref = refs[seed]
                 if (steps, seed) in grown:
                     out.append(
                         {
