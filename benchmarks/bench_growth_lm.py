@@ -86,6 +86,7 @@ from benchmarks.tasks import (
     EvenWindows,
     LMConfig,
     block_diagnostics,
+    equal_flops_steps,
     lm_loss,
     lm_setup,
     make_gpt,
@@ -347,10 +348,7 @@ def equal_compute_steps(config: LMConfig, args: argparse.Namespace) -> int:
     """Steps of the final-size model whose FLOPs equal a grown run's (growth after ``grow_at`` of the grown run's
     steps: ``--grown-steps`` where given, else ``config.steps``)."""
     steps = config.steps if args.grown_steps is None else args.grown_steps
-    at_step = round(args.grow_at * steps)
-    small, large = train_step_flops(config, args.start_depth), train_step_flops(config, args.start_depth * args.factor)
-    grown = at_step * small + (steps - at_step) * large
-    return round(grown / large)
+    return equal_flops_steps(config, steps, args.grow_at, args.start_depth, args.start_depth * args.factor)
 
 
 def first_reach(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:

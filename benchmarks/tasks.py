@@ -310,6 +310,14 @@ def train_step_flops(config: LMConfig, depth: int) -> int:
     return int(counter.get_total_flops())
 
 
+def equal_flops_steps(config: LMConfig, steps: int, grow_at: float, start_depth: int, final_depth: int) -> int:
+    """Optimizer steps of the ``final_depth``-block model whose training FLOPs equal those of a run of ``steps`` steps
+    that grows from ``start_depth`` to ``final_depth`` blocks after ``round(grow_at * steps)`` of them."""
+    at_step = round(grow_at * steps)
+    small, large = train_step_flops(config, start_depth), train_step_flops(config, final_depth)
+    return round((at_step * small + (steps - at_step) * large) / large)
+
+
 class ComputeCurve(Callback):
     """Counts training compute per optimizer step and records it with every validation result.
 

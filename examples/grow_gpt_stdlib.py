@@ -41,7 +41,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``examples`` and ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.tasks import ByteLM, LMConfig, stdlib_corpus, train_lm, train_step_flops
+from benchmarks.tasks import ByteLM, LMConfig, equal_flops_steps, stdlib_corpus, train_lm
 from lightning_depthgrow.callbacks import DepthGrowth
 from lightning_depthgrow.growth.schedule import GrowthCosineLR
 
@@ -82,18 +82,18 @@ def run(name: str, config: LMConfig, seed: int) -> dict[str, Any]:
     return {"name": name, "steps": config.steps, **result}
 
 
-def equal_flops_steps(config: LMConfig) -> int:
-    """Steps of the fixed 6-block model whose training FLOPs equal the grown run's."""
-    grow = round(GROW_AT * config.steps)
-    small, large = train_step_flops(config, START_DEPTH), train_step_flops(config, FINAL_DEPTH)
-    return round((grow * small + (config.steps - grow) * large) / large)
-
-
 def plan(config: LMConfig) -> list[tuple[str, LMConfig]]:
     return [
         ("grown", replace(config, depth=START_DEPTH)),
         ("fixed 6", replace(config, depth=FINAL_DEPTH)),
-        ("fixed 6, equal FLOPs", replace(config, depth=FINAL_DEPTH, steps=equal_flops_steps(config))),
+        (
+            "fixed 6, equal FLOPs",
+            replace(
+                config,
+                depth=FINAL_DEPTH,
+                steps=equal_flops_steps(config, config.steps, GROW_AT, START_DEPTH, FINAL_DEPTH),
+            ),
+        ),
         ("fixed 4", replace(config, depth=4)),
     ]
 
