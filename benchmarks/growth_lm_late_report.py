@@ -34,7 +34,7 @@ PREFIX = "growth_lm_750_late"
 PHASES = ("pilot", "confirm")
 #: The fixed 6-block runs (the candidates for the strict reference) and the fixed models of the frontier.
 FIXED6 = re.compile(r"^(fixed_6|fixed_final_growth_lr_at[0-9.]+)$")
-FRONTIER = re.compile(r"^(fixed_4|fixed_4_growth_lr_at[0-9.]+|fixed_final_equal_at[0-9.]+)$")
+FRONTIER = re.compile(r"^(fixed_2|fixed_4|fixed_4_growth_lr_at[0-9.]+|fixed_final_equal_at[0-9.]+)$")
 NAME = re.compile(rf"^{PREFIX}_(?P<phase>[a-z]+)_(?P<run>.+)_s(?P<seed>\d+)\.json$")
 
 

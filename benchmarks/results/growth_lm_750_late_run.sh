@@ -28,6 +28,6 @@ case $1 in
     pilot) joblist pilot "12 13 14" "0.4 0.5 0.6" ;;
     confirm) joblist confirm "400 401 402" "$2" ;;
     frontier) for s in 400 401 402; do
-        echo "confirm $s fixed_4 $2"; echo "confirm $s fixed_4_growth_lr $2"; echo "confirm $s fixed_final_equal $2"
+        echo "confirm $s fixed_2 $2"; echo "confirm $s fixed_4 $2"; echo "confirm $s fixed_4_growth_lr $2"; echo "confirm $s fixed_final_equal $2"
     done ;;
 esac | xargs -P 2 -L 1 bash -c 'one "$@"' _
