@@ -15,7 +15,7 @@ joblist() {  # one line per run: phase seed variant grow_at
 one() {  # phase seed variant grow_at
     if [ "$(date -u +%H:%M)" \> "17:15" ]; then echo "$(date -u +%T) $* not started (after 17:15)"; return; fi
     local tag=$3
-    [ "$3" = fixed_6 ] || tag="$3_at$(printf '%.2f' "$4")"
+    case $3 in fixed_[0-9]) ;; *) tag="$3_at$(printf '%.2f' "$4")" ;; esac  # plain fixed runs read no f
     local out="$R/growth_lm_750_late_$1_${tag}_s$2.json"
     echo "$(date -u +%T) start $out"
     nice -n 5 env PYTHONPATH=$PWD OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_growth_lm.py $CFG \
