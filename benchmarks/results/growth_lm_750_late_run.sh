@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The runs of growth_lm_750_late_protocol.md, two processes at a time (from the repository root).
-# Usage: growth_lm_750_late_run.sh pilot | confirm F | frontier F
+# Usage: growth_lm_750_late_run.sh pilot | confirm F | frontier F | h1500 F (the second test, at 1,500 steps)
 set -u
 R=benchmarks/results
-CFG="--steps 750 --ramp-steps 90 --lr 0.01 --min-lr-ratio 0.1 --warmup-steps 30 --lr-restart-warmup 30 --grad-clip 1.0 --eval-every 10"
+STEPS=750
+[ "$1" = h1500 ] && STEPS=1500
+CFG="--steps $STEPS --ramp-steps $((STEPS * 12 / 100)) --lr 0.01 --min-lr-ratio 0.1 --warmup-steps 30 --lr-restart-warmup 30 --grad-clip 1.0 --eval-every 10"
 joblist() {  # one line per run: phase seed variant grow_at
     local phase=$1 seeds=$2 fs=$3
     for s in $seeds; do
@@ -16,17 +18,18 @@ one() {  # phase seed variant grow_at
     if [ "$(date -u +%H:%M)" \> "17:15" ]; then echo "$(date -u +%T) $* not started (after 17:15)"; return; fi
     local tag=$3
     case $3 in fixed_[0-9]) ;; *) tag="$3_at$(printf '%.2f' "$4")" ;; esac  # plain fixed runs read no f
-    local out="$R/growth_lm_750_late_$1_${tag}_s$2.json"
+    local out="$R/growth_lm_${STEPS}_late_$1_${tag}_s$2.json"
     echo "$(date -u +%T) start $out"
     nice -n 5 env PYTHONPATH=$PWD OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_growth_lm.py $CFG \
-        --seeds "$2" --grow-at "$4" --variants "$3" --reference "$3" --out "$out" > "/tmp/late_$1_${tag}_s$2.log" 2>&1
+        --seeds "$2" --grow-at "$4" --variants "$3" --reference "$3" --out "$out" > "/tmp/late${STEPS}_$1_${tag}_s$2.log" 2>&1
     echo "$(date -u +%T) end $out rc=$?"
 }
 export -f one
-export R CFG
+export R CFG STEPS
 case $1 in
     pilot) joblist pilot "12 13 14" "0.4 0.5 0.6" ;;
     confirm) joblist confirm "400 401 402" "$2" ;;
+    h1500) joblist confirm "403 404 405" "$2" ;;
     frontier) for s in 400 401 402; do
         echo "confirm $s fixed_2 $2"; echo "confirm $s fixed_4 $2"; echo "confirm $s fixed_4_growth_lr $2"; echo "confirm $s fixed_final_equal $2"
     done ;;
