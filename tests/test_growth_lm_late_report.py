@@ -7,16 +7,16 @@ import json
 
 import pytest
 
-from benchmarks.growth_lm_late_report import PREFIX, choose_f, frontier_rows, grown_rows, load_runs
+from benchmarks.growth_lm_late_report import choose_f, frontier_rows, grown_rows, load_runs
 
 
-def write(directory, phase, tag, seed, final, flops=100.0, losses=None):
+def write(directory, phase, tag, seed, final, flops=100.0, losses=None, steps=750):
     """One result file as ``bench_growth_lm.py`` writes it: one variant, one seed, its validation curve."""
     losses = losses or {50: final + 1.0, 100: final}
     curve = [{"step": s, "val_loss": v, "flops": flops * s / max(losses)} for s, v in losses.items()]
     run = {"seed": seed, "val_loss": final, "flops": flops, "curve": curve}
     variant = tag.split("_at")[0]
-    path = directory / f"{PREFIX}_{phase}_{tag}_s{seed}.json"
+    path = directory / f"growth_lm_{steps}_late_{phase}_{tag}_s{seed}.json"
     path.write_text(json.dumps({"setup": {}, "runs": {variant: [run]}}))
 
 
@@ -41,13 +41,14 @@ def test_the_strict_reference_is_the_lowest_fixed_6_block_run_and_reach_is_read_
 
 def test_the_pilot_choice_takes_the_lowest_worst_seed_and_never_counts_as_infinite():
     rows = [
-        {"phase": "pilot", "f": 0.4, "reach": 0.55},
-        {"phase": "pilot", "f": 0.4, "reach": None},  # never: worst = infinite
-        {"phase": "pilot", "f": 0.5, "reach": 0.64},
-        {"phase": "pilot", "f": 0.5, "reach": 0.66},
-        {"phase": "pilot", "f": 0.6, "reach": 0.60},
-        {"phase": "pilot", "f": 0.6, "reach": 0.66},  # ties with 0.5 on the worst seed, lower mean
-        {"phase": "confirm", "f": 0.4, "reach": 0.10},  # confirmation rows never choose
+        {"steps": 750, "phase": "pilot", "f": 0.4, "reach": 0.55},
+        {"steps": 750, "phase": "pilot", "f": 0.4, "reach": None},  # never: worst = infinite
+        {"steps": 750, "phase": "pilot", "f": 0.5, "reach": 0.64},
+        {"steps": 750, "phase": "pilot", "f": 0.5, "reach": 0.66},
+        {"steps": 750, "phase": "pilot", "f": 0.6, "reach": 0.60},
+        {"steps": 750, "phase": "pilot", "f": 0.6, "reach": 0.66},  # ties with 0.5 on the worst seed, lower mean
+        {"steps": 750, "phase": "confirm", "f": 0.4, "reach": 0.10},  # confirmation rows never choose
+        {"steps": 1500, "phase": "pilot", "f": 0.5, "reach": 0.10},  # nor another horizon's
     ]
     assert choose_f(rows) == pytest.approx(0.6)
     assert choose_f([r for r in rows if r["phase"] == "confirm"]) is None
