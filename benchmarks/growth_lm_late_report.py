@@ -5,13 +5,13 @@
 
 Reads the result files ``growth_lm_<steps>_late_<phase>_<run>_s<seed>.json`` (one run each; no training). Per
 horizon, phase and seed, the strict reference is the lowest final validation loss among that seed's fixed 6-block
-runs (plain cosine, and the cosine restarted at 1/3 and at each growth fraction of the phase). Per grown run
-(ramped G_stack 2 -> 6 after a fraction ``f`` of the steps): its final loss minus the strict reference's, its total
-FLOPs over the reference's, and the reach-ratio (its FLOPs at its first validation whose loss is <= the
-reference's final loss, over the reference's full run), against the strict reference and against each fixed
-6-block run. The pilot's choice of ``f`` follows the protocol's rule (the lowest worst-seed reach-ratio, ties by the
-mean); a test's success is a reach-ratio <= 0.65x on every fresh seed. The frontier rows (information) compare the grown run with
-the fixed models at or below its compute.
+runs (plain cosine, and the cosine restarted at 1/3 and at each growth fraction of the phase). Per grown run (ramped
+G_stack 2 -> 6 after a fraction ``f`` of the steps): its final loss minus the strict reference's, its total FLOPs
+over the reference's, and the reach-ratio (its FLOPs at its first validation whose loss is <= the reference's final
+loss, over the reference's full run), against the strict reference and against each fixed 6-block run. The pilot's
+choice of ``f`` follows the protocol's rule (the lowest worst-seed reach-ratio, ties by the mean); a test's success
+is a reach-ratio <= 0.65x on every fresh seed. The frontier rows (information) compare the grown run with the fixed
+models at or below its compute.
 """
 
 from __future__ import annotations
