@@ -149,19 +149,26 @@ def markdown(table: list[dict[str, Any]]) -> str:
             f"{_mean_std([r['diff'] for r in fresh])} | {', '.join(_fmt(r['reach']) for r in fresh)} | "
             f"{met} of {len(fresh)} |"
         )
-    frontier = frontier_rows(table)
-    if frontier:
-        lines += ["", "## The fixed-model frontier (information, confirmation seeds)", ""]
-        lines += [
-            "| steps | seed | fixed model | final loss | FLOPs / reference | grown minus it |",
-            "|---|---|---|---|---|---|",
-        ]
-        for f in frontier:
-            lines.append(
-                f"| {f['steps']} | {f['seed']} | {f['fixed']} | {f['loss']:.4f} | {f['flops']:.3f} | "
-                f"{f['grown_minus']:+.4f} |"
-            )
+    lines += frontier_markdown(frontier_rows(table))
     return "\n".join(lines) + "\n"
+
+
+def frontier_markdown(frontier: list[dict[str, Any]]) -> list[str]:
+    """The frontier section's lines (none without rows): per horizon, seed and fixed model its final loss, FLOPs over
+    the reference's and the grown run's final loss minus it."""
+    if not frontier:
+        return []
+    lines = ["", "## The fixed-model frontier (information, confirmation seeds)", ""]
+    lines += [
+        "| steps | seed | fixed model | final loss | FLOPs / reference | grown minus it |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in frontier:
+        lines.append(
+            f"| {f['steps']} | {f['seed']} | {f['fixed']} | {f['loss']:.4f} | {f['flops']:.3f} | "
+            f"{f['grown_minus']:+.4f} |"
+        )
+    return lines
 
 
 def main() -> str:

@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.growth_lm_3000_report import first_reach, interpolated_reach
+from benchmarks.growth_lm_horizon_report import _fmt, _mean_std, frontier_markdown
 from benchmarks.growth_lm_short_report import RESULTS
 
 TARGET = 0.65
@@ -144,14 +145,6 @@ def frontier_rows(runs: dict[Key, dict[str, dict[str, Any]]], rows: list[dict[st
     return out
 
 
-def _fmt(value: float | None) -> str:
-    return "never" if value is None else f"{value:.3f}"
-
-
-def _mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):+.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else "-"
-
-
 def markdown(rows: list[dict[str, Any]], frontier: list[dict[str, Any]], chosen: float | None) -> str:
     lines = [
         "# LM growth, growing later (declared tests at 750 and 1,500 steps)",
@@ -192,17 +185,7 @@ def markdown(rows: list[dict[str, Any]], frontier: list[dict[str, Any]], chosen:
             )
     if chosen is not None:
         lines += ["", f"Pilot choice by the protocol's rule: **f = {chosen:.2f}**."]
-    if frontier:
-        lines += ["", "## The fixed-model frontier (information, confirmation seeds)", ""]
-        lines += [
-            "| steps | seed | fixed model | final loss | FLOPs / reference | grown minus it |",
-            "|---|---|---|---|---|---|",
-        ]
-        for f in frontier:
-            lines.append(
-                f"| {f['steps']} | {f['seed']} | {f['fixed']} | {f['loss']:.4f} | {f['flops']:.3f} | "
-                f"{f['grown_minus']:+.4f} |"
-            )
+    lines += frontier_markdown(frontier)
     return "\n".join(lines) + "\n"
 
 
