@@ -37,6 +37,7 @@ PHASES = (
     (750, "pilot", "pilot (seeds 12-14, chooses f)"),
     (750, "confirm", "confirmation (fresh)"),
     (1500, "confirm", "second test, 1,500 steps (fresh)"),
+    (3000, "confirm", "third test, 3,000 steps (fresh)"),
 )
 #: The fixed 6-block runs (the candidates for the strict reference) and the fixed models of the frontier.
 FIXED6 = re.compile(r"^(fixed_6|fixed_final_growth_lr_at[0-9.]+)$")

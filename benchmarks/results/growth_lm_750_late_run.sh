@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The runs of growth_lm_750_late_protocol.md, two processes at a time (from the repository root).
-# Usage: growth_lm_750_late_run.sh pilot | confirm F | frontier F | h1500 F (the second test, at 1,500 steps)
+# Usage: growth_lm_750_late_run.sh pilot | confirm F | frontier F | h1500 F | h3000 F (the tests at 1,500 and 3,000 steps)
 set -u
 R=benchmarks/results
 STEPS=750
 [ "$1" = h1500 ] && STEPS=1500
+[ "$1" = h3000 ] && STEPS=3000
 CFG="--steps $STEPS --ramp-steps $((STEPS * 12 / 100)) --lr 0.01 --min-lr-ratio 0.1 --warmup-steps 30 --lr-restart-warmup 30 --grad-clip 1.0 --eval-every 10"
 joblist() {  # one line per run: phase seed variant grow_at
     local phase=$1 seeds=$2 fs=$3
@@ -30,6 +31,7 @@ case $1 in
     pilot) joblist pilot "12 13 14" "0.4 0.5 0.6" ;;
     confirm) joblist confirm "400 401 402" "$2" ;;
     h1500) joblist confirm "403 404 405" "$2" ;;
+    h3000) joblist confirm "406 407 408" "$2" ;;
     frontier) for s in 400 401 402; do
         echo "confirm $s fixed_2 $2"; echo "confirm $s fixed_4 $2"; echo "confirm $s fixed_4_growth_lr $2"; echo "confirm $s fixed_final_equal $2"
     done ;;
