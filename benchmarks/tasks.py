@@ -364,14 +364,15 @@ def train_lm(
     seed: int,
     callbacks: list[Callback] | None = None,
     model: nn.Module | None = None,
-    module_class: type[ByteLM] = ByteLM,
+    module_class: Callable[[nn.Module, LMConfig], ByteLM] = ByteLM,
 ) -> dict[str, Any]:
     """Train one byte-level GPT with ``Trainer.fit`` and return its validation curve and compute.
 
     ``seed`` fixes the initial weights and the training windows (so two variants with the same seed see the
     same data in the same order). ``callbacks`` are added to the Trainer (e.g. a growth callback); ``model``
     replaces the default ``make_gpt(config)``; ``module_class`` (a ``ByteLM`` subclass, e.g. with another LR
-    schedule) wraps it.
+    schedule, or a callable making one from the network and the config, e.g. a ``functools.partial`` of one) wraps
+    it.
 
     Returns a dict with ``val_loss`` / ``val_bpb`` (final), ``curve`` (rows of :class:`ComputeCurve`),
     ``block_steps``, ``flops``, ``depth`` (final), ``params``, ``cpu_s``, ``wall_s``, ``depth_per_step``.
