@@ -42,6 +42,8 @@ PHASES = (
 #: The fixed 6-block runs (the candidates for the strict reference) and the fixed models of the frontier.
 FIXED6 = re.compile(r"^(fixed_6|fixed_final_growth_lr_at[0-9.]+)$")
 FRONTIER = re.compile(r"^(fixed_2|fixed_4|fixed_4_growth_lr_at[0-9.]+|fixed_final_equal_at[0-9.]+)$")
+#: The information runs of the reference's peak LR (amendment 4): not candidates for the strict reference.
+LRCHECK = re.compile(r"^fixed_final_growth_lr_lr(?P<lr>[0-9.]+)_at(?P<f>[0-9.]+)$")
 NAME = re.compile(r"^growth_lm_(?P<steps>\d+)_late_(?P<phase>[a-z]+)_(?P<run>.+)_s(?P<seed>\d+)\.json$")
 
 
@@ -146,7 +148,38 @@ def frontier_rows(runs: dict[Key, dict[str, dict[str, Any]]], rows: list[dict[st
     return out
 
 
-def markdown(rows: list[dict[str, Any]], frontier: list[dict[str, Any]], chosen: float | None) -> str:
+def lr_check_rows(runs: dict[Key, dict[str, dict[str, Any]]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per confirmation seed and reference run with another peak LR (amendment 4, information): its final loss, the
+    strict reference's, and the grown run's reach-ratio against it (``None``: never reached)."""
+    grown = {(r["steps"], r["seed"], r["f"]): r for r in rows if r["phase"] == "confirm"}
+    out = []
+    for (steps, phase, seed), by_tag in sorted(runs.items()):
+        for tag, run in sorted(by_tag.items()):
+            match = LRCHECK.match(tag)
+            row = grown.get((steps, seed, float(match["f"]))) if match and phase == "confirm" else None
+            if row is None:
+                continue
+            grown_run = by_tag[f"stack_ramp_at{match['f']}"]
+            reach = first_reach(grown_run["curve"], run["val_loss"])
+            out.append(
+                {
+                    "steps": steps,
+                    "seed": seed,
+                    "lr": float(match["lr"]),
+                    "loss": run["val_loss"],
+                    "strict_reference_loss": row["reference_loss"],
+                    "reach": None if reach is None else reach["flops"] / run["flops"],
+                }
+            )
+    return out
+
+
+def markdown(
+    rows: list[dict[str, Any]],
+    frontier: list[dict[str, Any]],
+    chosen: float | None,
+    lr_check: list[dict[str, Any]] | None = None,
+) -> str:
     lines = [
         "# LM growth, growing later (declared tests at 750 and 1,500 steps)",
         "",
@@ -187,6 +220,18 @@ def markdown(rows: list[dict[str, Any]], frontier: list[dict[str, Any]], chosen:
     if chosen is not None:
         lines += ["", f"Pilot choice by the protocol's rule: **f = {chosen:.2f}**."]
     lines += frontier_markdown(frontier)
+    if lr_check:
+        lines += ["", "## The reference's peak LR (information, amendment 4)", ""]
+        lines += [
+            "| steps | seed | reference restarted at f, peak LR | its final loss | strict reference (LR 1e-2) | "
+            "grown reach-ratio against it |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in lr_check:
+            lines.append(
+                f"| {r['steps']} | {r['seed']} | {r['lr']:g} | {r['loss']:.4f} | {r['strict_reference_loss']:.4f} | "
+                f"{_fmt(r['reach'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -195,9 +240,10 @@ def main() -> str:
     rows = grown_rows(runs)
     chosen = choose_f(rows)
     frontier = frontier_rows(runs, rows)
-    text = markdown(rows, frontier, chosen)
+    lr_check = lr_check_rows(runs, rows)
+    text = markdown(rows, frontier, chosen, lr_check)
     (RESULTS / f"{OUT}.md").write_text(text)
-    summary = {"target": TARGET, "pilot_choice": chosen, "grown": rows, "frontier": frontier}
+    summary = {"target": TARGET, "pilot_choice": chosen, "grown": rows, "frontier": frontier, "lr_check": lr_check}
     (RESULTS / f"{OUT}.json").write_text(json.dumps(summary, indent=2))
     return text
 

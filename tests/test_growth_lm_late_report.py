@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks.growth_lm_late_report import choose_f, frontier_rows, grown_rows, load_runs
+from benchmarks.growth_lm_late_report import choose_f, frontier_rows, grown_rows, load_runs, lr_check_rows
 
 
 def write(directory, phase, tag, seed, final, flops=100.0, losses=None, steps=750):
@@ -67,3 +67,14 @@ def test_frontier_rows_pair_the_fixed_models_with_the_grown_run_of_the_same_seed
         ("fixed_4_growth_lr_at0.50", -0.08),
     ]
     assert frontier[0]["flops"] == pytest.approx(0.688)
+
+
+def test_reference_runs_with_another_peak_lr_are_information_not_the_strict_reference(tmp_path):
+    write(tmp_path, "confirm", "fixed_final_growth_lr_at0.60", 400, 1.20)
+    write(tmp_path, "confirm", "fixed_final_growth_lr_lr0.016_at0.60", 400, 1.10)  # lower, but information only
+    write(tmp_path, "confirm", "stack_ramp_at0.60", 400, 1.15, flops=62.5, losses={50: 1.5, 80: 1.19, 100: 1.15})
+    runs = load_runs(tmp_path)
+    rows = grown_rows(runs)
+    assert [r["reference"] for r in rows] == ["fixed_final_growth_lr_at0.60"]
+    check = lr_check_rows(runs, rows)
+    assert [(c["lr"], c["loss"], c["reach"]) for c in check] == [(0.016, 1.10, None)]
