@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runs of growth_lm_750_late_protocol.md, two processes at a time (from the repository root).
 # Usage: growth_lm_750_late_run.sh pilot | confirm F | frontier F | h1500 F | h3000 F (the tests at 1,500 and 3,000
-# steps) | lrcheck F (the reference restarted at F with peak LR 6e-3 and 1.6e-2)
+# steps) | lrcheck F [LRS] (the reference restarted at F with peak LR 6e-3 and 1.6e-2, or LRS)
 set -u
 R=benchmarks/results
 STEPS=750
@@ -35,7 +35,7 @@ case $1 in
     confirm) joblist confirm "400 401 402" "$2" ;;
     h1500) joblist confirm "403 404 405" "$2" ;;
     h3000) joblist confirm "406 407 408" "$2" ;;
-    lrcheck) for s in 400 401 402; do for lr in 0.006 0.016; do echo "confirm $s fixed_final_growth_lr $2 $lr"; done; done ;;
+    lrcheck) for s in 400 401 402; do for lr in ${3:-0.006 0.016}; do echo "confirm $s fixed_final_growth_lr $2 $lr"; done; done ;;
     frontier) for s in 400 401 402; do
         echo "confirm $s fixed_2 $2"; echo "confirm $s fixed_4 $2"; echo "confirm $s fixed_4_growth_lr $2"; echo "confirm $s fixed_final_equal $2"
     done ;;
