@@ -11,7 +11,7 @@ from .adapters import BlockAdapter, UnsupportedModelError, find_block_stacks, re
 from .events import CHECKPOINT_KEY, ArchitectureEvent, EventLogMismatchError, apply_event, event_log, replay_events
 from .loading import load_grown
 
-__version__ = "0.10.0"
+__version__ = "0.11.0"
 
 __all__ = [
     "CHECKPOINT_KEY",
