@@ -42,7 +42,7 @@ PHASES = (
 #: The fixed 6-block runs (the candidates for the strict reference) and the fixed models of the frontier.
 FIXED6 = re.compile(r"^(fixed_6|fixed_final_growth_lr_at[0-9.]+)$")
 FRONTIER = re.compile(r"^(fixed_2|fixed_4|fixed_4_growth_lr_at[0-9.]+|fixed_final_equal_at[0-9.]+)$")
-#: The information runs of the reference's peak LR (amendment 4): not candidates for the strict reference.
+#: The information runs of the reference's peak LR (amendments 4, 5): not candidates for the strict reference.
 LRCHECK = re.compile(r"^fixed_final_growth_lr_lr(?P<lr>[0-9.]+)_at(?P<f>[0-9.]+)$")
 NAME = re.compile(r"^growth_lm_(?P<steps>\d+)_late_(?P<phase>[a-z]+)_(?P<run>.+)_s(?P<seed>\d+)\.json$")
 
@@ -149,8 +149,8 @@ def frontier_rows(runs: dict[Key, dict[str, dict[str, Any]]], rows: list[dict[st
 
 
 def lr_check_rows(runs: dict[Key, dict[str, dict[str, Any]]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per confirmation seed and reference run with another peak LR (amendment 4, information): its final loss, the
-    strict reference's, and the grown run's reach-ratio against it (``None``: never reached)."""
+    """Per confirmation seed and reference run with another peak LR (amendments 4 and 5, information): its final
+    loss, the strict reference's, and the grown run's reach-ratio against it (``None``: never reached)."""
     grown = {(r["steps"], r["seed"], r["f"]): r for r in rows if r["phase"] == "confirm"}
     out = []
     for (steps, phase, seed), by_tag in sorted(runs.items()):
@@ -181,7 +181,7 @@ def markdown(
     lr_check: list[dict[str, Any]] | None = None,
 ) -> str:
     lines = [
-        "# LM growth, growing later (declared tests at 750 and 1,500 steps)",
+        "# LM growth, growing later (declared tests at 750, 1,500 and 3,000 steps)",
         "",
         "Ramped G_stack 2 -> 6 blocks after a fraction `f` of the steps (ramp over 12% of them, cosine restarted at "
         "the growth step with a 30-step re-warm), gradient norm clipped at 1.0, lr 1e-2, validation every 10 steps. "
@@ -221,7 +221,7 @@ def markdown(
         lines += ["", f"Pilot choice by the protocol's rule: **f = {chosen:.2f}**."]
     lines += frontier_markdown(frontier)
     if lr_check:
-        lines += ["", "## The reference's peak LR (information, amendment 4)", ""]
+        lines += ["", "## The reference's peak LR (information, amendments 4 and 5)", ""]
         lines += [
             "| steps | seed | reference restarted at f, peak LR | its final loss | strict reference (LR 1e-2) | "
             "grown reach-ratio against it |",
