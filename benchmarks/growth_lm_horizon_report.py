@@ -143,14 +143,19 @@ def markdown(table: list[dict[str, Any]]) -> str:
         fresh = [r for r in table if (r["steps"], r["phase"]) == (steps, phase)]
         if not fresh_seeds or not fresh:
             continue
-        met = sum(r["reach"] is not None and r["reach"] <= TARGET for r in fresh)
-        lines.append(
-            f"| {steps} | {phase} | {', '.join(str(r['seed']) for r in fresh)} | "
-            f"{_mean_std([r['diff'] for r in fresh])} | {', '.join(_fmt(r['reach']) for r in fresh)} | "
-            f"{met} of {len(fresh)} |"
-        )
+        lines.append(f"| {steps} | {phase} | {cells_of_test(fresh)}")
     lines += frontier_markdown(frontier_rows(table))
     return "\n".join(lines) + "\n"
+
+
+def cells_of_test(group: list[dict[str, Any]]) -> str:
+    """One declared test's table cells from its seeds' rows (``seed``, ``diff``, ``reach``): the seeds, the grown
+    minus reference difference (mean ± std), the reach-ratios, and how many are <= the target."""
+    met = sum(r["reach"] is not None and r["reach"] <= TARGET for r in group)
+    return (
+        f"{', '.join(str(r['seed']) for r in group)} | {_mean_std([r['diff'] for r in group])} | "
+        f"{', '.join(_fmt(r['reach']) for r in group)} | {met} of {len(group)} |"
+    )
 
 
 def frontier_markdown(frontier: list[dict[str, Any]]) -> list[str]:

@@ -27,10 +27,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.growth_lm_3000_report import first_reach, interpolated_reach
-from benchmarks.growth_lm_horizon_report import _fmt, _mean_std, frontier_markdown
+from benchmarks.growth_lm_horizon_report import TARGET, _fmt, cells_of_test, frontier_markdown
 from benchmarks.growth_lm_short_report import RESULTS
 
-TARGET = 0.65
 OUT = "growth_lm_late"
 #: (horizon in steps, phase, label), in the order of the tables.
 PHASES = (
@@ -211,12 +210,7 @@ def markdown(
     for steps, phase, label in PHASES:
         for f in sorted({r["f"] for r in rows if (r["steps"], r["phase"]) == (steps, phase)}):
             group = [r for r in rows if (r["steps"], r["phase"], r["f"]) == (steps, phase, f)]
-            met = sum(r["reach"] is not None and r["reach"] <= TARGET for r in group)
-            lines.append(
-                f"| {steps} | {label} | {f:.2f} | {', '.join(str(r['seed']) for r in group)} | "
-                f"{_mean_std([r['diff'] for r in group])} | {', '.join(_fmt(r['reach']) for r in group)} | "
-                f"{met} of {len(group)} |"
-            )
+            lines.append(f"| {steps} | {label} | {f:.2f} | {cells_of_test(group)}")
     if chosen is not None:
         lines += ["", f"Pilot choice by the protocol's rule: **f = {chosen:.2f}**."]
     lines += frontier_markdown(frontier)
