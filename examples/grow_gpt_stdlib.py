@@ -87,8 +87,7 @@ def run(name: str, config: LMConfig, seed: int, grow_at: float) -> dict[str, Any
     for name_ in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name_).addFilter(_quiet)  # no per-run banner; the growth events stay
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    growth = DepthGrowth() if grow_at == DEFAULT_AT[0] else DepthGrowth(at=[grow_at])
-    callbacks: list[pl.Callback] = [growth] if name == "grown" else []
+    callbacks: list[pl.Callback] = [DepthGrowth(at=[grow_at])] if name == "grown" else []
     result = train_lm(config, seed, callbacks=callbacks, module_class=partial(RestartedByteLM, grow_at=grow_at))
     return {"name": name, "steps": config.steps, **result}
 
